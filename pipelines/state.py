@@ -1,0 +1,152 @@
+"""Per-patient state: demographics and the recent facts of each feature.
+
+The state of one patient is one small JSON document, keyed by patient id.
+That shape is deliberate: it is a key-value store, so the same documents can
+be written to a compacted Kafka changelog and restored from it (issue: Kafka
+transport), exactly as Kafka Streams state stores are.
+
+Merging is idempotent, so re-processing a message after a crash changes
+nothing: a fact is identified by its ``ref`` (``<MSH-10>/OBX/<n>``), and a
+corrected result (OBX-11 ``C``) replaces the earlier result with the same
+code and observation time.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
+from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.pipelines.facts import Demographics, Fact, PatientExtract
+
+MAX_FACTS_PER_FEATURE = 64  # bounds state size; far more than any window needs
+
+
+@dataclass
+class PatientState:
+    patient_id: str
+    birth_date: date | None = None
+    sex: str | None = None
+    demographics_as_of: datetime | None = None
+    facts: dict[str, list[Fact]] = field(default_factory=dict)
+    last_outcome: dict[str, Any] | None = None  # latest feature record or "not enough data" reason
+
+    def merge(self, extract: PatientExtract) -> list[Fact]:
+        """Apply one message's data; return the facts that are new or changed."""
+        self._merge_demographics(extract.demographics)
+        return [fact for fact in extract.facts if self._merge_fact(fact)]
+
+    def _merge_demographics(self, update: Demographics) -> None:
+        newer = (
+            self.demographics_as_of is None
+            or update.as_of is None
+            or update.as_of >= self.demographics_as_of
+        )
+        if not newer:
+            return  # an old ADT replayed late must not undo a newer correction
+        if update.birth_date is not None:
+            self.birth_date = update.birth_date
+        if update.sex:
+            self.sex = update.sex
+        if update.as_of is not None:
+            self.demographics_as_of = update.as_of
+
+    def _merge_fact(self, fact: Fact) -> bool:
+        facts = self.facts.setdefault(fact.feature, [])
+        for i, known in enumerate(facts):
+            same_result = known.code == fact.code and known.effective == fact.effective
+            if known.ref == fact.ref or (same_result and fact.status == "C"):
+                if known == fact:
+                    return False
+                facts[i] = fact
+                break
+        else:
+            facts.append(fact)
+        facts.sort(key=lambda f: (f.effective, f.ref))
+        del facts[:-MAX_FACTS_PER_FEATURE]
+        return True
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "patient_id": self.patient_id,
+                "birth_date": self.birth_date.isoformat() if self.birth_date else None,
+                "sex": self.sex,
+                "demographics_as_of": (
+                    self.demographics_as_of.isoformat() if self.demographics_as_of else None
+                ),
+                "facts": {k: [f.to_json() for f in v] for k, v in self.facts.items()},
+                "last_outcome": self.last_outcome,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> PatientState:
+        data = orjson.loads(raw)
+        as_of = data.get("demographics_as_of")
+        return cls(
+            patient_id=data["patient_id"],
+            birth_date=date.fromisoformat(data["birth_date"]) if data.get("birth_date") else None,
+            sex=data.get("sex"),
+            demographics_as_of=datetime.fromisoformat(as_of) if as_of else None,
+            facts={k: [Fact.from_json(f) for f in v] for k, v in data.get("facts", {}).items()},
+            last_outcome=data.get("last_outcome"),
+        )
+
+
+class StateStore(Protocol):
+    def get(self, patient_id: str) -> PatientState | None: ...
+
+    def put_many(self, states: Iterable[PatientState]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteStateStore:
+    """The embedded state store: one row per patient in a SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._connections = PerThreadConnection(self.path)
+        self._conn().execute(
+            "CREATE TABLE IF NOT EXISTS patient_state (patient_id TEXT PRIMARY KEY, doc BLOB)"
+        )
+
+    def _conn(self) -> sqlite3.Connection:
+        return self._connections.get()
+
+    def get(self, patient_id: str) -> PatientState | None:
+        row = (
+            self._conn()
+            .execute("SELECT doc FROM patient_state WHERE patient_id = ?", (patient_id,))
+            .fetchone()
+        )
+        return PatientState.from_json(row[0]) if row else None
+
+    def put_many(self, states: Iterable[PatientState]) -> None:
+        rows = [(s.patient_id, s.to_json()) for s in states]
+        try:
+            with transaction(self._conn()) as conn:
+                conn.executemany(
+                    "INSERT INTO patient_state (patient_id, doc) VALUES (?, ?) "
+                    "ON CONFLICT (patient_id) DO UPDATE SET doc = excluded.doc",
+                    rows,
+                )
+        except sqlite3.Error as exc:
+            raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
+
+    def patient_ids(self, limit: int = 1000) -> list[str]:
+        rows = self._conn().execute(
+            "SELECT patient_id FROM patient_state ORDER BY patient_id LIMIT ?", (limit,)
+        )
+        return [r[0] for r in rows]
+
+    def close(self) -> None:
+        self._connections.close()
