@@ -1,0 +1,121 @@
+"""Client for a model server speaking the Open Inference Protocol v2 (KServe v2).
+
+``POST {url}/v2/models/{name}/infer`` with one FP64/BOOL tensor per feature,
+shape ``[N]`` for a batch of N feature records, and the calibration as a
+request parameter. The sync httpx client is used on purpose: measured on a
+2-core machine it costs about 0.5 ms of CPU per request, while the async
+client degraded badly at 32 concurrent requests. Workers call it from their
+own threads and batch records, so one request serves many patients.
+
+HTTP failures are translated at this boundary: connection errors, timeouts,
+429 and 5xx become :class:`UpstreamUnavailable` (retried); other 4xx become
+:class:`RemoteRejected` (dead-lettered with the server's answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from ehrbridge.config import ModelEndpoint
+from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.pipelines.features import FeatureRecord
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    model_name: str
+    model_version: str
+    risk_2y: list[float]
+    risk_5y: list[float]
+
+
+class InferenceClient:
+    def __init__(self, endpoint: ModelEndpoint, *, client: httpx.Client | None = None) -> None:
+        self.endpoint = endpoint
+        self._client = client or httpx.Client(timeout=endpoint.timeout_s)
+        self._url = f"{endpoint.url.rstrip('/')}/v2/models/{endpoint.name}/infer"
+
+    def infer(self, records: Sequence[FeatureRecord], request_id: str = "") -> InferenceResult:
+        """Risks for each record, in order. One HTTP request for the whole batch."""
+        body = orjson.dumps(_request(records, self.endpoint.calibration.value, request_id))
+        try:
+            response = self._client.post(
+                self._url, content=body, headers={"content-type": "application/json"}
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamUnavailable(
+                f"model server timed out after {self.endpoint.timeout_s}s"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"model server unreachable: {type(exc).__name__}") from exc
+        return _parse(response, len(records))
+
+    def ready(self) -> bool:
+        try:
+            response = self._client.get(f"{self.endpoint.url.rstrip('/')}/v2/health/ready")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _request(records: Sequence[FeatureRecord], calibration: str, request_id: str) -> dict[str, Any]:
+    n = len(records)
+    return {
+        "id": request_id,
+        "parameters": {"calibration": calibration},
+        "inputs": [
+            {"name": "age", "shape": [n], "datatype": "FP64", "data": [r.age for r in records]},
+            {"name": "male", "shape": [n], "datatype": "BOOL", "data": [r.male for r in records]},
+            {"name": "egfr", "shape": [n], "datatype": "FP64", "data": [r.egfr for r in records]},
+            {
+                "name": "uacr",
+                "shape": [n],
+                "datatype": "FP64",
+                "data": [r.uacr_mg_g for r in records],
+            },
+        ],
+    }
+
+
+def _parse(response: httpx.Response, expected: int) -> InferenceResult:
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise UpstreamUnavailable(f"model server answered {status}")
+    if status >= 400:
+        raise RemoteRejected(
+            f"model server refused the request ({status})",
+            reason="model.rejected",
+            status=status,
+            body=response.content[:4096],
+        )
+    try:
+        data = orjson.loads(response.content)
+        outputs = {o["name"]: [float(x) for x in o["data"]] for o in data["outputs"]}
+        result = InferenceResult(
+            model_name=str(data["model_name"]),
+            model_version=str(data.get("model_version") or "unversioned"),
+            risk_2y=outputs["risk_2y"],
+            risk_5y=outputs["risk_5y"],
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise RemoteRejected(
+            f"model server answer is not an OIP v2 response with risk_2y/risk_5y: {exc!r}",
+            reason="model.bad_response",
+            status=status,
+            body=response.content[:4096],
+        ) from exc
+    if len(result.risk_2y) != expected or len(result.risk_5y) != expected:
+        raise RemoteRejected(
+            f"model server returned {len(result.risk_2y)} rows for {expected} inputs",
+            reason="model.bad_response",
+            status=status,
+        )
+    return result

@@ -1,0 +1,243 @@
+"""MLLP listener: HL7v2 over TCP, one ACK per message, never before it is durable.
+
+Framing (MLLP release 1): ``0x0B`` message ``0x1C 0x0D``. Each connection is
+served in order -- a sender that pipelines several messages gets their ACKs
+in the same order -- and many connections are served concurrently.
+
+For every frame the listener calls ``deliver(envelope)`` and answers by its
+outcome (see ``pipelines/contracts.py``): AA once stored, AE or AR with MSA-3
+and ERR naming the problem. Framing problems never stop the listener:
+
+* bytes over ``max_message_bytes``: the frame is skipped up to its end block,
+  its first ``max_message_bytes`` bytes go to the dead-letter store, AR;
+* a frame cut off by a new start block, or by the peer closing: the partial
+  bytes are dead-lettered and AR is sent if the socket still accepts it;
+* bytes outside any frame: whitespace between frames is ignored (many
+  senders add a newline); anything else up to an end block is treated as a
+  frame without its start block (AR); stray bytes before a start block are
+  dead-lettered without an ACK, because no message is waiting for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ehrbridge.config import MllpListen
+from ehrbridge.pipelines.ack import build_ack, read_header
+from ehrbridge.pipelines.contracts import Deliver, Envelope, Kind
+from ehrbridge.pipelines.errors import EhrbridgeError, UpstreamUnavailable
+from ehrbridge.pipelines.ingest import INGEST_DETAIL_HEADER, INGEST_ERROR_HEADER
+
+log = logging.getLogger(__name__)
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c\x0d"
+_READ_CHUNK = 65536
+_unnamed = itertools.count(1)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    payload: bytes
+    error: str | None = None  # framing problem reason code
+    detail: str = ""
+    wants_ack: bool = True
+
+
+class FrameReader:
+    """Splits a byte stream into MLLP frames, enforcing the size limit."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_bytes: int, idle_timeout_s: float):
+        self.reader = reader
+        self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.buffer = bytearray()
+        self.eof = False
+
+    async def _fill(self) -> bool:
+        """Read more bytes; False at end of stream or idle timeout."""
+        if self.eof:
+            return False
+        try:
+            chunk = await asyncio.wait_for(self.reader.read(_READ_CHUNK), self.idle_timeout_s)
+        except TimeoutError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return False
+        self.buffer += chunk
+        return True
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        while True:
+            frame = await self._next_frame()
+            if frame is None:
+                return
+            yield frame
+
+    async def _next_frame(self) -> Frame | None:
+        junk = await self._skip_to_start()
+        if junk is not None:
+            return junk
+        if not self.buffer:
+            return None
+        del self.buffer[:1]  # the start block
+        return await self._read_body()
+
+    async def _skip_to_start(self) -> Frame | None:
+        """Discard inter-frame whitespace; report other bytes outside frames."""
+        while True:
+            stripped = self.buffer.lstrip(b" \t\r\n\x00")
+            if len(stripped) != len(self.buffer):
+                del self.buffer[: len(self.buffer) - len(stripped)]
+            if self.buffer[:1] == START_BLOCK:
+                return None
+            if self.buffer:
+                return await self._unframed()
+            if not await self._fill():
+                return None
+
+    async def _unframed(self) -> Frame | None:
+        """Bytes that do not start with 0x0B: up to an end block, or the next start."""
+        while True:
+            end = self.buffer.find(END_BLOCK)
+            start = self.buffer.find(START_BLOCK)
+            if end >= 0 and (start < 0 or end < start):
+                payload = bytes(self.buffer[:end])
+                del self.buffer[: end + len(END_BLOCK)]
+                return Frame(payload, "mllp.no_start_block", "frame has no MLLP start block (0x0B)")
+            if start >= 0 or len(self.buffer) > self.max_bytes or not await self._fill():
+                cut = start if start >= 0 else len(self.buffer)
+                payload = bytes(self.buffer[: min(cut, self.max_bytes)])
+                del self.buffer[:cut]
+                return Frame(
+                    payload, "mllp.unframed", "bytes outside an MLLP frame", wants_ack=False
+                )
+
+    async def _read_body(self) -> Frame | None:
+        scanned = 0
+        while True:
+            end = self.buffer.find(END_BLOCK, max(0, scanned - 1))
+            restart = self.buffer.find(START_BLOCK, 0, end if end >= 0 else len(self.buffer))
+            if restart >= 0:  # a new frame began before this one ended
+                payload = bytes(self.buffer[:restart])
+                del self.buffer[:restart]
+                return Frame(payload, "mllp.truncated", "frame cut off by a new start block")
+            if end >= 0:
+                payload = bytes(self.buffer[:end])
+                del self.buffer[: end + len(END_BLOCK)]
+                if len(payload) > self.max_bytes:
+                    return self._oversize(payload, len(payload))
+                return Frame(payload)
+            scanned = len(self.buffer)
+            if scanned > self.max_bytes:
+                return await self._discard_oversize()
+            if not await self._fill():
+                payload = bytes(self.buffer)
+                self.buffer.clear()
+                return Frame(payload, "mllp.truncated", "connection closed inside a frame")
+
+    async def _discard_oversize(self) -> Frame:
+        """Keep the first max_bytes for the dead-letter store, skip to the end block."""
+        kept = bytes(self.buffer[: self.max_bytes])
+        total = 0
+        while True:
+            end = self.buffer.find(END_BLOCK)
+            if end >= 0:
+                total += end
+                del self.buffer[: end + len(END_BLOCK)]
+                return self._oversize(kept, total)
+            total += max(0, len(self.buffer) - 1)
+            del self.buffer[: max(0, len(self.buffer) - 1)]  # keep a possible 0x1C
+            if not await self._fill():
+                self.buffer.clear()
+                return self._oversize(kept, total)
+
+    def _oversize(self, payload: bytes, total: int) -> Frame:
+        detail = f"message of {total} bytes exceeds the {self.max_bytes}-byte limit"
+        return Frame(payload[: self.max_bytes], "mllp.too_large", detail)
+
+
+class MllpSource:
+    """The asyncio MLLP server (a :class:`~ehrbridge.pipelines.contracts.Source`)."""
+
+    name = "mllp"
+
+    def __init__(self, listen: MllpListen, site: str) -> None:
+        self.listen = listen
+        self.site = site
+        self._server: asyncio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self, deliver: Deliver) -> None:
+        """Bind and start accepting; returns once listening (``self.port`` is set)."""
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve_connection(reader, writer, deliver)
+
+        self._server = await asyncio.start_server(
+            handle, self.listen.host, self.listen.port, limit=_READ_CHUNK, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("MLLP listening on %s:%s (site %s)", self.listen.host, self.port, self.site)
+
+    async def run(self, deliver: Deliver) -> None:
+        await self.start(deliver)
+        assert self._server is not None
+        async with self._server:
+            await self._server.serve_forever()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, deliver: Deliver
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        frames = FrameReader(reader, self.listen.max_message_bytes, self.listen.idle_timeout_s)
+        try:
+            async for frame in frames.frames():
+                ack = await self._answer(frame, deliver)
+                if ack is None:
+                    continue
+                writer.write(START_BLOCK + ack + END_BLOCK)
+                await writer.drain()
+        except (ConnectionError, OSError) as exc:
+            log.info("MLLP connection from %s ended: %s", peer, type(exc).__name__)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _answer(self, frame: Frame, deliver: Deliver) -> bytes | None:
+        header = read_header(frame.payload)
+        envelope = Envelope(
+            site=self.site,
+            source_id=header.control_id or f"unidentified-{next(_unnamed)}",
+            payload=frame.payload,
+            kind=Kind.HL7V2,
+            key=header.control_id or "unidentified",
+            headers=(
+                {INGEST_ERROR_HEADER: frame.error, INGEST_DETAIL_HEADER: frame.detail}
+                if frame.error
+                else {}
+            ),
+        )
+        error: EhrbridgeError | None = None
+        try:
+            await deliver(envelope)
+        except EhrbridgeError as exc:
+            error = exc
+        except Exception as exc:  # a bug must cost one AR, not the listener
+            log.exception("%s: unexpected error in deliver", envelope.describe())
+            error = UpstreamUnavailable(f"internal error: {type(exc).__name__}")
+        log.debug("%s answered %s", envelope.describe(), "AA" if error is None else error.reason)
+        return build_ack(header, error) if frame.wants_ack else None

@@ -1,0 +1,105 @@
+"""Run ASGI apps (our API, and the sandbox's servers) inside an existing event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Generator
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its host process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        # access_log off: request paths can carry patient ids, and logs must not.
+        super().__init__(
+            uvicorn.Config(
+                app, host=host, port=port, access_log=False, log_level="warning", lifespan="off"
+            )
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        for server in self.servers:
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        raise RuntimeError("server is not listening")
+
+    async def start(self) -> None:
+        """Start serving in this loop; return once the port accepts connections."""
+        self._task = asyncio.create_task(self.serve())
+        while not self.started:
+            if self._task.done():
+                self._task.result()  # re-raise a bind failure
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+
+
+class ThreadedServer:
+    """An ASGI app served from its own thread and loop (tests, sandbox helpers)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = EmbeddedServer(app, host, port)
+        self.host = host
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"http-{port}")
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            assert self.server._task is not None
+            await self.server._task
+
+        asyncio.run(main())
+
+    def start(self) -> ThreadedServer:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)
+
+    def __enter__(self) -> ThreadedServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

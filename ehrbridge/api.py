@@ -1,0 +1,104 @@
+"""The ehrbridge HTTP API (default 127.0.0.1:8080).
+
+What a site operator or integration engineer looks at:
+
+* ``GET /health``: liveness plus the site's mode and counts;
+* ``GET /api/results``: predictions kept locally (all of them in shadow mode),
+  newest first, optionally ``?patient=``;
+* ``GET /api/results/{identifier}``: one result's FHIR Observation;
+* ``GET /api/patients/{id}``: what ehrbridge knows of one patient: the
+  latest feature record or the reason there is none ("not enough data");
+* ``GET /api/dlq``: dead-lettered records: reason, stage, time, size (the raw
+  bytes are PHI and are shown only by ``ehrbridge dlq show`` on the host).
+
+It binds to localhost by default and carries PHI in responses; put it behind
+the hospital's authenticating proxy before binding it anywhere else. Access
+logs are off because request paths carry patient ids.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import ORJSONResponse
+
+from ehrbridge import __version__
+
+if TYPE_CHECKING:
+    from ehrbridge.runtime import SiteRuntime
+
+
+def create_api(runtime: SiteRuntime) -> FastAPI:
+    app = FastAPI(
+        title="ehrbridge",
+        version=__version__,
+        default_response_class=ORJSONResponse,
+        docs_url="/docs",
+    )
+    config = runtime.config
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "site": config.site,
+            "mode": config.mode.value,
+            "version": __version__,
+            "results": runtime.results.count(),
+        }
+
+    @app.get("/api/results")
+    def results(
+        patient: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        found = runtime.results.list(patient_id=patient, limit=limit, offset=offset)
+        return {
+            "site": config.site,
+            "mode": config.mode.value,
+            "results": [r.summary() for r in found],
+        }
+
+    @app.get("/api/results/{identifier}")
+    def result(identifier: str) -> dict[str, Any]:
+        stored = runtime.results.get(identifier)
+        if stored is None:
+            raise HTTPException(404, f"no result {identifier}")
+        return {**stored.summary(), "observation": stored.observation}
+
+    @app.get("/api/patients/{patient_id}")
+    def patient(patient_id: str) -> dict[str, Any]:
+        state = runtime.state.get(patient_id)
+        if state is None:
+            raise HTTPException(404, "no data for this patient")
+        latest = runtime.results.latest(patient_id)
+        return {
+            "patient_id": patient_id,
+            "birth_date": state.birth_date.isoformat() if state.birth_date else None,
+            "sex": state.sex,
+            "facts": {k: [f.to_json() for f in v] for k, v in state.facts.items()},
+            "last_outcome": state.last_outcome,
+            "latest_result": latest.summary() if latest else None,
+        }
+
+    @app.get("/api/dlq")
+    def dlq(limit: int = Query(100, ge=1, le=1000), after: int = -1) -> dict[str, Any]:
+        records = runtime.log.read(runtime.topic("dlq"), after=after, limit=limit)
+        return {
+            "records": [
+                {
+                    "offset": r.offset,
+                    "source_id": r.headers.get("source_id"),
+                    "reason": r.headers.get("error.reason"),
+                    "detail": r.headers.get("error.detail"),
+                    "stage": r.headers.get("error.stage"),
+                    "at": r.headers.get("error.at"),
+                    "bytes": len(r.value),
+                }
+                for r in records
+            ]
+        }
+
+    return app

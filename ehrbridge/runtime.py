@@ -1,0 +1,175 @@
+"""Wiring: one site's components, started and stopped together.
+
+``SiteRuntime`` builds the log, stores and stages from a :class:`SiteConfig`
+and runs the roles asked of it:
+
+* ``ingest``: the MLLP listener and the HTTP API; stores inbound messages
+  on ``raw`` (or the DLQ) and ACKs them;
+* ``process``: the processing worker (raw → predictions);
+* ``writeback``: the write-back worker (predictions → result store, EHR)
+  and the delayed-retry forwarder.
+
+All roles in one process is the default (and the sandbox). Each role can
+also run in its own processes (``ehrbridge run --role``), scaled out on the
+Kafka transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+
+from ehrbridge._http import EmbeddedServer
+from ehrbridge.adapters.fhir_sink import FhirSink
+from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.adapters.mllp_source import MllpSource
+from ehrbridge.adapters.sqlite_log import SqliteLog
+from ehrbridge.config import Mode, SiteConfig
+from ehrbridge.pipelines.groupcommit import GroupCommitter
+from ehrbridge.pipelines.ingest import Ingest
+from ehrbridge.pipelines.process import ProcessStage
+from ehrbridge.pipelines.results import ResultStore
+from ehrbridge.pipelines.retry import DelayedRetryForwarder, FailureRouter, RetryingStage
+from ehrbridge.pipelines.state import SqliteStateStore
+from ehrbridge.pipelines.transport import Log, topic_name
+from ehrbridge.pipelines.worker import StageWorker
+from ehrbridge.pipelines.writeback import WritebackStage
+
+log = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    INGEST = "ingest"
+    PROCESS = "process"
+    WRITEBACK = "writeback"
+
+
+ALL_ROLES = frozenset(Role)
+
+
+def open_log(config: SiteConfig) -> Log:
+    if config.transport.kind == "embedded":
+        return SqliteLog(config.data_dir / "log.sqlite")
+    raise NotImplementedError("the kafka transport is not available yet")
+
+
+class SiteRuntime:
+    def __init__(self, config: SiteConfig, roles: Iterable[Role] = ALL_ROLES) -> None:
+        self.config = config
+        self.roles = frozenset(roles)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log = open_log(config)
+        self.state = SqliteStateStore(config.data_dir / "state.sqlite")
+        self.results = ResultStore(config.data_dir / "results.sqlite")
+        self.router = FailureRouter(config.site, config.retry)
+        self.stop_event = threading.Event()
+        self.workers: list[StageWorker] = []
+        self._threads: list[threading.Thread] = []
+        self._closers: list[Callable[[], None]] = []
+        self.mllp: MllpSource | None = None
+        self.http: EmbeddedServer | None = None
+        self.committer: GroupCommitter | None = None
+
+    def topic(self, name: str) -> str:
+        return topic_name(self.config.site, name)
+
+    async def start(self) -> None:
+        if Role.INGEST in self.roles:
+            await self._start_ingest()
+        if Role.PROCESS in self.roles:
+            self._start_processing()
+        if Role.WRITEBACK in self.roles:
+            self._start_writeback()
+        log.info(
+            "site %s started: roles=%s mode=%s transport=%s",
+            self.config.site,
+            ",".join(sorted(self.roles)),
+            self.config.mode.value,
+            self.config.transport.kind,
+        )
+
+    async def _start_ingest(self) -> None:
+        from ehrbridge.api import create_api
+
+        self.committer = GroupCommitter(self.log)
+        ingest = Ingest(self.config, self.committer)
+        self.mllp = MllpSource(self.config.mllp, self.config.site)
+        await self.mllp.start(ingest.deliver)
+        self.http = EmbeddedServer(create_api(self), self.config.http.host, self.config.http.port)
+        await self.http.start()
+
+    def _start_processing(self) -> None:
+        model = InferenceClient(self.config.model)
+        self._closers.append(model.close)
+        stage = ProcessStage(self.config, self.state, model)
+        self._worker("process", [self.topic("raw")], stage, self.topic("predictions"))
+
+    def _start_writeback(self) -> None:
+        ehr = None
+        if self.config.mode is Mode.LIVE:
+            assert self.config.writeback.fhir_base is not None
+            ehr = FhirSink(
+                self.config.writeback.fhir_base, timeout_s=self.config.writeback.timeout_s
+            )
+            self._closers.append(ehr.close)
+        stage = WritebackStage(self.config, self.results, ehr)
+        self._worker("writeback", [self.topic("predictions")], stage, None)
+        forwarder = DelayedRetryForwarder(self.log, self.router, self.stop_event)
+        self._thread("retry-forwarder", forwarder.run)
+
+    def _worker(
+        self,
+        group: str,
+        topics: list[str],
+        stage: ProcessStage | WritebackStage,
+        output: str | None,
+    ) -> None:
+        worker = StageWorker(
+            log_=self.log,
+            group=group,
+            topics=topics,
+            stage=RetryingStage(stage, self.config.retry, self.stop_event),
+            output_topic=output,
+            router=self.router,
+            stop=self.stop_event,
+        )
+        self.workers.append(worker)
+        self._thread(group, worker.run)
+
+    def _thread(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=f"{self.config.site}-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    @property
+    def mllp_port(self) -> int:
+        assert self.mllp is not None and self.mllp.port is not None
+        return self.mllp.port
+
+    @property
+    def http_port(self) -> int:
+        assert self.http is not None
+        return self.http.port
+
+    async def stop(self) -> None:
+        if self.mllp is not None:
+            await self.mllp.stop()
+        if self.http is not None:
+            await self.http.stop()
+        self.stop_event.set()
+        await asyncio.to_thread(self._join)
+        if self.committer is not None:
+            self.committer.close()
+        for close in self._closers:
+            close()
+        self.log.close()
+        self.state.close()
+        self.results.close()
+        log.info("site %s stopped", self.config.site)
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=15)

@@ -1,0 +1,69 @@
+"""Ingest: validate an inbound message and store it durably, or dead-letter it.
+
+This is the ``deliver`` function the MLLP source (and the FHIR endpoint)
+call. Validation is cheap -- the lean reader and fact extraction take tens
+of microseconds -- and it is what lets the sender hear *now* that a message
+is unusable (AE) or unparseable (AR) rather than find out never.
+
+* usable: appended to ``<site>.raw``, keyed by patient id; returns → AA.
+* unusable/unparseable: appended to ``<site>.dlq`` with its raw bytes and
+  the reason, then the PermanentError is re-raised → AE/AR.
+* storage failing: TransientError propagates → AR, the sender resends.
+
+Transport problems found by the source itself (oversize or truncated frames)
+arrive as envelopes with an ``ingest.error`` header and are dead-lettered
+the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from ehrbridge.config import SiteConfig
+from ehrbridge.pipelines.contracts import Envelope, Failure, Kind
+from ehrbridge.pipelines.er7 import Message
+from ehrbridge.pipelines.errors import MessageRejected, PermanentError
+from ehrbridge.pipelines.facts import FactRules, extract
+from ehrbridge.pipelines.groupcommit import GroupCommitter
+from ehrbridge.pipelines.transport import dead_letter_record, to_record, topic_name
+
+log = logging.getLogger(__name__)
+INGEST_ERROR_HEADER = "ingest.error"  # reason code set by a source for framing problems
+INGEST_DETAIL_HEADER = "ingest.detail"
+
+
+class Ingest:
+    stage = "ingest"
+
+    def __init__(self, config: SiteConfig, committer: GroupCommitter) -> None:
+        self.config = config
+        self.rules = FactRules(config.mapping)
+        self.committer = committer
+        self.raw_topic = topic_name(config.site, "raw")
+        self.dlq_topic = topic_name(config.site, "dlq")
+
+    async def deliver(self, envelope: Envelope) -> None:
+        try:
+            key = self.validate(envelope)
+        except PermanentError as error:
+            await self.committer.append(
+                dead_letter_record(Failure(envelope, error, self.stage), self.dlq_topic)
+            )
+            log.warning("%s dead-lettered at ingest: %s", envelope.describe(), error.reason)
+            raise
+        await self.committer.append(to_record(replace(envelope, key=key), self.raw_topic))
+        log.debug("%s stored", envelope.describe())
+
+    def validate(self, envelope: Envelope) -> str:
+        """Check the message can be used; return its partition key (patient id)."""
+        framing_error = envelope.headers.get(INGEST_ERROR_HEADER)
+        if framing_error:
+            detail = envelope.headers.get(INGEST_DETAIL_HEADER, framing_error)
+            raise MessageRejected(detail, reason=framing_error, hl7_error_code=207)
+        if envelope.kind is not Kind.HL7V2:
+            raise MessageRejected(
+                f"ingest does not take {envelope.kind} yet", reason="kind.unsupported"
+            )
+        message = Message.parse(envelope.payload)
+        return extract(message, self.rules).key

@@ -1,0 +1,121 @@
+"""A prediction as a FHIR R4 Observation, built as plain JSON.
+
+fhir.resources validation costs about 600 µs per Observation against about
+11 µs for a plain structure, so the hot path builds dicts and serialises with
+orjson; the tests validate every shape we build with fhir.resources (R4B)
+and the npm ``fhir`` validator.
+
+Shape (one Observation per prediction):
+
+* ``identifier``: the prediction's deterministic identifier, so conditional
+  update on it makes replays idempotent;
+* ``status`` final; ``code`` from the site config; ``subject`` the patient
+  by identifier (HL7v2 sites have no FHIR Patient id); ``effectiveDateTime``
+  the anchor time of the features;
+* ``component``: 2-year and 5-year risk, each a UCUM ``%`` valueQuantity;
+* ``interpretation``: the first configured threshold band the risks reach,
+  else N (normal);
+* ``derivedFrom``: the input lab results, by identifier;
+* ``method`` and ``device``: model name, version and calibration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ehrbridge import __version__
+from ehrbridge.config import SiteConfig
+from ehrbridge.pipelines.facts import Fact
+from ehrbridge.pipelines.records import Prediction
+
+UCUM = "http://unitsofmeasure.org"
+INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+COMPONENT_SYSTEM = "urn:ehrbridge:codes"
+_HORIZONS = (
+    ("2y", "kfre-risk-2y", "Kidney failure risk within 2 years"),
+    ("5y", "kfre-risk-5y", "Kidney failure risk within 5 years"),
+)
+_CALIBRATION_TEXT = {
+    "north_american": "North American calibration",
+    "non_north_american": "non-North American calibration",
+}
+
+
+def percent(fraction: float) -> float:
+    """Risk as a percentage, kept to 1e-6 of the fraction (well inside 1e-4)."""
+    return round(fraction * 100.0, 4)
+
+
+def fact_identifier_system(site: str) -> str:
+    return f"urn:ehrbridge:{site}:fact"
+
+
+def build_observation(prediction: Prediction, config: SiteConfig) -> dict[str, Any]:
+    risks = {"2y": prediction.risk_2y, "5y": prediction.risk_5y}
+    model = prediction.model
+    model_text = (
+        f"KFRE 4-variable ({model.name} {model.version}), "
+        f"{_CALIBRATION_TEXT.get(model.calibration, model.calibration)}"
+    )
+    coding = config.writeback.code
+    return {
+        "resourceType": "Observation",
+        "identifier": [
+            {"system": config.prediction_identifier_system, "value": prediction.identifier}
+        ],
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "survey",
+                        "display": "Survey",
+                    }
+                ],
+                "text": "Clinical risk score",
+            }
+        ],
+        "code": {
+            "coding": [{"system": coding.system, "code": coding.code, "display": coding.display}],
+            "text": coding.display,
+        },
+        "subject": {
+            "identifier": {"system": prediction.patient_system, "value": prediction.patient_id}
+        },
+        "effectiveDateTime": prediction.anchor.isoformat(),
+        "interpretation": [_interpretation(risks, config)],
+        "method": {"text": model_text},
+        "device": {"display": f"ehrbridge {__version__}; model {model.name} {model.version}"},
+        "derivedFrom": [_derived_from(f, prediction.site) for f in prediction.features.inputs],
+        "component": [
+            {
+                "code": {"coding": [{"system": COMPONENT_SYSTEM, "code": code, "display": text}]},
+                "valueQuantity": {
+                    "value": percent(risks[horizon]),
+                    "unit": "%",
+                    "system": UCUM,
+                    "code": "%",
+                },
+            }
+            for horizon, code, text in _HORIZONS
+        ],
+    }
+
+
+def _interpretation(risks: dict[str, float], config: SiteConfig) -> dict[str, Any]:
+    for band in config.writeback.interpretation:
+        if risks[band.horizon] >= band.at_least:
+            code, display = band.code, band.display
+            break
+    else:
+        code, display = "N", "Normal"
+    return {"coding": [{"system": INTERPRETATION_SYSTEM, "code": code}], "text": display}
+
+
+def _derived_from(fact: Fact, site: str) -> dict[str, Any]:
+    shown = f"{fact.comparator}{fact.value:g} {fact.unit}"
+    return {
+        "identifier": {"system": fact_identifier_system(site), "value": fact.ref},
+        "display": f"{fact.feature} {shown} ({fact.system} {fact.code}, {fact.effective.date()})",
+    }

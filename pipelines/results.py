@@ -1,0 +1,170 @@
+"""The local result store: every prediction, in shadow and in live mode.
+
+In shadow mode this is where results are "stored and viewable locally"
+(``GET /api/results``); in live mode it also records whether and when each
+Observation reached the EHR. It is keyed by the prediction identifier, so a
+replay updates a row instead of adding one, exactly as the EHR does.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
+from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.pipelines.records import Prediction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    identifier TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL,
+    anchor TEXT NOT NULL,
+    risk_2y REAL NOT NULL,
+    risk_5y REAL NOT NULL,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    prediction BLOB NOT NULL,
+    observation BLOB NOT NULL,
+    updated_at REAL NOT NULL,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS results_by_patient ON results (patient_id, anchor);
+"""
+
+
+_COLUMNS = "identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation"
+
+
+class Delivery(StrEnum):
+    SHADOW = "shadow"  # kept locally only (shadow mode)
+    PENDING = "pending"  # live: built, not yet confirmed by the EHR
+    DELIVERED = "delivered"  # live: the EHR accepted it
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    identifier: str
+    patient_id: str
+    anchor: str
+    risk_2y: float
+    risk_5y: float
+    model: str
+    status: str
+    observation: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "identifier": self.identifier,
+            "patient_id": self.patient_id,
+            "anchor": self.anchor,
+            "risk_2y": self.risk_2y,
+            "risk_5y": self.risk_5y,
+            "model": self.model,
+            "status": self.status,
+        }
+
+
+class ResultStore:
+    def __init__(self, path: Path | str) -> None:
+        self._connections = PerThreadConnection(Path(path))
+        self._connections.get().executescript(_SCHEMA)
+
+    def upsert(self, items: Sequence[tuple[Prediction, dict[str, Any]]], status: Delivery) -> None:
+        now = time.time()
+        rows = [
+            (
+                p.identifier,
+                p.patient_id,
+                p.anchor.isoformat(),
+                p.risk_2y,
+                p.risk_5y,
+                f"{p.model.name} {p.model.version} {p.model.calibration}",
+                status.value,
+                p.to_json(),
+                orjson.dumps(obs),
+                now,
+            )
+            for p, obs in items
+        ]
+        self._write(
+            "INSERT INTO results (identifier, patient_id, anchor, risk_2y, risk_5y, model, status,"
+            " prediction, observation, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (identifier) DO UPDATE SET risk_2y = excluded.risk_2y,"
+            " risk_5y = excluded.risk_5y, model = excluded.model, prediction = excluded.prediction,"
+            " observation = excluded.observation, updated_at = excluded.updated_at,"
+            # A delivered result stays delivered when a replay re-stores it.
+            " status = CASE WHEN results.status = 'delivered' AND excluded.status = 'pending'"
+            " THEN results.status ELSE excluded.status END",
+            rows,
+        )
+
+    def mark_delivered(self, identifiers: Sequence[str]) -> None:
+        now = time.time()
+        self._write(
+            "UPDATE results SET status = 'delivered', delivered_at = ? WHERE identifier = ?",
+            [(now, i) for i in identifiers],
+        )
+
+    def _write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        try:
+            with transaction(self._connections.get()) as conn:
+                conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise UpstreamUnavailable(f"result store: {exc}") from exc
+
+    def list(
+        self, *, patient_id: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[StoredResult]:
+        where, args = ("WHERE patient_id = ?", [patient_id]) if patient_id else ("", [])
+        rows = self._connections.get().execute(
+            f"SELECT {_COLUMNS} FROM results {where}"
+            " ORDER BY anchor DESC, identifier LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        return [_result(row) for row in rows]
+
+    def get(self, identifier: str) -> StoredResult | None:
+        row = (
+            self._connections.get()
+            .execute(
+                f"SELECT {_COLUMNS} FROM results WHERE identifier = ?",
+                (identifier,),
+            )
+            .fetchone()
+        )
+        return _result(row) if row else None
+
+    def latest(self, patient_id: str) -> StoredResult | None:
+        found = self.list(patient_id=patient_id, limit=1)
+        return found[0] if found else None
+
+    def count(self, status: Delivery | None = None) -> int:
+        if status is None:
+            row = self._connections.get().execute("SELECT count(*) FROM results").fetchone()
+        else:
+            row = (
+                self._connections.get()
+                .execute("SELECT count(*) FROM results WHERE status = ?", (status.value,))
+                .fetchone()
+            )
+        return int(row[0])
+
+    def close(self) -> None:
+        self._connections.close()
+
+
+def _result(row: tuple[Any, ...]) -> StoredResult:
+    identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation = row
+    return StoredResult(
+        identifier, patient_id, anchor, risk_2y, risk_5y, model, status, orjson.loads(observation)
+    )

@@ -1,0 +1,220 @@
+"""Retries and dead letters, in one place. The only module that uses tenacity.
+
+A transient failure goes through three levels, each bounded:
+
+1. **In place**: the failed call is retried with exponential backoff and
+   full jitter (``RetryPolicy.attempts``, ``initial_backoff_s`` ..
+   ``max_backoff_s``). Rides out a blip -- a model server restart, a FHIR
+   502 -- without reordering anything.
+2. **Delayed retry tiers**: after that budget the record is parked on
+   ``<site>.retry.<n>``, one FIFO topic per delay in ``RetryPolicy.delayed_s``
+   (5 s, 30 s, 2 min, ...). A FIFO topic with one fixed delay never makes a
+   short wait queue behind a long one. When due, the record is put back on
+   the topic it came from, one tier further along.
+3. **Dead letter**: after the last tier, or at once for a PermanentError,
+   the record goes to ``<site>.dlq`` with its original bytes and the reason.
+
+The wrappers compose around any Stage or Sink (Benthos style): the stage
+stays ignorant of retries, and the worker only routes outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_when_event_set,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+
+from ehrbridge.config import RetryPolicy
+from ehrbridge.pipelines.contracts import Envelope, Failure, Outcome, Sink, Stage
+from ehrbridge.pipelines.errors import TransientError
+from ehrbridge.pipelines.transport import (
+    Consumer,
+    Log,
+    Record,
+    dead_letter_record,
+    to_record,
+    topic_name,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TIER_HEADER = "retry.tier"  # how many delayed tiers a record has been through
+ORIGIN_HEADER = "retry.origin"  # the topic to put it back on
+DUE_HEADER = "retry.not_before"  # epoch seconds
+
+
+def call_with_retry(
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    what: str,
+    stop: threading.Event | None = None,
+) -> T:
+    """Call ``fn``; retry TransientError in place with backoff and jitter.
+
+    Re-raises the last TransientError once the budget is spent, or at once
+    when ``stop`` is set (shutting down: the record stays uncommitted).
+    """
+
+    def note(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        log.warning("%s failed (attempt %d), retrying: %s", what, state.attempt_number, error)
+
+    def sleep(seconds: float) -> None:
+        if stop is None:
+            time.sleep(seconds)
+        else:
+            stop.wait(seconds)
+
+    give_up: stop_base = stop_after_attempt(policy.attempts)
+    if stop is not None:
+        give_up = give_up | stop_when_event_set(stop)  # shutting down: leave it uncommitted
+    retrying = Retrying(
+        retry=retry_if_exception_type(TransientError),
+        stop=give_up,
+        wait=wait_random_exponential(multiplier=policy.initial_backoff_s, max=policy.max_backoff_s),
+        before_sleep=note,
+        sleep=sleep,
+        reraise=True,
+    )
+    return retrying(fn)
+
+
+class RetryingStage:
+    """Re-runs a stage for the envelopes that failed transiently, in place."""
+
+    def __init__(self, stage: Stage, policy: RetryPolicy, stop: threading.Event | None = None):
+        self.stage = stage
+        self.name = stage.name
+        self.policy = policy
+        self.stop = stop
+
+    def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        done: list[Outcome] = []
+        pending = list(batch)
+        for attempt in range(1, self.policy.attempts + 1):
+            outcomes = self.stage.process(pending)
+            transient = [o for o in outcomes if isinstance(o, Failure) and not o.permanent]
+            done.extend(o for o in outcomes if o not in transient)
+            if not transient or attempt == self.policy.attempts or self._stopping():
+                return done + transient
+            pending = [f.envelope for f in transient]
+            log.warning(
+                "stage %s: %d record(s) failed transiently (attempt %d): %s",
+                self.name,
+                len(pending),
+                attempt,
+                transient[0].error,
+            )
+            self._sleep(attempt)
+        return done
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def _sleep(self, attempt: int) -> None:
+        delay = min(self.policy.max_backoff_s, self.policy.initial_backoff_s * 2 ** (attempt - 1))
+        (self.stop.wait if self.stop is not None else time.sleep)(delay)
+
+
+class RetryingSink:
+    """A sink whose ``write`` is retried in place on TransientError."""
+
+    def __init__(self, sink: Sink, policy: RetryPolicy, stop: threading.Event | None = None):
+        self.sink = sink
+        self.name = sink.name
+        self.policy = policy
+        self.stop = stop
+
+    def write(self, batch: Sequence[Envelope]) -> None:
+        call_with_retry(lambda: self.sink.write(batch), self.policy, f"sink {self.name}", self.stop)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+class FailureRouter:
+    """Where a failed record goes next: a delayed-retry tier or the DLQ."""
+
+    def __init__(self, site: str, policy: RetryPolicy) -> None:
+        self.site = site
+        self.policy = policy
+        self.dlq = topic_name(site, "dlq")
+
+    def tier_topics(self) -> list[str]:
+        return [
+            topic_name(self.site, f"retry.{n}") for n in range(1, len(self.policy.delayed_s) + 1)
+        ]
+
+    def route(self, failure: Failure, origin_topic: str) -> Record:
+        tier = int(failure.envelope.headers.get(TIER_HEADER, "0"))
+        if failure.permanent or tier >= len(self.policy.delayed_s):
+            return dead_letter_record(failure, self.dlq)
+        due = time.time() + self.policy.delayed_s[tier]
+        return to_record(
+            failure.envelope,
+            topic_name(self.site, f"retry.{tier + 1}"),
+            {
+                TIER_HEADER: str(tier + 1),
+                ORIGIN_HEADER: failure.envelope.headers.get(ORIGIN_HEADER, origin_topic),
+                DUE_HEADER: f"{due:.3f}",
+                "error.reason": failure.error.reason,
+                "error.detail": failure.error.detail,
+                "error.stage": failure.stage,
+            },
+        )
+
+
+class DelayedRetryForwarder:
+    """Moves due records from the retry tiers back to the topics they came from."""
+
+    def __init__(self, log_: Log, router: FailureRouter, stop: threading.Event) -> None:
+        self.log = log_
+        self.stop = stop
+        self.consumers = [log_.consumer("retry-forwarder", [t]) for t in router.tier_topics()]
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            wait = min((self.forward_due(c) for c in self.consumers), default=1.0)
+            self.stop.wait(max(0.05, min(wait, 1.0)))
+
+    def forward_due(self, consumer: Consumer) -> float:
+        """Forward the due head of one tier; return seconds until the next is due."""
+        records = consumer.poll(max_records=100, timeout_s=0)
+        now = time.time()
+        n_due = 0
+        for record in records:  # FIFO: stop at the first record not yet due
+            if float(record.headers.get(DUE_HEADER, "0")) > now:
+                break
+            n_due += 1
+        due, later = records[:n_due], records[n_due:]
+        if later:
+            consumer.rewind(later)
+        if due:
+            self.log.append([_back_to_origin(r) for r in due])
+            consumer.commit(due)
+        return float(later[0].headers.get(DUE_HEADER, "0")) - now if later else 1.0
+
+
+def _back_to_origin(record: Record) -> Record:
+    headers = {
+        k: v for k, v in record.headers.items() if not k.startswith("error.") and k != DUE_HEADER
+    }
+    headers["attempt"] = str(int(headers.get("attempt", "0")) + 1)
+    headers["retry.requeued_at"] = datetime.now(UTC).isoformat()
+    return Record(
+        topic=record.headers[ORIGIN_HEADER], key=record.key, value=record.value, headers=headers
+    )

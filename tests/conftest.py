@@ -1,0 +1,58 @@
+"""Shared fixtures: a running sandbox on free ports, and small waiting helpers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from ehrbridge.sandbox.run import BackgroundSandbox
+from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
+
+pytest_plugins = ["kafka_fixture"]
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], timeout_s: float = 20.0, what: str = "condition") -> T:
+    """Poll until ``probe`` returns something truthy; fail with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def all_resources(url: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every resource of a FHIR search, following the Bundle's next links."""
+    found: list[dict[str, Any]] = []
+    next_url: str | None = url
+    query = params
+    with httpx.Client(timeout=10) as client:
+        while next_url:
+            bundle = client.get(next_url, params=query).json()
+            query = None
+            found.extend(entry["resource"] for entry in bundle.get("entry", []))
+            next_url = next(
+                (link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None
+            )
+    return found
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundSandbox]:
+    with BackgroundSandbox(tmp_path_factory.mktemp("sandbox")) as running:
+        yield running
+
+
+@pytest.fixture
+def ehr() -> SyntheticEhr:
+    return SyntheticEhr(seed=11, patients=20)
