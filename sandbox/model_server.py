@@ -54,22 +54,20 @@ Counted calls are only those addressed to the served model.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Self
 
 import orjson
 import uvicorn
-from ehrbridge.sandbox.kfre import Calibration, kfre_4var_batch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp
+
+from ehrbridge.sandbox.kfre import Calibration, kfre_4var_batch
 
 DEFAULT_CALIBRATION = Calibration.NORTH_AMERICAN
 DEFAULT_MAX_BATCH_ROWS = 100_000
@@ -649,102 +647,10 @@ def serve_model(
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-class BackgroundServer(uvicorn.Server):
-    """A uvicorn server on a daemon thread, on a socket bound before it starts.
-
-    Use :func:`run_in_thread`; stop with :meth:`stop` or a ``with`` block.
-    """
-
-    def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
-        super().__init__(config)
-        self._socket = sock
-        self._startup_done = threading.Event()
-        self._thread = threading.Thread(target=self._serve_forever, daemon=True)
-        host, port = sock.getsockname()[:2]
-        self.port: int = port
-        self.base_url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        self._startup_done.set()
-
-    def _serve_forever(self) -> None:
-        try:
-            self.run(sockets=[self._socket])
-        finally:
-            self._startup_done.set()  # wake start() if startup failed
-
-    def start(self, timeout_s: float) -> None:
-        """Start the thread; return once the server accepts connections."""
-        self._thread.start()
-        if not self._startup_done.wait(timeout_s):
-            self.stop()
-            raise TimeoutError(f"server did not start within {timeout_s} s")
-        if not self.started:
-            self._socket.close()
-            raise RuntimeError("server thread exited during startup")
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Ask the server to exit and wait for its thread (forcing it if slow)."""
-        self.should_exit = True
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            self.force_exit = True
-            self._thread.join(timeout_s)
-        self._socket.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    # Built with proto=IPPROTO_TCP on purpose: asyncio only sets TCP_NODELAY on
-    # accepted sockets whose proto is TCP, and socket.create_server() leaves it 0.
-    # Without NODELAY, uvicorn's separate header/body writes meet the client's
-    # delayed ACK and every response takes ~40 ms.
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen()
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def run_in_thread(
-    app: ASGIApp, *, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 10.0
-) -> tuple[BackgroundServer, str]:
-    """Serve ``app`` on a real socket in a background thread.
-
-    ``port=0`` picks a free port. Returns ``(server, base_url)`` once the
-    server accepts connections; call ``server.stop()`` (or use ``with server:``)
-    to shut it down.
-    """
-    sock = _listening_socket(host, port)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=1)
-    server = BackgroundServer(config, sock)
-    server.start(timeout_s)
-    return server, server.base_url
-
-
 __all__ = [
     "DEFAULT_CALIBRATION",
     "INPUTS",
     "OUTPUTS",
-    "BackgroundServer",
     "FaultAction",
     "FaultInjector",
     "FaultSpec",
@@ -754,6 +660,5 @@ __all__ = [
     "TensorSpec",
     "create_model_app",
     "parse_infer_request",
-    "run_in_thread",
     "serve_model",
 ]

@@ -10,12 +10,13 @@ from typing import Any
 
 import httpx
 import pytest
+
+from ehrbridge._http import ThreadedServer
 from ehrbridge.sandbox.kfre import Calibration, kfre_4var
 from ehrbridge.sandbox.model_server import (
     FaultInjector,
     FaultSpec,
     create_model_app,
-    run_in_thread,
 )
 
 MODEL = "kfre-4var"
@@ -58,9 +59,8 @@ def _expected(
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    server, url = run_in_thread(create_model_app())
-    with server:
-        yield url
+    with ThreadedServer(create_model_app()) as server:
+        yield server.base_url
 
 
 @pytest.fixture(scope="module")
@@ -471,11 +471,12 @@ def test_fault_injector_counts_are_exact_under_concurrency() -> None:
     assert claimed == [503] * 100
 
 
-# ------------------------------------------------------------------ run_in_thread
+# ------------------------------------------------------------------ threaded server
 
 
-def test_run_in_thread_serves_then_stops_and_releases_the_port() -> None:
-    server, url = run_in_thread(create_model_app(model_name="other", model_version="7"))
+def test_threaded_server_serves_then_stops_and_releases_the_port() -> None:
+    server = ThreadedServer(create_model_app(model_name="other", model_version="7")).start()
+    url = server.base_url
     with httpx.Client(base_url=url) as http:
         assert http.get("/v2/models/other/versions/7").status_code == 200
     server.stop()
@@ -484,7 +485,9 @@ def test_run_in_thread_serves_then_stops_and_releases_the_port() -> None:
 
 
 def test_admin_routes_can_be_left_out() -> None:
-    server, url = run_in_thread(create_model_app(admin=False))
-    with server, httpx.Client(base_url=url) as http:
+    with (
+        ThreadedServer(create_model_app(admin=False)) as server,
+        httpx.Client(base_url=server.base_url) as http,
+    ):
         assert http.post("/_admin/faults", json={"status": 503}).status_code in {404, 405}
         assert http.get("/v2/health/ready").status_code == 200
