@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--rate", type=float, default=50.0, help="synthetic messages per second")
     sandbox.add_argument("--seed", type=int, default=7)
     sandbox.add_argument("--fresh", action="store_true", help="delete the data dir first")
+    for name, default in (("mllp", 2575), ("http", 8080), ("fhir", 8090), ("model", 8091)):
+        sandbox.add_argument(f"--{name}-port", type=int, default=default, metavar="PORT")
     sandbox.set_defaults(func=_sandbox)
 
     run = sub.add_parser("run", help="run a site from its YAML config")

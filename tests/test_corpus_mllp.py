@@ -13,17 +13,17 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from conftest import CORPUS
 
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.ack import read_header
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
-
-from conftest import CORPUS
 
 _MESSAGE_START = re.compile(rb"(?:^|(?<=[\r\n]))MSH")
 _BATCH_LINE = re.compile(rb"^(?:FHS|BHS|BTS|FTS)\b.*$", re.MULTILINE)
@@ -50,7 +50,7 @@ def messages_in(raw: bytes) -> list[bytes]:
         return [text] if text.strip() else []
     chunks = [text[: starts[0]]] if text[: starts[0]].strip() else []
     bounds = [*starts, len(text)]
-    chunks += [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    chunks += [text[a:b] for a, b in pairwise(bounds)]
     return chunks
 
 

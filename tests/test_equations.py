@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from ehrbridge.mappings.ckd_epi import (
     CREATININE_UMOL_PER_MG_DL,
     creatinine_umol_l_to_mg_dl,
@@ -21,8 +24,6 @@ from ehrbridge.mappings.ckd_epi import (
 )
 from ehrbridge.sandbox import kfre
 from ehrbridge.sandbox.kfre import Calibration, kfre_4var, kfre_4var_batch
-from hypothesis import given
-from hypothesis import strategies as st
 
 CORPUS = Path("/work/shared/corpus/kfre")
 KFRE_VECTORS = json.loads((CORPUS / "lshpaner-kfre" / "test_vectors.json").read_text())["vectors"]

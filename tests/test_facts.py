@@ -21,7 +21,7 @@ OBR = "OBR|1|P1|F1|24362-6^Renal panel^LN|||20260105080000+0100"
 
 
 def obx(
-    n: int, code: str, value: str, unit: str, status: str = "F", when: str = "", vt: str = "NM"
+    n: int, code: str, value: str, unit: str, *, status: str = "F", when: str = "", vt: str = "NM"
 ) -> str:
     return f"OBX|{n}|{vt}|{code}^Test {n}^LN||{value}|{unit}^^UCUM|||||{status}|||{when}"
 

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from conftest import all_resources, wait_for
 
 from ehrbridge.adapters.mllp_client import Ack, MllpClient, frame
 from ehrbridge.mappings.ckd_epi import egfr_ckd_epi_2021
@@ -20,8 +21,6 @@ from ehrbridge.pipelines.er7 import Message
 from ehrbridge.sandbox.kfre import Calibration, kfre_4var
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
-
-from conftest import all_resources, wait_for
 
 
 def unique() -> str:
@@ -189,7 +188,7 @@ def test_oversize_frame_gets_ar_and_the_listener_keeps_serving(
     with MllpClient("127.0.0.1", sandbox.sandbox.mllp_port) as client:
         ack = client.send(huge)
         assert ack.code == "AR" and "exceeds" in ack.text
-        message, control_id, _ = renal(ehr, age=60, female=True, egfr=30.0, uacr_mg_g=30.0)
+        message, _, _ = renal(ehr, age=60, female=True, egfr=30.0, uacr_mg_g=30.0)
         assert client.send(message).code == "AA"  # same connection, still in step
 
 

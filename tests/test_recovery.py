@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import all_resources, wait_for
 
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.mllp_client import MllpClient
@@ -27,8 +28,6 @@ from ehrbridge.sandbox.fhir_server import create_fhir_app
 from ehrbridge.sandbox.model_server import create_model_app
 from ehrbridge.sandbox.run import sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
-
-from conftest import all_resources, wait_for
 
 
 def free_port() -> int:

@@ -1,0 +1,258 @@
+"""``ehrbridge sandbox``: the whole system on one laptop, in one process.
+
+Starts, in one event loop (plus the pipeline's worker threads):
+
+* the KFRE model server (Open Inference Protocol v2) on 8091;
+* a FHIR R4 server stand-in on 8090, playing the hospital's EHR;
+* the sandbox site (``sandbox/site.yaml``, live mode, embedded transport):
+  MLLP on 2575 and the ehrbridge HTTP API on 8080;
+* a synthetic EHR sending ADT and renal ORU^R01 messages for a few hundred
+  synthetic CKD patients over MLLP (``--no-traffic`` turns it off).
+
+:class:`Sandbox` is also what the end-to-end tests start, on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import random
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from ehrbridge._http import EmbeddedServer
+from ehrbridge.adapters.mllp_client import AsyncMllpClient
+from ehrbridge.config import SiteConfig, load_site_config
+from ehrbridge.runtime import SiteRuntime
+from ehrbridge.sandbox.fhir_server import create_fhir_app
+from ehrbridge.sandbox.model_server import create_model_app
+from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def sandbox_site_file() -> Path:
+    return Path(str(resources.files("ehrbridge.sandbox").joinpath("site.yaml")))
+
+
+@dataclass
+class Ports:
+    mllp: int = 2575
+    http: int = 8080
+    fhir: int = 8090
+    model: int = 8091
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Let the OS choose every port (tests)."""
+        return cls(0, 0, 0, 0)
+
+
+@dataclass
+class TrafficStats:
+    sent: int = 0
+    acks: Counter[str] = field(default_factory=Counter)
+
+
+Configure = Callable[[SiteConfig], SiteConfig]
+
+
+class Sandbox:
+    def __init__(
+        self, data_dir: Path, ports: Ports | None = None, configure: Configure | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        self.ports = ports or Ports()
+        self.configure = configure
+        self.model = EmbeddedServer(create_model_app(), "127.0.0.1", self.ports.model)
+        self.fhir = EmbeddedServer(create_fhir_app(), "127.0.0.1", self.ports.fhir)
+        self.runtime: SiteRuntime | None = None
+        self.traffic = TrafficStats()
+
+    async def start(self) -> None:
+        await self.model.start()
+        await self.fhir.start()
+        self.runtime = SiteRuntime(self._site_config())
+        await self.runtime.start()
+
+    def _site_config(self) -> SiteConfig:
+        config = load_site_config(sandbox_site_file())
+        if self.configure is not None:
+            config = self.configure(config)
+        return config.model_copy(
+            update={
+                "data_dir": self.data_dir,
+                "mllp": config.mllp.model_copy(update={"port": self.ports.mllp}),
+                "http": config.http.model_copy(update={"port": self.ports.http}),
+                "model": config.model.model_copy(update={"url": self.model_url}),
+                "writeback": config.writeback.model_copy(update={"fhir_base": self.fhir_base}),
+            }
+        )
+
+    @property
+    def config(self) -> SiteConfig:
+        assert self.runtime is not None
+        return self.runtime.config
+
+    @property
+    def model_url(self) -> str:
+        return f"http://127.0.0.1:{self.model.port}"
+
+    @property
+    def fhir_base(self) -> str:
+        return f"http://127.0.0.1:{self.fhir.port}/fhir"
+
+    @property
+    def api_url(self) -> str:
+        assert self.runtime is not None
+        return f"http://127.0.0.1:{self.runtime.http_port}"
+
+    @property
+    def mllp_port(self) -> int:
+        assert self.runtime is not None
+        return self.runtime.mllp_port
+
+    async def send_synthetic_traffic(
+        self, ehr: SyntheticEhr, rate: float, *, live_after_backfill: bool = True
+    ) -> None:
+        """Replay the synthetic history at ``rate`` msg/s, then keep sending new labs."""
+        client = AsyncMllpClient("127.0.0.1", self.mllp_port)
+        interval = 1.0 / rate if rate > 0 else 0.0
+        try:
+            for _, message in ehr.stream():
+                await self._send(client, message)
+                await asyncio.sleep(interval)
+            rng = random.Random(1)
+            while live_after_backfill:
+                patient = rng.choice(ehr.patients)
+                await self._send(client, ehr.oru(patient, datetime.now(UTC)))
+                await asyncio.sleep(max(interval, 1.0))
+        finally:
+            await client.close()
+
+    async def _send(self, client: AsyncMllpClient, message: bytes) -> None:
+        ack = await client.send(message)
+        self.traffic.sent += 1
+        self.traffic.acks[ack.code] += 1
+
+    async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.stop()
+        await self.fhir.stop()
+        await self.model.stop()
+
+
+async def count_observations(fhir_base: str) -> int:
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.get(f"{fhir_base}/Observation", params={"_count": 1})
+        total = response.json().get("total", 0)
+        return int(total)
+
+
+def banner(sandbox: Sandbox, traffic: bool) -> str:
+    runtime = sandbox.runtime
+    assert runtime is not None
+    lines = [
+        "",
+        f"ehrbridge sandbox is running: site '{runtime.config.site}', "
+        f"{runtime.config.mode.value} mode, {runtime.config.transport.kind} transport",
+        f"  MLLP listener       127.0.0.1:{sandbox.mllp_port}   (send HL7v2 ADT / ORU^R01 here)",
+        f"  risk Observations   {sandbox.fhir_base}/Observation   <- the EHR stand-in; look here",
+        f"  ehrbridge API       {sandbox.api_url}/api/results   (also /health, /api/dlq, /docs)",
+        f"  KFRE model server   {sandbox.model_url}/v2/models/kfre-4var",
+        f"  data                {sandbox.data_dir}",
+    ]
+    if traffic:
+        lines.append("  synthetic EHR       sending ADT + renal ORU^R01 over MLLP (Ctrl-C stops)")
+    else:
+        lines.append("  synthetic EHR       off (--no-traffic)")
+    return "\n".join(lines) + "\n"
+
+
+async def run_sandbox(args: argparse.Namespace) -> None:
+    from ehrbridge.cli import wait_for_signal
+
+    data_dir: Path = args.data_dir.resolve()
+    if args.fresh and data_dir.exists():
+        shutil.rmtree(data_dir)
+    ports = Ports(args.mllp_port, args.http_port, args.fhir_port, args.model_port)
+    sandbox = Sandbox(data_dir, ports)
+    await sandbox.start()
+    print(banner(sandbox, not args.no_traffic), flush=True)
+    tasks: list[asyncio.Task[None]] = []
+    if not args.no_traffic:
+        ehr = SyntheticEhr(seed=args.seed, patients=args.patients)
+        tasks.append(asyncio.create_task(sandbox.send_synthetic_traffic(ehr, args.rate)))
+        tasks.append(asyncio.create_task(_report_progress(sandbox)))
+    try:
+        await wait_for_signal()
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await sandbox.stop()
+
+
+async def _report_progress(sandbox: Sandbox, every_s: float = 5.0) -> None:
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(every_s)
+        stored = await count_observations(sandbox.fhir_base)
+        acks = sandbox.traffic.acks
+        print(
+            f"[{time.monotonic() - started:5.0f}s] sent {sandbox.traffic.sent} messages "
+            f"(AA {acks['AA']}, AE {acks['AE']}, AR {acks['AR']}); "
+            f"risk Observations in the EHR: {stored}",
+            flush=True,
+        )
+
+
+class BackgroundSandbox:
+    """A :class:`Sandbox` running in its own thread and event loop.
+
+    For synchronous callers -- the tests and the benchmarks -- that want the
+    real servers on real sockets without managing an event loop.
+    """
+
+    def __init__(
+        self, data_dir: Path, ports: Ports | None = None, configure: Configure | None = None
+    ) -> None:
+        self.sandbox = Sandbox(data_dir, ports or Ports.free(), configure)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="sandbox")
+
+    def start(self) -> BackgroundSandbox:
+        self._thread.start()
+        self.call(self.sandbox.start(), timeout_s=60)
+        return self
+
+    def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 30) -> T:
+        """Run a coroutine on the sandbox's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
+
+    def stop(self) -> None:
+        try:
+            self.call(self.sandbox.stop(), timeout_s=60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> BackgroundSandbox:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
