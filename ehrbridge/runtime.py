@@ -72,6 +72,7 @@ class SiteRuntime:
         self.mllp: MllpSource | None = None
         self.http: EmbeddedServer | None = None
         self.committer: GroupCommitter | None = None
+        self.process_stage: ProcessStage | None = None
 
     def topic(self, name: str) -> str:
         return topic_name(self.config.site, name)
@@ -105,6 +106,7 @@ class SiteRuntime:
         model = InferenceClient(self.config.model)
         self._closers.append(model.close)
         stage = ProcessStage(self.config, self.state, model)
+        self.process_stage = stage
         self._worker("process", [self.topic("raw")], stage, self.topic("predictions"))
 
     def _start_writeback(self) -> None:

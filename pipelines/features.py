@@ -131,7 +131,9 @@ def _windowed(
         return None
     fact = latest_in_window(state.facts.get(feature, []), anchor, rule.window_days)
     if fact is None:
-        missing[feature] = f"no result in the {rule.window_days:g} days up to {anchor.date()}"
+        missing[feature] = (
+            f"no {feature} result in the {rule.window_days:g} days up to {anchor.date()}"
+        )
     return fact
 
 
@@ -148,7 +150,7 @@ def _egfr(
         derived = _derive_egfr(state, creatinine, local)
         if derived is not None and creatinine is not None:
             return derived, "ckd-epi-2021", (creatinine,)
-    missing["egfr"] = "; ".join(local.values()) or "no eGFR or creatinine mapped"
+    missing["egfr"] = "; ".join(local.values()) or "neither eGFR nor creatinine is mapped"
     return None, "", ()
 
 
@@ -158,10 +160,10 @@ def _derive_egfr(
     if creatinine is None:
         return None
     if state.birth_date is None or state.sex not in ("M", "F"):
-        missing["creatinine"] = "eGFR cannot be derived without birth date and sex M/F"
+        missing["creatinine"] = "cannot give eGFR without a birth date and sex M or F"
         return None
     age = age_at(state.birth_date, creatinine.effective)
     if age < ADULT_AGE:
-        missing["creatinine"] = "CKD-EPI 2021 applies to adults"
+        missing["creatinine"] = "cannot give eGFR: CKD-EPI 2021 applies to adults"
         return None
     return egfr_ckd_epi_2021(creatinine.value, age, female=state.sex == "F")

@@ -53,6 +53,7 @@ class ProcessStage:
         self.rules = FactRules(config.mapping)
         self.state = state
         self.model = model
+        self.not_enough_data = 0  # feature records that could not be built, for progress output
 
     def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -91,7 +92,8 @@ class ProcessStage:
                 if isinstance(result, FeatureRecord):
                     pending.append(_Pending(envelope, patient.patient_id, result))
                 else:
-                    log.info("%s: not enough data: %s", envelope.describe(), result.reason)
+                    self.not_enough_data += 1
+                    log.debug("%s: not enough data: %s", envelope.describe(), result.reason)
         if states:
             self.state.put_many(states.values())
         return pending

@@ -213,10 +213,14 @@ async def _report_progress(sandbox: Sandbox, every_s: float = 5.0) -> None:
         await asyncio.sleep(every_s)
         stored = await count_observations(sandbox.fhir_base)
         acks = sandbox.traffic.acks
+        runtime = sandbox.runtime
+        stage = runtime.process_stage if runtime else None
+        waiting = stage.not_enough_data if stage else 0
         print(
             f"[{time.monotonic() - started:5.0f}s] sent {sandbox.traffic.sent} messages "
             f"(AA {acks['AA']}, AE {acks['AE']}, AR {acks['AR']}); "
-            f"risk Observations in the EHR: {stored}",
+            f"risk Observations in the EHR: {stored}; "
+            f"messages without enough data for a score yet: {waiting}",
             flush=True,
         )
 

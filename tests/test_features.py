@@ -87,7 +87,7 @@ def test_windows_are_measured_back_from_the_anchor_not_the_clock() -> None:
 def test_a_fact_outside_its_window_is_missing_with_a_reason() -> None:
     result = assemble(state_with(fact("egfr", 30), fact("uacr", 100, days_before=731)), T0, MAPPING)
     assert isinstance(result, NotEnoughData)
-    assert result.missing == {"uacr": "no result in the 730 days up to 2026-01-01"}
+    assert result.missing == {"uacr": "no uacr result in the 730 days up to 2026-01-01"}
 
 
 def test_facts_after_the_anchor_are_not_used() -> None:
