@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from enum import StrEnum
 
 from ehrbridge._http import EmbeddedServer
+from ehrbridge.adapters import REGISTRY
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.mllp_source import MllpSource
@@ -51,8 +52,10 @@ ALL_ROLES = frozenset(Role)
 
 
 def open_log(config: SiteConfig) -> Log:
+    """The durable log the site config names (``transport.kind``)."""
     if config.transport.kind == "embedded":
-        return SqliteLog(config.data_dir / "log.sqlite")
+        log_class: type[SqliteLog] = REGISTRY["log"]["embedded"]
+        return log_class(config.data_dir / "log.sqlite")
     raise NotImplementedError("the kafka transport is not available yet")
 
 
