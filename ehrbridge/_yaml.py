@@ -90,16 +90,26 @@ def validate_located(model: type[ModelT], located: LocatedYaml, **context: Any) 
         raise config_error_from(exc, located) from exc
 
 
-def config_error_from(exc: ValidationError, located: LocatedYaml) -> ConfigError:
+def located_problems(
+    exc: ValidationError, located: LocatedYaml, prefix: PathKey = ()
+) -> list[tuple[int | None, str, str]]:
+    """(line, dotted field, message) of every error; ``prefix``: where the validated data sits."""
     problems = []
-    first: tuple[int | None, str] | None = None
     for err in exc.errors(include_url=False):
-        loc = _data_path(err["loc"], located.data)
-        line = located.line_of(loc)
-        dotted = _dotted(loc)
+        loc = _data_path((*prefix, *err["loc"]), located.data)
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             message = "unknown field (not allowed here; check its spelling and indentation)"
+        elif err["type"] == "value_error":
+            message = message.removeprefix("Value error, ")  # our validators' own sentences
+        problems.append((located.line_of(loc), _dotted(loc), message))
+    return problems
+
+
+def config_error_from(exc: ValidationError, located: LocatedYaml) -> ConfigError:
+    problems = []
+    first: tuple[int | None, str] | None = None
+    for line, dotted, message in located_problems(exc, located):
         problems.append(f"{located.file}:{line}: {dotted}: {message}")
         if first is None:
             first = (line, dotted)

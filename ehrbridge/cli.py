@@ -4,6 +4,7 @@ ehrbridge sandbox [--no-traffic]          everything on one laptop, one process
 ehrbridge run --config SITE.yaml          run a site (all roles, or --role ...)
 ehrbridge config check SITE.yaml          validate a site file
 ehrbridge dlq list|show|replay            inspect and replay dead letters
+ehrbridge mappings check|test|explain|unmapped   site mappings: lint, tests, explanations
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_config_check)
 
     from ehrbridge.dlq import add_dlq_commands
+    from ehrbridge.mappings.cli import add_mapping_commands
 
     add_dlq_commands(sub)
+    add_mapping_commands(sub)
     return parser
 
 

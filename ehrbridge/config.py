@@ -10,18 +10,34 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import tzinfo
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ehrbridge._yaml import load_located, parse_located, validate_located
 
-FEATURES = ("creatinine", "egfr", "uacr")  # facts the KFRE 4-variable pipeline reads
-CANONICAL_UNITS = {"creatinine": "mg/dL", "egfr": "mL/min/{1.73_m2}", "uacr": "mg/g"}
+# The mapping format lives with the mappings (mappings/schema.py); re-exported here.
+from ehrbridge.mappings.schema import (  # noqa: F401 - re-exports
+    CANONICAL_UNITS,
+    FEATURES,
+    Code,
+    FeatureRule,
+    Mapping,
+    PatientIdRule,
+    UnitRule,
+    ValuePolicy,
+)
+from ehrbridge.mappings.units import normalise_unit  # noqa: F401 - re-export
+
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
@@ -50,6 +66,8 @@ class MllpListen(Strict):
 class HttpListen(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    # FHIR ingest: larger request bodies are answered 413 (a Synthea patient is 0.3-2 MB).
+    max_body_bytes: int = Field(16_777_216, ge=1024)
 
 
 class EmbeddedTransport(Strict):
@@ -63,115 +81,6 @@ class KafkaTransport(Strict):
 
 
 Transport = Annotated[EmbeddedTransport | KafkaTransport, Field(discriminator="kind")]
-
-
-class PatientIdRule(Strict):
-    """Which PID-3 repetition is the patient id (CX datatype).
-
-    The first repetition whose CX.4 assigning authority and CX.5 identifier
-    type both match (where given) wins; with neither given, repetition
-    ``repetition`` (1-based) is used.
-    """
-
-    assigning_authority: str | None = None  # PID-3.4 (CX.4), namespace id component
-    type_code: str | None = None  # PID-3.5 (CX.5), e.g. MR
-    repetition: int = Field(1, ge=1)
-    fhir_system: str = Field(..., min_length=1)  # Identifier.system for Observation.subject
-
-
-class UnitRule(Strict):
-    """How one reported unit converts to the feature's canonical unit.
-
-    Exactly one of ``multiply`` or ``divide``; ``divide: 88.4`` states the
-    published factor instead of a rounded reciprocal.
-    """
-
-    multiply: float | None = Field(None, gt=0)
-    divide: float | None = Field(None, gt=0)
-
-    @model_validator(mode="after")
-    def one_factor(self) -> Self:
-        if (self.multiply is None) == (self.divide is None):
-            raise ValueError("give exactly one of 'multiply' or 'divide'")
-        return self
-
-    def convert(self, value: float) -> float:
-        return value * self.multiply if self.multiply is not None else value / (self.divide or 1)
-
-
-class Code(Strict):
-    system: str = Field(..., min_length=1)  # OBX-3.3 coding system, e.g. LN
-    code: str = Field(..., min_length=1)  # OBX-3.1
-
-
-class FeatureRule(Strict):
-    codes: list[Code] = Field(..., min_length=1)
-    units: dict[str, UnitRule] = Field(..., min_length=1)
-    window_days: float = Field(..., gt=0)
-
-    @field_validator("units")
-    @classmethod
-    def unique_normalised_units(cls, units: dict[str, UnitRule]) -> dict[str, UnitRule]:
-        seen: dict[str, str] = {}
-        for unit in units:
-            norm = normalise_unit(unit)
-            if norm in seen:
-                raise ValueError(f"units {seen[norm]!r} and {unit!r} are the same unit")
-            seen[norm] = unit
-        return units
-
-
-class ValuePolicy(Strict):
-    """How to read OBX-5 and OBX-11.
-
-    comparators: ``bound`` uses ``<5`` as 5 and keeps the comparator on the
-    fact (it shows in derivedFrom); ``reject`` makes such a result unusable.
-    statuses: OBX-11 result statuses whose values are used. F final and
-    C corrected by default; P preliminary is ignored until finalised.
-    """
-
-    comparators: Literal["bound", "reject"] = "bound"
-    statuses: list[str] = Field(default_factory=lambda: ["F", "C"])
-
-
-class Mapping(Strict):
-    """Site-specific translation from local messages to model features."""
-
-    version: str = "1"
-    timezone: str = "UTC"  # for HL7 times that carry no UTC offset
-    patient: PatientIdRule
-    features: dict[Literal["creatinine", "egfr", "uacr"], FeatureRule]
-    values: ValuePolicy = ValuePolicy()
-
-    @field_validator("timezone")
-    @classmethod
-    def known_timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"unknown time zone {value!r}") from exc
-        return value
-
-    @model_validator(mode="after")
-    def complete_and_unambiguous(self) -> Self:
-        if "uacr" not in self.features:
-            raise ValueError("features: 'uacr' is required by KFRE 4-variable")
-        if "egfr" not in self.features and "creatinine" not in self.features:
-            raise ValueError("features: need 'egfr' or 'creatinine' (eGFR is derived from it)")
-        owner: dict[tuple[str, str], str] = {}
-        for name, rule in self.features.items():
-            for code in rule.codes:
-                key = (code.system, code.code)
-                if key in owner:
-                    raise ValueError(
-                        f"code {code.system}|{code.code} is mapped to both {owner[key]} and {name}"
-                    )
-                owner[key] = name
-        return self
-
-    @property
-    def tz(self) -> tzinfo:
-        return ZoneInfo(self.timezone)
 
 
 class ModelEndpoint(Strict):
@@ -195,9 +104,100 @@ class ResultCoding(Strict):
     display: str = "Kidney failure risk (KFRE 4-variable)"
 
 
+def _relative_to_config(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A credential file path written in a site YAML is relative to that file."""
+    located = (info.context or {}).get("located") if isinstance(info.context, dict) else None
+    file = getattr(located, "file", "")
+    if value is None or value.is_absolute() or not file or file.startswith("<"):
+        return value
+    return Path(file).resolve().parent / value
+
+
+class BearerAuth(Strict):
+    """A static bearer token, read from an environment variable or a file (never the YAML)."""
+
+    kind: Literal["bearer"]
+    token_env: str | None = None  # name of the environment variable holding the token
+    token_file: Path | None = None  # or a file holding it (relative to this YAML)
+
+    _resolve = field_validator("token_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def one_source(self) -> Self:
+        if (self.token_env is None) == (self.token_file is None):
+            raise ValueError("give exactly one of 'token_env' or 'token_file'")
+        return self
+
+
+class SmartBackendAuth(Strict):
+    """SMART Backend Services: client credentials with a signed JWT assertion.
+
+    The private key (PEM) comes from ``private_key_file`` or the environment
+    variable named by ``private_key_env``; the YAML holds only names and paths.
+    """
+
+    kind: Literal["smart-backend-services"]
+    client_id: str = Field(..., min_length=1)
+    # Default: discovered from <fhir_base>/.well-known/smart-configuration.
+    token_url: str | None = None
+    scope: str = (
+        "system/Observation.write system/Provenance.write system/Device.write"
+        " system/Observation.read system/Patient.read"
+    )
+    algorithm: Literal["RS384", "ES384"] = "RS384"
+    key_id: str = Field(..., min_length=1)  # JWT header kid: the key in the client's JWKS
+    jwks_url: str | None = None  # JWT header jku, when the EHR registered a JWKS URL
+    private_key_file: Path | None = None
+    private_key_env: str | None = None
+
+    _resolve = field_validator("private_key_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def one_key_source(self) -> Self:
+        if (self.private_key_env is None) == (self.private_key_file is None):
+            raise ValueError("give exactly one of 'private_key_file' or 'private_key_env'")
+        return self
+
+
+FhirAuth = Annotated[BearerAuth | SmartBackendAuth, Field(discriminator="kind")]
+
+
+class Hl7Code(Strict):
+    """A coded element (CWE) as the receiving EHR knows it: OBR-4, OBX-3."""
+
+    code: str = Field(..., min_length=1)
+    text: str = ""
+    system: str = "99EHB"  # HL7 table 0396: 99zzz is a local coding system
+
+
+class Hl7v2Writeback(Strict):
+    """Results as ORU^R01 over MLLP, for EHRs without FHIR write access."""
+
+    host: str = Field(..., min_length=1)
+    port: int = Field(..., ge=1, le=65535)
+    version: str = "2.5.1"  # MSH-12
+    processing_id: str = "P"  # MSH-11: P production, T training, D debugging
+    sending_application: str = "EHRBRIDGE"  # MSH-3
+    sending_facility: str | None = None  # MSH-4, default: the site name
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+    ack_timeout_s: float = Field(10.0, gt=0)  # also the connect timeout
+    # After an ACK timeout the same message (same MSH-10) is sent again this many times.
+    resends: int = Field(2, ge=0)
+    on_error: Literal["retry", "dead-letter"] = "dead-letter"  # MSA-1 AE
+    on_reject: Literal["retry", "dead-letter"] = "retry"  # MSA-1 AR
+    order: Hl7Code = Hl7Code(code="KFRE", text="Kidney failure risk (KFRE 4-variable)")
+    risk_2y: Hl7Code = Hl7Code(code="KFRE2Y", text="Kidney failure risk within 2 years")
+    risk_5y: Hl7Code = Hl7Code(code="KFRE5Y", text="Kidney failure risk within 5 years")
+
+
 class Writeback(Strict):
-    fhir_base: str | None = None  # the EHR's FHIR server base URL; required in live mode
+    fhir_base: str | None = None  # the EHR's FHIR server base URL (FHIR write-back)
     timeout_s: float = Field(5.0, gt=0)
+    auth: FhirAuth | None = None  # how to authenticate to fhir_base
+    provenance: bool = True  # a Provenance (and the Devices it names) with every Observation
+    results_per_request: int = Field(20, ge=1)  # results per FHIR transaction
+    hl7v2: Hl7v2Writeback | None = None  # ORU^R01 write-back over MLLP
     code: ResultCoding = ResultCoding()
     identifier_system: str | None = None  # default: urn:ehrbridge:<site>:prediction
     interpretation: list[InterpretationBand] = Field(
@@ -213,6 +213,29 @@ class Writeback(Strict):
             ),
         ]
     )
+
+
+class Subscriptions(Strict):
+    """FHIR Subscriptions (R4 Backport IG / R5 topic-based) whose notifications we receive."""
+
+    # Where id-only notifications' resources are read; default: writeback.fhir_base.
+    fhir_base: str | None = None
+    auth: FhirAuth | None = None  # default: writeback.auth
+    timeout_s: float = Field(5.0, gt=0)
+    # The environment variable holding the bearer token the EHR must send with every
+    # notification (what Subscription.channel.header carries). None: no check here.
+    token_env: str | None = None
+
+
+class CdsHooks(Strict):
+    """The CDS Hooks service (patient-view) serving the precomputed latest risk."""
+
+    enabled: bool = True
+    # Card link: a URL template with {identifier} and {patient}; default: this API's
+    # /api/results/{identifier}.
+    details_url: str | None = None
+    # In shadow mode clinicians see nothing unless this is true (e.g. a pilot ward).
+    cards_in_shadow_mode: bool = False
 
 
 class RetryPolicy(Strict):
@@ -233,6 +256,8 @@ class SiteConfig(Strict):
     mapping: Mapping
     model: ModelEndpoint
     writeback: Writeback = Writeback()
+    subscriptions: Subscriptions = Subscriptions()
+    cds_hooks: CdsHooks = CdsHooks()
     retry: RetryPolicy = RetryPolicy()
     strict_hl7: bool = False  # validate message structure with hl7apy (slow; for debugging)
 
@@ -245,22 +270,16 @@ class SiteConfig(Strict):
 
     @model_validator(mode="after")
     def live_needs_a_target(self) -> Self:
-        if self.mode is Mode.LIVE and not self.writeback.fhir_base:
-            raise ValueError("mode is 'live' but writeback.fhir_base is not set")
+        wb = self.writeback
+        if self.mode is Mode.LIVE and not wb.fhir_base and wb.hl7v2 is None:
+            raise ValueError(
+                "mode is 'live' but writeback.fhir_base is not set (nor writeback.hl7v2)"
+            )
         return self
 
     @property
     def prediction_identifier_system(self) -> str:
         return self.writeback.identifier_system or f"urn:ehrbridge:{self.site}:prediction"
-
-
-def normalise_unit(unit: str) -> str:
-    """Compare units the way labs write them: µ/μ as u, case-insensitive, trimmed.
-
-    UCUM is case-sensitive in principle, but senders write ``umol/l`` and
-    ``mg/dl``; no unit we map differs from another only by case.
-    """
-    return unit.strip().replace("µ", "u").replace("μ", "u").casefold()
 
 
 def load_site_config(path: Path | str, **overrides: object) -> SiteConfig:

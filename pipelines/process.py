@@ -8,9 +8,11 @@ For a batch of raw messages it
 1. parses each with the lean ER7 reader and extracts facts (a message that
    cannot be used becomes a permanent :class:`Failure`, carried as data);
 2. merges them into each patient's state, loading every patient once;
-3. assembles one feature record per patient per message that brought
-   mapped lab facts -- a panel of six OBX gives one prediction, not six --
-   anchored at the newest of those facts;
+3. assembles one feature record per patient per message that brought a
+   usable result of a trigger feature (``pipelines/features.py``: a panel of
+   six OBX gives one prediction, not six, and the messages of one episode --
+   a visit or a day -- share one prediction identity, the last in a batch
+   replacing the earlier ones);
 4. asks the model for the whole batch in one request;
 5. emits one ``prediction`` envelope per record.
 
@@ -31,7 +33,9 @@ from ehrbridge.pipelines.contracts import Envelope, Failure, Kind, Outcome
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable, PermanentError
 from ehrbridge.pipelines.facts import Extraction, FactRules, extract
-from ehrbridge.pipelines.features import FeatureRecord, assemble
+from ehrbridge.pipelines.features import FeatureRecord, evaluate
+from ehrbridge.pipelines.fhir_facts import extract_fhir
+from ehrbridge.pipelines.history import by_episode
 from ehrbridge.pipelines.records import ModelInfo, Prediction, prediction_identifier
 from ehrbridge.pipelines.state import PatientState, StateStore
 
@@ -68,6 +72,9 @@ class ProcessStage:
         return outcomes
 
     def extract(self, envelope: Envelope) -> Extraction:
+        if envelope.kind is Kind.FHIR:
+            # A Bundle may hold a patient's whole history: one prediction per episode.
+            return by_episode(extract_fhir(envelope.payload, self.rules), self.config.mapping)
         if envelope.kind is not Kind.HL7V2:
             raise MessageUnusable(
                 f"cannot process {envelope.kind} records", reason="kind.unsupported"
@@ -76,27 +83,29 @@ class ProcessStage:
 
     def _merge_and_assemble(self, extracted: list[tuple[Envelope, Extraction]]) -> list[_Pending]:
         states: dict[str, PatientState] = {}
-        pending: list[_Pending] = []
+        # Debounce within the batch: one prediction per patient and episode, the last one
+        # wins (it saw the most results). Across batches the shared identifier does it.
+        pending: dict[tuple[str, str], _Pending] = {}
         for envelope, extraction in extracted:
             for patient in extraction.patients:
                 state = states.get(patient.patient_id)
                 if state is None:
                     state = self.state.get(patient.patient_id) or PatientState(patient.patient_id)
                     states[patient.patient_id] = state
-                state.merge(patient)
-                if not patient.facts:
-                    continue  # demographics only (ADT), or nothing mapped: no trigger
-                anchor = max(f.effective for f in patient.facts)
-                result = assemble(state, anchor, self.config.mapping)
-                state.last_outcome = result.to_json()
+                result = evaluate(state, patient, self.config.mapping)
+                if result is None:
+                    continue  # no trigger: demographics only (ADT), nothing mapped or usable
+                key = (patient.patient_id, result.episode)
                 if isinstance(result, FeatureRecord):
-                    pending.append(_Pending(envelope, patient.patient_id, result))
+                    pending.pop(key, None)  # re-insert: outputs keep processing order
+                    pending[key] = _Pending(envelope, patient.patient_id, result)
                 else:
+                    pending.pop(key, None)
                     self.not_enough_data += 1
                     log.debug("%s: not enough data: %s", envelope.describe(), result.reason)
         if states:
             self.state.put_many(states.values())
-        return pending
+        return list(pending.values())
 
     def _predict(self, pending: list[_Pending]) -> list[Outcome]:
         if not pending:

@@ -6,10 +6,11 @@ clinician or auditor may ask later: the features, the exact input facts, the
 model name/version/calibration and the risks.
 
 Its ``identifier`` is deterministic in (site, model, model version,
-calibration, patient, input fact refs). Re-processing the same messages --
-after a crash, a replay, or a mapping fix that changes a unit factor --
-yields the same identifier, and write-back updates the Observation with that
-identifier instead of adding a second one.
+calibration, patient, episode) -- the episode being the mapping's debounce
+group, a visit or a day (``pipelines/features.py``). Re-processing the same
+messages -- after a crash, a replay, or a mapping fix that changes a unit
+factor -- yields the same identifier, and write-back updates the Observation
+with that identifier instead of adding a second one.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Prediction:
             uacr_mg_g=f["uacr_mg_g"],
             egfr_method=f["egfr_method"],
             inputs=tuple(Fact.from_json(i) for i in f["inputs"]),
+            episode=f.get("episode", ""),
         )
         return cls(
             site=data["site"],
@@ -99,15 +101,14 @@ class Prediction:
 def prediction_identifier(
     site: str, model: ModelInfo, patient_id: str, features: FeatureRecord
 ) -> str:
-    """A stable id for "this model's answer for these input facts"."""
+    """A stable id for "this model's answer for this episode" (else "for these input facts").
+
+    With an episode (the mapping's debounce: one visit or day), every message
+    of the episode gives the same identifier, so the Observation is updated as
+    the rest of the visit's results arrive instead of being duplicated.
+    """
+    inputs: object = features.episode or sorted(f.ref for f in features.inputs)
     material = orjson.dumps(
-        [
-            site,
-            model.name,
-            model.version,
-            model.calibration,
-            patient_id,
-            sorted(f.ref for f in features.inputs),
-        ]
+        [site, model.name, model.version, model.calibration, patient_id, inputs]
     )
     return hashlib.sha256(material).hexdigest()[:32]

@@ -1,0 +1,66 @@
+"""Sample messages on disk: HL7v2 files (one or many messages) and FHIR JSON.
+
+``mappings test``, ``explain`` and ``unmapped`` read what an engineer has at
+hand: a ``.hl7`` file exported from an interface engine (CR or LF line ends,
+several messages, maybe a FHS/BHS batch envelope, maybe MLLP bytes), or a
+FHIR ``.json`` resource or Bundle.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+from ehrbridge.pipelines.contracts import Kind
+from ehrbridge.pipelines.er7 import Message
+from ehrbridge.pipelines.facts import Extraction, FactRules, Trace, extract
+from ehrbridge.pipelines.fhir_facts import extract_fhir
+
+_BATCH_LINE = re.compile(rb"^(?:FHS|BHS|BTS|FTS)\b[^\r\n]*[\r\n]*", re.MULTILINE)
+_MESSAGE_START = re.compile(rb"(?:^|(?<=[\r\n]))MSH")
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One message to feed the pipeline, and where it came from."""
+
+    kind: Kind
+    payload: bytes
+    name: str  # "oru-panel.hl7", "oru-panel.hl7 #2"
+
+
+def kind_of(payload: bytes) -> Kind:
+    return Kind.FHIR if payload.lstrip()[:1] in (b"{", b"[") else Kind.HL7V2
+
+
+def split_hl7(raw: bytes) -> list[bytes]:
+    """The messages of an HL7v2 file: batch envelope lines and MLLP bytes removed."""
+    text = raw.replace(b"\x0b", b"").replace(b"\x1c", b"")
+    text = _BATCH_LINE.sub(b"", text)
+    starts = [m.start() for m in _MESSAGE_START.finditer(text)]
+    if not starts:
+        return [text] if text.strip() else []
+    bounds = [*starts, len(text)]
+    return [text[a:b] for a, b in pairwise(bounds) if text[a:b].strip()]
+
+
+def inputs_from_bytes(raw: bytes, name: str) -> list[Input]:
+    if kind_of(raw) is Kind.FHIR:
+        return [Input(Kind.FHIR, raw, name)]
+    messages = split_hl7(raw)
+    if len(messages) == 1:
+        return [Input(Kind.HL7V2, messages[0], name)]
+    return [Input(Kind.HL7V2, m, f"{name} #{i}") for i, m in enumerate(messages, start=1)]
+
+
+def read_inputs(path: Path) -> list[Input]:
+    return inputs_from_bytes(path.read_bytes(), path.name)
+
+
+def extract_input(item: Input, rules: FactRules, trace: Trace | None = None) -> Extraction:
+    """The same extraction the pipeline runs (raises what ingest would answer AE/AR for)."""
+    if item.kind is Kind.FHIR:
+        return extract_fhir(item.payload, rules, trace)
+    return extract(Message.parse(item.payload), rules, trace)

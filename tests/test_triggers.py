@@ -1,0 +1,136 @@
+"""Triggers and debounce in the processing stage, with the real model server.
+
+The us-lab-loinc site debounces by visit number (PV1-19): chemistry and urine
+of visit V2002 arrive as two ORU messages. Whatever the batching and order,
+the EHR ends with one prediction per visit, and a replay changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ehrbridge._http import ThreadedServer
+from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.config import SiteConfig, parse_site_config
+from ehrbridge.mappings.loader import SITES_DIR
+from ehrbridge.pipelines.contracts import Envelope, Kind
+from ehrbridge.pipelines.process import ProcessStage
+from ehrbridge.pipelines.records import Prediction
+from ehrbridge.pipelines.state import SqliteStateStore
+from ehrbridge.sandbox.model_server import create_model_app
+
+SITE = SITES_DIR / "us-lab-loinc"
+VISIT_1 = (SITE / "oru-visit-2001.hl7").read_bytes()
+CHEMISTRY = (SITE / "oru-visit-2002-chemistry.hl7").read_bytes()
+URINE = (SITE / "oru-visit-2002-urine.hl7").read_bytes()
+PANEL = (SITE / "oru-bmp-uacr.hl7").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[ThreadedServer]:
+    with ThreadedServer(create_model_app()) as server:
+        yield server
+
+
+class Pipeline:
+    """The processing stage of a us-lab-loinc site with its own state."""
+
+    def __init__(self, model_url: str, data_dir: Path) -> None:
+        config: SiteConfig = parse_site_config(
+            f"site: us\ndata_dir: {data_dir}\nmapping: {{file: {SITE / 'mapping.yaml'}}}\n"
+            f"model: {{url: {model_url}}}\n"
+        )
+        self.state = SqliteStateStore(data_dir / "state.sqlite")
+        self.model = InferenceClient(config.model)
+        self.stage = ProcessStage(config, self.state, self.model)
+
+    def run(self, *messages: bytes) -> list[Prediction]:
+        batch = [Envelope("us", f"m{i}", m, Kind.HL7V2, f"m{i}") for i, m in enumerate(messages)]
+        outcomes = self.stage.process(batch)
+        assert all(isinstance(o, Envelope) for o in outcomes), outcomes
+        return [Prediction.from_json(o.payload) for o in outcomes if isinstance(o, Envelope)]
+
+    def close(self) -> None:
+        self.model.close()
+        self.state.close()
+
+
+@pytest.fixture
+def pipeline(model_server: ThreadedServer, tmp_path: Path) -> Iterator[Pipeline]:
+    running = Pipeline(model_server.base_url, tmp_path)
+    yield running
+    running.close()
+
+
+def test_a_panel_of_many_obx_gives_one_prediction(pipeline: Pipeline) -> None:
+    [prediction] = pipeline.run(PANEL)  # 9 OBX, 3 of them mapped
+    assert prediction.features.egfr == 33 and prediction.features.uacr_mg_g == 320
+
+
+def test_one_batch_gives_one_prediction_per_visit(pipeline: Pipeline) -> None:
+    predictions = pipeline.run(VISIT_1, CHEMISTRY, URINE)
+    assert [p.features.episode for p in predictions] == ["visit V2001", "visit V2002"]
+    last = predictions[-1].features
+    assert (last.egfr, last.uacr_mg_g) == (28, 410)  # the urine message's, not the chemistry's
+
+
+def test_separate_batches_update_one_identity_per_visit(
+    pipeline: Pipeline, model_server: ThreadedServer, tmp_path: Path
+) -> None:
+    first = pipeline.run(VISIT_1)
+    chemistry = pipeline.run(CHEMISTRY)
+    urine = pipeline.run(URINE)
+    assert chemistry[0].features.uacr_mg_g == 380  # November's, the last in its window
+    assert urine[0].features.uacr_mg_g == 410
+    assert chemistry[0].identifier == urine[0].identifier  # one Observation, updated
+    assert first[0].identifier != urine[0].identifier  # another visit, another Observation
+    # The same as one batch would give: batching does not change the outcome.
+    other = Pipeline(model_server.base_url, tmp_path / "other")
+    try:
+        batched = other.run(VISIT_1, CHEMISTRY, URINE)
+    finally:
+        other.close()
+    assert [p.identifier for p in batched] == [first[0].identifier, urine[0].identifier]
+    assert batched[-1].features == urine[0].features
+
+
+def test_the_result_does_not_depend_on_the_order_the_visit_arrives_in(
+    pipeline: Pipeline, model_server: ThreadedServer, tmp_path: Path
+) -> None:
+    pipeline.run(VISIT_1)
+    pipeline.run(CHEMISTRY)
+    in_order = pipeline.run(URINE)[0]
+    other = Pipeline(model_server.base_url, tmp_path / "reversed")
+    try:
+        other.run(VISIT_1)
+        other.run(URINE)
+        reversed_ = other.run(CHEMISTRY)[0]
+    finally:
+        other.close()
+    assert reversed_.identifier == in_order.identifier
+    assert reversed_.features == in_order.features  # anchored at the visit's newest result
+
+
+def test_replaying_a_batch_gives_the_same_predictions(pipeline: Pipeline) -> None:
+    once = pipeline.run(VISIT_1, CHEMISTRY, URINE)
+    again = pipeline.run(VISIT_1, CHEMISTRY, URINE)  # after a crash before the commit
+    assert [(p.identifier, p.features, p.risk_2y) for p in again] == [
+        (p.identifier, p.features, p.risk_2y) for p in once
+    ]
+
+
+def test_an_adt_or_unmapped_results_trigger_nothing(pipeline: Pipeline) -> None:
+    adt = (
+        b"MSH|^~\\&|ADT|H|X|Y|20251103070000-0500||ADT^A08|A1|P|2.5.1\r"
+        b"PID|1||MRN00123^^^MERCYHOSP^MR||Doe^John||19570602|M"
+    )
+    sodium = (
+        b"MSH|^~\\&|LIS|H|X|Y|20251103070000-0500||ORU^R01|A2|P|2.5.1\r"
+        b"PID|1||MRN00123^^^MERCYHOSP^MR||Doe^John||19570602|M\r"
+        b"OBR|1|||P|||20251103070000-0500\r"
+        b"OBX|1|NM|2951-2^Sodium^LN||140|mmol/L|||||F"
+    )
+    assert pipeline.run(adt, sodium) == []
