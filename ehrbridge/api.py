@@ -9,7 +9,12 @@ What a site operator or integration engineer looks at:
 * ``GET /api/patients/{id}``: what ehrbridge knows of one patient: the
   latest feature record or the reason there is none ("not enough data");
 * ``GET /api/dlq``: dead-lettered records: reason, stage, time, size (the raw
-  bytes are PHI and are shown only by ``ehrbridge dlq show`` on the host).
+  bytes are PHI and are shown only by ``ehrbridge dlq show`` on the host);
+* ``GET /api/fhir``: FHIR ingest counters, and each FHIR Subscription's
+  status, last event number and gaps (missed notifications);
+* ``/fhir/...``: FHIR R4 ingest and Subscription notifications
+  (``ehrbridge/fhir_api.py``);
+* ``/cds-services``: the CDS Hooks service (``ehrbridge/cds_hooks.py``).
 
 It binds to localhost by default and carries PHI in responses; put it behind
 the hospital's authenticating proxy before binding it anywhere else. Access
@@ -24,6 +29,8 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import ORJSONResponse
 
 from ehrbridge import __version__
+from ehrbridge.cds_hooks import CdsService, add_cds_routes
+from ehrbridge.fhir_api import add_fhir_routes
 
 if TYPE_CHECKING:
     from ehrbridge.runtime import SiteRuntime
@@ -83,6 +90,18 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             "latest_result": latest.summary() if latest else None,
         }
 
+    @app.get("/api/fhir")
+    def fhir_status() -> dict[str, Any]:
+        """FHIR ingest counters and every Subscription's state and event-number gaps."""
+        endpoint = runtime.fhir
+        if endpoint is None:
+            raise HTTPException(404, "this process does not run the ingest role")
+        return {
+            "site": config.site,
+            "ingest": endpoint.stats.snapshot(),
+            "subscriptions": endpoint.ledger.subscriptions(),
+        }
+
     @app.get("/api/dlq")
     def dlq(limit: int = Query(100, ge=1, le=1000), after: int = -1) -> dict[str, Any]:
         records = runtime.log.read(runtime.topic("dlq"), after=after, limit=limit)
@@ -101,4 +120,8 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             ]
         }
 
+    if runtime.fhir is not None:
+        add_fhir_routes(app, runtime.fhir)
+    if config.cds_hooks.enabled:
+        add_cds_routes(app, CdsService(config, runtime.results, runtime.patient_links))
     return app

@@ -21,23 +21,33 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from ehrbridge._http import EmbeddedServer
 from ehrbridge.adapters import REGISTRY
+from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.adapters.mllp_sink import MllpSink
 from ehrbridge.adapters.mllp_source import MllpSource
+from ehrbridge.adapters.smart_auth import token_source
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.config import Mode, SiteConfig
+from ehrbridge.pipelines.contracts import Sink
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
+from ehrbridge.pipelines.patient_links import PatientLinks
 from ehrbridge.pipelines.process import ProcessStage
 from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.retry import DelayedRetryForwarder, FailureRouter, RetryingStage
 from ehrbridge.pipelines.state import SqliteStateStore
+from ehrbridge.pipelines.subscriptions import SubscriptionLedger
 from ehrbridge.pipelines.transport import Log, topic_name
 from ehrbridge.pipelines.worker import StageWorker
-from ehrbridge.pipelines.writeback import WritebackStage
+from ehrbridge.pipelines.writeback import FHIR_TARGET, HL7V2_TARGET, WritebackStage
+
+if TYPE_CHECKING:
+    from ehrbridge.fhir_api import FhirEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,7 @@ class SiteRuntime:
         self.log = open_log(config)
         self.state = SqliteStateStore(config.data_dir / "state.sqlite")
         self.results = ResultStore(config.data_dir / "results.sqlite")
+        self.patient_links = PatientLinks(config.data_dir / "patient_links.sqlite")
         self.router = FailureRouter(config.site, config.retry)
         self.stop_event = threading.Event()
         self.workers: list[StageWorker] = []
@@ -76,6 +87,8 @@ class SiteRuntime:
         self.http: EmbeddedServer | None = None
         self.committer: GroupCommitter | None = None
         self.process_stage: ProcessStage | None = None
+        self.fhir: FhirEndpoint | None = None  # the FHIR ingest endpoint (ingest role)
+        self.writeback_targets: dict[str, Sink] = {}
 
     def topic(self, name: str) -> str:
         return topic_name(self.config.site, name)
@@ -100,10 +113,28 @@ class SiteRuntime:
 
         self.committer = GroupCommitter(self.log)
         ingest = Ingest(self.config, self.committer)
+        self.fhir = self._fhir_endpoint(ingest)
         self.mllp = MllpSource(self.config.mllp, self.config.site)
         await self.mllp.start(ingest.deliver)
         self.http = EmbeddedServer(create_api(self), self.config.http.host, self.config.http.port)
         await self.http.start()
+
+    def _fhir_endpoint(self, ingest: Ingest) -> FhirEndpoint:
+        """FHIR REST and Subscription ingest; id-only notifications read from the EHR."""
+        from ehrbridge.fhir_api import FhirEndpoint
+
+        subs, wb = self.config.subscriptions, self.config.writeback
+        ledger = SubscriptionLedger(self.config.data_dir / "subscriptions.sqlite")
+        self._closers.append(ledger.close)
+        reader = None
+        base = subs.fhir_base or wb.fhir_base
+        if base:
+            auth = token_source(subs.auth or wb.auth, base, timeout_s=subs.timeout_s)
+            reader = FhirReader(base, timeout_s=subs.timeout_s, auth=auth, stop=self.stop_event)
+            self._closers.append(reader.close)
+            if auth is not None:
+                self._closers.append(auth.close)
+        return FhirEndpoint(self.config, ingest, self.patient_links, ledger, reader)
 
     def _start_processing(self) -> None:
         model = InferenceClient(self.config.model)
@@ -113,17 +144,31 @@ class SiteRuntime:
         self._worker("process", [self.topic("raw")], stage, self.topic("predictions"))
 
     def _start_writeback(self) -> None:
-        ehr = None
         if self.config.mode is Mode.LIVE:
-            assert self.config.writeback.fhir_base is not None
-            ehr = FhirSink(
-                self.config.writeback.fhir_base, timeout_s=self.config.writeback.timeout_s
-            )
-            self._closers.append(ehr.close)
-        stage = WritebackStage(self.config, self.results, ehr)
+            self.writeback_targets = self._writeback_targets()
+        stage = WritebackStage(self.config, self.results, self.writeback_targets)
         self._worker("writeback", [self.topic("predictions")], stage, None)
         forwarder = DelayedRetryForwarder(self.log, self.router, self.stop_event)
         self._thread("retry-forwarder", forwarder.run)
+
+    def _writeback_targets(self) -> dict[str, Sink]:
+        """FHIR transactions and/or HL7v2 ORU over MLLP, as the site config names them."""
+        wb = self.config.writeback
+        targets: dict[str, Sink] = {}
+        if wb.fhir_base:
+            auth = token_source(wb.auth, wb.fhir_base, timeout_s=wb.timeout_s)
+            if auth is not None:
+                self._closers.append(auth.close)
+            targets[FHIR_TARGET] = FhirSink(
+                wb.fhir_base,
+                timeout_s=wb.timeout_s,
+                auth=auth,
+                results_per_request=wb.results_per_request,
+            )
+        if wb.hl7v2 is not None:
+            targets[HL7V2_TARGET] = MllpSink(wb.hl7v2)
+        self._closers.extend(sink.close for sink in targets.values())
+        return targets
 
     def _worker(
         self,
@@ -173,6 +218,7 @@ class SiteRuntime:
         self.log.close()
         self.state.close()
         self.results.close()
+        self.patient_links.close()
         log.info("site %s stopped", self.config.site)
 
     def _join(self) -> None:

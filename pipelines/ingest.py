@@ -1,9 +1,12 @@
 """Ingest: validate an inbound message and store it durably, or dead-letter it.
 
-This is the ``deliver`` function the MLLP source (and the FHIR endpoint)
-call. Validation is cheap -- the lean reader and fact extraction take tens
-of microseconds -- and it is what lets the sender hear *now* that a message
-is unusable (AE) or unparseable (AR) rather than find out never.
+This is the ``deliver`` function the MLLP source calls. Validation is cheap
+-- the lean reader and fact extraction take tens of microseconds -- and it is
+what lets the sender hear *now* that a message is unusable (AE) or
+unparseable (AR) rather than find out never. FHIR records get the checks of
+``pipelines/fhir_ingest.py``; the FHIR endpoint (``ehrbridge/fhir_api.py``)
+runs them itself, because its response needs their details, and then calls
+:meth:`Ingest.store` or :meth:`Ingest.dead_letter`.
 
 * usable: appended to ``<site>.raw``, keyed by patient id; returns → AA.
 * unusable/unparseable: appended to ``<site>.dlq`` with its raw bytes and
@@ -23,8 +26,9 @@ from dataclasses import replace
 from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.contracts import Envelope, Failure, Kind
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import MessageRejected, PermanentError
+from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable, PermanentError
 from ehrbridge.pipelines.facts import FactRules, extract
+from ehrbridge.pipelines.fhir_ingest import Checker
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.transport import dead_letter_record, to_record, topic_name
 
@@ -39,6 +43,7 @@ class Ingest:
     def __init__(self, config: SiteConfig, committer: GroupCommitter) -> None:
         self.config = config
         self.rules = FactRules(config.mapping)
+        self.fhir = Checker(self.rules)
         self.committer = committer
         self.raw_topic = topic_name(config.site, "raw")
         self.dlq_topic = topic_name(config.site, "dlq")
@@ -47,13 +52,21 @@ class Ingest:
         try:
             key = self.validate(envelope)
         except PermanentError as error:
-            await self.committer.append(
-                dead_letter_record(Failure(envelope, error, self.stage), self.dlq_topic)
-            )
-            log.warning("%s dead-lettered at ingest: %s", envelope.describe(), error.reason)
+            await self.dead_letter(envelope, error)
             raise
+        await self.store(envelope, key)
+
+    async def store(self, envelope: Envelope, key: str) -> None:
+        """Append a checked record to ``<site>.raw``; return once it is durable."""
         await self.committer.append(to_record(replace(envelope, key=key), self.raw_topic))
         log.debug("%s stored", envelope.describe())
+
+    async def dead_letter(self, envelope: Envelope, error: PermanentError) -> None:
+        """Keep a refused record and the reason; return once that is durable."""
+        await self.committer.append(
+            dead_letter_record(Failure(envelope, error, self.stage), self.dlq_topic)
+        )
+        log.warning("%s dead-lettered at ingest: %s", envelope.describe(), error.reason)
 
     def validate(self, envelope: Envelope) -> str:
         """Check the message can be used; return its partition key (patient id)."""
@@ -61,9 +74,18 @@ class Ingest:
         if framing_error:
             detail = envelope.headers.get(INGEST_DETAIL_HEADER, framing_error)
             raise MessageRejected(detail, reason=framing_error, hl7_error_code=207)
+        if envelope.kind is Kind.FHIR:
+            # The same checks as the FHIR endpoint's (pipelines/fhir_ingest.py).
+            checked = self.fhir.check_payload(envelope.payload)
+            if not checked.stored:
+                raise MessageUnusable(
+                    "nothing in it is read by this site (Patient, Observation)",
+                    reason="fhir.nothing_to_read",
+                )
+            return checked.key
         if envelope.kind is not Kind.HL7V2:
             raise MessageRejected(
-                f"ingest does not take {envelope.kind} yet", reason="kind.unsupported"
+                f"ingest does not take {envelope.kind} records", reason="kind.unsupported"
             )
         message = Message.parse(envelope.payload)
         return extract(message, self.rules).key

@@ -16,7 +16,9 @@ Shape (one Observation per prediction):
 * ``interpretation``: the first configured threshold band the risks reach,
   else N (normal);
 * ``derivedFrom``: the input lab results, by identifier;
-* ``method`` and ``device``: model name, version and calibration.
+* ``method`` and ``device``: model name, version and calibration (in the
+  write-back transaction ``device`` also references the model's Device, and
+  a Provenance names the inputs and the mapping: ``pipelines/provenance.py``).
 """
 
 from __future__ import annotations

@@ -1,42 +1,81 @@
-"""The write-back stage: prediction → Observation → local store (+ EHR when live).
+"""The write-back stage: prediction → Observation → local store (+ the EHR when live).
 
-Every prediction is kept in the local result store. In **shadow** mode that
-is all: nothing is written to the EHR until the site is promoted. In
-**live** mode the Observation is also written to the EHR's FHIR server by
-conditional update on its deterministic identifier, so at-least-once
-delivery becomes effectively-once in the EHR.
+Every prediction is kept in the local result store -- what ``GET /api/results``
+and the CDS Hooks service read. In **shadow** mode that is all: nothing is
+written to the EHR until the site is promoted. In **live** mode each result
+also goes to every configured target:
+
+* ``fhir`` (``writeback.fhir_base``): one transaction per result -- the risk
+  Observation by conditional update on its deterministic identifier, its
+  Provenance and the Devices that produced it (``pipelines/provenance.py``),
+  several results per request (``adapters/fhir_sink.py``);
+* ``hl7v2`` (``writeback.hl7v2``): an ORU^R01 over MLLP, ACK checked
+  (``pipelines/oru.py``, ``adapters/mllp_sink.py``).
+
+Both are idempotent (conditional update; the same MSH-10 for the same
+content), so at-least-once delivery is effectively-once in the EHR; a replay
+of a result the store already has as delivered, unchanged, sends nothing. A target
+that has taken a result is noted on the record (``writeback.delivered``), so
+a retry -- in place, from a delayed tier, or a dead-letter replay -- goes
+only to the targets that still lack it. A result is ``delivered`` in the
+store once every target has it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
-from ehrbridge.adapters.fhir_sink import CONDITIONAL_HEADER, RESOURCE_TYPE_HEADER
+from ehrbridge.adapters.mllp_sink import CONTROL_ID_HEADER
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.pipelines.contracts import BatchError, Envelope, Failure, Kind, Outcome, Sink
-from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable
+from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable, PermanentError
 from ehrbridge.pipelines.observation import build_observation
+from ehrbridge.pipelines.oru import build_oru
+from ehrbridge.pipelines.provenance import result_transaction
 from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.results import Delivery, ResultStore
+
+DELIVERED_HEADER = "writeback.delivered"  # comma-separated targets that have the result
+FHIR_TARGET = "fhir"
+HL7V2_TARGET = "hl7v2"
+
+
+@dataclass
+class _Item:
+    envelope: Envelope
+    prediction: Prediction
+    observation: dict[str, Any]
+    corrected: bool  # sent before with other values (ORU status C)
+    delivered: set[str] = field(default_factory=set)
+    errors: list[EhrbridgeError] = field(default_factory=list)
 
 
 class WritebackStage:
     name = "writeback"
 
-    def __init__(self, config: SiteConfig, results: ResultStore, ehr: Sink | None) -> None:
-        if config.mode is Mode.LIVE and ehr is None:
-            raise ValueError("live mode needs an EHR sink")
+    def __init__(
+        self,
+        config: SiteConfig,
+        results: ResultStore,
+        targets: Mapping[str, Sink] | None = None,
+    ) -> None:
+        targets = dict(targets or {})
+        if config.mode is Mode.LIVE and not targets:
+            raise ValueError("live mode needs at least one write-back target")
+        unknown = set(targets) - {FHIR_TARGET, HL7V2_TARGET}
+        if unknown:
+            raise ValueError(f"unknown write-back targets: {sorted(unknown)}")
         self.config = config
         self.results = results
-        self.ehr = ehr if config.mode is Mode.LIVE else None
+        self.targets = targets if config.mode is Mode.LIVE else {}
 
     def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         failures: list[Outcome] = []
-        built: list[tuple[Envelope, Prediction, dict[str, Any]]] = []
+        items: list[_Item] = []
         for envelope in batch:
             try:
                 prediction = Prediction.from_json(envelope.payload)
@@ -46,36 +85,65 @@ class WritebackStage:
                 )
                 failures.append(Failure(envelope, error, self.name))
                 continue
-            built.append((envelope, prediction, build_observation(prediction, self.config)))
-        status = Delivery.PENDING if self.ehr else Delivery.SHADOW
+            items.append(self._item(envelope, prediction))
+        status = Delivery.PENDING if self.targets else Delivery.SHADOW
         try:
-            self.results.upsert([(p, o) for _, p, o in built], status)
+            self.results.upsert([(i.prediction, i.observation) for i in items], status)
         except EhrbridgeError as error:
-            return failures + [Failure(e, error, self.name) for e, _, _ in built]
-        if self.ehr is not None and built:
-            failures.extend(self._deliver(built))
+            return failures + [Failure(i.envelope, error, self.name) for i in items]
+        if self.targets and items:
+            failures.extend(self._deliver(items))
         return failures
 
-    def _deliver(self, built: list[tuple[Envelope, Prediction, dict[str, Any]]]) -> list[Outcome]:
-        assert self.ehr is not None
-        system = self.config.prediction_identifier_system
-        requests = [
-            replace(
-                envelope.derive(orjson.dumps(observation), Kind.FHIR),
-                headers={
-                    RESOURCE_TYPE_HEADER: "Observation",
-                    CONDITIONAL_HEADER: f"identifier={system}|{prediction.identifier}",
-                },
-            )
-            for envelope, prediction, observation in built
-        ]
+    def _item(self, envelope: Envelope, prediction: Prediction) -> _Item:
+        observation = build_observation(prediction, self.config)
+        done = set(filter(None, envelope.headers.get(DELIVERED_HEADER, "").split(",")))
+        previous = self.results.get(prediction.identifier) if self.targets else None
+        if previous is None:
+            return _Item(envelope, prediction, observation, False, done)
+        if previous.status == Delivery.DELIVERED and previous.observation == observation:
+            # A replay of a result every target already has: nothing to send again.
+            return _Item(envelope, prediction, observation, False, set(self.targets))
+        risks = (prediction.risk_2y, prediction.risk_5y)
+        corrected = (previous.risk_2y, previous.risk_5y) != risks
+        return _Item(envelope, prediction, observation, corrected, done)
+
+    def _deliver(self, items: list[_Item]) -> list[Outcome]:
+        for name, sink in self.targets.items():
+            pending = [i for i in items if name not in i.delivered]
+            if pending:
+                self._write(name, sink, pending)
+        complete = [i for i in items if i.delivered >= set(self.targets)]
+        self.results.mark_delivered([i.prediction.identifier for i in complete])
+        return [self._failure(i) for i in items if i.errors]
+
+    def _write(self, name: str, sink: Sink, pending: list[_Item]) -> None:
+        requests = [self._request(name, item) for item in pending]
         errors: dict[int, EhrbridgeError] = {}
         try:
-            self.ehr.write(requests)
+            sink.write(requests)
         except BatchError as batch_error:
             errors = batch_error.errors
         except EhrbridgeError as error:
-            errors = dict.fromkeys(range(len(built)), error)
-        delivered = [p.identifier for i, (_, p, _) in enumerate(built) if i not in errors]
-        self.results.mark_delivered(delivered)
-        return [Failure(built[i][0], error, self.name) for i, error in errors.items()]
+            errors = dict.fromkeys(range(len(pending)), error)
+        for index, item in enumerate(pending):
+            if index in errors:
+                item.errors.append(errors[index])
+            else:
+                item.delivered.add(name)
+
+    def _request(self, name: str, item: _Item) -> Envelope:
+        if name == FHIR_TARGET:
+            bundle = result_transaction(item.prediction, self.config, item.observation)
+            return item.envelope.derive(orjson.dumps(bundle), Kind.FHIR)
+        message, control_id = build_oru(item.prediction, self.config, corrected=item.corrected)
+        derived = item.envelope.derive(message, Kind.HL7V2)
+        return replace(derived, headers={**derived.headers, CONTROL_ID_HEADER: control_id})
+
+    def _failure(self, item: _Item) -> Failure:
+        # A permanent error wins: it needs a person, and a dead-letter replay retries the
+        # other targets too. The record keeps which targets already have the result.
+        permanent = [e for e in item.errors if isinstance(e, PermanentError)]
+        error = permanent[0] if permanent else item.errors[0]
+        headers = {**item.envelope.headers, DELIVERED_HEADER: ",".join(sorted(item.delivered))}
+        return Failure(replace(item.envelope, headers=headers), error, self.name)

@@ -7,7 +7,13 @@ Starts, in one event loop (plus the pipeline's worker threads):
 * the sandbox site (``sandbox/site.yaml``, live mode, embedded transport):
   MLLP on 2575 and the ehrbridge HTTP API on 8080;
 * a synthetic EHR sending ADT and renal ORU^R01 messages for a few hundred
-  synthetic CKD patients over MLLP (``--no-traffic`` turns it off).
+  synthetic CKD patients over MLLP (``--no-traffic`` turns it off);
+* the sandbox FHIR site (``sandbox/site-fhir.yaml``): a hospital whose EHR
+  speaks FHIR (Synthea-coded). FHIR ingest, Subscription notifications and
+  CDS Hooks on 8081; results go back as FHIR transactions to the stand-in
+  and as ORU^R01 over MLLP to
+* the EHR's results inbox, an MLLP peer on 2576 that ACKs and files every
+  ORU in ``<data dir>/ehr-inbox.hl7``.
 
 :class:`Sandbox` is also what the end-to-end tests start, on free ports.
 """
@@ -37,6 +43,7 @@ from ehrbridge.adapters.mllp_client import AsyncMllpClient
 from ehrbridge.config import SiteConfig, load_site_config
 from ehrbridge.runtime import SiteRuntime
 from ehrbridge.sandbox.fhir_server import create_fhir_app
+from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.model_server import create_model_app
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
@@ -48,17 +55,24 @@ def sandbox_site_file() -> Path:
     return Path(str(resources.files("ehrbridge.sandbox").joinpath("site.yaml")))
 
 
+def sandbox_fhir_site_file() -> Path:
+    return Path(str(resources.files("ehrbridge.sandbox").joinpath("site-fhir.yaml")))
+
+
 @dataclass
 class Ports:
     mllp: int = 2575
     http: int = 8080
     fhir: int = 8090
     model: int = 8091
+    fhir_site_http: int = 8081  # the FHIR site's API: FHIR ingest, CDS Hooks
+    fhir_site_mllp: int = 2577
+    ehr_inbox: int = 2576  # the EHR's HL7v2 results inbox (ORU write-back)
 
     @classmethod
     def free(cls) -> Ports:
         """Let the OS choose every port (tests)."""
-        return cls(0, 0, 0, 0)
+        return cls(0, 0, 0, 0, 0, 0, 0)
 
 
 @dataclass
@@ -72,21 +86,61 @@ Configure = Callable[[SiteConfig], SiteConfig]
 
 class Sandbox:
     def __init__(
-        self, data_dir: Path, ports: Ports | None = None, configure: Configure | None = None
+        self,
+        data_dir: Path,
+        ports: Ports | None = None,
+        configure: Configure | None = None,
+        *,
+        fhir_site: bool = True,
+        configure_fhir_site: Configure | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.ports = ports or Ports()
         self.configure = configure
+        self.configure_fhir_site = configure_fhir_site
         self.model = EmbeddedServer(create_model_app(), "127.0.0.1", self.ports.model)
         self.fhir = EmbeddedServer(create_fhir_app(), "127.0.0.1", self.ports.fhir)
+        self.inbox = MllpPeer(port=self.ports.ehr_inbox, record_to=data_dir / "ehr-inbox.hl7")
         self.runtime: SiteRuntime | None = None
+        self.with_fhir_site = fhir_site
+        self.fhir_runtime: SiteRuntime | None = None
         self.traffic = TrafficStats()
 
     async def start(self) -> None:
         await self.model.start()
         await self.fhir.start()
+        await self.inbox.start()
         self.runtime = SiteRuntime(self._site_config())
         await self.runtime.start()
+        if self.with_fhir_site:
+            self.fhir_runtime = SiteRuntime(self._fhir_site_config())
+            await self.fhir_runtime.start()
+
+    def _fhir_site_config(self) -> SiteConfig:
+        config = load_site_config(sandbox_fhir_site_file())
+        writeback = config.writeback
+        hl7v2 = writeback.hl7v2
+        config = config.model_copy(
+            update={
+                "data_dir": self.data_dir / config.site,
+                "mllp": config.mllp.model_copy(update={"port": self.ports.fhir_site_mllp}),
+                "http": config.http.model_copy(update={"port": self.ports.fhir_site_http}),
+                "model": config.model.model_copy(update={"url": self.model_url}),
+                "writeback": writeback.model_copy(
+                    update={
+                        "fhir_base": self.fhir_base,
+                        "hl7v2": hl7v2.model_copy(update={"port": self.inbox.port})
+                        if hl7v2 is not None
+                        else None,
+                    }
+                ),
+                "subscriptions": config.subscriptions.model_copy(
+                    update={"fhir_base": self.fhir_base}
+                ),
+            }
+        )
+        # Last, so that tests can point any part elsewhere (a fake FHIR server, auth).
+        return self.configure_fhir_site(config) if self.configure_fhir_site else config
 
     def _site_config(self) -> SiteConfig:
         config = load_site_config(sandbox_site_file())
@@ -125,6 +179,12 @@ class Sandbox:
         assert self.runtime is not None
         return self.runtime.mllp_port
 
+    @property
+    def fhir_site_url(self) -> str:
+        """The FHIR site's API: ``/fhir`` ingest, ``/cds-services``, ``/api/results``."""
+        assert self.fhir_runtime is not None
+        return f"http://127.0.0.1:{self.fhir_runtime.http_port}"
+
     async def send_synthetic_traffic(
         self, ehr: SyntheticEhr, rate: float, *, live_after_backfill: bool = True
     ) -> None:
@@ -149,8 +209,11 @@ class Sandbox:
         self.traffic.acks[ack.code] += 1
 
     async def stop(self) -> None:
+        if self.fhir_runtime is not None:
+            await self.fhir_runtime.stop()
         if self.runtime is not None:
             await self.runtime.stop()
+        await self.inbox.stop()
         await self.fhir.stop()
         await self.model.stop()
 
@@ -175,6 +238,15 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
         f"  KFRE model server   {sandbox.model_url}/v2/models/kfre-4var",
         f"  data                {sandbox.data_dir}",
     ]
+    if sandbox.fhir_runtime is not None:
+        site = sandbox.fhir_site_url
+        lines += [
+            f"FHIR site '{sandbox.fhir_runtime.config.site}' (a FHIR-speaking EHR, Synthea-coded):",
+            f"  FHIR ingest         {site}/fhir   (POST a Synthea patient Bundle here)",
+            f"  CDS Hooks           {site}/cds-services",
+            f"  ORU results inbox   127.0.0.1:{sandbox.inbox.port} -> "
+            f"{sandbox.data_dir / 'ehr-inbox.hl7'}",
+        ]
     if traffic:
         lines.append("  synthetic EHR       sending ADT + renal ORU^R01 over MLLP (Ctrl-C stops)")
     else:
@@ -220,6 +292,7 @@ async def _report_progress(sandbox: Sandbox, every_s: float = 5.0) -> None:
             f"[{time.monotonic() - started:5.0f}s] sent {sandbox.traffic.sent} messages "
             f"(AA {acks['AA']}, AE {acks['AE']}, AR {acks['AR']}); "
             f"risk Observations in the EHR: {stored}; "
+            f"ORUs in the results inbox: {len(sandbox.inbox.messages())}; "
             f"messages without enough data for a score yet: {waiting}",
             flush=True,
         )
@@ -233,9 +306,21 @@ class BackgroundSandbox:
     """
 
     def __init__(
-        self, data_dir: Path, ports: Ports | None = None, configure: Configure | None = None
+        self,
+        data_dir: Path,
+        ports: Ports | None = None,
+        configure: Configure | None = None,
+        *,
+        fhir_site: bool = True,
+        configure_fhir_site: Configure | None = None,
     ) -> None:
-        self.sandbox = Sandbox(data_dir, ports or Ports.free(), configure)
+        self.sandbox = Sandbox(
+            data_dir,
+            ports or Ports.free(),
+            configure,
+            fhir_site=fhir_site,
+            configure_fhir_site=configure_fhir_site,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="sandbox")
 

@@ -1,0 +1,102 @@
+"""Reads resources from the EHR's FHIR server (id-only Subscription notifications).
+
+``read("Observation/123")`` or ``read("https://ehr/fhir/Observation/123")``
+returns the resource, with the site's authentication (``adapters/smart_auth.py``)
+and in-place retries with backoff (``pipelines/retry.py``) for what may pass:
+timeouts, connection errors, 429 and 5xx.
+
+Only the configured FHIR base is ever read. A notification is input from
+outside: an absolute reference to another host is refused
+(:class:`RemoteRejected`), never fetched with our credentials attached.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import httpx
+
+from ehrbridge.adapters.fhir_sink import FHIR_JSON, check_response
+from ehrbridge.adapters.smart_auth import HttpxAuth, TokenSource
+from ehrbridge.config import RetryPolicy
+from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.pipelines.retry import call_with_retry
+
+_RELATIVE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]+)?$")
+# A notification arrives while its sender waits: retry briefly, then answer 503.
+DEFAULT_POLICY = RetryPolicy(attempts=3, initial_backoff_s=0.2, max_backoff_s=1.0, delayed_s=[])
+
+
+class FhirReader:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 5.0,
+        auth: TokenSource | None = None,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        stop: threading.Event | None = None,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.policy = policy
+        self.stop = stop
+        self._client = client or httpx.Client(timeout=timeout_s)
+        self._auth = HttpxAuth(auth) if auth is not None else None
+        self.reads = 0
+
+    def relative(self, reference: str) -> str:
+        """``Type/id`` of a reference within our FHIR base; RemoteRejected otherwise."""
+        text = reference.strip()
+        if text.startswith(("http://", "https://")):
+            if not text.startswith(self.base_url + "/"):
+                raise RemoteRejected(
+                    "the reference points outside the configured FHIR server "
+                    "(subscriptions.fhir_base); it is not fetched",
+                    reason="subscription.foreign_reference",
+                )
+            text = text[len(self.base_url) + 1 :]
+        match = _RELATIVE.match(text)
+        if match is None:
+            raise RemoteRejected(
+                "the reference is not of the form Type/id", reason="subscription.bad_reference"
+            )
+        return f"{match.group(1)}/{match.group(2)}"
+
+    def read(self, reference: str) -> dict[str, Any]:
+        relative = self.relative(reference)
+        kind = relative.split("/", 1)[0]  # logs name the type only: ids can identify patients
+        return call_with_retry(
+            lambda: self._get(relative), self.policy, f"FHIR read ({kind})", self.stop
+        )
+
+    def _get(self, relative: str) -> dict[str, Any]:
+        self.reads += 1
+        try:
+            response = self._client.get(
+                f"{self.base_url}/{relative}",
+                headers={"accept": FHIR_JSON},
+                auth=self._auth if self._auth is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.TimeoutException as exc:
+            raise UpstreamUnavailable("FHIR server timed out") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"FHIR server unreachable: {type(exc).__name__}") from exc
+        check_response(response, f"read {relative}")
+        try:
+            resource = response.json()
+        except ValueError as exc:
+            raise RemoteRejected(
+                f"read {relative}: the answer is not JSON", reason="fhir.bad_response"
+            ) from exc
+        expected = relative.split("/", 1)[0]
+        if not isinstance(resource, dict) or resource.get("resourceType") != expected:
+            raise RemoteRejected(
+                f"read {relative}: the answer is not a {expected}", reason="fhir.bad_response"
+            )
+        return resource
+
+    def close(self) -> None:
+        self._client.close()

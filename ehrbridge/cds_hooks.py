@@ -1,0 +1,269 @@
+"""CDS Hooks: the latest kidney-failure risk as a card when a clinician opens a chart.
+
+Routes (https://cds-hooks.hl7.org/2.0/)::
+
+    GET  /cds-services                              discovery
+    POST /cds-services/kfre-patient-view            the patient-view hook
+    POST /cds-services/kfre-patient-view/feedback   card feedback (counted)
+
+The hook never calls the model. Its card comes from the **precomputed**
+latest prediction in the local result store (``pipelines/results.py``), so
+it costs one indexed SQLite read and answers in about a millisecond -- far
+inside the specification's budget, and the EHR's chart opening never waits
+on a model server. No stored score means 200 with no cards.
+
+Which patient: ``context.patientId`` is the EHR's FHIR id, ehrbridge keys
+results by the site's patient identifier (``mapping.patient``). It is found,
+in order, from
+
+1. ``prefetch.patient`` (discovery asks for ``Patient/{{context.patientId}}``):
+   its identifier with the site's system;
+2. the links learned from FHIR input (a Patient with both its id and the
+   site's identifier, ``pipelines/patient_links.py``);
+3. a read of ``Patient/<id>`` from ``fhirServer`` with the request's
+   ``fhirAuthorization`` -- only when ``fhirServer`` is the site's own
+   configured FHIR base (no request makes us call an arbitrary URL);
+4. ``context.patientId`` itself (sites whose FHIR ids are their MRNs).
+
+The card: ``summary`` (under 140 characters) with both risks in percent;
+``indicator`` from the interpretation band the Observation got (``HH``
+critical, ``H`` warning, ``N`` info); ``detail`` (markdown) with the inputs
+and their dates; ``source`` naming ehrbridge, the model and its version; a
+link to the result's details (``cds_hooks.details_url``). In shadow mode
+there are no cards unless ``cds_hooks.cards_in_shadow_mode`` is set:
+clinicians see nothing of a site that is still being validated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ehrbridge.config import Mode, SiteConfig
+from ehrbridge.pipelines.observation import percent
+from ehrbridge.pipelines.patient_links import PatientLinks
+from ehrbridge.pipelines.results import ResultStore, StoredResult
+
+log = logging.getLogger(__name__)
+
+SERVICE_ID = "kfre-patient-view"
+SUMMARY_LIMIT = 140
+_NAMESPACE = uuid.UUID("0d3c0b4e-55a1-4a43-9d61-3f3b2b8a6c11")
+_CRITICAL = frozenset({"HH", "LL", "AA", "HU", "LU"})
+_WARNING = frozenset({"H", "L", "A"})
+
+
+class CdsError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class CdsService:
+    def __init__(
+        self,
+        config: SiteConfig,
+        results: ResultStore,
+        links: PatientLinks | None = None,
+        *,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.config = config
+        self.results = results
+        self.links = links
+        self.timeout_s = timeout_s
+        self.system = config.mapping.patient.fhir_system
+        self.trusted_bases = {
+            b.rstrip("/")
+            for b in (config.writeback.fhir_base, config.subscriptions.fhir_base)
+            if b is not None
+        }
+        self.feedback = 0
+
+    def discovery(self) -> dict[str, Any]:
+        return {
+            "services": [
+                {
+                    "hook": "patient-view",
+                    "id": SERVICE_ID,
+                    "title": "Kidney failure risk (KFRE 4-variable)",
+                    "description": (
+                        "The patient's latest 2- and 5-year risk of kidney failure, computed by "
+                        "ehrbridge from their eGFR and urine albumin/creatinine ratio."
+                    ),
+                    "prefetch": {"patient": "Patient/{{context.patientId}}"},
+                    "usageRequirements": "Needs results already processed by ehrbridge.",
+                }
+            ]
+        }
+
+    def patient_view(self, body: Any, base_url: str) -> dict[str, Any]:
+        context = _context(body)
+        if self.config.mode is Mode.SHADOW and not self.config.cds_hooks.cards_in_shadow_mode:
+            return {"cards": []}
+        patient_id = self._patient_id(body, str(context["patientId"]))
+        latest = self.results.latest(patient_id) if patient_id else None
+        if latest is None:
+            return {"cards": []}
+        return {"cards": [self.card(latest, base_url)]}
+
+    def _patient_id(self, body: dict[str, Any], fhir_id: str) -> str | None:
+        prefetch = body.get("prefetch")
+        patient = prefetch.get("patient") if isinstance(prefetch, dict) else None
+        found = self._from_patient(patient)
+        if found is None and self.links is not None:
+            found = self.links.patient_for(fhir_id)
+        if found is None:
+            found = self._from_patient(self._read_patient(body, fhir_id))
+        return found or fhir_id
+
+    def _from_patient(self, patient: Any) -> str | None:
+        if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
+            return None
+        for identifier in patient.get("identifier") or ():
+            if isinstance(identifier, dict) and identifier.get("system") == self.system:
+                value = identifier.get("value")
+                if isinstance(value, str) and value.strip():
+                    return value.strip()
+        return None
+
+    def _read_patient(self, body: dict[str, Any], fhir_id: str) -> Any:
+        server = str(body.get("fhirServer") or "").rstrip("/")
+        if not server or server not in self.trusted_bases:
+            return None
+        headers = {"accept": "application/fhir+json"}
+        grant = body.get("fhirAuthorization")
+        if isinstance(grant, dict) and grant.get("access_token"):
+            headers["authorization"] = f"Bearer {grant['access_token']}"
+        try:
+            response = httpx.get(
+                f"{server}/Patient/{fhir_id}", headers=headers, timeout=self.timeout_s
+            )
+            return response.json() if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("CDS Hooks: patient read failed: %s", type(exc).__name__)
+            return None
+
+    def card(self, result: StoredResult, base_url: str) -> dict[str, Any]:
+        observation = result.observation
+        code, meaning = _interpretation(observation)
+        risk_2y, risk_5y = percent(result.risk_2y), percent(result.risk_5y)
+        name, version = [*result.model.split(), "", ""][:2]
+        summary = (
+            f"Kidney failure risk {shown(risk_2y)} in 2 years, {shown(risk_5y)} in 5 years (KFRE)"
+        )
+        if code not in ("", "N"):
+            summary += f" - {meaning}"
+        return {
+            "uuid": str(uuid.uuid5(_NAMESPACE, result.identifier)),
+            "summary": _clip(summary),
+            "indicator": indicator(code),
+            "detail": _detail(result, observation, (risk_2y, risk_5y), meaning),
+            "source": {
+                "label": f"ehrbridge: KFRE model {name} {version}".strip(),
+                "topic": {
+                    "system": "urn:ehrbridge:codes",
+                    "code": name or "kfre",
+                    "display": f"Kidney failure risk, model {name} version {version}",
+                },
+            },
+            "links": [
+                {
+                    "label": "Risk details and the results it was computed from",
+                    "url": self._details_url(result, base_url),
+                    "type": "absolute",
+                }
+            ],
+        }
+
+    def _details_url(self, result: StoredResult, base_url: str) -> str:
+        template = self.config.cds_hooks.details_url
+        if template:
+            return template.format(identifier=result.identifier, patient=result.patient_id)
+        return f"{base_url.rstrip('/')}/api/results/{result.identifier}"
+
+
+def shown(percent_value: float) -> str:
+    """A risk in percent as a card shows it: one decimal, ``<0.1%`` below that."""
+    return "<0.1%" if percent_value < 0.05 else f"{percent_value:.1f}%"
+
+
+def indicator(code: str) -> str:
+    """CDS Hooks card indicator from the Observation's interpretation code."""
+    if code in _CRITICAL:
+        return "critical"
+    if code in _WARNING:
+        return "warning"
+    return "info"
+
+
+def _context(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise CdsError(400, "the request body is not a JSON object")
+    if body.get("hook") != "patient-view":
+        raise CdsError(400, f"this service answers the patient-view hook, not {body.get('hook')!r}")
+    if not isinstance(body.get("hookInstance"), str):
+        raise CdsError(400, "hookInstance is required")
+    context = body.get("context")
+    if not isinstance(context, dict) or not isinstance(context.get("patientId"), str):
+        raise CdsError(400, "context.patientId is required")
+    return context
+
+
+def _interpretation(observation: dict[str, Any]) -> tuple[str, str]:
+    for concept in observation.get("interpretation") or ():
+        for coding in concept.get("coding") or ():
+            return str(coding.get("code", "")), str(concept.get("text") or coding.get("code", ""))
+    return "", ""
+
+
+def _clip(text: str) -> str:
+    return text if len(text) < SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 2] + "…"
+
+
+def _detail(
+    result: StoredResult, observation: dict[str, Any], risks: tuple[float, float], meaning: str
+) -> str:
+    inputs = "\n".join(
+        f"- {item.get('display', '')}" for item in observation.get("derivedFrom") or ()
+    )
+    method = (observation.get("method") or {}).get("text", result.model)
+    return (
+        f"**2-year risk:** {risks[0]:.2f}%  \n**5-year risk:** {risks[1]:.2f}%  \n"
+        f"**Interpretation:** {meaning or 'not classified'}\n\n"
+        f"Computed for results up to {result.anchor[:10]} by {method}, from:\n\n{inputs}\n\n"
+        "The Kidney Failure Risk Equation estimates the risk of needing dialysis or a kidney "
+        "transplant; it applies to adults with CKD stage 3-5."
+    )
+
+
+def add_cds_routes(app: FastAPI, service: CdsService) -> None:
+    @app.get("/cds-services", include_in_schema=False)
+    def discovery() -> JSONResponse:
+        return JSONResponse(service.discovery())
+
+    @app.post(f"/cds-services/{SERVICE_ID}", include_in_schema=False)
+    async def patient_view(request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body())
+            # In a thread: a store read, and possibly a FHIR read, must not stall the loop
+            # that also serves MLLP.
+            cards = await asyncio.to_thread(service.patient_view, body, str(request.base_url))
+        except orjson.JSONDecodeError:
+            return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
+        except CdsError as error:
+            return JSONResponse({"error": error.message}, status_code=error.status)
+        return Response(orjson.dumps(cards), media_type="application/json")
+
+    @app.post(f"/cds-services/{SERVICE_ID}/feedback", include_in_schema=False)
+    async def feedback(request: Request) -> Response:
+        service.feedback += 1
+        return Response(status_code=200)

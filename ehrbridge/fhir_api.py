@@ -1,0 +1,724 @@
+"""FHIR R4 in: the REST ingest endpoint and the Subscription notification endpoint.
+
+Routes (JSON only, ``application/fhir+json``; ``application/json`` is taken too)::
+
+    GET  /fhir/metadata                      CapabilityStatement: what is taken
+    POST /fhir                               Bundle: transaction, batch or collection
+    POST /fhir/{type}                        one resource (Patient, Observation, any other)
+    PUT  /fhir/{type}/{id}                   the same, as an update
+    POST /fhir/subscription-notification     Subscription notifications (Backport IG / R5)
+
+The delivery rule is MLLP's: a 2xx only after the input is durable in the
+site's log (``<site>.raw``, group-committed with the MLLP traffic); refused
+input is kept in the dead-letter store with its reason before the error goes
+out; a storage failure is a 503 (resend). Nothing is half-stored: a resource,
+a transaction or a collection is one record, checked whole first
+(``pipelines/fhir_ingest.py``); a batch's entries are records of their own.
+
+Answers, as FHIR's RESTful API has them (https://hl7.org/fhir/R4/http.html):
+
+* a resource: **201** with ``Location`` (``200`` for PUT), the body per the
+  ``Prefer`` header (``return=representation`` -- the default --, ``minimal``
+  or ``OperationOutcome``);
+* a transaction: **200** with a ``transaction-response`` Bundle, one entry
+  per input entry (``201 Created`` and ``location`` for what is stored);
+* a batch: **200** with a ``batch-response`` Bundle, each entry stored or
+  refused on its own (its ``response.outcome`` says why);
+* a collection: **200** with an OperationOutcome counting what was stored;
+* resource types this site does not read: **200**, counted, not stored;
+* bad input: **400** (not FHIR), **422** (FHIR this site cannot use),
+  **413** (over ``http.max_body_bytes``), **415** (not JSON) -- each an
+  OperationOutcome whose issues name the element (``expression``).
+
+Subscription notifications are handled by their type and payload
+(``pipelines/subscriptions.py``): handshakes and heartbeats are noted;
+full-resource notifications are stored like a collection; id-only ones are
+first fetched from the EHR's FHIR server (``subscriptions.fhir_base``, with
+its authentication and retries); empty ones are noted (there is nothing to
+read). Event numbers are tracked per subscription and gaps logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from ehrbridge import __version__
+from ehrbridge.adapters.fhir_client import FhirReader
+from ehrbridge.config import SiteConfig
+from ehrbridge.pipelines.contracts import Envelope, Kind
+from ehrbridge.pipelines.errors import ConfigError, EhrbridgeError, PermanentError, TransientError
+from ehrbridge.pipelines.fhir_ingest import (
+    READ_TYPES,
+    Checked,
+    Checker,
+    Issue,
+    http_status,
+    issues_of,
+    operation_outcome,
+    reject,
+    unprocessable,
+)
+from ehrbridge.pipelines.ingest import Ingest
+from ehrbridge.pipelines.patient_links import PatientLinks
+from ehrbridge.pipelines.subscriptions import (
+    EVENT_TYPES,
+    Notification,
+    SubscriptionLedger,
+    parse_notification,
+)
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json"
+_MEDIA_TYPE = f"{FHIR_JSON}; charset=utf-8"
+_ACCEPTED_MEDIA = frozenset({FHIR_JSON, "application/json", "application/json+fhir", ""})
+_DLQ_PREFIX_BYTES = 65536  # what of an oversize body is kept in the dead-letter store
+_IN_LOOP_BYTES = 65536  # larger bodies are checked in a worker thread
+T = TypeVar("T")
+_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_STATUS_TEXT = {
+    200: "200 OK",
+    201: "201 Created",
+    400: "400 Bad Request",
+    422: "422 Unprocessable Entity",
+    503: "503 Service Unavailable",
+}
+NOTIFICATION_PATH = "/fhir/subscription-notification"
+
+
+class FhirProblem(Exception):
+    """An HTTP error answered with an OperationOutcome (before anything is parsed)."""
+
+    def __init__(self, status: int, issue: Issue, headers: dict[str, str] | None = None):
+        super().__init__(issue.diagnostics)
+        self.status = status
+        self.issue = issue
+        self.headers = headers or {}
+
+
+def fhir_response(status: int, content: Any, headers: dict[str, str] | None = None) -> Response:
+    body = content if isinstance(content, bytes) else orjson.dumps(content)
+    return Response(body, status_code=status, media_type=_MEDIA_TYPE, headers=headers)
+
+
+def outcome_response(
+    status: int, issues: Iterable[Issue], headers: dict[str, str] | None = None
+) -> Response:
+    return fhir_response(status, operation_outcome(issues), headers)
+
+
+def information(text: str) -> Issue:
+    return Issue("informational", text, severity="information")
+
+
+class FhirStats:
+    """Counters since start: what came in, by resource type and by outcome."""
+
+    def __init__(self) -> None:
+        self.resources: Counter[str] = Counter()  # accepted resources by type
+        self.stored_records = 0
+        self.refused: Counter[str] = Counter()  # by reason
+        self.notifications: Counter[str] = Counter()  # by type / payload content
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "resources_accepted": dict(sorted(self.resources.items())),
+            "records_stored": self.stored_records,
+            "refused": dict(sorted(self.refused.items())),
+            "notifications": dict(sorted(self.notifications.items())),
+        }
+
+
+class FhirEndpoint:
+    """The FHIR ingest of one site: checks, durable storage, FHIR answers."""
+
+    def __init__(
+        self,
+        config: SiteConfig,
+        ingest: Ingest,
+        links: PatientLinks,
+        ledger: SubscriptionLedger,
+        reader: FhirReader | None = None,
+    ) -> None:
+        self.config = config
+        self.ingest = ingest
+        self.checker: Checker = ingest.fhir
+        self.links = links
+        self.ledger = ledger
+        self.reader = reader
+        self.stats = FhirStats()
+        self.notification_token = _notification_token(config)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body within ``http.max_body_bytes``; 413 and 415 as FHIR errors."""
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media not in _ACCEPTED_MEDIA:
+            raise FhirProblem(
+                415,
+                Issue("not-supported", f"content type {media!r} is not taken; send {FHIR_JSON}"),
+            )
+        limit = self.config.http.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            await self._refuse_oversize(b"", int(declared))
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                await self._refuse_oversize(b"".join(chunks)[:_DLQ_PREFIX_BYTES], size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _refuse_oversize(self, prefix: bytes, size: int) -> None:
+        limit = self.config.http.max_body_bytes
+        error = reject(
+            "too-costly",
+            f"the body ({size} bytes or more) exceeds this site's limit of {limit} bytes "
+            "(http.max_body_bytes); split the Bundle",
+            "fhir.too_large",
+        )
+        await self._dead_letter(prefix, f"oversize-{uuid.uuid4()}", error)
+        raise FhirProblem(413, error.issues[0], {"Connection": "close"})
+
+    def _envelope(self, payload: bytes, source_id: str, key: str, via: str) -> Envelope:
+        return Envelope(
+            site=self.config.site,
+            source_id=source_id,
+            payload=payload,
+            kind=Kind.FHIR,
+            key=key,
+            headers={"ingest.via": via},
+        )
+
+    async def _dead_letter(self, payload: bytes, source_id: str, error: PermanentError) -> None:
+        self.stats.refused[error.reason] += 1
+        try:
+            await self.ingest.dead_letter(
+                self._envelope(payload, source_id, source_id, "fhir"), error
+            )
+        except TransientError as failure:  # the answer still goes out; the copy is lost
+            log.error("could not keep refused FHIR input %s: %s", source_id, failure)
+
+    async def _refused(self, payload: bytes, source_id: str, error: PermanentError) -> Response:
+        await self._dead_letter(payload, source_id, error)
+        return outcome_response(http_status(error), issues_of(error))
+
+    async def _store(self, checked: Checked, payload: bytes, via: str) -> None:
+        """Durably store a checked record (nothing if it holds nothing this site reads)."""
+        self.stats.resources.update(checked.counts)
+        if not checked.stored:
+            return
+        envelope = self._envelope(payload, checked.source_id, checked.key, via)
+        await self.ingest.store(envelope, checked.key)
+        self.stats.stored_records += 1
+        if checked.patient_links:
+            await asyncio.to_thread(self.links.add, checked.patient_links)
+
+    async def guarded(
+        self, request: Request, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        try:
+            return await handler(request)
+        except FhirProblem as problem:
+            return outcome_response(problem.status, [problem.issue], problem.headers)
+        except TransientError as error:
+            log.warning("FHIR input not stored: %s", error.reason)
+            return outcome_response(
+                503,
+                [Issue("transient", "the input could not be stored now; send it again")],
+                {"Retry-After": "5"},
+            )
+
+    # -- REST ingest --------------------------------------------------------------------
+
+    async def metadata(self, request: Request) -> Response:
+        return fhir_response(200, capability_statement(self.config, str(request.base_url)))
+
+    async def not_served(self, request: Request) -> Response:
+        """Reads are not served: ehrbridge takes FHIR in; results are read from the EHR."""
+        raise FhirProblem(
+            405,
+            Issue(
+                "not-supported",
+                "this endpoint only receives FHIR (POST, PUT); risk results are written to the "
+                "EHR, and ehrbridge's own view is GET /api/results",
+            ),
+            {"Allow": "POST, PUT"},
+        )
+
+    async def create(self, request: Request) -> Response:
+        resource_type = _path_type(request)
+        payload = await self.read_body(request)
+        return await self._single(request, payload, resource_type, None)
+
+    async def update(self, request: Request) -> Response:
+        resource_type = _path_type(request)
+        resource_id = request.path_params["resource_id"]
+        if not _ID.match(resource_id):
+            raise FhirProblem(400, Issue("value", "the id in the URL is not a FHIR id"))
+        payload = await self.read_body(request)
+        return await self._single(request, payload, resource_type, resource_id)
+
+    async def _single(
+        self, request: Request, payload: bytes, resource_type: str, put_id: str | None
+    ) -> Response:
+        try:
+            checked = await _off_loop(self._check_single, payload, resource_type, put_id)
+        except PermanentError as error:
+            return await self._refused(payload, _record_id(payload), error)
+        await self._store(checked, payload, "fhir-rest")
+        if not checked.stored:
+            return outcome_response(200, [information(_not_read(checked.counts))])
+        status = 200 if put_id is not None else 201
+        resource_id = (
+            checked.source_id if resource_type == "Bundle" else checked.entries[0].resource_id
+        )
+        location = f"{_base(request)}/{resource_type}/{resource_id}"
+        return _created(request, status, location, payload, checked)
+
+    def _check_single(self, payload: bytes, resource_type: str, put_id: str | None) -> Checked:
+        doc = _parse(payload)
+        if put_id is not None and doc.get("id") != put_id:
+            raise reject(
+                "invalid",
+                f"Resource.id must equal the id in the URL ({put_id}) for an update",
+                "fhir.id_mismatch",
+                f"{resource_type}.id",
+            )
+        if resource_type == "Bundle" and doc.get("resourceType") == "Bundle":
+            return self.checker.check_bundle(doc, payload)
+        return self.checker.check_resource(doc, resource_type)
+
+    async def bundle(self, request: Request) -> Response:
+        payload = await self.read_body(request)
+        try:
+            checked = await _off_loop(self._check_bundle_post, payload)
+            if isinstance(checked, list):
+                return await self._batch(request, checked)
+        except PermanentError as error:
+            return await self._refused(payload, _record_id(payload), error)
+        await self._store(checked, payload, "fhir-rest")
+        if checked.bundle_type == "collection":
+            return outcome_response(200, [information(_stored_summary(checked))])
+        return fhir_response(200, self._response_bundle(request, "transaction-response", checked))
+
+    def _check_bundle_post(
+        self, payload: bytes
+    ) -> Checked | list[tuple[Any, Checked | PermanentError]]:
+        """``POST /fhir``: a transaction or collection checked whole, a batch entry by entry."""
+        doc = _parse(payload)
+        if doc["resourceType"] != "Bundle":
+            raise reject(
+                "invalid",
+                f"POST /fhir takes a Bundle; post a {doc['resourceType']} to "
+                f"/fhir/{doc['resourceType']}",
+                "fhir.wrong_type",
+                "resourceType",
+            )
+        if doc.get("type") == "batch":
+            return self.checker.check_batch(doc)
+        return self.checker.check_bundle(doc, payload)
+
+    def _response_bundle(self, request: Request, kind: str, checked: Checked) -> dict[str, Any]:
+        base = _base(request)
+        entries = []
+        for entry in checked.entries:
+            if entry.read:
+                status = 201 if entry.method == "POST" else 200
+                response = {
+                    "status": _STATUS_TEXT[status],
+                    "location": f"{base}/{entry.resource_type}/{entry.resource_id}",
+                }
+            else:
+                response = {"status": _STATUS_TEXT[200]}
+            entries.append({"response": response})
+        return {"resourceType": "Bundle", "type": kind, "entry": entries}
+
+    async def _batch(
+        self, request: Request, results: list[tuple[Any, Checked | PermanentError]]
+    ) -> Response:
+        # Concurrently, so that the entries share one group commit.
+        stored = await asyncio.gather(
+            *(self._batch_entry(raw, result) for raw, result in results), return_exceptions=True
+        )
+        base = _base(request)
+        entries = [
+            {"response": _batch_response(base, result, outcome)}
+            for (_, result), outcome in zip(results, stored, strict=True)
+        ]
+        bundle = {"resourceType": "Bundle", "type": "batch-response", "entry": entries}
+        return fhir_response(200, bundle)
+
+    async def _batch_entry(self, raw: Any, result: Checked | PermanentError) -> None:
+        if isinstance(result, PermanentError):
+            # The resource itself, so that a replay after a fix can process it.
+            resource = raw.get("resource") if isinstance(raw, dict) else None
+            kept = orjson.dumps(resource if isinstance(resource, dict) else raw)
+            await self._dead_letter(kept, f"fhir-batch-{uuid.uuid4()}", result)
+            return
+        await self._store(result, orjson.dumps(result.doc), "fhir-batch")
+
+    # -- Subscription notifications -----------------------------------------------------
+
+    async def notification(self, request: Request) -> Response:
+        self._check_notification_token(request)
+        payload = await self.read_body(request)
+        try:
+            notification = await _off_loop(_notification_of, payload)
+        except PermanentError as error:
+            self.stats.notifications["non-conformant"] += 1
+            return await self._refused(payload, _record_id(payload), error)
+        source_id = notification.bundle_id or f"notification-{uuid.uuid4()}"
+        kind = notification.type
+        if kind not in EVENT_TYPES:
+            self.stats.notifications[kind] += 1
+            gaps = await asyncio.to_thread(self.ledger.record, notification)
+            return outcome_response(200, [information(f"{kind} received"), *_gap_issues(gaps)])
+        self.stats.notifications[notification.content] += 1
+        try:
+            warnings, stored = await self._event(notification)
+        except PermanentError as error:
+            return await self._refused(payload, source_id, error)
+        gaps = await asyncio.to_thread(self.ledger.record, notification)
+        text = f"{notification.content} notification: {stored}"
+        return outcome_response(200, [information(text), *warnings, *_gap_issues(gaps)])
+
+    def _check_notification_token(self, request: Request) -> None:
+        if self.notification_token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.notification_token}".encode()):
+            raise FhirProblem(
+                401,
+                Issue("security", "notifications must carry the agreed bearer token"),
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    async def _event(self, notification: Notification) -> tuple[list[Issue], str]:
+        """Store what an event notification carries or points at; return (warnings, summary)."""
+        if notification.content == "empty":
+            return [], "nothing to read (an empty notification carries no resources)"
+        warnings: list[Issue] = []
+        if notification.content == "full-resource":
+            resources = [
+                (u, r) for u, r in notification.resources if r.get("resourceType") in READ_TYPES
+            ]
+            skipped = Counter(
+                str(r.get("resourceType"))
+                for _, r in notification.resources
+                if r.get("resourceType") not in READ_TYPES
+            )
+        else:
+            resources, skipped = await self._fetch_focus(notification, warnings)
+        self.stats.resources.update(skipped)
+        if resources:
+            resources += await self._fetch_subjects(resources, warnings)
+        if not resources:
+            return warnings, _not_read(skipped) if skipped else "nothing this site reads"
+        collection = _collection(notification, resources, self.reader)
+        checked = self.checker.check_bundle(collection)
+        await self._store(checked, orjson.dumps(collection), "fhir-subscription")
+        if not checked.stored:
+            return warnings, _not_read(checked.counts + skipped)
+        return warnings, _stored_summary(checked)
+
+    async def _fetch_focus(
+        self, notification: Notification, warnings: list[Issue]
+    ) -> tuple[list[tuple[str, dict[str, Any]]], Counter[str]]:
+        wanted, skipped = [], Counter[str]()
+        for reference in notification.focus_references():
+            kind = _reference_type(reference)
+            if kind in READ_TYPES:
+                wanted.append(reference)
+            else:
+                skipped[kind or "unknown"] += 1
+        if not wanted:
+            return [], skipped
+        reader = self._reader_or_refuse()
+        return await self._read_all(reader, wanted, warnings), skipped
+
+    def _reader_or_refuse(self) -> FhirReader:
+        if self.reader is None:
+            raise unprocessable(
+                "not-supported",
+                "an id-only notification needs a FHIR server to read from; set "
+                "subscriptions.fhir_base (or writeback.fhir_base)",
+                "subscription.no_fhir_base",
+            )
+        return self.reader
+
+    async def _read_all(
+        self, reader: FhirReader, references: Sequence[str], warnings: list[Issue]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        found = []
+        for reference in references:
+            try:
+                resource = await asyncio.to_thread(reader.read, reference)
+            except TransientError:
+                raise  # 503: the server sends the notification again later
+            except PermanentError as error:
+                log.warning("subscription resource not read: %s", error.reason)
+                warnings.append(
+                    Issue("not-found", f"{error.reason}: {error.detail}", severity="warning")
+                )
+                continue
+            found.append((f"{reader.base_url}/{reader.relative(reference)}", resource))
+        return found
+
+    async def _fetch_subjects(
+        self, resources: list[tuple[str, dict[str, Any]]], warnings: list[Issue]
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The Patients that Observations name only by reference, read from the EHR."""
+        known = {
+            f"Patient/{r.get('id')}" for _, r in resources if r.get("resourceType") == "Patient"
+        }
+        system = self.config.mapping.patient.fhir_system
+        missing: dict[str, None] = {}
+        for _, resource in resources:
+            if resource.get("resourceType") != "Observation":
+                continue
+            subject = resource.get("subject") or {}
+            if (subject.get("identifier") or {}).get("system") == system:
+                continue
+            reference = str(subject.get("reference") or "")
+            relative = "/".join(reference.rstrip("/").split("/")[-2:])
+            if relative.startswith("Patient/") and relative not in known:
+                missing.setdefault(reference, None)
+        if not missing or self.reader is None:
+            return []
+        return await self._read_all(self.reader, list(missing), warnings)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _notification_token(config: SiteConfig) -> str | None:
+    name = config.subscriptions.token_env
+    if name is None:
+        return None
+    token = os.environ.get(name, "").strip()
+    if not token:
+        raise ConfigError(
+            f"subscriptions.token_env names {name}, which is not set",
+            field="subscriptions.token_env",
+        )
+    return token
+
+
+def _record_id(payload: bytes) -> str:
+    """What names refused input in logs and the DLQ: its id, never a Patient's (PHI-adjacent)."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        doc = None
+    value = doc.get("id") if isinstance(doc, dict) else None
+    if not isinstance(value, str) or not value or doc.get("resourceType") == "Patient":
+        return f"fhir-{uuid.uuid4()}"
+    return value[:64]
+
+
+async def _off_loop(check: Callable[..., T], payload: bytes, *args: Any) -> T:
+    """Checks of large bodies (a Synthea patient: ~40 ms) run off the event loop,
+    which also serves MLLP; small ones are cheaper to run in place."""
+    if len(payload) > _IN_LOOP_BYTES:
+        return await asyncio.to_thread(check, payload, *args)
+    return check(payload, *args)
+
+
+def _notification_of(payload: bytes) -> Notification:
+    return parse_notification(_parse(payload))
+
+
+def _parse(payload: bytes) -> dict[str, Any]:
+    from ehrbridge.pipelines.fhir_ingest import parse
+
+    return parse(payload)
+
+
+def _path_type(request: Request) -> str:
+    resource_type = str(request.path_params["resource_type"])
+    if not _TYPE.match(resource_type):
+        raise FhirProblem(404, Issue("not-found", f"{resource_type!r} is not a FHIR resource type"))
+    return resource_type
+
+
+def _base(request: Request) -> str:
+    return f"{str(request.base_url).rstrip('/')}/fhir"
+
+
+def _prefer_return(request: Request) -> str:
+    for token in re.split(r"[,;]", request.headers.get("prefer", "")):
+        name, _, value = token.strip().partition("=")
+        if name == "return" and value.strip('"') in (
+            "minimal",
+            "representation",
+            "OperationOutcome",
+        ):
+            return value.strip('"')
+    return "representation"
+
+
+def _created(
+    request: Request, status: int, location: str, payload: bytes, checked: Checked
+) -> Response:
+    headers = {"Location": location}
+    returns = _prefer_return(request)
+    if returns == "minimal":
+        return Response(status_code=status, headers=headers)
+    if returns == "OperationOutcome":
+        return outcome_response(status, [information(_stored_summary(checked))], headers)
+    return fhir_response(status, payload, headers)
+
+
+def _not_read(counts: Counter[str]) -> str:
+    kinds = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    return (
+        f"accepted and counted, not stored: nothing in it is used by this site ({kinds}); "
+        "it reads Patients and the Observations its mapping names"
+    )
+
+
+def _stored_summary(checked: Checked) -> str:
+    read = Counter(e.resource_type for e in checked.entries if e.read)
+    other = Counter(e.resource_type for e in checked.entries if not e.read)
+    if not checked.entries[0].read and len(checked.entries) == 1:
+        return _not_read(other)
+    stored = ", ".join(f"{n} {t}" for t, n in sorted(read.items())) or "nothing"
+    text = f"stored {stored} as record {checked.source_id}"
+    if other:
+        text += f"; {sum(other.values())} other resource(s) counted, not used"
+    return text
+
+
+def _batch_response(
+    base: str, result: Checked | PermanentError, stored: BaseException | None
+) -> dict[str, Any]:
+    if isinstance(result, PermanentError):
+        status = http_status(result)
+        return {"status": _STATUS_TEXT[status], "outcome": operation_outcome(issues_of(result))}
+    if isinstance(stored, EhrbridgeError):
+        issue = Issue("transient", "the entry could not be stored now; send it again")
+        return {"status": _STATUS_TEXT[503], "outcome": operation_outcome([issue])}
+    if isinstance(stored, BaseException):
+        raise stored
+    entry = result.entries[0]
+    if not entry.read:
+        return {"status": _STATUS_TEXT[200]}
+    status = 201 if entry.method == "POST" else 200
+    return {
+        "status": _STATUS_TEXT[status],
+        "location": f"{base}/{entry.resource_type}/{entry.resource_id}",
+    }
+
+
+def _gap_issues(gaps: Sequence[Any]) -> list[Issue]:
+    return [
+        Issue("incomplete", f"events {gap} of {gap.subscription} never arrived", severity="warning")
+        for gap in gaps
+    ]
+
+
+def _reference_type(reference: str) -> str | None:
+    parts = reference.split("/_history/", maxsplit=1)[0].rstrip("/").split("/")
+    return parts[-2] if len(parts) >= 2 and _TYPE.match(parts[-2]) else None
+
+
+def _collection(
+    notification: Notification,
+    resources: list[tuple[str, dict[str, Any]]],
+    reader: FhirReader | None,
+) -> dict[str, Any]:
+    numbers = "-".join(str(e.number) for e in notification.events)
+    record_id = f"{notification.bundle_id or 'notification'}-{numbers}"
+    entries = []
+    for url, resource in resources:
+        full_url = url or (
+            f"{reader.base_url}/{resource['resourceType']}/{resource['id']}"
+            if reader is not None and resource.get("id")
+            else ""
+        )
+        entries.append(
+            {"fullUrl": full_url, "resource": resource} if full_url else {"resource": resource}
+        )
+    return {
+        "resourceType": "Bundle",
+        "id": _safe_id(record_id),
+        "type": "collection",
+        "entry": entries,
+    }
+
+
+def _safe_id(text: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9\-.]", "-", text)[:64]
+    return cleaned or "notification"
+
+
+def capability_statement(config: SiteConfig, base_url: str) -> dict[str, Any]:
+    """What this endpoint takes (https://hl7.org/fhir/R4/capabilitystatement.html)."""
+    documentation = (
+        "Stored once durable and processed into risk predictions. Other resource types are "
+        "accepted and counted, not stored."
+    )
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": datetime.now(UTC).date().isoformat(),
+        "kind": "instance",
+        "software": {"name": "ehrbridge", "version": __version__},
+        "implementation": {
+            "description": f"ehrbridge FHIR ingest, site {config.site}",
+            "url": f"{base_url.rstrip('/')}/fhir",
+        },
+        "fhirVersion": "4.0.1",
+        "format": [FHIR_JSON, "json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": documentation,
+                "resource": [
+                    {
+                        "type": kind,
+                        "interaction": [{"code": "create"}, {"code": "update"}],
+                        "updateCreate": True,
+                    }
+                    for kind in sorted(READ_TYPES)
+                ],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            }
+        ],
+    }
+
+
+def add_fhir_routes(app: FastAPI, endpoint: FhirEndpoint) -> None:
+    def route(path: str, method: str, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        async def serve(request: Request) -> Response:
+            return await endpoint.guarded(request, handler)
+
+        # Plain Starlette routes: the handlers read the body themselves (size limit).
+        app.add_route(path, serve, methods=[method], include_in_schema=False)
+
+    route("/fhir/metadata", "GET", endpoint.metadata)
+    for path in ("/fhir/{resource_type}", "/fhir/{resource_type}/{resource_id}"):
+        route(path, "GET", endpoint.not_served)
+    route(NOTIFICATION_PATH, "POST", endpoint.notification)
+    route("/fhir", "POST", endpoint.bundle)
+    route("/fhir/", "POST", endpoint.bundle)
+    route("/fhir/{resource_type}", "POST", endpoint.create)
+    route("/fhir/{resource_type}/{resource_id}", "PUT", endpoint.update)

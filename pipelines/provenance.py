@@ -1,0 +1,216 @@
+"""One result as a FHIR R4 transaction: the risk Observation, its Provenance and Devices.
+
+A clinician trusts a score when they can see what produced it. Every result
+goes to the EHR as one transaction Bundle (https://hl7.org/fhir/R4/http.html#transaction),
+all or nothing, holding
+
+* the two **Devices** that produced it (shared by every result, so written
+  by conditional create, ``ifNoneExist: identifier=...``): ehrbridge itself
+  (identifier ``urn:ehrbridge:device|ehrbridge/<version>``) and the model
+  (``urn:ehrbridge:model|<name>/<version>/<calibration>``), in the style of
+  HL7's AI Transparency on FHIR: a model is a Device with a name and version;
+* the risk **Observation** (``pipelines/observation.py``), written by
+  conditional update on its deterministic identifier
+  (``PUT Observation?identifier=<system>|<value>``), so a replay updates it
+  instead of adding a second one; its ``device`` names the model Device;
+* a **Provenance** whose ``target`` is the Observation, ``agent`` the
+  ehrbridge Device (assembler) and the model Device (performer), ``entity``
+  the input lab results (role ``source``, by identifier, as in
+  ``Observation.derivedFrom``), and ``policy`` the site mapping and its
+  version (``urn:ehrbridge:mapping:<site>:<version>``). R4 Provenance has no
+  ``identifier`` to be conditional on, so it is written with a
+  deterministic, client-assigned id (``PUT Provenance/ehrbridge-<identifier>``,
+  update-as-create): a replay updates the same Provenance.
+
+Within the transaction the Observation and Devices are referenced by
+``urn:uuid:`` fullUrls derived from their identifiers (uuid5), which the
+server resolves to the ids it assigns or finds (http.html#trules).
+
+Built as plain dicts, like the Observation: the tests validate every shape
+with fhir.resources (R4B) and the npm ``fhir`` validator.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from ehrbridge import __version__
+from ehrbridge.config import SiteConfig
+from ehrbridge.pipelines.observation import build_observation, fact_identifier_system
+from ehrbridge.pipelines.records import ModelInfo, Prediction
+
+DEVICE_SYSTEM = "urn:ehrbridge:device"
+MODEL_SYSTEM = "urn:ehrbridge:model"
+PARTICIPANT_SYSTEM = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+DATA_OPERATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+_NAMESPACE = uuid.UUID("6f1b3c57-8a0e-4c0a-9b1e-2d6a1f3e5c70")  # ehrbridge's uuid5 namespace
+
+
+def full_url(*parts: str) -> str:
+    """A stable ``urn:uuid:`` for a resource within a transaction."""
+    return f"urn:uuid:{uuid.uuid5(_NAMESPACE, '|'.join(parts))}"
+
+
+def provenance_id(prediction: Prediction) -> str:
+    # FHIR ids: [A-Za-z0-9\-\.]{1,64}; the identifier is 32 hex digits.
+    return f"ehrbridge-{prediction.identifier}"
+
+
+def ehrbridge_device() -> dict[str, Any]:
+    return {
+        "resourceType": "Device",
+        "identifier": [{"system": DEVICE_SYSTEM, "value": f"ehrbridge/{__version__}"}],
+        "status": "active",
+        "manufacturer": "ehrbridge",
+        "deviceName": [{"name": "ehrbridge", "type": "manufacturer-name"}],
+        "type": {"text": "Integration software: EHR data to a clinical prediction model and back"},
+        "version": [{"type": {"text": "software"}, "value": __version__}],
+    }
+
+
+def model_device(model: ModelInfo) -> dict[str, Any]:
+    return {
+        "resourceType": "Device",
+        "identifier": [{"system": MODEL_SYSTEM, "value": model_key(model)}],
+        "status": "active",
+        "deviceName": [
+            {"name": "Kidney Failure Risk Equation, 4-variable", "type": "user-friendly-name"},
+            {"name": model.name, "type": "model-name"},
+        ],
+        "type": {"text": "Clinical prediction model"},
+        "version": [{"type": {"text": "model"}, "value": model.version}],
+        "property": [{"type": {"text": "calibration"}, "valueCode": [{"text": model.calibration}]}],
+    }
+
+
+def model_key(model: ModelInfo) -> str:
+    return f"{model.name}/{model.version}/{model.calibration}"
+
+
+def mapping_policy(site: str, version: str) -> str:
+    return f"urn:ehrbridge:mapping:{quote(site, safe='')}:{quote(version, safe='')}"
+
+
+def build_provenance(
+    prediction: Prediction,
+    config: SiteConfig,
+    *,
+    target: str,
+    devices: tuple[str, str],
+    recorded: datetime | None = None,
+) -> dict[str, Any]:
+    """The Provenance of one result. ``target`` and ``devices`` are references."""
+    ehrbridge_ref, model_ref = devices
+    model = prediction.model
+    when = (recorded or datetime.now(UTC)).astimezone(UTC)
+    return {
+        "resourceType": "Provenance",
+        "id": provenance_id(prediction),
+        "target": [{"reference": target}],
+        "recorded": when.isoformat(timespec="milliseconds"),
+        "policy": [mapping_policy(prediction.site, prediction.mapping_version)],
+        "activity": {
+            "coding": [{"system": DATA_OPERATION_SYSTEM, "code": "CREATE", "display": "create"}],
+            "text": "Kidney failure risk computed by ehrbridge from the listed lab results",
+        },
+        "agent": [
+            {
+                "type": _participant("assembler", "Assembler"),
+                "who": {"reference": ehrbridge_ref, "display": f"ehrbridge {__version__}"},
+            },
+            {
+                "type": _participant("performer", "Performer"),
+                "who": {
+                    "reference": model_ref,
+                    "display": f"{model.name} {model.version} ({model.calibration})",
+                },
+            },
+        ],
+        "entity": [
+            {
+                "role": "source",
+                "what": {
+                    "identifier": {
+                        "system": fact_identifier_system(prediction.site),
+                        "value": fact.ref,
+                    },
+                    "display": f"{fact.feature} ({fact.system} {fact.code}, "
+                    f"{fact.effective.date()}), mapping {prediction.mapping_version}",
+                },
+            }
+            for fact in prediction.features.inputs
+        ],
+    }
+
+
+def _participant(code: str, display: str) -> dict[str, Any]:
+    return {"coding": [{"system": PARTICIPANT_SYSTEM, "code": code, "display": display}]}
+
+
+def conditional_search(system: str, value: str) -> str:
+    return urlencode({"identifier": f"{system}|{value}"})
+
+
+def result_transaction(
+    prediction: Prediction,
+    config: SiteConfig,
+    observation: dict[str, Any] | None = None,
+    *,
+    recorded: datetime | None = None,
+) -> dict[str, Any]:
+    """The transaction Bundle that writes one result (see the module docstring)."""
+    observation = dict(observation or build_observation(prediction, config))
+    system = config.prediction_identifier_system
+    observation_url = full_url("Observation", system, prediction.identifier)
+    entries: list[dict[str, Any]] = []
+    if config.writeback.provenance:
+        ehrbridge, model = ehrbridge_device(), model_device(prediction.model)
+        device_urls = (device_url(ehrbridge), device_url(model))
+        entries += [_device_entry(ehrbridge), _device_entry(model)]
+        observation["device"] = {
+            "reference": device_urls[1],
+            "display": observation.get("device", {}).get("display", prediction.model.name),
+        }
+    entries.append(
+        {
+            "fullUrl": observation_url,
+            "resource": observation,
+            "request": {
+                "method": "PUT",
+                "url": f"Observation?{conditional_search(system, prediction.identifier)}",
+            },
+        }
+    )
+    if config.writeback.provenance:
+        provenance = build_provenance(
+            prediction, config, target=observation_url, devices=device_urls, recorded=recorded
+        )
+        entries.append(
+            {
+                "fullUrl": full_url("Provenance", provenance["id"]),
+                "resource": provenance,
+                "request": {"method": "PUT", "url": f"Provenance/{provenance['id']}"},
+            }
+        )
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def device_url(device: dict[str, Any]) -> str:
+    identifier = device["identifier"][0]
+    return full_url("Device", identifier["system"], identifier["value"])
+
+
+def _device_entry(device: dict[str, Any]) -> dict[str, Any]:
+    identifier = device["identifier"][0]
+    return {
+        "fullUrl": device_url(device),
+        "resource": device,
+        "request": {
+            "method": "POST",
+            "url": "Device",
+            "ifNoneExist": conditional_search(identifier["system"], identifier["value"]),
+        },
+    }

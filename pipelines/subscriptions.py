@@ -1,0 +1,463 @@
+"""FHIR Subscription notifications: R4 Backport IG and R4B/R5 topic-based.
+
+A notification is a Bundle whose first entry is the subscription's status
+(https://hl7.org/fhir/uv/subscriptions-backport/notifications.html):
+
+* R4 Backport: ``Bundle.type = history``, the status a ``Parameters``
+  resource (profile backport-subscription-status-r4) with parameters
+  ``subscription``, ``topic``, ``status``, ``type``,
+  ``events-since-subscription-start`` and one ``notification-event`` per
+  event (``event-number``, ``timestamp``, ``focus``, ``additional-context``);
+* R4B/R5: ``Bundle.type = subscription-notification``, the status a
+  ``SubscriptionStatus`` resource with the same content as elements.
+
+The notification ``type`` is ``handshake``, ``heartbeat``,
+``event-notification`` (or ``query-status`` / ``query-event`` when a client
+asked for them). Event notifications come in three payload shapes, told
+apart by what the Bundle carries:
+
+* **empty**: only the status; nothing to read (the subscriber would query);
+* **id-only**: entries with a ``fullUrl`` and no resource (and/or
+  ``focus`` references): the subscriber fetches each resource;
+* **full-resource**: entries with the resources themselves.
+
+:func:`parse_notification` refuses non-conformant bodies (400): a history
+Bundle whose entries lack ``request``/``response`` (bdl-3/bdl-4), a first
+entry that is not a subscription status, a status without ``subscription``,
+``status`` or a known ``type``, event numbers that are not integers.
+
+:class:`SubscriptionLedger` remembers, per subscription, the highest event
+number seen and every gap: events the server numbered that never reached
+us. A gap is logged (WARNING, naming the subscription and event numbers --
+never PHI) when it is found, and listed by ``GET /api/fhir`` until the
+missing events arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
+from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.pipelines.fhir_ingest import FhirRejected, Issue
+
+log = logging.getLogger(__name__)
+
+NOTIFICATION_TYPES = frozenset(
+    {"handshake", "heartbeat", "event-notification", "query-status", "query-event"}
+)
+EVENT_TYPES = frozenset({"event-notification", "query-event"})
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationEvent:
+    number: int
+    timestamp: str | None = None
+    focus: str | None = None  # a reference, relative or absolute
+    additional_context: tuple[str, ...] = ()
+
+
+@dataclass
+class Notification:
+    bundle_id: str
+    subscription: str  # the Subscription's reference, the ledger key
+    topic: str | None
+    status: str
+    type: str
+    events_since_start: int | None
+    events: list[NotificationEvent] = field(default_factory=list)
+    resources: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (fullUrl, res)
+    references: list[str] = field(default_factory=list)  # fullUrls of entries without resource
+
+    @property
+    def content(self) -> str:
+        """empty, id-only or full-resource (meaningful for event notifications)."""
+        if self.resources:
+            return "full-resource"
+        if self.references or any(e.focus for e in self.events):
+            return "id-only"
+        return "empty"
+
+    def focus_references(self) -> list[str]:
+        """What an id-only notification points at: focus and entry fullUrls, in order."""
+        seen: dict[str, None] = {}
+        for event in self.events:
+            if event.focus:
+                seen.setdefault(event.focus, None)
+        for reference in self.references:
+            seen.setdefault(reference, None)
+        return list(seen)
+
+
+def _bad(diagnostics: str, expression: str) -> FhirRejected:
+    return FhirRejected(
+        [Issue("invalid", diagnostics, expression, reason="subscription.non_conformant")],
+        reason="subscription.non_conformant",
+    )
+
+
+def parse_notification(doc: dict[str, Any]) -> Notification:
+    """The notification in a Bundle, or :class:`FhirRejected` naming what does not conform."""
+    if doc.get("resourceType") != "Bundle":
+        raise _bad("a subscription notification is a Bundle", "resourceType")
+    bundle_type = doc.get("type")
+    if bundle_type not in ("history", "subscription-notification"):
+        raise _bad(
+            f"Bundle.type {bundle_type!r}: a notification is a history Bundle (R4 Backport) "
+            "or a subscription-notification Bundle (R4B/R5)",
+            "Bundle.type",
+        )
+    entries = doc.get("entry")
+    if not isinstance(entries, list) or not entries:
+        raise _bad(
+            "a notification Bundle starts with the subscription status entry", "Bundle.entry"
+        )
+    if bundle_type == "history":
+        _check_history_entries(entries)
+    first = entries[0].get("resource") if isinstance(entries[0], dict) else None
+    if not isinstance(first, dict):
+        raise _bad("the first entry carries no resource", "Bundle.entry[0].resource")
+    if first.get("resourceType") == "Parameters":
+        notification = _from_parameters(first)
+    elif first.get("resourceType") == "SubscriptionStatus":
+        notification = _from_subscription_status(first)
+    else:
+        raise _bad(
+            "the first entry must be the subscription status (Parameters or SubscriptionStatus)",
+            "Bundle.entry[0].resource",
+        )
+    notification.bundle_id = str(doc.get("id") or "")
+    _collect_entries(notification, entries[1:])
+    return notification
+
+
+def _check_history_entries(entries: list[Any]) -> None:
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise _bad("an entry is not an object", f"Bundle.entry[{index}]")
+        for element, rule in (("request", "bdl-3"), ("response", "bdl-4")):
+            if not isinstance(entry.get(element), dict):
+                raise _bad(
+                    f"entries of a history Bundle need {element} ({rule}); this one has none",
+                    f"Bundle.entry[{index}].{element}",
+                )
+
+
+def _collect_entries(notification: Notification, entries: list[Any]) -> None:
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        resource = entry.get("resource")
+        url = str(entry["fullUrl"]) if isinstance(entry.get("fullUrl"), str) else ""
+        if isinstance(resource, dict):
+            notification.resources.append((url, resource))
+        elif url:
+            notification.references.append(url)
+
+
+# -- R4 Backport: Parameters ----------------------------------------------------------
+
+
+def _from_parameters(parameters: dict[str, Any]) -> Notification:
+    params = [p for p in parameters.get("parameter") or () if isinstance(p, dict)]
+    where = "Bundle.entry[0].resource.parameter"
+
+    def value(name: str, *keys: str) -> Any:
+        for param in params:
+            if param.get("name") == name:
+                for key in keys:
+                    if key in param:
+                        return param[key]
+        return None
+
+    subscription = (value("subscription", "valueReference") or {}).get("reference")
+    events = [
+        _event_from_parts(p.get("part") or [], f"{where}.part")
+        for p in params
+        if p.get("name") == "notification-event"
+    ]
+    return _notification(
+        subscription=subscription,
+        topic=value("topic", "valueCanonical", "valueUri"),
+        status=value("status", "valueCode"),
+        kind=value("type", "valueCode"),
+        since_start=value(
+            "events-since-subscription-start", "valueString", "valueInteger", "valueDecimal"
+        ),
+        events=events,
+        where=where,
+    )
+
+
+def _event_from_parts(parts: list[Any], where: str) -> NotificationEvent:
+    number: Any = None
+    timestamp = focus = None
+    context: list[str] = []
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        name = part.get("name")
+        if name == "event-number":
+            number = part.get("valueString", part.get("valueInteger"))
+        elif name == "timestamp":
+            timestamp = part.get("valueInstant")
+        elif name == "focus":
+            focus = (part.get("valueReference") or {}).get("reference")
+        elif name == "additional-context":
+            reference = (part.get("valueReference") or {}).get("reference")
+            if reference:
+                context.append(str(reference))
+    return NotificationEvent(
+        _integer(number, f"{where}.event-number", required=True) or 0,
+        timestamp,
+        str(focus) if focus else None,
+        tuple(context),
+    )
+
+
+# -- R4B / R5: SubscriptionStatus ------------------------------------------------------
+
+
+def _from_subscription_status(status: dict[str, Any]) -> Notification:
+    where = "Bundle.entry[0].resource"
+    events = []
+    for index, raw in enumerate(status.get("notificationEvent") or ()):
+        if not isinstance(raw, dict):
+            continue
+        focus = (raw.get("focus") or {}).get("reference")
+        context = tuple(
+            str(c.get("reference"))
+            for c in raw.get("additionalContext") or ()
+            if isinstance(c, dict) and c.get("reference")
+        )
+        number = _integer(
+            raw.get("eventNumber"), f"{where}.notificationEvent[{index}].eventNumber", required=True
+        )
+        events.append(
+            NotificationEvent(
+                number or 0, raw.get("timestamp"), str(focus) if focus else None, context
+            )
+        )
+    return _notification(
+        subscription=(status.get("subscription") or {}).get("reference"),
+        topic=status.get("topic"),
+        status=status.get("status"),
+        kind=status.get("type"),
+        since_start=status.get("eventsSinceSubscriptionStart"),
+        events=events,
+        where=where,
+    )
+
+
+def _notification(
+    *,
+    subscription: Any,
+    topic: Any,
+    status: Any,
+    kind: Any,
+    since_start: Any,
+    events: list[NotificationEvent],
+    where: str,
+) -> Notification:
+    if not isinstance(subscription, str) or not subscription:
+        raise _bad("the status names no subscription (a reference)", f"{where}.subscription")
+    if not isinstance(status, str) or not status:
+        raise _bad("the status has no subscription status code", f"{where}.status")
+    if kind not in NOTIFICATION_TYPES:
+        raise _bad(
+            f"notification type {kind!r} is not one of {sorted(NOTIFICATION_TYPES)}",
+            f"{where}.type",
+        )
+    if kind in EVENT_TYPES and not events:
+        raise _bad(
+            f"a {kind} carries at least one notification event", f"{where}.notificationEvent"
+        )
+    return Notification(
+        bundle_id="",
+        subscription=subscription,
+        topic=str(topic) if topic else None,
+        status=status,
+        type=str(kind),
+        events_since_start=_integer(since_start, f"{where}.eventsSinceSubscriptionStart"),
+        events=events,
+    )
+
+
+def _integer(value: Any, where: str, *, required: bool = False) -> int | None:
+    if value is None and not required:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    raise _bad(f"{value!r} is not an event number (a non-negative integer)", where)
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subscriptions (
+    subscription TEXT PRIMARY KEY,
+    topic TEXT,
+    status TEXT NOT NULL,
+    last_event INTEGER NOT NULL DEFAULT 0,
+    last_type TEXT NOT NULL,
+    notifications INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subscription_gaps (
+    subscription TEXT NOT NULL,
+    first_missing INTEGER NOT NULL,
+    last_missing INTEGER NOT NULL,
+    detected_at REAL NOT NULL,
+    PRIMARY KEY (subscription, first_missing)
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    subscription: str
+    first: int  # first missing event number
+    last: int  # last missing event number (inclusive)
+
+    def __str__(self) -> str:
+        return f"{self.first}" if self.first == self.last else f"{self.first}-{self.last}"
+
+
+class SubscriptionLedger:
+    """Per subscription: its status, the highest event number seen, and the gaps."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._connections = PerThreadConnection(Path(path))
+        self._connections.get().executescript(_SCHEMA)
+
+    def record(self, notification: Notification) -> list[Gap]:
+        """Note a notification that has been handled; return the new gaps it reveals.
+
+        Event numbers start at 1. For an event notification, the events between the
+        highest seen and its first event are missing; for a heartbeat (or any other
+        type) ``events-since-subscription-start`` beyond the highest seen are.
+        """
+        numbers = sorted({e.number for e in notification.events if e.number > 0})
+        try:
+            with transaction(self._connections.get()) as conn:
+                row = conn.execute(
+                    "SELECT last_event FROM subscriptions WHERE subscription = ?",
+                    (notification.subscription,),
+                ).fetchone()
+                last = int(row[0]) if row else 0
+                gaps = _new_gaps(notification, last, numbers)
+                self._fill(conn, notification.subscription, numbers)
+                self._store(conn, notification, last, numbers, gaps)
+        except sqlite3.Error as exc:
+            raise UpstreamUnavailable(f"subscription ledger: {exc}") from exc
+        for gap in gaps:
+            log.warning(
+                "subscription %s: event(s) %s never arrived (missed notification); "
+                "query the server's $events or $status to recover",
+                gap.subscription,
+                gap,
+            )
+        return gaps
+
+    @staticmethod
+    def _fill(conn: sqlite3.Connection, subscription: str, numbers: Iterable[int]) -> None:
+        """A late event closes (part of) an open gap."""
+        for number in numbers:
+            row = conn.execute(
+                "SELECT first_missing, last_missing, detected_at FROM subscription_gaps"
+                " WHERE subscription = ? AND first_missing <= ? AND last_missing >= ?",
+                (subscription, number, number),
+            ).fetchone()
+            if row is None:
+                continue
+            first, last, detected = row
+            conn.execute(
+                "DELETE FROM subscription_gaps WHERE subscription = ? AND first_missing = ?",
+                (subscription, first),
+            )
+            for low, high in ((first, number - 1), (number + 1, last)):
+                if low <= high:
+                    conn.execute(
+                        "INSERT INTO subscription_gaps VALUES (?, ?, ?, ?)",
+                        (subscription, low, high, detected),
+                    )
+
+    @staticmethod
+    def _store(
+        conn: sqlite3.Connection,
+        notification: Notification,
+        last: int,
+        numbers: list[int],
+        gaps: list[Gap],
+    ) -> None:
+        now = time.time()
+        high = max([last, *numbers, *(g.last for g in gaps)])
+        conn.executemany(
+            "INSERT OR REPLACE INTO subscription_gaps VALUES (?, ?, ?, ?)",
+            [(g.subscription, g.first, g.last, now) for g in gaps],
+        )
+        conn.execute(
+            "INSERT INTO subscriptions (subscription, topic, status, last_event, last_type,"
+            " notifications, updated_at) VALUES (?, ?, ?, ?, ?, 1, ?)"
+            " ON CONFLICT (subscription) DO UPDATE SET topic = COALESCE(excluded.topic, topic),"
+            " status = excluded.status, last_event = excluded.last_event,"
+            " last_type = excluded.last_type, notifications = notifications + 1,"
+            " updated_at = excluded.updated_at",
+            (
+                notification.subscription,
+                notification.topic,
+                notification.status,
+                high,
+                notification.type,
+                now,
+            ),
+        )
+
+    def gaps(self, subscription: str | None = None) -> list[Gap]:
+        where, args = ("WHERE subscription = ?", [subscription]) if subscription else ("", [])
+        rows = self._connections.get().execute(
+            f"SELECT subscription, first_missing, last_missing FROM subscription_gaps {where}"
+            " ORDER BY subscription, first_missing",
+            args,
+        )
+        return [Gap(str(s), int(f), int(t)) for s, f, t in rows]
+
+    def subscriptions(self) -> list[dict[str, Any]]:
+        rows = self._connections.get().execute(
+            "SELECT subscription, topic, status, last_event, last_type, notifications, updated_at"
+            " FROM subscriptions ORDER BY subscription"
+        )
+        keys = ("subscription", "topic", "status", "last_event", "last_type", "notifications")
+        found = []
+        for row in rows:
+            item: dict[str, Any] = dict(zip(keys, row[:6], strict=True))
+            item["updated_at"] = row[6]
+            item["gaps"] = [str(g) for g in self.gaps(str(row[0]))]
+            found.append(item)
+        return found
+
+    def close(self) -> None:
+        self._connections.close()
+
+
+def _new_gaps(notification: Notification, last: int, numbers: list[int]) -> list[Gap]:
+    gaps: list[Gap] = []
+    expected = last + 1
+    for number in numbers:
+        if number > expected:
+            gaps.append(Gap(notification.subscription, expected, number - 1))
+        expected = max(expected, number + 1)
+    since = notification.events_since_start
+    # events-since-subscription-start counts events *including* those in this notification.
+    if since is not None and since >= expected and notification.type not in ("handshake",):
+        gaps.append(Gap(notification.subscription, expected, since))
+    return gaps

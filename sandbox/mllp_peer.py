@@ -1,0 +1,102 @@
+"""An MLLP peer standing in for an older EHR's results interface.
+
+It receives HL7v2 messages (ehrbridge's ORU^R01 write-back), keeps each one,
+and answers with an original-mode ACK built like ehrbridge's own
+(``pipelines/ack.py``): MSA-2 echoes the message's MSH-10. What it answers is
+up to ``answer``: a function of the message returning ``"AA"``, ``"AE"``,
+``"AR"`` or ``None`` (no answer at all, so the sender times out). The
+default accepts everything. The tests script AE, AR and silence with it.
+
+In the sandbox it is the EHR's results inbox: every ORU it accepts is also
+appended to ``record_to`` (one message per block, segments on their own
+lines), so ``tail -f`` shows results as the EHR would file them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ehrbridge.pipelines.ack import build_ack, read_header
+from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
+
+START_BLOCK = b"\x0b"
+END_BLOCK = b"\x1c\x0d"
+Answer = Callable[[bytes], str | None]
+
+
+def accept_all(_: bytes) -> str:
+    return "AA"
+
+
+@dataclass
+class Received:
+    message: bytes
+    control_id: str  # its MSH-10
+    answered: str | None  # the ACK code sent back, None for silence
+
+
+@dataclass
+class MllpPeer:
+    host: str = "127.0.0.1"
+    port: int = 0
+    answer: Answer = accept_all
+    record_to: Path | None = None
+    received: list[Received] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    def messages(self, code: str | None = "AA") -> list[Received]:
+        """What was received (and answered ``code``; None: everything)."""
+        with self._lock:
+            return [r for r in self.received if code is None or r.answered == code]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(START_BLOCK)
+                message = (await reader.readuntil(END_BLOCK))[: -len(END_BLOCK)]
+                code = self.answer(message)
+                self._keep(message, code)
+                if code is not None:
+                    writer.write(START_BLOCK + _ack(message, code) + END_BLOCK)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _keep(self, message: bytes, code: str | None) -> None:
+        header = read_header(message)
+        with self._lock:
+            self.received.append(Received(message, header.control_id, code))
+        if self.record_to is not None and code == "AA":
+            self.record_to.parent.mkdir(parents=True, exist_ok=True)
+            text = message.replace(b"\r", b"\n").decode("utf-8", "replace").rstrip("\n")
+            with self.record_to.open("a", encoding="utf-8") as out:
+                out.write(text + "\n\n")
+
+
+def _ack(message: bytes, code: str) -> bytes:
+    header = read_header(message)
+    if code == "AE":
+        return build_ack(header, MessageUnusable("result rejected by the EHR stand-in"))
+    if code == "AR":
+        return build_ack(header, MessageRejected("EHR stand-in cannot take results now"))
+    return build_ack(header)

@@ -1,0 +1,41 @@
+"""No PHI in logs at INFO or above on the FHIR paths either: ingest, refusals, write-back, ORU."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from conftest import CORPUS, wait_for
+
+from ehrbridge.sandbox.run import BackgroundSandbox
+
+PATIENT = CORPUS / "fhir" / "synthea-ckd" / "Dirk_Kuhlman_1e503533-b8c2-42cb-a6d5-bbd7d70d07ad.json"
+
+
+def test_fhir_paths_log_no_patient_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = PATIENT.read_bytes()
+    patient = orjson.loads(raw)["entry"][0]["resource"]
+    secrets = {i["value"] for i in patient["identifier"]} | {patient["id"], patient["birthDate"]}
+    secrets |= {patient["name"][0]["family"], *patient["name"][0]["given"]}
+    caplog.set_level(logging.DEBUG)
+    with BackgroundSandbox(tmp_path) as running:
+        api = running.sandbox.fhir_site_url
+        headers = {"content-type": "application/fhir+json"}
+        assert (
+            httpx.post(f"{api}/fhir", content=raw, headers=headers, timeout=60).status_code == 200
+        )
+        refused = httpx.post(f"{api}/fhir/Patient", json={**patient, "identifier": []})
+        assert refused.status_code == 422
+        broken = raw.replace(b'"reference": "urn:uuid:', b'"reference": "urn:uuid:x', 1)
+        assert httpx.post(f"{api}/fhir", content=broken, headers=headers).status_code == 400
+        wait_for(running.sandbox.inbox.messages, what="ORUs at the inbox")
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("dead-lettered" in r.getMessage() for r in loud), "expected refusals in the log"
+    text = "\n".join(r.getMessage() for r in loud)
+    leaked = sorted(s for s in secrets if s and s in text)
+    assert leaked == [], f"PHI in logs: {leaked}"
+    for marker in ("PID|", "OBX|", '"resourceType"'):
+        assert marker not in text, f"raw content in logs ({marker})"
