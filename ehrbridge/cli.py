@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 from collections.abc import Sequence
@@ -48,8 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--rate", type=float, default=50.0, help="synthetic messages per second")
     sandbox.add_argument("--seed", type=int, default=7)
     sandbox.add_argument("--fresh", action="store_true", help="delete the data dir first")
-    for name, default in (("mllp", 2575), ("http", 8080), ("fhir", 8090), ("model", 8091)):
-        sandbox.add_argument(f"--{name}-port", type=int, default=default, metavar="PORT")
+    from ehrbridge.sandbox.ports import Ports
+
+    for port in dataclasses.fields(Ports):
+        flag = "--" + port.name.replace("_", "-") + "-port"
+        sandbox.add_argument(flag, type=int, default=port.default, metavar="PORT")
     sandbox.set_defaults(func=_sandbox)
 
     run = sub.add_parser("run", help="run a site from its YAML config")

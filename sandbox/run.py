@@ -30,7 +30,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -45,6 +45,7 @@ from ehrbridge.runtime import SiteRuntime
 from ehrbridge.sandbox.fhir_server import create_fhir_app
 from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.model_server import create_model_app
+from ehrbridge.sandbox.ports import Ports
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 log = logging.getLogger(__name__)
@@ -57,22 +58,6 @@ def sandbox_site_file() -> Path:
 
 def sandbox_fhir_site_file() -> Path:
     return Path(str(resources.files("ehrbridge.sandbox").joinpath("site-fhir.yaml")))
-
-
-@dataclass
-class Ports:
-    mllp: int = 2575
-    http: int = 8080
-    fhir: int = 8090
-    model: int = 8091
-    fhir_site_http: int = 8081  # the FHIR site's API: FHIR ingest, CDS Hooks
-    fhir_site_mllp: int = 2577
-    ehr_inbox: int = 2576  # the EHR's HL7v2 results inbox (ORU write-back)
-
-    @classmethod
-    def free(cls) -> Ports:
-        """Let the OS choose every port (tests)."""
-        return cls(0, 0, 0, 0, 0, 0, 0)
 
 
 @dataclass
@@ -260,7 +245,7 @@ async def run_sandbox(args: argparse.Namespace) -> None:
     data_dir: Path = args.data_dir.resolve()
     if args.fresh and data_dir.exists():
         shutil.rmtree(data_dir)
-    ports = Ports(args.mllp_port, args.http_port, args.fhir_port, args.model_port)
+    ports = Ports(**{port.name: getattr(args, f"{port.name}_port") for port in fields(Ports)})
     sandbox = Sandbox(data_dir, ports)
     await sandbox.start()
     print(banner(sandbox, not args.no_traffic), flush=True)
