@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import ORJSONResponse
 
 from ehrbridge import __version__
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
@@ -40,7 +39,6 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
     app = FastAPI(
         title="ehrbridge",
         version=__version__,
-        default_response_class=ORJSONResponse,
         docs_url="/docs",
     )
     config = runtime.config

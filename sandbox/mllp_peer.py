@@ -49,6 +49,7 @@ class MllpPeer:
     received: list[Received] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _connections: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
@@ -57,6 +58,11 @@ class MllpPeer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            # Python 3.11's Server.close() leaves open connections running; a
+            # handler still reading when the loop closes is never finalised.
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
 
@@ -66,6 +72,10 @@ class MllpPeer:
             return [r for r in self.received if code is None or r.answered == code]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
         try:
             while True:
                 await reader.readuntil(START_BLOCK)
