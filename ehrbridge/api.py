@@ -34,6 +34,10 @@ from ehrbridge.fhir_api import add_fhir_routes
 if TYPE_CHECKING:
     from ehrbridge.runtime import SiteRuntime
 
+# Paging positions are SQLite INTEGERs (64-bit); a larger one is a 422, not a 500.
+MAX_OFFSET = 2**62
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such item here"}}
+
 
 def create_api(runtime: SiteRuntime) -> FastAPI:
     app = FastAPI(
@@ -57,7 +61,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
     def results(
         patient: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> dict[str, Any]:
         found = runtime.results.list(patient_id=patient, limit=limit, offset=offset)
         return {
@@ -66,14 +70,14 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             "results": [r.summary() for r in found],
         }
 
-    @app.get("/api/results/{identifier}")
+    @app.get("/api/results/{identifier}", responses=NOT_FOUND)
     def result(identifier: str) -> dict[str, Any]:
         stored = runtime.results.get(identifier)
         if stored is None:
             raise HTTPException(404, f"no result {identifier}")
         return {**stored.summary(), "observation": stored.observation}
 
-    @app.get("/api/patients/{patient_id}")
+    @app.get("/api/patients/{patient_id}", responses=NOT_FOUND)
     def patient(patient_id: str) -> dict[str, Any]:
         state = runtime.state.get(patient_id)
         if state is None:
@@ -88,7 +92,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             "latest_result": latest.summary() if latest else None,
         }
 
-    @app.get("/api/fhir")
+    @app.get("/api/fhir", responses=NOT_FOUND)
     def fhir_status() -> dict[str, Any]:
         """FHIR ingest counters and every Subscription's state and event-number gaps."""
         endpoint = runtime.fhir
@@ -101,7 +105,9 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
         }
 
     @app.get("/api/dlq")
-    def dlq(limit: int = Query(100, ge=1, le=1000), after: int = -1) -> dict[str, Any]:
+    def dlq(
+        limit: int = Query(100, ge=1, le=1000), after: int = Query(-1, ge=-1, le=MAX_OFFSET)
+    ) -> dict[str, Any]:
         records = runtime.log.read(runtime.topic("dlq"), after=after, limit=limit)
         return {
             "records": [
