@@ -17,6 +17,7 @@ from ehrbridge.pipelines.contracts import Kind
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import Extraction, FactRules, Trace, extract
 from ehrbridge.pipelines.fhir_facts import extract_fhir
+from ehrbridge.pipelines.history import by_episode
 
 _BATCH_LINE = re.compile(rb"^(?:FHS|BHS|BTS|FTS)\b[^\r\n]*[\r\n]*", re.MULTILINE)
 _MESSAGE_START = re.compile(rb"(?:^|(?<=[\r\n]))MSH")
@@ -62,5 +63,6 @@ def read_inputs(path: Path) -> list[Input]:
 def extract_input(item: Input, rules: FactRules, trace: Trace | None = None) -> Extraction:
     """The same extraction the pipeline runs (raises what ingest would answer AE/AR for)."""
     if item.kind is Kind.FHIR:
-        return extract_fhir(item.payload, rules, trace)
+        # As ProcessStage.extract: a Bundle's history gives one prediction per episode.
+        return by_episode(extract_fhir(item.payload, rules, trace), rules.mapping)
     return extract(Message.parse(item.payload), rules, trace)

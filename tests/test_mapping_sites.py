@@ -34,3 +34,21 @@ def test_mapping_case(loaded: LoadedCase) -> None:
 def test_example_site_mapping_is_clean(site: Path) -> None:
     problems = [d for d in check_path(site) if d.severity in ("error", "warning")]
     assert problems == []
+
+
+def test_a_whole_synthea_history_replays_as_one_prediction_per_episode_as_in_the_pipeline() -> None:
+    """`mappings test` must agree with ProcessStage: a Bundle is split into episodes."""
+    from ehrbridge.mappings.loader import load_mapping_file
+    from ehrbridge.mappings.messages import Input
+    from ehrbridge.mappings.testing import replay
+    from ehrbridge.pipelines.contracts import Kind
+    from ehrbridge.pipelines.features import FeatureRecord
+
+    corpus = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "fhir" / "synthea-ckd"
+    bundle = next(p for p in sorted(corpus.glob("*.json")) if p.stat().st_size > 1_000_000)
+    mapping = load_mapping_file(SITES_DIR / "fhir-synthea" / "mapping.yaml")
+    got = replay([Input(Kind.FHIR, bundle.read_bytes(), bundle.name)], mapping)
+    records = [r for _, r in got.outcomes if isinstance(r, FeatureRecord)]
+    assert len(records) > 1, "a multi-year history gave a single prediction"
+    assert [r.anchor for r in records] == sorted(r.anchor for r in records)
+    assert len({r.episode for r in records}) == len(records)
