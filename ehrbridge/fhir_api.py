@@ -598,7 +598,9 @@ def _not_read(counts: Counter[str]) -> str:
 def _stored_summary(checked: Checked) -> str:
     read = Counter(e.resource_type for e in checked.entries if e.read)
     other = Counter(e.resource_type for e in checked.entries if not e.read)
-    if not checked.entries[0].read and len(checked.entries) == 1:
+    if not checked.entries:
+        return "accepted: the Bundle has no entries, nothing was stored"
+    if len(checked.entries) == 1 and not checked.entries[0].read:
         return _not_read(other)
     stored = ", ".join(f"{n} {t}" for t, n in sorted(read.items())) or "nothing"
     text = f"stored {stored} as record {checked.source_id}"

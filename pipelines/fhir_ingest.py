@@ -460,7 +460,7 @@ class Checker:
         if kind != "Observation":
             return
         status = resource.get("status")
-        if status not in OBSERVATION_STATUSES:
+        if not isinstance(status, str) or status not in OBSERVATION_STATUSES:
             problems.append(
                 Issue(
                     "required" if status is None else "code-invalid",

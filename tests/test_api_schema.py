@@ -10,6 +10,7 @@ integration engineer never sees a stack trace for bad input.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +32,7 @@ def running_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backgr
 
 
 FUZZ = settings(
-    max_examples=25,
+    max_examples=int(os.environ.get("EHRBRIDGE_FUZZ_EXAMPLES", "25")),
     deadline=None,
     database=None,
     suppress_health_check=list(HealthCheck),
