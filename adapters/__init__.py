@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.memory import MemorySink, MemorySource
 from ehrbridge.adapters.mllp_client import AsyncMllpClient, MllpClient
 from ehrbridge.adapters.mllp_sink import MllpSink
@@ -21,7 +22,7 @@ from ehrbridge.adapters.sqlite_log import SqliteLog
 REGISTRY: dict[str, dict[str, type]] = {
     "source": {"mllp": MllpSource, "memory": MemorySource},
     "sink": {"fhir": FhirSink, "hl7v2-mllp": MllpSink, "memory": MemorySink},
-    "log": {"embedded": SqliteLog},  # `transport.kind` in the site config
+    "log": {"embedded": SqliteLog, "kafka": KafkaLog},  # `transport.kind` in the site config
     "model": {"oip-v2": InferenceClient},
     "client": {"mllp": MllpClient, "mllp-async": AsyncMllpClient},
 }

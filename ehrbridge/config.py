@@ -76,8 +76,23 @@ class EmbeddedTransport(Strict):
 
 class KafkaTransport(Strict):
     kind: Literal["kafka"]
+    # host:port[,host:port]; when left out, the KAFKA_BOOTSTRAP environment variable.
     bootstrap: str = Field(default_factory=lambda: os.environ.get("KAFKA_BOOTSTRAP", ""))
+    # Partitions of the work topics (raw, predictions, retry tiers, state changelog):
+    # the most processing workers that can share the load. dlq topics have one.
     partitions: int = Field(6, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    # How long an append may wait for the broker before the sender gets no AA.
+    request_timeout_s: float = Field(5.0, gt=0)
+    # Local per-patient state of the processing role, restored from the changelog
+    # topic; default <data_dir>/state-kafka.
+    state_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def bootstrap_is_set(self) -> Self:
+        if not self.bootstrap.strip():
+            raise ValueError("bootstrap is required for kind: kafka (or set KAFKA_BOOTSTRAP)")
+        return self
 
 
 Transport = Annotated[EmbeddedTransport | KafkaTransport, Field(discriminator="kind")]

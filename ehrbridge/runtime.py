@@ -28,11 +28,13 @@ from ehrbridge.adapters import REGISTRY
 from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.adapters.kafka_log import KafkaLog
+from ehrbridge.adapters.kafka_state import ChangelogStateStore
 from ehrbridge.adapters.mllp_sink import MllpSink
 from ehrbridge.adapters.mllp_source import MllpSource
 from ehrbridge.adapters.smart_auth import token_source
 from ehrbridge.adapters.sqlite_log import SqliteLog
-from ehrbridge.config import Mode, SiteConfig
+from ehrbridge.config import KafkaTransport, Mode, SiteConfig
 from ehrbridge.pipelines.contracts import Sink
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
@@ -42,7 +44,7 @@ from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.retry import DelayedRetryForwarder, FailureRouter, RetryingStage
 from ehrbridge.pipelines.state import SqliteStateStore
 from ehrbridge.pipelines.subscriptions import SubscriptionLedger
-from ehrbridge.pipelines.transport import Log, topic_name
+from ehrbridge.pipelines.transport import Consumer, Log, Record, topic_name
 from ehrbridge.pipelines.worker import StageWorker
 from ehrbridge.pipelines.writeback import FHIR_TARGET, HL7V2_TARGET, WritebackStage
 
@@ -63,10 +65,12 @@ ALL_ROLES = frozenset(Role)
 
 def open_log(config: SiteConfig) -> Log:
     """The durable log the site config names (``transport.kind``)."""
-    if config.transport.kind == "embedded":
-        log_class: type[SqliteLog] = REGISTRY["log"]["embedded"]
-        return log_class(config.data_dir / "log.sqlite")
-    raise NotImplementedError("the kafka transport is not available yet")
+    transport = config.transport
+    if isinstance(transport, KafkaTransport):
+        kafka_class: type[KafkaLog] = REGISTRY["log"]["kafka"]
+        return kafka_class(transport, client_id=f"ehrbridge-{config.site}")
+    log_class: type[SqliteLog] = REGISTRY["log"]["embedded"]
+    return log_class(config.data_dir / "log.sqlite")
 
 
 class SiteRuntime:
@@ -75,7 +79,8 @@ class SiteRuntime:
         self.roles = frozenset(roles)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open_log(config)
-        self.state = SqliteStateStore(config.data_dir / "state.sqlite")
+        self.changelog_state: ChangelogStateStore | None = None  # kafka transport only
+        self.state = self._open_state()
         self.results = ResultStore(config.data_dir / "results.sqlite")
         self.patient_links = PatientLinks(config.data_dir / "patient_links.sqlite")
         self.router = FailureRouter(config.site, config.retry)
@@ -89,6 +94,19 @@ class SiteRuntime:
         self.process_stage: ProcessStage | None = None
         self.fhir: FhirEndpoint | None = None  # the FHIR ingest endpoint (ingest role)
         self.writeback_targets: dict[str, Sink] = {}
+
+    def _open_state(self) -> SqliteStateStore | ChangelogStateStore:
+        """Per-patient state: on Kafka, the processing role's changelog-backed store."""
+        transport = self.config.transport
+        if isinstance(self.log, KafkaLog) and Role.PROCESS in self.roles:
+            assert isinstance(transport, KafkaTransport)
+            self.changelog_state = ChangelogStateStore(
+                transport.state_dir or self.config.data_dir / "state-kafka",
+                self.log,
+                self.topic("state-changelog"),
+            )
+            return self.changelog_state
+        return SqliteStateStore(self.config.data_dir / "state.sqlite")
 
     def topic(self, name: str) -> str:
         return topic_name(self.config.site, name)
@@ -139,9 +157,28 @@ class SiteRuntime:
     def _start_processing(self) -> None:
         model = InferenceClient(self.config.model)
         self._closers.append(model.close)
+        if isinstance(self.log, KafkaLog):
+            self._start_kafka_processing(self.log, model)
+            return
         stage = ProcessStage(self.config, self.state, model)
         self.process_stage = stage
         self._worker("process", [self.topic("raw")], stage, self.topic("predictions"))
+
+    def _start_kafka_processing(self, kafka: KafkaLog, model: InferenceClient) -> None:
+        """Per-partition state, restored from the changelog whenever partitions arrive."""
+        state = self.changelog_state
+        assert state is not None
+        stage = ProcessStage(self.config, state, model)
+        self.process_stage = stage
+        consumer = kafka.consumer(self.topic("process"), [self.topic("raw")], state.restore)
+        self._worker(
+            "process",
+            [self.topic("raw")],
+            stage,
+            self.topic("predictions"),
+            consumer=consumer,
+            side_outputs=state.drain,
+        )
 
     def _start_writeback(self) -> None:
         if self.config.mode is Mode.LIVE:
@@ -176,15 +213,20 @@ class SiteRuntime:
         topics: list[str],
         stage: ProcessStage | WritebackStage,
         output: str | None,
+        *,
+        consumer: Consumer | None = None,
+        side_outputs: Callable[[], list[Record]] | None = None,
     ) -> None:
         worker = StageWorker(
             log_=self.log,
-            group=group,
+            group=self.topic(group),  # consumer groups are per site, like topics
             topics=topics,
             stage=RetryingStage(stage, self.config.retry, self.stop_event),
             output_topic=output,
             router=self.router,
             stop=self.stop_event,
+            consumer=consumer,
+            side_outputs=side_outputs,
         )
         self.workers.append(worker)
         self._thread(group, worker.run)

@@ -184,7 +184,8 @@ class DelayedRetryForwarder:
     def __init__(self, log_: Log, router: FailureRouter, stop: threading.Event) -> None:
         self.log = log_
         self.stop = stop
-        self.consumers = [log_.consumer("retry-forwarder", [t]) for t in router.tier_topics()]
+        group = topic_name(router.site, "retry-forwarder")
+        self.consumers = [log_.consumer(group, [t]) for t in router.tier_topics()]
 
     def run(self) -> None:
         while not self.stop.is_set():

@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ehrbridge.pipelines.contracts import Envelope, Failure, Stage
 from ehrbridge.pipelines.errors import EhrbridgeError, MessageRejected, TransientError
 from ehrbridge.pipelines.retry import FailureRouter
-from ehrbridge.pipelines.transport import Log, Record, dead_letter_record, from_record, to_record
+from ehrbridge.pipelines.transport import (
+    Consumer,
+    Log,
+    Record,
+    dead_letter_record,
+    from_record,
+    to_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,8 @@ class StageWorker:
         router: FailureRouter,
         stop: threading.Event,
         batch_size: int = 256,
+        consumer: Consumer | None = None,
+        side_outputs: Callable[[], list[Record]] | None = None,
     ) -> None:
         self.log = log_
         self.stage = stage
@@ -46,7 +55,10 @@ class StageWorker:
         self.router = router
         self.stop = stop
         self.batch_size = batch_size
-        self.consumer = log_.consumer(group, topics)
+        self.consumer = consumer or log_.consumer(group, topics)
+        # Records the stage produced on the side (a state changelog): appended
+        # with the outputs, before the commit.
+        self.side_outputs = side_outputs
         self.processed = 0
 
     def run(self) -> None:
@@ -67,6 +79,8 @@ class StageWorker:
             return 0
         try:
             outputs = self._run_stage(records)
+            if self.side_outputs is not None:
+                outputs.extend(self.side_outputs())
             self.log.append(outputs)
         except BaseException:
             self.consumer.rewind(records)

@@ -1,0 +1,382 @@
+"""The production durable log: Apache Kafka, through kafka-python.
+
+Implements :class:`~ehrbridge.pipelines.transport.Log` with the same
+at-least-once contract as the embedded log:
+
+* :meth:`KafkaLog.append` returns only once **every** record is acknowledged
+  by the broker (``acks=all``, idempotent producer). The MLLP AA and the
+  FHIR 2xx wait on it; a broker that does not answer within
+  ``transport.request_timeout_s`` raises :class:`UpstreamUnavailable`, so the
+  sender gets no AA and resends.
+* Consumers are group members with auto-commit off. The worker commits the
+  offsets of a batch only after the batch's outputs were appended; a crash
+  or a rebalance in between re-delivers the batch to whoever owns the
+  partition next (stages are idempotent, Observation ids deterministic).
+* Keys are patient ids, so Kafka's default partitioner keeps one patient's
+  records in order on one partition, and the state changelog
+  (``<site>.state-changelog``, compacted) lands on the same partition number
+  as the patient's ``raw`` records.
+
+Topics are created on first use with the partition count and cleanup policy
+their role needs (:func:`topic_spec`): work topics get
+``transport.partitions``; ``dlq`` and ``dlq.replayed`` one partition, so
+their offsets number dead letters globally for ``ehrbridge dlq``; the
+changelog is compacted.
+
+kafka-python notes (3.0.12, measured here): a new group consumer must ask
+for the partitions of its topics before the first poll, or that poll can
+hang; the client's default 45 s session timeout makes group joins slow, so
+the group settings below are tighter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import (
+    ConsumerRebalanceListener,
+    KafkaAdminClient,
+    KafkaConsumer,
+    KafkaProducer,
+    OffsetAndMetadata,
+    TopicPartition,
+)
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from ehrbridge.config import KafkaTransport
+from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.pipelines.transport import Consumer, Record
+
+log = logging.getLogger(__name__)
+
+CHANGELOG_SUFFIX = ".state-changelog"
+SINGLE_PARTITION_SUFFIXES = (".dlq", ".dlq.replayed")
+
+# Group membership: fail over a dead worker within seconds, not the client's
+# default 45 s; allow long batches (a model outage is ridden out in place).
+GROUP_SETTINGS: dict[str, Any] = {
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000,
+    "max_poll_interval_ms": 300_000,
+    "auto_offset_reset": "earliest",
+    "enable_auto_commit": False,
+}
+
+OnAssign = Callable[[list[TopicPartition]], None]
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    partitions: int
+    config: dict[str, str]
+
+
+def topic_spec(name: str, partitions: int) -> TopicSpec:
+    """How a topic is created, from the role its name gives it."""
+    if name.endswith(SINGLE_PARTITION_SUFFIXES):
+        return TopicSpec(1, {})
+    if name.endswith(CHANGELOG_SUFFIX):
+        return TopicSpec(partitions, {"cleanup.policy": "compact"})
+    return TopicSpec(partitions, {})
+
+
+class KafkaLog:
+    """A :class:`~ehrbridge.pipelines.transport.Log` on an Apache Kafka cluster."""
+
+    def __init__(self, transport: KafkaTransport, client_id: str = "ehrbridge") -> None:
+        if not transport.bootstrap:
+            raise ValueError("transport.bootstrap is empty (or set KAFKA_BOOTSTRAP)")
+        self.transport = transport
+        self.bootstrap = transport.bootstrap
+        self.client_id = client_id
+        self._timeout_ms = int(transport.request_timeout_s * 1000)
+        # A broker that is down must fail an append within the timeout, not after
+        # the client's 30 s bootstrap wait with back-off growing to 30 s.
+        self.connection: dict[str, Any] = {
+            "bootstrap_servers": transport.bootstrap,
+            "bootstrap_timeout_ms": self._timeout_ms,
+            "reconnect_backoff_max_ms": 2000,
+        }
+        self._producer: KafkaProducer | None = None
+        self._lock = threading.Lock()
+        self._known_topics: set[str] = set()
+
+    # ------------------------------------------------------------- producing --
+
+    def append(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        self.ensure_topics({r.topic for r in records})
+        producer = self._producer_or_raise()
+        try:
+            futures = [producer.send(**_send_arguments(r)) for r in records]
+            producer.flush(timeout=self.transport.request_timeout_s * 2)
+            for future in futures:
+                future.get(timeout=self.transport.request_timeout_s)
+        except KafkaError as exc:
+            self._discard_producer()
+            raise UpstreamUnavailable(f"Kafka {self.bootstrap}: {exc}") from exc
+
+    def _producer_or_raise(self) -> KafkaProducer:
+        with self._lock:
+            if self._producer is None:
+                try:
+                    self._producer = KafkaProducer(
+                        **self.connection,
+                        client_id=self.client_id,
+                        acks="all",
+                        enable_idempotence=True,
+                        linger_ms=2,
+                        request_timeout_ms=self._timeout_ms,
+                        delivery_timeout_ms=self._timeout_ms * 2,
+                        max_block_ms=self._timeout_ms,
+                    )
+                except KafkaError as exc:
+                    raise UpstreamUnavailable(f"Kafka {self.bootstrap}: {exc}") from exc
+            return self._producer
+
+    def _discard_producer(self) -> None:
+        """After a failed batch, start afresh: the idempotent producer may be fenced."""
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=0)
+            except KafkaError:
+                log.debug("closing a failed Kafka producer", exc_info=True)
+
+    # ---------------------------------------------------------------- topics --
+
+    def ensure_topics(self, names: Iterable[str]) -> None:
+        """Create missing topics as :func:`topic_spec` says; existing ones are left alone."""
+        missing = sorted(set(names) - self._known_topics)
+        if not missing:
+            return
+        new = [
+            NewTopic(
+                name,
+                spec.partitions,
+                self.transport.replication_factor,
+                topic_configs=spec.config,
+            )
+            for name in missing
+            for spec in [topic_spec(name, self.transport.partitions)]
+        ]
+        admin = self._admin()
+        try:
+            for topic in new:
+                with contextlib.suppress(TopicAlreadyExistsError):  # another process won
+                    admin.create_topics([topic], timeout_ms=self._timeout_ms)
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka {self.bootstrap}: creating topics: {exc}") from exc
+        finally:
+            admin.close()
+        self._known_topics.update(missing)
+
+    def _admin(self) -> KafkaAdminClient:
+        try:
+            return KafkaAdminClient(
+                **self.connection,
+                client_id=f"{self.client_id}-admin",
+                request_timeout_ms=self._timeout_ms,
+            )
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka {self.bootstrap}: {exc}") from exc
+
+    def partitions_of(self, topic: str) -> list[int]:
+        consumer = self._plain_consumer()
+        try:
+            return sorted(consumer.partitions_for_topic(topic) or [])
+        finally:
+            consumer.close()
+
+    # ------------------------------------------------------------- consuming --
+
+    def consumer(
+        self, group: str, topics: Sequence[str], on_assign: OnAssign | None = None
+    ) -> KafkaGroupConsumer:
+        self.ensure_topics(topics)
+        return KafkaGroupConsumer(self, group, topics, on_assign)
+
+    def read(self, topic: str, *, after: int = -1, limit: int = 100) -> list[Record]:
+        """Records without a group: offsets above ``after`` on every partition, oldest first."""
+        self.ensure_topics([topic])
+        consumer = self._plain_consumer()
+        try:
+            return _read_range(consumer, topic, after, limit)
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka {self.bootstrap}: reading {topic}: {exc}") from exc
+        finally:
+            consumer.close()
+
+    def _plain_consumer(self) -> KafkaConsumer:
+        try:
+            return KafkaConsumer(
+                **self.connection,
+                client_id=f"{self.client_id}-reader",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                request_timeout_ms=max(self._timeout_ms, 6000),
+            )
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka {self.bootstrap}: {exc}") from exc
+
+    def close(self) -> None:
+        self._discard_producer()
+
+
+class KafkaGroupConsumer(Consumer):
+    """One member of a consumer group; not thread-safe (one per worker thread)."""
+
+    def __init__(
+        self, kafka_log: KafkaLog, group: str, topics: Sequence[str], on_assign: OnAssign | None
+    ) -> None:
+        self.group = group
+        try:
+            self._consumer = KafkaConsumer(
+                **kafka_log.connection,
+                client_id=f"{kafka_log.client_id}-{group}",
+                group_id=group,
+                **GROUP_SETTINGS,
+            )
+            self._consumer.subscribe(list(topics), listener=_Listener(on_assign))
+            for topic in topics:  # kafka-python 3.0: avoids a first poll that hangs
+                self._consumer.partitions_for_topic(topic)
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka {kafka_log.bootstrap}: {exc}") from exc
+
+    def poll(self, max_records: int = 500, timeout_s: float = 0.5) -> list[Record]:
+        try:
+            batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka poll ({self.group}): {exc}") from exc
+        return [_to_record(message) for messages in batches.values() for message in messages]
+
+    def commit(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        try:
+            self._consumer.commit(
+                {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in _last(records).items()}
+            )
+        except KafkaError as exc:
+            # Typically CommitFailedError: the partitions moved in a rebalance.
+            # Their new owner re-processes from the last commit (at-least-once).
+            raise UpstreamUnavailable(f"Kafka commit ({self.group}): {exc}") from exc
+
+    def rewind(self, records: Sequence[Record]) -> None:
+        assigned = self._consumer.assignment()
+        for tp, offset in _first(records).items():
+            if tp in assigned:  # a revoked partition restarts from its commit anyway
+                self._consumer.seek(tp, offset)
+
+    def close(self) -> None:
+        try:
+            self._consumer.close(autocommit=False)
+        except KafkaError:
+            log.debug("closing Kafka consumer %s", self.group, exc_info=True)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_assign: OnAssign | None) -> None:
+        self.on_assign = on_assign
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        log.info("partitions revoked: %s", _describe(revoked))
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("partitions assigned: %s", _describe(assigned))
+        if self.on_assign is not None and assigned:
+            self.on_assign(list(assigned))
+
+
+def _describe(partitions: Iterable[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
+
+
+def _send_arguments(record: Record) -> dict[str, Any]:
+    return {
+        "topic": record.topic,
+        "key": record.key.encode(),
+        "value": record.value,
+        "headers": [(k, v.encode()) for k, v in record.headers.items()],
+    }
+
+
+def _to_record(message: Any) -> Record:
+    return Record(
+        topic=message.topic,
+        key=message.key.decode() if message.key is not None else "",
+        value=message.value,
+        headers={k: v.decode() for k, v in message.headers or []},
+        partition=message.partition,
+        offset=message.offset,
+        timestamp=message.timestamp / 1000.0,
+    )
+
+
+def _last(records: Sequence[Record]) -> dict[TopicPartition, int]:
+    last: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        last[tp] = max(last.get(tp, -1), r.offset)
+    return last
+
+
+def _first(records: Sequence[Record]) -> dict[TopicPartition, int]:
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    return first
+
+
+def read_partitions_to_end(
+    consumer: KafkaConsumer,
+    partitions: Sequence[TopicPartition],
+    starts: dict[TopicPartition, int],
+    deadline_s: float = 60.0,
+) -> Iterable[Record]:
+    """Every record from ``starts`` to the end offsets as of now (state restore, reads)."""
+    consumer.assign(list(partitions))
+    ends = consumer.end_offsets(list(partitions))
+    pending = {tp for tp in partitions if starts.get(tp, 0) < ends[tp]}
+    for tp in partitions:
+        # Below the log start (compaction, retention) auto_offset_reset=earliest applies.
+        consumer.seek(tp, max(starts.get(tp, 0), 0))
+    deadline = time.monotonic() + deadline_s
+    while pending:
+        if time.monotonic() > deadline:
+            raise UpstreamUnavailable(f"Kafka: reading {_describe(pending)} did not finish")
+        for tp, messages in consumer.poll(timeout_ms=500, max_records=2000).items():
+            for message in messages:
+                if message.offset < ends[tp]:
+                    yield _to_record(message)
+            if consumer.position(tp) >= ends[tp]:
+                pending.discard(tp)
+        for tp in list(pending):
+            if consumer.position(tp) >= ends[tp]:
+                pending.discard(tp)
+
+
+def _read_range(consumer: KafkaConsumer, topic: str, after: int, limit: int) -> list[Record]:
+    numbers = sorted(consumer.partitions_for_topic(topic) or [])
+    partitions = [TopicPartition(topic, p) for p in numbers]
+    starts = {tp: after + 1 for tp in partitions}
+    found: list[Record] = []
+    for record in read_partitions_to_end(consumer, partitions, starts):
+        found.append(record)
+        if len(partitions) == 1 and len(found) >= limit:
+            break
+    found.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+    return found[:limit]
+
+
+__all__ = ["KafkaGroupConsumer", "KafkaLog", "read_partitions_to_end", "topic_spec"]

@@ -1,0 +1,165 @@
+"""One contract, two durable logs: the embedded SQLite log and Apache Kafka.
+
+Every test runs against both implementations of
+:class:`~ehrbridge.pipelines.transport.Log`; the Kafka half uses the real
+broker from ``scripts/kafka``. What the pipeline relies on, and nothing
+more: per-key order, group positions that survive a restart, re-delivery of
+anything not committed, headers intact, and ``read`` without a group.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ehrbridge.adapters.kafka_log import KafkaLog
+from ehrbridge.adapters.sqlite_log import SqliteLog
+from ehrbridge.config import KafkaTransport
+from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.pipelines.transport import Consumer, Log, Record
+
+NewLog = Callable[[], Log]  # a fresh client of the same log: a restart
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+def new_log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NewLog]:
+    opened: list[Log] = []
+
+    def embedded() -> Log:
+        return SqliteLog(tmp_path / "log.sqlite")
+
+    def kafka() -> Log:
+        bootstrap = request.getfixturevalue("kafka_bootstrap")
+        return KafkaLog(KafkaTransport(kind="kafka", bootstrap=bootstrap, partitions=3))
+
+    factory = embedded if request.param == "embedded" else kafka
+
+    def opening() -> Log:
+        opened.append(factory())
+        return opened[-1]
+
+    yield opening
+    for log in opened:
+        log.close()
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"contract-{uuid.uuid4().hex[:10]}.raw"
+
+
+def rec(topic: str, n: int, key: str = "patient-1") -> Record:
+    return Record(topic=topic, key=key, value=f"v{n}".encode(), headers={"n": str(n)})
+
+
+def poll_until(consumer: Consumer, count: int, timeout_s: float = 30.0) -> list[Record]:
+    """Poll until ``count`` records came (a Kafka group join takes a moment)."""
+    got: list[Record] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < count and time.monotonic() < deadline:
+        got.extend(consumer.poll(max_records=count - len(got), timeout_s=0.5))
+    return got
+
+
+def values(records: list[Record]) -> list[bytes]:
+    return [r.value for r in records]
+
+
+def test_records_come_back_in_order_with_key_and_headers(new_log: NewLog, topic: str) -> None:
+    log = new_log()
+    headers = {"source_id": "MSG-1", "error.detail": "Kreatinin µmol/L, čšž", "attempt": "0"}
+    log.append([rec(topic, n) for n in range(5)])
+    log.append([Record(topic, "patient-1", b"\x00\x0bbinary\x1c\r", headers)])
+    consumer = log.consumer("g", [topic])
+    got = poll_until(consumer, 6)
+    assert values(got) == [b"v0", b"v1", b"v2", b"v3", b"v4", b"\x00\x0bbinary\x1c\r"]
+    assert got[-1].headers == headers and got[-1].key == "patient-1"
+    assert [r.offset for r in got] == sorted(r.offset for r in got)
+    consumer.close()
+
+
+def test_a_restarted_member_resumes_after_the_last_commit(new_log: NewLog, topic: str) -> None:
+    new_log().append([rec(topic, n) for n in range(5)])
+    first = new_log().consumer("g", [topic])
+    batch = poll_until(first, 5)
+    first.commit(batch[:2])  # the rest was not finished when the worker died
+    first.close()
+    second = new_log().consumer("g", [topic])
+    assert values(poll_until(second, 3)) == [b"v2", b"v3", b"v4"]
+    second.close()
+    other_group = new_log().consumer("h", [topic])
+    assert len(poll_until(other_group, 5)) == 5
+    other_group.close()
+
+
+def test_nothing_committed_means_everything_comes_again(new_log: NewLog, topic: str) -> None:
+    new_log().append([rec(topic, n) for n in range(4)])
+    first = new_log().consumer("g", [topic])
+    assert len(poll_until(first, 4)) == 4
+    first.close()
+    again = new_log().consumer("g", [topic])
+    assert values(poll_until(again, 4)) == [b"v0", b"v1", b"v2", b"v3"]
+    again.close()
+
+
+def test_rewind_delivers_the_same_records_again(new_log: NewLog, topic: str) -> None:
+    log = new_log()
+    log.append([rec(topic, n) for n in range(3)])
+    consumer = log.consumer("g", [topic])
+    batch = poll_until(consumer, 3)
+    consumer.rewind(batch[1:])
+    assert poll_until(consumer, 2) == batch[1:]
+    consumer.close()
+
+
+def test_each_key_keeps_its_order_across_many_keys(new_log: NewLog, topic: str) -> None:
+    log = new_log()
+    keys = [f"patient-{k}" for k in range(7)]
+    log.append([rec(topic, n, key=keys[n % 7]) for n in range(70)])
+    consumer = log.consumer("g", [topic])
+    got = poll_until(consumer, 70)
+    assert len(got) == 70
+    for key in keys:
+        mine = [r for r in got if r.key == key]
+        assert [int(r.headers["n"]) for r in mine] == sorted(int(r.headers["n"]) for r in mine)
+        assert len({r.partition for r in mine}) == 1, "one patient's records split"
+    consumer.close()
+
+
+def test_poll_returns_a_record_appended_while_it_waits(new_log: NewLog, topic: str) -> None:
+    log = new_log()
+    log.append([rec(topic, 0)])
+    consumer = log.consumer("g", [topic])
+    assert values(poll_until(consumer, 1)) == [b"v0"]
+    threading.Timer(0.2, lambda: log.append([rec(topic, 1)])).start()
+    assert values(poll_until(consumer, 1)) == [b"v1"]
+    consumer.close()
+
+
+def test_read_pages_a_dead_letter_topic_without_a_group(new_log: NewLog) -> None:
+    dlq = f"contract-{uuid.uuid4().hex[:10]}.dlq"
+    log = new_log()
+    log.append([rec(dlq, n) for n in range(5)])
+    everything = log.read(dlq)
+    assert values(everything) == [b"v0", b"v1", b"v2", b"v3", b"v4"]
+    assert values(log.read(dlq, after=everything[1].offset, limit=2)) == [b"v2", b"v3"]
+    assert log.read(dlq, after=everything[-1].offset) == []
+
+
+@pytest.mark.kafka
+def test_kafka_append_to_a_dead_broker_raises_a_transient_error(topic: str) -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = KafkaLog(
+        KafkaTransport(kind="kafka", bootstrap=f"127.0.0.1:{port}", request_timeout_s=1.0)
+    )
+    with pytest.raises(UpstreamUnavailable, match="Kafka"):
+        log.append([rec(topic, 0)])
+    log.close()
