@@ -149,7 +149,10 @@ class KafkaSite:
             role.stop()
 
     def kafka(self) -> KafkaLog:
-        return KafkaLog(KafkaTransport(kind="kafka", bootstrap=self.bootstrap))
+        # The site's partition count: whoever creates a topic first sets it for good.
+        return KafkaLog(
+            KafkaTransport(kind="kafka", bootstrap=self.bootstrap, partitions=self.partitions)
+        )
 
     def dead_letters(self) -> list[Record]:
         log = self.kafka()
