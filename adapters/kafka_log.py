@@ -69,6 +69,8 @@ GROUP_SETTINGS: dict[str, Any] = {
     "enable_auto_commit": False,
 }
 
+# Called (in the polling thread) with the member's whole assignment each time it
+# changes, before any record of a newly assigned partition is returned.
 OnAssign = Callable[[list[TopicPartition]], None]
 
 
@@ -246,18 +248,46 @@ class KafkaGroupConsumer(Consumer):
                 group_id=group,
                 **GROUP_SETTINGS,
             )
-            self._consumer.subscribe(list(topics), listener=_Listener(on_assign))
+            self._listener = _Listener(self._consumer, on_assign)
+            self._consumer.subscribe(list(topics), listener=self._listener)
             for topic in topics:  # kafka-python 3.0: avoids a first poll that hangs
                 self._consumer.partitions_for_topic(topic)
         except KafkaError as exc:
             raise UpstreamUnavailable(f"Kafka {kafka_log.bootstrap}: {exc}") from exc
 
     def poll(self, max_records: int = 500, timeout_s: float = 0.5) -> list[Record]:
+        self._restore_assigned()
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except KafkaError as exc:
             raise UpstreamUnavailable(f"Kafka poll ({self.group}): {exc}") from exc
-        return [_to_record(message) for messages in batches.values() for message in messages]
+        records = [_to_record(message) for messages in batches.values() for message in messages]
+        waiting = [r for r in records if _partition_of(r) in self._listener.unrestored]
+        if waiting:  # fetched before the pause took hold: deliver them after the restore
+            self.rewind(waiting)
+            records = [r for r in records if _partition_of(r) not in self._listener.unrestored]
+        return records
+
+    def _restore_assigned(self) -> None:
+        """Run ``on_assign`` for newly assigned partitions here, in the worker's thread.
+
+        Not in the rebalance callback: kafka-python 3.0 calls it on its network
+        thread, where a long restore would stop heartbeats and get this member
+        evicted (and the callback's errors would be lost). The partitions stay
+        paused until their restore succeeded; a failed restore is retried on
+        the next poll, so no record is processed against state not restored.
+        """
+        listener = self._listener
+        if not listener.reassigned or listener.on_assign is None:
+            return
+        assignment = sorted(self._consumer.assignment())
+        try:
+            listener.on_assign(assignment)  # also when empty: the revoked ones are dropped
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka restore ({self.group}): {exc}") from exc
+        self._consumer.resume(*[tp for tp in assignment if tp in listener.unrestored])
+        listener.unrestored.clear()
+        listener.reassigned = False
 
     def commit(self, records: Sequence[Record]) -> None:
         if not records:
@@ -285,16 +315,29 @@ class KafkaGroupConsumer(Consumer):
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, on_assign: OnAssign | None) -> None:
+    """Notes assignments; :meth:`KafkaGroupConsumer.poll` restores them before use."""
+
+    def __init__(self, consumer: KafkaConsumer, on_assign: OnAssign | None) -> None:
+        self.consumer = consumer
         self.on_assign = on_assign
+        self.unrestored: set[TopicPartition] = set()
+        self.reassigned = False  # a rebalance happened that on_assign has not seen yet
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         log.info("partitions revoked: %s", _describe(revoked))
+        self.unrestored.difference_update(revoked)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("partitions assigned: %s", _describe(assigned))
-        if self.on_assign is not None and assigned:
-            self.on_assign(list(assigned))
+        if self.on_assign is not None:
+            if assigned:
+                self.consumer.pause(*assigned)  # no records until their state is restored
+            self.unrestored.update(assigned)
+            self.reassigned = True
+
+
+def _partition_of(record: Record) -> TopicPartition:
+    return TopicPartition(record.topic, record.partition)
 
 
 def _describe(partitions: Iterable[TopicPartition]) -> str:

@@ -1,23 +1,37 @@
-"""Per-patient state on the Kafka transport: a local store and a compacted changelog.
+"""Per-patient state on the Kafka transport: a local store per partition, and a compacted changelog.
 
 The same design as a Kafka Streams state store:
 
-* the processing worker reads and writes patient state in a **local**
-  SQLite store (fast, no network on the hot path);
+* the processing worker keeps one local SQLite store **per partition** it
+  owns (``<state_dir>/worker-<n>/<site>.state-changelog-<p>.sqlite``; each
+  process on a machine holds its own ``worker-<n>`` slot): fast, no network
+  on the hot path;
 * every write is also a record on ``<site>.state-changelog`` -- key the
   patient id, value the whole state document -- produced **before** the
   worker commits the input offsets (the worker appends :meth:`drain` with
   the batch's outputs), so the changelog is never behind a committed input;
 * the changelog is compacted, so it holds about one document per patient,
   not the history of every message;
-* when a partition is assigned (start, restart, rebalance) the worker first
-  replays that changelog partition into its local store, from the offset it
-  last restored up to (its checkpoint) to the end. A new worker therefore
-  resumes with the patients' state without re-reading ``raw``.
+* when partitions are assigned (start, restart, rebalance) the worker first
+  replays each one's changelog partition into its local store, from the
+  offset that store already reflects (its checkpoint, kept in the same file
+  and written in the same transaction as the documents) up to the end. A new
+  worker therefore resumes with the patients' state without re-reading
+  ``raw``; a worker that kept its disk replays only what changed meanwhile.
+  Revoked partitions' stores are closed (the files stay, as a head start if
+  the partition comes back).
 
-Records of one patient share a partition number across ``raw`` and the
-changelog: both are keyed by the patient id, have the same partition count
-and use Kafka's default key partitioner.
+How the partition reaches the store: ``raw`` is keyed by patient id, so a
+patient's records are on partition ``murmur2(patient id) % partitions`` --
+Kafka's default partitioner, which the changelog (same key, same partition
+count) uses too. :meth:`ChangelogStateStore.partition_for` applies the same
+function, so :class:`~ehrbridge.pipelines.process.ProcessStage` keeps its
+plain ``get``/``put_many`` interface and each patient lands in the store of
+the partition their records arrive on. A record that names several patients
+(a multi-patient FHIR Bundle, keyed by the first) reaches the others'
+stores even when another worker owns them: such a store is brought up to
+the changelog's end before every read, and the write goes to the changelog
+of the patient's partition.
 
 Why this is safe with at-least-once delivery: a crash between a local write
 and the changelog produce leaves the input uncommitted; it is re-delivered
@@ -28,56 +42,145 @@ documents in the same order.
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import logging
+import sqlite3
 import threading
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import IO
 
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.partitioner.default import murmur2
 
 from ehrbridge.adapters.kafka_log import KafkaLog, read_partitions_to_end
-from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
+from ehrbridge.pipelines._sqlite import transaction
+from ehrbridge.pipelines.errors import ConfigError, UpstreamUnavailable
 from ehrbridge.pipelines.state import PatientState, SqliteStateStore
 from ehrbridge.pipelines.transport import Record
 
 log = logging.getLogger(__name__)
 
+_REPLAY_CHUNK = 500
+
+
+class PartitionStore(SqliteStateStore):
+    """One partition's patient documents, and the changelog offset they reflect."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._conn().execute(
+            "CREATE TABLE IF NOT EXISTS changelog_checkpoint"
+            " (id INTEGER PRIMARY KEY CHECK (id = 0), next_offset INTEGER NOT NULL)"
+        )
+
+    def checkpoint(self) -> int:
+        """The first changelog offset not yet in this store (0: nothing restored yet)."""
+        row = self._conn().execute("SELECT next_offset FROM changelog_checkpoint").fetchone()
+        return int(row[0]) if row else 0
+
+    def replay(self, records: Sequence[Record], next_offset: int) -> None:
+        """Apply changelog records and move the checkpoint, in one transaction."""
+        upserts = [(r.patient_id, r.doc) for r in map(_Change.of, records) if r.doc]
+        deletes = [(r.patient_id,) for r in map(_Change.of, records) if not r.doc]
+        try:
+            with transaction(self._conn()) as conn:
+                conn.executemany(
+                    "INSERT INTO patient_state (patient_id, doc) VALUES (?, ?) "
+                    "ON CONFLICT (patient_id) DO UPDATE SET doc = excluded.doc",
+                    upserts,
+                )
+                conn.executemany("DELETE FROM patient_state WHERE patient_id = ?", deletes)
+                conn.execute(
+                    "INSERT INTO changelog_checkpoint (id, next_offset) VALUES (0, ?) "
+                    "ON CONFLICT (id) DO UPDATE"
+                    " SET next_offset = max(next_offset, excluded.next_offset)",
+                    (next_offset,),
+                )
+        except sqlite3.Error as exc:
+            raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
+
+
+class _Change:
+    """A changelog record: the patient, and their document (empty: a tombstone)."""
+
+    __slots__ = ("doc", "patient_id")
+
+    def __init__(self, patient_id: str, doc: bytes) -> None:
+        self.patient_id = patient_id
+        self.doc = doc
+
+    @classmethod
+    def of(cls, record: Record) -> _Change:
+        return cls(record.key, record.value or b"")
+
 
 class ChangelogStateStore:
-    """A :class:`~ehrbridge.pipelines.state.StateStore` restored from a changelog topic."""
+    """A :class:`~ehrbridge.pipelines.state.StateStore` with one local store per partition."""
 
-    def __init__(self, directory: Path, kafka: KafkaLog, changelog_topic: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.local = SqliteStateStore(directory / "state.sqlite")
+    def __init__(
+        self,
+        directory: Path,
+        kafka: KafkaLog,
+        changelog_topic: str,
+        *,
+        input_topic: str | None = None,
+    ) -> None:
+        # Several processing processes may be started with one config: each takes
+        # a slot of its own, or one's restore could overwrite the other's newer state.
+        self.directory, self._slot_lock = _claim_slot(directory)
         self.kafka = kafka
         self.changelog_topic = changelog_topic
-        self._checkpoints = PerThreadConnection(directory / "checkpoints.sqlite")
-        self._checkpoints.get().execute(
-            "CREATE TABLE IF NOT EXISTS restored (partition INTEGER PRIMARY KEY, next INTEGER)"
-        )
+        kafka.ensure_topics([changelog_topic, *([input_topic] if input_topic else [])])
+        self.partitions = _partition_count(kafka, changelog_topic, input_topic)
+        self._stores: dict[int, PartitionStore] = {}
+        self._owned: set[int] = set()
         self._pending: list[Record] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.restored_records = 0  # documents replayed from the changelog (for tests, metrics)
-        kafka.ensure_topics([changelog_topic])
+
+    def partition_for(self, patient_id: str) -> int:
+        """The partition of this patient's records: Kafka's default key partitioner."""
+        hashed: int = murmur2(patient_id.encode())
+        return (hashed & 0x7FFFFFFF) % self.partitions
 
     # ------------------------------------------------------------ StateStore --
 
     def get(self, patient_id: str) -> PatientState | None:
-        return self.local.get(patient_id)
+        partition = self.partition_for(patient_id)
+        if partition not in self._owned:  # another worker's: read its latest first
+            self._catch_up([partition])
+        return self._store(partition).get(patient_id)
 
     def put_many(self, states: Iterable[PatientState]) -> None:
-        batch = list(states)
-        self.local.put_many(batch)
-        changes = [Record(self.changelog_topic, s.patient_id, s.to_json()) for s in batch]
+        by_partition: dict[int, list[PatientState]] = defaultdict(list)
+        for state in states:
+            by_partition[self.partition_for(state.patient_id)].append(state)
+        changes: list[Record] = []
+        for partition, batch in by_partition.items():
+            self._store(partition).put_many(batch)
+            changes.extend(
+                Record(self.changelog_topic, s.patient_id, s.to_json(), partition=partition)
+                for s in batch
+            )
         with self._lock:
             self._pending.extend(changes)
 
     def patient_ids(self, limit: int = 1000) -> list[str]:
-        return self.local.patient_ids(limit)
+        with self._lock:
+            stores = list(self._stores.values())
+        found = sorted({pid for store in stores for pid in store.patient_ids(limit)})
+        return found[:limit]
 
     def close(self) -> None:
-        self.local.close()
-        self._checkpoints.close()
+        with self._lock:
+            stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            store.close()
+        self._slot_lock.close()  # releases the slot for the next process
 
     # ------------------------------------------------------------- changelog --
 
@@ -87,58 +190,102 @@ class ChangelogStateStore:
             pending, self._pending = self._pending, []
         return pending
 
-    def restore(self, assigned: Sequence[TopicPartition]) -> None:
-        """Bring the local store up to the changelog's end for these partitions' numbers."""
-        partitions = sorted({tp.partition for tp in assigned})
-        changelog = [TopicPartition(self.changelog_topic, p) for p in partitions]
-        starts = {tp: self._checkpoint(tp.partition) for tp in changelog}
-        consumer = KafkaConsumer(
-            **self.kafka.connection,
-            client_id=f"{self.kafka.client_id}-restore",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
+    def restore(self, assignment: Sequence[TopicPartition]) -> None:
+        """The consumer's partitions are now ``assignment``: drop the others, restore these."""
+        numbers = sorted({tp.partition for tp in assignment})
+        with self._lock:
+            self._owned = set(numbers)
+            revoked = [p for p in self._stores if p not in self._owned]
+            for partition in revoked:
+                self._stores.pop(partition).close()
+        count = self._catch_up(numbers)
+        log.info(
+            "state restored from %s partitions %s: %d documents (stores closed: %s)",
+            self.changelog_topic,
+            numbers,
+            count,
+            revoked or "none",
         )
+
+    def _store(self, partition: int) -> PartitionStore:
+        with self._lock:
+            store = self._stores.get(partition)
+            if store is None:
+                path = self.directory / f"{self.changelog_topic}-{partition}.sqlite"
+                store = self._stores[partition] = PartitionStore(path)
+            return store
+
+    def _catch_up(self, numbers: Sequence[int]) -> int:
+        """Replay each partition's changelog from its store's checkpoint to the end."""
+        if not numbers:
+            return 0
+        stores = {p: self._store(p) for p in numbers}
+        changelog = [TopicPartition(self.changelog_topic, p) for p in numbers]
+        starts = {tp: stores[tp.partition].checkpoint() for tp in changelog}
+        try:
+            consumer = KafkaConsumer(
+                **self.kafka.connection,
+                client_id=f"{self.kafka.client_id}-restore",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka restore of {self.changelog_topic}: {exc}") from exc
         try:
             ends = consumer.end_offsets(changelog)
-            count = self._replay(read_partitions_to_end(consumer, changelog, starts))
+            count = self._replay(stores, read_partitions_to_end(consumer, changelog, starts))
+        except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka restore of {self.changelog_topic}: {exc}") from exc
         finally:
             consumer.close()
-        self._save_checkpoints({tp.partition: ends[tp] for tp in changelog})
+        for tp in changelog:  # past compacted-away offsets, or nothing new: the end as of now
+            stores[tp.partition].replay([], ends[tp])
         self.restored_records += count
-        log.info(
-            "state restored from %s partitions %s: %d documents",
-            self.changelog_topic,
-            partitions,
-            count,
-        )
-
-    def _replay(self, records: Iterable[Record]) -> int:
-        count = 0
-        batch: list[PatientState] = []
-        for record in records:
-            batch.append(PatientState.from_json(record.value))
-            count += 1
-            if len(batch) >= 500:
-                self.local.put_many(batch)
-                batch = []
-        self.local.put_many(batch)
         return count
 
-    def _checkpoint(self, partition: int) -> int:
-        row = (
-            self._checkpoints.get()
-            .execute("SELECT next FROM restored WHERE partition = ?", (partition,))
-            .fetchone()
-        )
-        return int(row[0]) if row else 0
+    def _replay(self, stores: dict[int, PartitionStore], records: Iterable[Record]) -> int:
+        count = 0
+        chunks: dict[int, list[Record]] = defaultdict(list)
+        for record in records:
+            chunk = chunks[record.partition]
+            chunk.append(record)
+            count += 1
+            if len(chunk) >= _REPLAY_CHUNK:
+                stores[record.partition].replay(chunk, chunk[-1].offset + 1)
+                chunks[record.partition] = []
+        for partition, chunk in chunks.items():
+            if chunk:
+                stores[partition].replay(chunk, chunk[-1].offset + 1)
+        return count
 
-    def _save_checkpoints(self, next_offsets: dict[int, int]) -> None:
-        with transaction(self._checkpoints.get()) as conn:
-            conn.executemany(
-                "INSERT INTO restored (partition, next) VALUES (?, ?) "
-                "ON CONFLICT (partition) DO UPDATE SET next = excluded.next",
-                sorted(next_offsets.items()),
+
+def _claim_slot(directory: Path) -> tuple[Path, IO[str]]:
+    """The first ``worker-N`` folder no other live process holds (an flock, freed at exit)."""
+    for n in itertools.count():
+        slot = directory / f"worker-{n}"
+        slot.mkdir(parents=True, exist_ok=True)
+        handle = (slot / ".lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return slot, handle
+    raise AssertionError("unreachable")
+
+
+def _partition_count(kafka: KafkaLog, changelog_topic: str, input_topic: str | None) -> int:
+    """Partitions of the changelog; they must match the input's, or state would be misplaced."""
+    count = len(kafka.partitions_of(changelog_topic)) or kafka.transport.partitions
+    if input_topic is not None:
+        inputs = len(kafka.partitions_of(input_topic)) or count
+        if inputs != count:
+            raise ConfigError(
+                f"{input_topic} has {inputs} partitions but {changelog_topic} has {count}:"
+                " a patient's state would live on another partition than their records",
+                field="transport.partitions",
             )
+    return count
 
 
-__all__ = ["ChangelogStateStore"]
+__all__ = ["ChangelogStateStore", "PartitionStore"]

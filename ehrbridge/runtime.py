@@ -104,6 +104,7 @@ class SiteRuntime:
                 transport.state_dir or self.config.data_dir / "state-kafka",
                 self.log,
                 self.topic("state-changelog"),
+                input_topic=self.topic("raw"),
             )
             return self.changelog_state
         return SqliteStateStore(self.config.data_dir / "state.sqlite")

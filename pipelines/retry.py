@@ -41,7 +41,6 @@ from ehrbridge.config import RetryPolicy
 from ehrbridge.pipelines.contracts import Envelope, Failure, Outcome, Sink, Stage
 from ehrbridge.pipelines.errors import TransientError
 from ehrbridge.pipelines.transport import (
-    Consumer,
     Log,
     Record,
     dead_letter_record,
@@ -55,6 +54,7 @@ T = TypeVar("T")
 TIER_HEADER = "retry.tier"  # how many delayed tiers a record has been through
 ORIGIN_HEADER = "retry.origin"  # the topic to put it back on
 DUE_HEADER = "retry.not_before"  # epoch seconds
+_FORWARDER_POLL_S = 0.2
 
 
 def call_with_retry(
@@ -184,30 +184,60 @@ class DelayedRetryForwarder:
     def __init__(self, log_: Log, router: FailureRouter, stop: threading.Event) -> None:
         self.log = log_
         self.stop = stop
+        # One group member for all tiers: on Kafka every member costs a rebalance, and
+        # several members polled in turn by one thread join the group slowly or never.
         group = topic_name(router.site, "retry-forwarder")
-        self.consumers = [log_.consumer(group, [t]) for t in router.tier_topics()]
+        self.consumer = log_.consumer(group, router.tier_topics())
 
     def run(self) -> None:
         while not self.stop.is_set():
-            wait = min((self.forward_due(c) for c in self.consumers), default=1.0)
+            try:
+                wait = self.forward_due()
+            except TransientError as error:  # the log is down: parked records wait, not die
+                log.warning("delayed-retry forwarder: %s; pausing before retry", error)
+                wait = 1.0
             self.stop.wait(max(0.05, min(wait, 1.0)))
+        self.consumer.close()
 
-    def forward_due(self, consumer: Consumer) -> float:
-        """Forward the due head of one tier; return seconds until the next is due."""
-        records = consumer.poll(max_records=100, timeout_s=0)
+    def forward_due(self) -> float:
+        """Forward the due heads of the tiers; return seconds until the next is due."""
+        # A short wait, not none: kafka-python 3.0 makes no group progress in poll(0).
+        records = self.consumer.poll(max_records=500, timeout_s=_FORWARDER_POLL_S)
         now = time.time()
-        n_due = 0
-        for record in records:  # FIFO: stop at the first record not yet due
-            if float(record.headers.get(DUE_HEADER, "0")) > now:
-                break
-            n_due += 1
-        due, later = records[:n_due], records[n_due:]
+        due, later = split_due(records, now)
         if later:
-            consumer.rewind(later)
+            self.consumer.rewind(later)
         if due:
-            self.log.append([_back_to_origin(r) for r in due])
-            consumer.commit(due)
-        return float(later[0].headers.get(DUE_HEADER, "0")) - now if later else 1.0
+            try:
+                self.log.append([_back_to_origin(r) for r in due])
+            except BaseException:
+                self.consumer.rewind(due)  # not forwarded: deliver them again next poll
+                raise
+            self.consumer.commit(due)
+        return min(_due_at(r) for r in later) - now if later else 1.0
+
+
+def split_due(records: Sequence[Record], now: float) -> tuple[list[Record], list[Record]]:
+    """Due records, and the rest: FIFO per partition, stopping at its first record not due.
+
+    Each partition's due records are a prefix of it, so committing them never
+    commits past a record that still waits.
+    """
+    due: list[Record] = []
+    later: list[Record] = []
+    waiting: set[tuple[str, int]] = set()
+    for record in records:
+        partition = (record.topic, record.partition)
+        if partition in waiting or _due_at(record) > now:
+            waiting.add(partition)
+            later.append(record)
+        else:
+            due.append(record)
+    return due, later
+
+
+def _due_at(record: Record) -> float:
+    return float(record.headers.get(DUE_HEADER, "0"))
 
 
 def _back_to_origin(record: Record) -> Record:

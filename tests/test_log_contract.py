@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from kafka import TopicPartition
 
 from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.sqlite_log import SqliteLog
@@ -163,3 +164,67 @@ def test_kafka_append_to_a_dead_broker_raises_a_transient_error(topic: str) -> N
     with pytest.raises(UpstreamUnavailable, match="Kafka"):
         log.append([rec(topic, 0)])
     log.close()
+
+
+@pytest.mark.kafka
+def test_kafka_holds_back_a_partition_until_its_state_is_restored(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    log = KafkaLog(KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, partitions=2))
+    log.append([rec(topic, n, key=f"patient-{n}") for n in range(6)])
+    got: list[Record] = []
+    restores: list[tuple[list[int], int]] = []  # (partitions, records delivered before)
+
+    def restore(partitions: list[TopicPartition]) -> None:
+        restores.append((sorted(tp.partition for tp in partitions), len(got)))
+        if len(restores) == 1:
+            raise UpstreamUnavailable("changelog unreachable (simulated)")
+
+    consumer = log.consumer("g", [topic], restore)
+    failures = 0
+    deadline = time.monotonic() + 30
+    while len(got) < 6 and time.monotonic() < deadline:
+        try:
+            got.extend(consumer.poll(max_records=10, timeout_s=0.5))
+        except UpstreamUnavailable:
+            failures += 1
+    consumer.close()
+    log.close()
+    assert failures == 1
+    assert restores == [([0, 1], 0), ([0, 1], 0)]  # retried, and nothing came before it held
+    assert sorted(values(got)) == sorted(f"v{n}".encode() for n in range(6))
+
+
+@pytest.mark.kafka
+def test_kafka_members_of_one_group_split_the_partitions_without_loss(
+    kafka_bootstrap: str, topic: str
+) -> None:
+    log = KafkaLog(KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, partitions=4))
+    log.append([rec(topic, n, key=f"patient-{n}") for n in range(40)])
+    first = log.consumer("g", [topic])
+    done = poll_until(first, 10)[:10]
+    first.commit(done)  # the rest of its batch is unfinished when the second member joins
+    second = log.consumer("g", [topic])
+    seen: dict[Consumer, list[Record]] = {first: list(done), second: []}
+    sent = 40
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        delivered = {r.value for records in seen.values() for r in records}
+        if seen[second] and len(delivered) == sent:
+            break
+        if not seen[second] and sent < 400:  # keep the stream going until it joined
+            log.append([rec(topic, n, key=f"patient-{n}") for n in range(sent, sent + 8)])
+            sent += 8
+        for member, records in seen.items():
+            try:
+                batch = member.poll(max_records=20, timeout_s=0.2)
+                member.commit(batch)
+            except UpstreamUnavailable:  # a commit that raced the rebalance: delivered again
+                continue
+            records.extend(batch)
+    for member in seen:
+        member.close()
+    log.close()
+    delivered = {r.value for records in seen.values() for r in records}
+    assert delivered == {f"v{n}".encode() for n in range(sent)}  # nothing lost
+    assert seen[second], "the second member got no partition"
