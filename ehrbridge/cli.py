@@ -5,6 +5,7 @@ ehrbridge run --config SITE.yaml          run a site (all roles, or --role ...)
 ehrbridge config check SITE.yaml          validate a site file
 ehrbridge dlq list|show|replay            inspect and replay dead letters
 ehrbridge mappings check|test|explain|unmapped   site mappings: lint, tests, explanations
+ehrbridge bench SCENARIO [--rate R] [--seconds S] [--json FILE]   benchmarks (bench/)
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", type=Path)
     check.set_defaults(func=_config_check)
 
+    from ehrbridge.bench.cli import add_bench_command
     from ehrbridge.dlq import add_dlq_commands
     from ehrbridge.mappings.cli import add_mapping_commands
 
     add_dlq_commands(sub)
     add_mapping_commands(sub)
+    add_bench_command(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``ehrbridge bench SCENARIO`` (``bench/cli.py``), installed as ``ehrbridge.bench``."""

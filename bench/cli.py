@@ -1,0 +1,105 @@
+"""``ehrbridge bench SCENARIO``: run a benchmark scenario, print its table, write its JSON.
+
+    ehrbridge bench ingest|e2e|stages|scale|cds|fhir-bundle|all
+        [--rate R] [--seconds S] [--json FILE] [--transport embedded|kafka]
+        [--senders N] [--max] [--smoke] [--no-baselines | --no-naive | --no-floor]
+
+``--smoke`` runs each scenario for a couple of seconds at a low rate (CI);
+the JSON goes to ``--json`` or ``bench/results/<scenario>-<time>.json``.
+Every scenario runs its baselines beside it (the naive pipeline, and Kafka
+produce + consume of the same bytes from ``scripts/kafka``'s broker) unless
+``--no-baselines``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ehrbridge.bench.common import table, write_json
+
+SCENARIO_NAMES = ["ingest", "e2e", "stages", "scale", "cds", "fhir-bundle"]
+
+
+def add_bench_command(sub: Any) -> None:
+    """Register ``bench`` on the ``ehrbridge`` command's subparsers."""
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, per-stage cost")
+    bench.add_argument(
+        "scenario", help=f"{', '.join(SCENARIO_NAMES)}, a comma-separated list, or all"
+    )
+    bench.add_argument("--rate", type=float, default=None, help="messages/s offered")
+    bench.add_argument("--seconds", type=float, default=None, help="how long to send")
+    bench.add_argument("--json", type=Path, default=None, help="write the result here")
+    bench.add_argument("--transport", choices=["embedded", "kafka"], default="embedded")
+    bench.add_argument(
+        "--senders", type=int, default=None, help="MLLP sender processes (ingest 16, else 4)"
+    )
+    bench.add_argument("--concurrency", type=int, default=4, help="CDS Hooks clients")
+    bench.add_argument("--workers", type=int, default=2, help="scale: workers to compare with 1")
+    bench.add_argument("--max", action="store_true", help="e2e: find the highest rate, p99<=1s")
+    bench.add_argument("--smoke", action="store_true", help="a few seconds each (CI)")
+    bench.add_argument(
+        "--no-baselines", dest="baselines", action="store_false", help="no naive, no floor"
+    )
+    bench.add_argument("--no-naive", dest="naive", action="store_false", help="no naive baseline")
+    bench.add_argument(
+        "--no-floor", dest="floor", action="store_false", help="no Kafka floor (no broker)"
+    )
+    bench.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
+    bench.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from ehrbridge.bench.scenarios import SCENARIOS, Options, machine
+
+    # The CLI's INFO logs from kafka-python etc. would drown the tables.
+    logging.getLogger().setLevel(logging.WARNING)
+    names = SCENARIO_NAMES if args.scenario == "all" else args.scenario.split(",")
+    unknown = set(names) - set(SCENARIO_NAMES)
+    if unknown:
+        print(f"error: unknown scenario(s) {sorted(unknown)}; choose from {SCENARIO_NAMES}")
+        return 2
+    run_dir = Path(tempfile.mkdtemp(prefix="ehrbridge-bench-"))
+    results: dict[str, Any] = {"machine": machine(), "scenarios": {}}
+    try:
+        for name in names:
+            opts = Options(
+                rate=args.rate,
+                seconds=args.seconds,
+                senders=args.senders,
+                transport=args.transport,
+                smoke=args.smoke,
+                max=args.max,
+                concurrency=args.concurrency,
+                workers=args.workers,
+                baselines=args.naive and args.baselines,
+                floor=args.floor and args.baselines,
+                run_dir=run_dir / name,
+            )
+            started = time.monotonic()
+            result = SCENARIOS[name](opts)
+            result["wall_s"] = round(time.monotonic() - started, 1)
+            headers, rows = result.pop("table")
+            title = f"{name} ({args.transport if name not in ('scale',) else 'kafka'})"
+            print(table(title, headers, rows), flush=True)
+            if result.get("ratios"):
+                shown = ", ".join(f"{k} {v}" for k, v in result["ratios"].items())
+                print(f"ratios: {shown}", flush=True)
+            result["table"] = {"headers": headers, "rows": rows}
+            results["scenarios"][name] = result
+    finally:
+        if args.keep:
+            print(f"run directory kept: {run_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    label = "-".join(names) if len(names) < len(SCENARIO_NAMES) else "all"
+    label += "" if args.transport == "embedded" else f"-{args.transport}"
+    path = write_json(args.json, label, results)
+    print(f"\nJSON: {path}")
+    return 0
