@@ -47,6 +47,7 @@ class _Pending:
     envelope: Envelope
     patient_id: str
     features: FeatureRecord
+    revision: int
 
 
 class ProcessStage:
@@ -92,13 +93,14 @@ class ProcessStage:
                 if state is None:
                     state = self.state.get(patient.patient_id) or PatientState(patient.patient_id)
                     states[patient.patient_id] = state
+                state.revision += 1
                 result = evaluate(state, patient, self.config.mapping)
                 if result is None:
                     continue  # no trigger: demographics only (ADT), nothing mapped or usable
                 key = (patient.patient_id, result.episode)
                 if isinstance(result, FeatureRecord):
                     pending.pop(key, None)  # re-insert: outputs keep processing order
-                    pending[key] = _Pending(envelope, patient.patient_id, result)
+                    pending[key] = _Pending(envelope, patient.patient_id, result, state.revision)
                 else:
                     pending.pop(key, None)
                     self.not_enough_data += 1
@@ -148,4 +150,5 @@ class ProcessStage:
             identifier=prediction_identifier(
                 self.config.site, model, item.patient_id, item.features
             ),
+            state_revision=item.revision,
         )

@@ -45,6 +45,7 @@ class Prediction:
     source_id: str  # MSH-10 / FHIR id of the message that triggered it
     mapping_version: str
     identifier: str
+    state_revision: int = 0  # the patient state's revision it was computed from
 
     @property
     def anchor(self) -> datetime:
@@ -67,6 +68,7 @@ class Prediction:
                 "source_id": self.source_id,
                 "mapping_version": self.mapping_version,
                 "identifier": self.identifier,
+                "state_revision": self.state_revision,
             }
         )
 
@@ -95,6 +97,7 @@ class Prediction:
             source_id=data["source_id"],
             mapping_version=data["mapping_version"],
             identifier=data["identifier"],
+            state_revision=data.get("state_revision", 0),
         )
 
 

@@ -34,13 +34,18 @@ CREATE TABLE IF NOT EXISTS results (
     prediction BLOB NOT NULL,
     observation BLOB NOT NULL,
     updated_at REAL NOT NULL,
-    delivered_at REAL
+    delivered_at REAL,
+    state_revision INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS results_by_patient ON results (patient_id, anchor);
 """
 
+# Columns added after a store may have been created: (name, definition).
+_ADDED_COLUMNS = [("state_revision", "INTEGER NOT NULL DEFAULT 0")]
 
-_COLUMNS = "identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation"
+_COLUMNS = (
+    "identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation, state_revision"
+)
 
 
 class Delivery(StrEnum):
@@ -59,6 +64,7 @@ class StoredResult:
     model: str
     status: str
     observation: dict[str, Any]
+    state_revision: int = 0  # of the patient state the prediction was computed from
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -75,7 +81,12 @@ class StoredResult:
 class ResultStore:
     def __init__(self, path: Path | str) -> None:
         self._connections = PerThreadConnection(Path(path))
-        self._connections.get().executescript(_SCHEMA)
+        conn = self._connections.get()
+        conn.executescript(_SCHEMA)
+        present = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+        for name, definition in _ADDED_COLUMNS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE results ADD COLUMN {name} {definition}")
 
     def upsert(self, items: Sequence[tuple[Prediction, dict[str, Any]]], status: Delivery) -> None:
         now = time.time()
@@ -91,18 +102,22 @@ class ResultStore:
                 p.to_json(),
                 orjson.dumps(obs),
                 now,
+                p.state_revision,
             )
             for p, obs in items
         ]
         self._write(
             "INSERT INTO results (identifier, patient_id, anchor, risk_2y, risk_5y, model, status,"
-            " prediction, observation, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " prediction, observation, updated_at, state_revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
             " ON CONFLICT (identifier) DO UPDATE SET risk_2y = excluded.risk_2y,"
             " risk_5y = excluded.risk_5y, model = excluded.model, prediction = excluded.prediction,"
             " observation = excluded.observation, updated_at = excluded.updated_at,"
+            " state_revision = excluded.state_revision,"
             # A delivered result stays delivered when a replay re-stores it.
             " status = CASE WHEN results.status = 'delivered' AND excluded.status = 'pending'"
-            " THEN results.status ELSE excluded.status END",
+            " THEN results.status ELSE excluded.status END"
+            # A result computed from older state never replaces a newer one.
+            " WHERE excluded.state_revision >= results.state_revision",
             rows,
         )
 
@@ -164,7 +179,15 @@ class ResultStore:
 
 
 def _result(row: tuple[Any, ...]) -> StoredResult:
-    identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation = row
+    identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation, revision = row
     return StoredResult(
-        identifier, patient_id, anchor, risk_2y, risk_5y, model, status, orjson.loads(observation)
+        identifier,
+        patient_id,
+        anchor,
+        risk_2y,
+        risk_5y,
+        model,
+        status,
+        orjson.loads(observation),
+        revision,
     )

@@ -37,6 +37,9 @@ class PatientState:
     demographics_as_of: datetime | None = None
     facts: dict[str, list[Fact]] = field(default_factory=dict)
     last_outcome: dict[str, Any] | None = None  # latest feature record or "not enough data" reason
+    # Counts the messages merged. A prediction carries it, so write-back can tell a result
+    # retried late from a newer one of the same episode (pipelines/writeback.py).
+    revision: int = 0
 
     def merge(self, extract: PatientExtract) -> list[Fact]:
         """Apply one message's data; return the facts that are new or changed."""
@@ -84,6 +87,7 @@ class PatientState:
                 ),
                 "facts": {k: [f.to_json() for f in v] for k, v in self.facts.items()},
                 "last_outcome": self.last_outcome,
+                "revision": self.revision,
             }
         )
 
@@ -98,6 +102,7 @@ class PatientState:
             demographics_as_of=datetime.fromisoformat(as_of) if as_of else None,
             facts={k: [Fact.from_json(f) for f in v] for k, v in data.get("facts", {}).items()},
             last_outcome=data.get("last_outcome"),
+            revision=data.get("revision", 0),
         )
 
 

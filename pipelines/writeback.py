@@ -19,10 +19,18 @@ that has taken a result is noted on the record (``writeback.delivered``), so
 a retry -- in place, from a delayed tier, or a dead-letter replay -- goes
 only to the targets that still lack it. A result is ``delivered`` in the
 store once every target has it.
+
+Results of one episode share an identifier, and a retry can bring an older one
+back after a newer one was written (a result parked on a delayed-retry tier, a
+dead-letter replay). Each prediction carries the revision of the patient state
+it was computed from; one older than the result already stored for its
+identifier is superseded and dropped, so it never overwrites the newer one in
+the store or in the EHR.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,7 +45,9 @@ from ehrbridge.pipelines.observation import build_observation
 from ehrbridge.pipelines.oru import build_oru
 from ehrbridge.pipelines.provenance import result_transaction
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.results import Delivery, ResultStore
+from ehrbridge.pipelines.results import Delivery, ResultStore, StoredResult
+
+log = logging.getLogger(__name__)
 
 DELIVERED_HEADER = "writeback.delivered"  # comma-separated targets that have the result
 FHIR_TARGET = "fhir"
@@ -75,17 +85,19 @@ class WritebackStage:
 
     def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         failures: list[Outcome] = []
-        items: list[_Item] = []
+        parsed: list[tuple[Envelope, Prediction]] = []
         for envelope in batch:
             try:
-                prediction = Prediction.from_json(envelope.payload)
+                parsed.append((envelope, Prediction.from_json(envelope.payload)))
             except (ValueError, KeyError, TypeError) as exc:
                 error = MessageUnusable(
                     f"not a prediction record: {exc!r}", reason="record.invalid"
                 )
                 failures.append(Failure(envelope, error, self.name))
-                continue
-            items.append(self._item(envelope, prediction))
+        try:
+            items = self._current_items(parsed)
+        except EhrbridgeError as error:
+            return failures + [Failure(envelope, error, self.name) for envelope, _ in parsed]
         status = Delivery.PENDING if self.targets else Delivery.SHADOW
         try:
             self.results.upsert([(i.prediction, i.observation) for i in items], status)
@@ -95,10 +107,38 @@ class WritebackStage:
             failures.extend(self._deliver(items))
         return failures
 
-    def _item(self, envelope: Envelope, prediction: Prediction) -> _Item:
+    def _current_items(self, parsed: list[tuple[Envelope, Prediction]]) -> list[_Item]:
+        """Items for the newest prediction of each identifier; superseded ones are dropped."""
+        newest: dict[str, tuple[Envelope, Prediction]] = {}
+        for envelope, prediction in parsed:  # in batch order: a tie goes to the later one
+            known = newest.get(prediction.identifier)
+            if known is not None and known[1].state_revision > prediction.state_revision:
+                self._log_superseded(envelope)
+                continue
+            if known is not None:
+                self._log_superseded(known[0])
+            newest[prediction.identifier] = (envelope, prediction)
+        items: list[_Item] = []
+        for envelope, prediction in newest.values():
+            previous = self.results.get(prediction.identifier)
+            if previous is not None and previous.state_revision > prediction.state_revision:
+                self._log_superseded(envelope)
+                continue
+            items.append(self._item(envelope, prediction, previous))
+        return items
+
+    def _log_superseded(self, envelope: Envelope) -> None:
+        log.info(
+            "%s: result superseded by a newer one of its episode; not written", envelope.describe()
+        )
+
+    def _item(
+        self, envelope: Envelope, prediction: Prediction, previous: StoredResult | None
+    ) -> _Item:
         observation = build_observation(prediction, self.config)
         done = set(filter(None, envelope.headers.get(DELIVERED_HEADER, "").split(",")))
-        previous = self.results.get(prediction.identifier) if self.targets else None
+        if not self.targets:
+            previous = None  # shadow: nothing was sent, nothing to compare with
         if previous is None:
             return _Item(envelope, prediction, observation, False, done)
         if previous.status == Delivery.DELIVERED and previous.observation == observation:

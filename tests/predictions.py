@@ -22,6 +22,7 @@ def prediction(
     risk_2y: float = 0.2153,
     risk_5y: float = 0.5311,
     model: ModelInfo = MODEL,
+    revision: int = 0,
 ) -> Prediction:
     """One result for ``patient_id`` on 2026-01-<day> (the episode is the day)."""
     at = datetime(2026, 1, day, 8, 30, tzinfo=UTC)
@@ -51,4 +52,5 @@ def prediction(
         source_id=source,
         mapping_version=config.mapping.version,
         identifier=prediction_identifier(config.site, model, patient_id, features),
+        state_revision=revision,
     )

@@ -198,6 +198,71 @@ def test_writeback_stage_sends_a_replayed_unchanged_result_nowhere(
     assert observation["component"][0]["valueQuantity"]["value"] == 30.0
 
 
+def _record(result: Prediction, config: SiteConfig) -> Envelope:
+    return Envelope(config.site, result.source_id, result.to_json(), Kind.PREDICTION, "MRN-1")
+
+
+def test_a_late_retry_of_an_older_result_of_the_episode_changes_nothing(
+    fhir: ThreadedServer, config: SiteConfig, tmp_path: Path
+) -> None:
+    sink = FhirSink(f"{fhir.base_url}/fhir")
+    store = ResultStore(tmp_path / "results.sqlite")
+    stage = WritebackStage(config, store, {"fhir": sink})
+    older = prediction(config, uacr=300.0, risk_2y=0.11, revision=4)
+    newer = prediction(config, uacr=420.0, risk_2y=0.22, revision=5)
+    assert older.identifier == newer.identifier  # one episode, one Observation
+    assert stage.process([_record(newer, config)]) == []
+    assert stage.process([_record(older, config)]) == []  # back from a delayed tier
+    assert sink.requests == 1
+    [observation] = resources(fhir, "Observation")
+    assert observation["component"][0]["valueQuantity"]["value"] == 22.0
+    kept = store.get(newer.identifier)
+    assert kept is not None and (kept.risk_2y, kept.state_revision) == (0.22, 5)
+
+
+@pytest.mark.parametrize("order", ["older first", "newer first"])
+def test_one_batch_writes_only_the_newest_result_of_an_episode(
+    fhir: ThreadedServer, config: SiteConfig, tmp_path: Path, order: str
+) -> None:
+    sink = FhirSink(f"{fhir.base_url}/fhir")
+    stage = WritebackStage(config, ResultStore(tmp_path / "r.sqlite"), {"fhir": sink})
+    older = _record(prediction(config, risk_2y=0.11, revision=4), config)
+    newer = _record(prediction(config, risk_2y=0.22, revision=5), config)
+    batch = [older, newer] if order == "older first" else [newer, older]
+    assert stage.process(batch) == []
+    [observation] = resources(fhir, "Observation")
+    assert observation["component"][0]["valueQuantity"]["value"] == 22.0
+
+
+def test_the_result_store_never_replaces_a_result_with_an_older_one(
+    config: SiteConfig, tmp_path: Path
+) -> None:
+    store = ResultStore(tmp_path / "r.sqlite")
+    newer = prediction(config, risk_2y=0.22, revision=5)
+    older = prediction(config, risk_2y=0.11, revision=4)
+    store.upsert([(newer, {})], Delivery.SHADOW)
+    store.upsert([(older, {})], Delivery.SHADOW)
+    kept = store.get(newer.identifier)
+    assert kept is not None and kept.risk_2y == 0.22
+
+
+def test_a_result_store_from_before_revisions_is_upgraded_in_place(
+    config: SiteConfig, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "r.sqlite"
+    ResultStore(path).upsert([(prediction(config), {})], Delivery.SHADOW)
+    with sqlite3.connect(path) as conn:  # the table as it was created before the column
+        conn.execute("ALTER TABLE results DROP COLUMN state_revision")
+    store = ResultStore(path)
+    [old] = store.list()
+    assert old.state_revision == 0
+    store.upsert([(prediction(config, risk_2y=0.3, revision=2), {})], Delivery.SHADOW)
+    [new] = store.list()
+    assert (new.risk_2y, new.state_revision) == (0.3, 2)
+
+
 def test_a_failed_result_keeps_the_targets_that_already_have_it(
     fhir: ThreadedServer, config: SiteConfig, tmp_path: Path
 ) -> None:

@@ -343,15 +343,9 @@ def test_a_second_worker_joining_mid_stream_gives_the_single_worker_results(
         assert any(r != "none" for r in revoked), revoked
 
 
-# ------------------------------------------- known bug: a late retry overwrites --
+# ------------------------------------ a late retry never overwrites a newer result --
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: a result parked on a delayed-retry tier is written after a newer "
-    "result of the same episode and overwrites it in the EHR (pipelines/writeback.py has no "
-    "staleness check)",
-)
 def test_a_result_retried_from_a_delayed_tier_does_not_overwrite_a_newer_one(
     site: KafkaSite, servers: Servers
 ) -> None:

@@ -134,3 +134,16 @@ def test_an_adt_or_unmapped_results_trigger_nothing(pipeline: Pipeline) -> None:
         b"OBX|1|NM|2951-2^Sodium^LN||140|mmol/L|||||F"
     )
     assert pipeline.run(adt, sodium) == []
+
+
+def test_a_later_message_of_a_visit_gives_a_newer_state_revision(pipeline: Pipeline) -> None:
+    # Write-back keeps the newest result of an episode by this revision, whatever
+    # order retries bring them back in (tests/test_fhir_writeback.py).
+    pipeline.run(VISIT_1)
+    chemistry = pipeline.run(CHEMISTRY)[0]
+    urine = pipeline.run(URINE)[0]
+    replayed = pipeline.run(URINE)[0]  # redelivered after a crash: recomputed, newer
+    assert chemistry.identifier == urine.identifier == replayed.identifier
+    assert chemistry.state_revision < urine.state_revision < replayed.state_revision
+    state = pipeline.state.get(urine.patient_id)
+    assert state is not None and state.revision == replayed.state_revision
