@@ -185,7 +185,9 @@ def acquire_broker() -> tuple[KafkaBroker, Cleanup]:
     """Find or start a broker (see the module docstring for the order)."""
     env_bootstrap = os.environ.get("KAFKA_BOOTSTRAP", "").strip()
     if env_bootstrap:
-        return KafkaBroker(bootstrap=env_bootstrap, source="env"), _nothing_to_clean
+        # scripts/test starts the broker with scripts/kafka and passes it on: still "script"
+        source = "script" if _script_broker_address() == env_bootstrap else "env"
+        return KafkaBroker(bootstrap=env_bootstrap, source=source), _nothing_to_clean
     if os.environ.get("EHRBRIDGE_KAFKA") == "testcontainers":
         if docker_engine_reachable():
             try:
@@ -199,6 +201,12 @@ def acquire_broker() -> tuple[KafkaBroker, Cleanup]:
                 stacklevel=2,
             )
     return _broker_from_script()
+
+
+def _script_broker_address() -> str:
+    """The address ``scripts/kafka status`` reports, or "" when its broker is not running."""
+    status = run_kafka_script("status", timeout_s=30.0)
+    return status.stdout.strip() if status.returncode == 0 else ""
 
 
 def _running_in_ci() -> bool:
