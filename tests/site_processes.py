@@ -46,12 +46,14 @@ from typing import Any
 
 import httpx
 import yaml
+from conftest import wait_for
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka_fixture import KAFKA_SCRIPT
 
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.bench.pipeline import observations
 from ehrbridge.config import KafkaTransport, SiteConfig, load_site_config
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.errors import EhrbridgeError
@@ -93,15 +95,11 @@ def port_open(port: int) -> bool:
 def wait_until(
     probe: Callable[[], Any], timeout_s: float, what: str, why: Callable[[], str]
 ) -> Any:
-    """Poll ``probe`` until truthy; on timeout fail with ``what`` and the diagnostics ``why()``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}\n{why()}")
-        time.sleep(0.25)
+    """:func:`conftest.wait_for`, failing with the diagnostics ``why()`` as well."""
+    try:
+        return wait_for(probe, timeout_s, what)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{why()}") from None
 
 
 # ----------------------------------------------------------------- processes --
@@ -725,16 +723,7 @@ def observation_total(fhir_base: str) -> int:
 
 def all_observations(fhir_base: str) -> list[dict[str, Any]]:
     """Every current Observation of the stand-in, following the searchset's next links."""
-    found: list[dict[str, Any]] = []
-    url: str | None = f"{fhir_base}/Observation"
-    params: dict[str, Any] | None = {"_count": 1000}
-    with httpx.Client(timeout=60) as client:
-        while url:
-            bundle = client.get(url, params=params).json()
-            params = None
-            found.extend(entry["resource"] for entry in bundle.get("entry", []))
-            url = next((x["url"] for x in bundle.get("link", []) if x["relation"] == "next"), None)
-    return found
+    return list(observations(fhir_base))
 
 
 def model_info(config: SiteConfig, probe: FeatureRecord) -> ModelInfo:
