@@ -94,7 +94,14 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def kafka_broker_pid() -> int | None:
-    """The local Kafka broker's pid (scripts/kafka runs ``kafka.Kafka``), read-only use."""
+    """The local Kafka broker's pid (scripts/kafka runs ``kafka.Kafka``), read-only use.
+
+    With several brokers on the machine, the one KAFKA_BOOTSTRAP names (its
+    ``server.properties`` listens on that port), so the CPU figures are the
+    benchmark's broker's, not another job's.
+    """
+    port = os.environ.get("KAFKA_BOOTSTRAP", "").strip().rpartition(":")[2]
+    found: int | None = None
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -102,9 +109,21 @@ def kafka_broker_pid() -> int | None:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"kafka.Kafka\x00" in cmdline:
+        if b"kafka.Kafka\x00" not in cmdline:
+            continue
+        if not port or _listens_on(cmdline, port):
             return int(entry.name)
-    return None
+        found = found or int(entry.name)
+    return found
+
+
+def _listens_on(cmdline: bytes, port: str) -> bool:
+    """Whether the broker's properties file (its last argument) has a listener on ``port``."""
+    properties = Path(cmdline.rstrip(b"\x00").split(b"\x00")[-1].decode(errors="replace"))
+    try:
+        return f":{port}," in properties.read_text().replace("\n", ",")
+    except OSError:
+        return False
 
 
 @dataclass
