@@ -47,8 +47,9 @@ import itertools
 import logging
 import sqlite3
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import IO
 
@@ -65,13 +66,29 @@ from ehrbridge.pipelines.transport import Record
 log = logging.getLogger(__name__)
 
 _REPLAY_CHUNK = 500
+# Patients whose latest state a partition store keeps in memory (a few KB each).
+_CACHE_SIZE = 10_000
 
 
 class PartitionStore(SqliteStateStore):
-    """One partition's patient documents, and the changelog offset they reflect."""
+    """One partition's patient documents, and the changelog offset they reflect.
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    The file is a copy of the changelog, which is what survives a lost
+    machine, so it is written with ``synchronous=NORMAL``: no fsync per
+    batch. A commit still survives kill -9, and commits stay in order, so a
+    power loss can only undo the latest writes, never keep a checkpoint
+    without the documents before it; the changelog records past the
+    checkpoint are replayed at the next restore.
+
+    The documents written last are also kept in memory, so the next message
+    of a patient does not read and parse their document again.
+    """
+
+    def __init__(self, path: Path, cache_size: int = _CACHE_SIZE) -> None:
+        super().__init__(path, synchronous="NORMAL")
+        self._cache: OrderedDict[str, PatientState] = OrderedDict()
+        self._cache_size = cache_size
+        self._cache_lock = threading.Lock()
         self._conn().execute(
             "CREATE TABLE IF NOT EXISTS changelog_checkpoint"
             " (id INTEGER PRIMARY KEY CHECK (id = 0), next_offset INTEGER NOT NULL)"
@@ -82,8 +99,36 @@ class PartitionStore(SqliteStateStore):
         row = self._conn().execute("SELECT next_offset FROM changelog_checkpoint").fetchone()
         return int(row[0]) if row else 0
 
+    def get(self, patient_id: str) -> PatientState | None:
+        with self._cache_lock:
+            cached = self._cache.get(patient_id)
+            if cached is not None:
+                self._cache.move_to_end(patient_id)
+        if cached is not None:
+            return _snapshot(cached)  # the caller merges into it: never hand out the cached one
+        return super().get(patient_id)
+
+    def put_many(self, states: Iterable[PatientState]) -> None:
+        self.write(states)
+
+    def write(self, states: Iterable[PatientState]) -> list[tuple[str, bytes]]:
+        """Store the states; return their documents (serialised once, for the changelog too)."""
+        kept = [_snapshot(s) for s in states]
+        rows = [(s.patient_id, s.to_json()) for s in kept]
+        self.put_documents(rows)
+        with self._cache_lock:
+            for state in kept:
+                self._cache[state.patient_id] = state
+                self._cache.move_to_end(state.patient_id)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return rows
+
     def replay(self, records: Sequence[Record], next_offset: int) -> None:
         """Apply changelog records and move the checkpoint, in one transaction."""
+        with self._cache_lock:  # the replayed documents replace what was cached
+            for record in records:
+                self._cache.pop(record.key, None)
         upserts = [(r.patient_id, r.doc) for r in map(_Change.of, records) if r.doc]
         deletes = [(r.patient_id,) for r in map(_Change.of, records) if not r.doc]
         try:
@@ -102,6 +147,15 @@ class PartitionStore(SqliteStateStore):
                 )
         except sqlite3.Error as exc:
             raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
+
+
+def _snapshot(state: PatientState) -> PatientState:
+    """A copy whose fact lists can be merged into without touching ``state``.
+
+    Facts are frozen and ``last_outcome`` is replaced, never changed in
+    place, so the lists are all that need copying.
+    """
+    return replace(state, facts={feature: list(facts) for feature, facts in state.facts.items()})
 
 
 class _Change:
@@ -161,10 +215,9 @@ class ChangelogStateStore:
             by_partition[self.partition_for(state.patient_id)].append(state)
         changes: list[Record] = []
         for partition, batch in by_partition.items():
-            self._store(partition).put_many(batch)
             changes.extend(
-                Record(self.changelog_topic, s.patient_id, s.to_json(), partition=partition)
-                for s in batch
+                Record(self.changelog_topic, patient_id, doc, partition=partition)
+                for patient_id, doc in self._store(partition).write(batch)
             )
         with self._lock:
             self._pending.extend(changes)

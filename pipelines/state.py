@@ -14,7 +14,7 @@ code and observation time.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -117,9 +117,9 @@ class StateStore(Protocol):
 class SqliteStateStore:
     """The embedded state store: one row per patient in a SQLite file."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
-        self._connections = PerThreadConnection(self.path)
+        self._connections = PerThreadConnection(self.path, synchronous)
         self._conn().execute(
             "CREATE TABLE IF NOT EXISTS patient_state (patient_id TEXT PRIMARY KEY, doc BLOB)"
         )
@@ -136,7 +136,10 @@ class SqliteStateStore:
         return PatientState.from_json(row[0]) if row else None
 
     def put_many(self, states: Iterable[PatientState]) -> None:
-        rows = [(s.patient_id, s.to_json()) for s in states]
+        self.put_documents([(s.patient_id, s.to_json()) for s in states])
+
+    def put_documents(self, rows: Sequence[tuple[str, bytes]]) -> None:
+        """Store already serialised documents (patient id, ``to_json`` bytes)."""
         try:
             with transaction(self._conn()) as conn:
                 conn.executemany(
