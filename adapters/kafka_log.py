@@ -49,6 +49,7 @@ from kafka import (
 )
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.future import Future
 
 from ehrbridge.config import KafkaTransport
 from ehrbridge.pipelines.errors import UpstreamUnavailable
@@ -241,6 +242,8 @@ class KafkaGroupConsumer(Consumer):
         self, kafka_log: KafkaLog, group: str, topics: Sequence[str], on_assign: OnAssign | None
     ) -> None:
         self.group = group
+        self._last_commit: Future | None = None
+        self._commit_timeout_s = kafka_log.transport.request_timeout_s
         try:
             self._consumer = KafkaConsumer(
                 **kafka_log.connection,
@@ -290,16 +293,35 @@ class KafkaGroupConsumer(Consumer):
         listener.reassigned = False
 
     def commit(self, records: Sequence[Record]) -> None:
+        """Send the commit and return without waiting for the coordinator's answer.
+
+        The worker calls this only after the batch's outputs were acknowledged,
+        so nothing waits on the answer: a commit that is lost or refused (the
+        partitions moved in a rebalance) means the batch is delivered again,
+        which at-least-once allows. Not waiting saves a round trip per batch.
+        Commits go out in order on one connection, so a later one is never
+        overtaken by an earlier one; :meth:`close` waits for the last.
+        """
         if not records:
             return
+        offsets = {tp: OffsetAndMetadata(o + 1, "", -1) for tp, o in _last(records).items()}
         try:
-            self._consumer.commit(
-                {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in _last(records).items()}
-            )
+            self._last_commit = self._consumer.commit_async(offsets, callback=self._committed)
         except KafkaError as exc:
+            raise UpstreamUnavailable(f"Kafka commit ({self.group}): {exc}") from exc
+
+    def _committed(self, offsets: dict[TopicPartition, OffsetAndMetadata], result: object) -> None:
+        if isinstance(result, Exception):
             # Typically CommitFailedError: the partitions moved in a rebalance.
             # Their new owner re-processes from the last commit (at-least-once).
-            raise UpstreamUnavailable(f"Kafka commit ({self.group}): {exc}") from exc
+            where = _describe(offsets)
+            log.warning("Kafka commit (%s) of %s failed: %s", self.group, where, result)
+
+    def _await_last_commit(self, timeout_s: float) -> None:
+        """Give the last commit time to reach the coordinator (the client's thread sends it)."""
+        future, deadline = self._last_commit, time.monotonic() + timeout_s
+        while future is not None and not future.is_done and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def rewind(self, records: Sequence[Record]) -> None:
         assigned = self._consumer.assignment()
@@ -308,6 +330,7 @@ class KafkaGroupConsumer(Consumer):
                 self._consumer.seek(tp, offset)
 
     def close(self) -> None:
+        self._await_last_commit(self._commit_timeout_s)
         try:
             self._consumer.close(autocommit=False)
         except KafkaError:
