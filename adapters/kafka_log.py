@@ -68,6 +68,9 @@ GROUP_SETTINGS: dict[str, Any] = {
     "max_poll_interval_ms": 300_000,
     "auto_offset_reset": "earliest",
     "enable_auto_commit": False,
+    # A member that joined before a topic's partitions were in its metadata gets
+    # none of them, and notices them only at the next refresh (default 5 min).
+    "metadata_max_age_ms": 5000,
 }
 
 # Called (in the polling thread) with the member's whole assignment each time it
@@ -253,10 +256,26 @@ class KafkaGroupConsumer(Consumer):
             )
             self._listener = _Listener(self._consumer, on_assign)
             self._consumer.subscribe(list(topics), listener=self._listener)
-            for topic in topics:  # kafka-python 3.0: avoids a first poll that hangs
-                self._consumer.partitions_for_topic(topic)
+            self._await_partition_metadata(topics, kafka_log.transport.request_timeout_s)
         except KafkaError as exc:
             raise UpstreamUnavailable(f"Kafka {kafka_log.bootstrap}: {exc}") from exc
+
+    def _await_partition_metadata(self, topics: Sequence[str], timeout_s: float) -> None:
+        """Join with every topic's partitions known, so the first assignment has them.
+
+        A topic created a moment ago may not be in the broker's metadata yet; a
+        member that joins then is assigned nothing for it. (Asking first also
+        avoids a first poll that hangs in kafka-python 3.0.)
+        """
+        deadline = time.monotonic() + timeout_s
+        missing = list(topics)
+        while True:
+            missing = [t for t in missing if not self._consumer.partitions_for_topic(t)]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if missing:  # the metadata refresh (metadata_max_age_ms) brings them later
+            log.warning("no partition metadata yet for %s; joining without them", missing)
 
     def poll(self, max_records: int = 500, timeout_s: float = 0.5) -> list[Record]:
         self._restore_assigned()

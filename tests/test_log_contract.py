@@ -228,3 +228,25 @@ def test_kafka_members_of_one_group_split_the_partitions_without_loss(
     delivered = {r.value for records in seen.values() for r in records}
     assert delivered == {f"v{n}".encode() for n in range(sent)}  # nothing lost
     assert seen[second], "the second member got no partition"
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("attempt", range(3))
+def test_kafka_a_member_of_a_topic_created_a_moment_ago_gets_all_its_partitions(
+    kafka_bootstrap: str, attempt: int
+) -> None:
+    # A member that joined before the new topic's partitions were in its metadata
+    # was assigned none of them until a refresh minutes later (seen in the
+    # broker-restart fault test): the write-back role then delivered nothing.
+    topic = f"contract-new-{uuid.uuid4().hex[:10]}.predictions"
+    log = KafkaLog(KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, partitions=4))
+    try:
+        consumer = log.consumer("g", [topic])  # creates the topic, then subscribes
+        records = [rec(topic, n, key=f"patient-{n}") for n in range(40)]
+        log.append(records)
+        got = poll_until(consumer, 40, timeout_s=20)
+        assert {r.partition for r in got} == {0, 1, 2, 3}
+        assert sorted(values(got)) == sorted(values(records))
+        consumer.close()
+    finally:
+        log.close()
