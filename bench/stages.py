@@ -31,9 +31,9 @@ from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules, extract
 from ehrbridge.pipelines.features import FeatureRecord, evaluate
 from ehrbridge.pipelines.observation import build_observation
-from ehrbridge.pipelines.process import ProcessStage
+from ehrbridge.pipelines.process import ProcessStage, site_prediction
 from ehrbridge.pipelines.provenance import result_transaction
-from ehrbridge.pipelines.records import ModelInfo, Prediction, prediction_identifier
+from ehrbridge.pipelines.records import ModelInfo, Prediction
 from ehrbridge.pipelines.state import PatientState, SqliteStateStore
 from ehrbridge.sandbox.run import sandbox_site_file
 
@@ -172,18 +172,7 @@ def _infer(
     for chunk, result in zip(chunks, results, strict=True):
         for (patient, record), r2, r5 in zip(chunk, result.risk_2y, result.risk_5y, strict=True):
             predictions.append(
-                Prediction(
-                    site=config.site,
-                    patient_id=patient,
-                    patient_system=config.mapping.patient.fhir_system,
-                    features=record,
-                    model=model,
-                    risk_2y=r2,
-                    risk_5y=r5,
-                    source_id="S",
-                    mapping_version=config.mapping.version,
-                    identifier=prediction_identifier(config.site, model, patient, record),
-                )
+                site_prediction(config, model, patient, record, (r2, r5), source_id="S")
             )
     return predictions
 

@@ -137,18 +137,39 @@ class ProcessStage:
     def _prediction(
         self, item: _Pending, model: ModelInfo, risk_2y: float, risk_5y: float
     ) -> Prediction:
-        return Prediction(
-            site=self.config.site,
-            patient_id=item.patient_id,
-            patient_system=self.config.mapping.patient.fhir_system,
-            features=item.features,
-            model=model,
-            risk_2y=risk_2y,
-            risk_5y=risk_5y,
+        return site_prediction(
+            self.config,
+            model,
+            item.patient_id,
+            item.features,
+            (risk_2y, risk_5y),
             source_id=item.envelope.source_id,
-            mapping_version=self.config.mapping.version,
-            identifier=prediction_identifier(
-                self.config.site, model, item.patient_id, item.features
-            ),
             state_revision=item.revision,
         )
+
+
+def site_prediction(
+    config: SiteConfig,
+    model: ModelInfo,
+    patient_id: str,
+    features: FeatureRecord,
+    risks: tuple[float, float],
+    *,
+    source_id: str,
+    state_revision: int = 0,
+) -> Prediction:
+    """The model's answer for one feature record, named and identified for ``config``'s site."""
+    risk_2y, risk_5y = risks
+    return Prediction(
+        site=config.site,
+        patient_id=patient_id,
+        patient_system=config.mapping.patient.fhir_system,
+        features=features,
+        model=model,
+        risk_2y=risk_2y,
+        risk_5y=risk_5y,
+        source_id=source_id,
+        mapping_version=config.mapping.version,
+        identifier=prediction_identifier(config.site, model, patient_id, features),
+        state_revision=state_revision,
+    )

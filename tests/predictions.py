@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.facts import Fact
 from ehrbridge.pipelines.features import FeatureRecord
-from ehrbridge.pipelines.records import ModelInfo, Prediction, prediction_identifier
+from ehrbridge.pipelines.process import site_prediction
+from ehrbridge.pipelines.records import ModelInfo, Prediction
 
 MODEL = ModelInfo("kfre-4var", "1.0.0", "north_american")
 
@@ -41,16 +42,12 @@ def prediction(
         inputs=inputs,
         episode=f"day 2026-01-{day:02d}",
     )
-    return Prediction(
-        site=config.site,
-        patient_id=patient_id,
-        patient_system=config.mapping.patient.fhir_system,
-        features=features,
-        model=model,
-        risk_2y=risk_2y,
-        risk_5y=risk_5y,
+    return site_prediction(
+        config,
+        model,
+        patient_id,
+        features,
+        (risk_2y, risk_5y),
         source_id=source,
-        mapping_version=config.mapping.version,
-        identifier=prediction_identifier(config.site, model, patient_id, features),
         state_revision=revision,
     )
