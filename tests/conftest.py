@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +17,6 @@ pytest_plugins = ["kafka_fixture"]
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 T = TypeVar("T")
-
-
-def running_in_ci() -> bool:
-    """CI sets ``CI=true``: there a missing prerequisite fails the run instead of skipping."""
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 def wait_for(probe: Callable[[], T | None], timeout_s: float = 20.0, what: str = "condition") -> T:

@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import running_in_ci
 from fhir.resources.R4B import get_fhir_model_class
+from kafka_fixture import running_in_ci
 
 VALIDATOR_DIR = Path(__file__).resolve().parent / "fhir-validator"
 

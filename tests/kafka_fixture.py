@@ -209,7 +209,8 @@ def _script_broker_address() -> str:
     return status.stdout.strip() if status.returncode == 0 else ""
 
 
-def _running_in_ci() -> bool:
+def running_in_ci() -> bool:
+    """CI sets ``CI=true``: there a missing prerequisite fails the run instead of skipping."""
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
@@ -224,7 +225,7 @@ def kafka_broker() -> Iterator[KafkaBroker]:
         with contextlib.suppress(Exception):
             cleanup()
         message = f"no Kafka broker: {exc}"
-        if _running_in_ci():
+        if running_in_ci():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     LOG.info("Kafka broker %s from %s", broker.bootstrap, broker.source)

@@ -89,10 +89,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import running_in_ci
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.exceptions import InvalidEncodingChars
 from hl7apy.parser import parse_message
+from kafka_fixture import running_in_ci
 
 from ehrbridge.pipelines.er7 import DEFAULT_ENCODING, Encoding, Message, Segment, parse_batch
 from ehrbridge.pipelines.errors import MessageRejected
