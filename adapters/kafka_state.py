@@ -129,8 +129,9 @@ class PartitionStore(SqliteStateStore):
         with self._cache_lock:  # the replayed documents replace what was cached
             for record in records:
                 self._cache.pop(record.key, None)
-        upserts = [(r.patient_id, r.doc) for r in map(_Change.of, records) if r.doc]
-        deletes = [(r.patient_id,) for r in map(_Change.of, records) if not r.doc]
+        changes = [_Change.of(record) for record in records]
+        upserts = [(c.patient_id, c.doc) for c in changes if c.doc]
+        deletes = [(c.patient_id,) for c in changes if not c.doc]
         try:
             with transaction(self._conn()) as conn:
                 conn.executemany(
