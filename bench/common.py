@@ -55,16 +55,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on 127.0.0.1:``port``."""
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_port(port: int, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
-            time.sleep(0.05)
+    while not port_open(port):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ /proc --

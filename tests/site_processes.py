@@ -53,6 +53,7 @@ from kafka_fixture import KAFKA_SCRIPT
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.bench.common import free_port, port_open
 from ehrbridge.bench.pipeline import observations
 from ehrbridge.config import KafkaTransport, SiteConfig, load_site_config
 from ehrbridge.pipelines.er7 import Message
@@ -78,18 +79,6 @@ EHRBRIDGE = (
         "ehrbridge.cli",
     ]
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_until(

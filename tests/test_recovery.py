@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -24,21 +23,11 @@ from conftest import all_resources, wait_for
 
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.bench.common import free_port, port_open
 from ehrbridge.sandbox.fhir_server import create_fhir_app
 from ehrbridge.sandbox.model_server import create_model_app
 from ehrbridge.sandbox.run import sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture
