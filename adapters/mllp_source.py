@@ -24,13 +24,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ehrbridge.config import MllpListen
 from ehrbridge.pipelines.ack import build_ack, read_header
 from ehrbridge.pipelines.contracts import Deliver, Envelope, Kind
-from ehrbridge.pipelines.errors import EhrbridgeError, UpstreamUnavailable
+from ehrbridge.pipelines.errors import ConfigError, EhrbridgeError, UpstreamUnavailable
 from ehrbridge.pipelines.ingest import INGEST_DETAIL_HEADER, INGEST_ERROR_HEADER
 
 log = logging.getLogger(__name__)
@@ -180,9 +181,14 @@ class MllpSource:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._serve_connection(reader, writer, deliver)
 
-        self._server = await asyncio.start_server(
-            handle, self.listen.host, self.listen.port, limit=_READ_CHUNK, reuse_address=True
-        )
+        try:
+            self._server = await asyncio.start_server(
+                handle, self.listen.host, self.listen.port, limit=_READ_CHUNK, reuse_address=True
+            )
+        except OSError as exc:  # most often: another process has the port
+            where = f"{self.listen.host}:{self.listen.port}"
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"cannot listen on {where}: {reason}", field="mllp.port") from exc
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("MLLP listening on %s:%s (site %s)", self.listen.host, self.port, self.site)
 

@@ -7,8 +7,11 @@ server, the FHIR stand-in and the Kafka broker -- without instrumenting it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import socket
+import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,9 +51,29 @@ def ratio(ours: float, other: float) -> float | None:
     return round(ours / other, 2) if other else None
 
 
+def ephemeral_port_range() -> range:
+    """Ports the kernel hands to outgoing connections (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(49152, 65536)
+
+
 def free_port() -> int:
-    """A port the OS considers free now (the child binds it a moment later)."""
-    with socket.socket() as sock:
+    """A port free now, for a child process to listen on a moment later.
+
+    Chosen *below* the ephemeral range: a port from that range can be taken,
+    between this check and the child's bind, as the local end of any outgoing
+    connection on the machine (a Kafka client, an HTTP probe), and the child's
+    listen then fails with EADDRINUSE, even with SO_REUSEADDR.
+    """
+    below = range(20000, max(20000, ephemeral_port_range().start))
+    for port in random.sample(below, min(200, len(below))):
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port
+    with socket.socket() as sock:  # a machine whose ephemeral range starts low
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -62,12 +85,21 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_port(port: int, timeout_s: float = 60.0) -> None:
+def wait_port(
+    port: int, timeout_s: float = 60.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until something listens on ``port``; fails at once if ``process`` (the listener) exits."""
     deadline = time.monotonic() + timeout_s
     while not port_open(port):
+        if process is not None and process.poll() is not None:
+            raise ChildExited(f"exited with {process.returncode} before listening on {port}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
         time.sleep(0.05)
+
+
+class ChildExited(RuntimeError):
+    """A process the harness started ended while it was waited for."""
 
 
 # ------------------------------------------------------------------ /proc --

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from ehrbridge.bench.common import CpuMeter, free_port, latency_summary, wait_port
+from ehrbridge.bench.common import CpuMeter, free_port, latency_summary
 from ehrbridge.bench.load import Sent, run_senders
 from ehrbridge.bench.services import Services, delete_topics, kafka_bootstrap
 
@@ -142,7 +142,7 @@ class SiteUnderTest:
             if "writeback" in roles:
                 svc.spawn_site(config, "writeback", ["writeback"])
             if "ingest" in roles:
-                svc.wait_ingest()
+                svc.wait_ingest("ingest")
         else:
             svc.start_site(config, "site", self.roles)
         self.mllp_port = svc.ports["mllp"]
@@ -166,7 +166,7 @@ class SiteUnderTest:
                 self.services.fhir_base,
             ],
         )
-        wait_port(port)
+        self.services.wait_listening("naive", port)
         self.mllp_port = port
 
     @property

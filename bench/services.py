@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import yaml
 
-from ehrbridge.bench.common import free_port, kafka_broker_pid, wait_port
+from ehrbridge.bench.common import ChildExited, free_port, kafka_broker_pid, wait_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_DIR = REPO_ROOT / "sandbox"
@@ -76,13 +76,13 @@ class Services:
     def start_server(self, name: str, *args: str) -> int:
         """``model``, ``fhir`` or ``naive-cds``; returns its port once it answers."""
         port = self.spawn_server(name, *args)
-        wait_port(port)
+        self.wait_listening(name, port)
         return port
 
     def start_servers(self, *names: str) -> None:
         """Several servers, started side by side (imports take seconds on a busy machine)."""
-        for port in [self.spawn_server(name) for name in names]:
-            wait_port(port)
+        for name, port in [(name, self.spawn_server(name)) for name in names]:
+            self.wait_listening(name, port)
 
     def spawn_server(self, name: str, *args: str) -> int:
         port = free_port()
@@ -138,14 +138,15 @@ class Services:
         """``ehrbridge run`` as its own process; waits for the ingest ports when it has them."""
         self.spawn_site(config, name, roles)
         if not roles or "ingest" in roles:
-            self.wait_ingest()
+            self.wait_ingest(name)
 
     def spawn_site(self, config: Path, name: str = "site", roles: Sequence[str] = ()) -> None:
         role_args = [a for role in roles for a in ("--role", role)]
         self._spawn(name, ["-m", "ehrbridge.cli", "run", "--config", str(config), *role_args])
 
-    def wait_ingest(self) -> None:
-        wait_port(self.ports["mllp"], timeout_s=120)
+    def wait_ingest(self, name: str) -> None:
+        """Until process ``name`` (with the ingest role) listens for MLLP and HTTP."""
+        self.wait_listening(name, self.ports["mllp"], timeout_s=120)
         self.wait_http(f"http://127.0.0.1:{self.ports['http']}/health")
 
     @property
@@ -188,11 +189,20 @@ class Services:
             pids["kafka-broker"] = pid
         return pids
 
+    def wait_listening(self, name: str, port: int, timeout_s: float = 60) -> None:
+        """Until process ``name`` listens on ``port``; its log's end if it exits or never does."""
+        try:
+            wait_port(port, timeout_s, self.procs[name])
+        except (ChildExited, TimeoutError) as exc:
+            raise RuntimeError(f"{name}: {exc}:\n{self.log_tail(name)}") from exc
+
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                log = (self.run_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        return (self.run_dir / f"{name}.log").read_text(errors="replace")[-chars:]
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)

@@ -11,6 +11,8 @@ from typing import Any
 
 import uvicorn
 
+from ehrbridge.pipelines.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -21,7 +23,8 @@ class EmbeddedServer(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         yield
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, field: str | None = None) -> None:
+        self.field = field  # the setting that names the port, for a clear bind error
         # access_log off: request paths can carry patient ids, and logs must not.
         super().__init__(
             uvicorn.Config(
@@ -39,12 +42,20 @@ class EmbeddedServer(uvicorn.Server):
 
     async def start(self) -> None:
         """Start serving in this loop; return once the port accepts connections."""
-        self._task = asyncio.create_task(self.serve())
+        self._task = asyncio.create_task(self._serve_or_raise())
         while not self.started:
             if self._task.done():
                 self._task.result()  # re-raise a bind failure
                 raise RuntimeError("HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
+
+    async def _serve_or_raise(self) -> None:
+        try:
+            await self.serve()
+        except SystemExit as exc:  # uvicorn logs a bind failure, then exits the process
+            where = f"{self.config.host}:{self.config.port}"
+            detail = f"cannot listen on {where} (is the port in use?)"
+            raise ConfigError(detail, field=self.field) from exc
 
     async def stop(self) -> None:
         self.should_exit = True

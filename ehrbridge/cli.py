@@ -100,8 +100,8 @@ def _run(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         runtime = SiteRuntime(config, roles)
-        await runtime.start()
         try:
+            await runtime.start()  # a failed start still stops what did start
             await wait_for_signal()
         finally:
             await runtime.stop()

@@ -135,7 +135,8 @@ class SiteRuntime:
         self.fhir = self._fhir_endpoint(ingest)
         self.mllp = MllpSource(self.config.mllp, self.config.site)
         await self.mllp.start(ingest.deliver)
-        self.http = EmbeddedServer(create_api(self), self.config.http.host, self.config.http.port)
+        http = self.config.http
+        self.http = EmbeddedServer(create_api(self), http.host, http.port, field="http.port")
         await self.http.start()
 
     def _fhir_endpoint(self, ingest: Ingest) -> FhirEndpoint:

@@ -83,8 +83,12 @@ class Sandbox:
         self.ports = ports or Ports()
         self.configure = configure
         self.configure_fhir_site = configure_fhir_site
-        self.model = EmbeddedServer(create_model_app(), "127.0.0.1", self.ports.model)
-        self.fhir = EmbeddedServer(create_fhir_app(), "127.0.0.1", self.ports.fhir)
+        self.model = EmbeddedServer(
+            create_model_app(), "127.0.0.1", self.ports.model, field="--model-port"
+        )
+        self.fhir = EmbeddedServer(
+            create_fhir_app(), "127.0.0.1", self.ports.fhir, field="--fhir-port"
+        )
         self.inbox = MllpPeer(port=self.ports.ehr_inbox, record_to=data_dir / "ehr-inbox.hl7")
         self.runtime: SiteRuntime | None = None
         self.with_fhir_site = fhir_site

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -835,21 +833,6 @@ def failure_context(describe: Callable[[], str]) -> Iterator[None]:
 # -------------------------------------------------------------------- broker --
 
 
-def port_below_ephemeral_range() -> int:
-    """A free port that no outgoing connection can take while its broker is down."""
-    low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20_000, max(20_001, low))
-        if not port_open(port):
-            with socket.socket() as sock, contextlib.suppress(OSError):
-                sock.bind(("127.0.0.1", port))
-                return port
-    raise AssertionError("no free port below the ephemeral range")
-
-
 @dataclass
 class OwnBroker:
     """A broker of this test's own (scripts/kafka with its own data dir and port).
@@ -858,7 +841,7 @@ class OwnBroker:
     """
 
     data: Path
-    port: int = field(default_factory=port_below_ephemeral_range)
+    port: int = field(default_factory=free_port)  # below the ephemeral range
 
     @property
     def bootstrap(self) -> str:
