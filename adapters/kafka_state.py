@@ -27,11 +27,15 @@ Kafka's default partitioner, which the changelog (same key, same partition
 count) uses too. :meth:`ChangelogStateStore.partition_for` applies the same
 function, so :class:`~ehrbridge.pipelines.process.ProcessStage` keeps its
 plain ``get``/``put_many`` interface and each patient lands in the store of
-the partition their records arrive on. A record that names several patients
-(a multi-patient FHIR Bundle, keyed by the first) reaches the others'
-stores even when another worker owns them: such a store is brought up to
-the changelog's end before every read, and the write goes to the changelog
-of the patient's partition.
+the partition their records arrive on. A message about several patients
+(ORU^R01 with several PATIENT_RESULT groups, a multi-patient Bundle) is
+stored by ingest once per patient, each copy keyed by one of them, and the
+processing stage reads only that patient's part of a copy
+(``Extraction.owned_by``): no worker writes a patient another worker owns.
+Only a record stored before that split, or one whose patient-id rule has
+changed since, still names patients of other partitions; for those, the
+other partition's store is brought up to the changelog's end before the
+read, and the write goes to the changelog of the patient's partition.
 
 Why this is safe with at-least-once delivery: a crash between a local write
 and the changelog produce leaves the input uncommitted; it is re-delivered

@@ -225,8 +225,8 @@ class FhirEndpoint:
         self.stats.resources.update(checked.counts)
         if not checked.stored:
             return
-        envelope = self._envelope(payload, checked.source_id, checked.key, via)
-        await self.ingest.store(envelope, checked.key)
+        envelope = self._envelope(payload, checked.source_id, checked.keys[0], via)
+        await self.ingest.store(envelope, checked.keys)
         self.stats.stored_records += 1
         if checked.patient_links:
             await asyncio.to_thread(self.links.add, checked.patient_links)

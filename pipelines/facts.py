@@ -145,9 +145,27 @@ class Extraction:
     patients: list[PatientExtract]
 
     @property
-    def key(self) -> str:
-        """Partition key: the (first) patient id, else the control id."""
-        return self.patients[0].patient_id if self.patients else self.control_id
+    def keys(self) -> list[str]:
+        """Partition keys: each patient's id once, in message order (else the control id).
+
+        A message about several patients is stored once per patient, each copy
+        keyed by one of them, so that every patient's facts reach the worker
+        that owns that patient's state (see :meth:`owned_by`).
+        """
+        ids = list(dict.fromkeys(p.patient_id for p in self.patients))
+        return ids or [self.control_id]
+
+    def owned_by(self, key: str) -> Extraction:
+        """Only the patients a record keyed ``key`` is for.
+
+        A record whose key names none of them (stored before messages were
+        split by patient, or a patient-id rule changed before a replay) keeps
+        them all, as such records always did.
+        """
+        mine = [p for p in self.patients if p.patient_id == key]
+        if not mine or len(mine) == len(self.patients):
+            return self
+        return Extraction(self.control_id, self.message_type, mine)
 
 
 # --------------------------------------------------------------------------- explain traces

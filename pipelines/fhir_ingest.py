@@ -182,9 +182,9 @@ class Checked:
         return self.extraction is not None
 
     @property
-    def key(self) -> str:
-        """Partition key: the (first) patient id."""
-        return self.extraction.key if self.extraction is not None else self.source_id
+    def keys(self) -> list[str]:
+        """Partition keys: one per patient (see :attr:`Extraction.keys`)."""
+        return self.extraction.keys if self.extraction is not None else [self.source_id]
 
 
 def parse(payload: bytes) -> dict[str, Any]:

@@ -8,7 +8,8 @@ unparseable (AR) rather than find out never. FHIR records get the checks of
 runs them itself, because its response needs their details, and then calls
 :meth:`Ingest.store` or :meth:`Ingest.dead_letter`.
 
-* usable: appended to ``<site>.raw``, keyed by patient id; returns → AA.
+* usable: appended to ``<site>.raw``, keyed by patient id (once per patient
+  when it is about several); returns → AA once every copy is durable.
 * unusable/unparseable: appended to ``<site>.dlq`` with its raw bytes and
   the reason, then the PermanentError is re-raised → AE/AR.
 * storage failing: TransientError propagates → AR, the sender resends.
@@ -20,7 +21,9 @@ the same way.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 
 from ehrbridge.config import SiteConfig
@@ -50,16 +53,22 @@ class Ingest:
 
     async def deliver(self, envelope: Envelope) -> None:
         try:
-            key = self.validate(envelope)
+            keys = self.validate(envelope)
         except PermanentError as error:
             await self.dead_letter(envelope, error)
             raise
-        await self.store(envelope, key)
+        await self.store(envelope, keys)
 
-    async def store(self, envelope: Envelope, key: str) -> None:
-        """Append a checked record to ``<site>.raw``; return once it is durable."""
-        await self.committer.append(to_record(replace(envelope, key=key), self.raw_topic))
-        log.debug("%s stored", envelope.describe())
+    async def store(self, envelope: Envelope, keys: Sequence[str]) -> None:
+        """Append a checked record to ``<site>.raw``, once per key; return once all are durable.
+
+        Per-patient state lives with the partition of the patient's key, so a
+        message about several patients goes to each of their partitions (the
+        processing stage reads only that patient's part of each copy).
+        """
+        records = [to_record(replace(envelope, key=key), self.raw_topic) for key in keys]
+        await asyncio.gather(*(self.committer.append(record) for record in records))
+        log.debug("%s stored (%d patient(s))", envelope.describe(), len(records))
 
     async def dead_letter(self, envelope: Envelope, error: PermanentError) -> None:
         """Keep a refused record and the reason; return once that is durable."""
@@ -68,8 +77,8 @@ class Ingest:
         )
         log.warning("%s dead-lettered at ingest: %s", envelope.describe(), error.reason)
 
-    def validate(self, envelope: Envelope) -> str:
-        """Check the message can be used; return its partition key (patient id)."""
+    def validate(self, envelope: Envelope) -> list[str]:
+        """Check the message can be used; return its partition keys (patient ids)."""
         framing_error = envelope.headers.get(INGEST_ERROR_HEADER)
         if framing_error:
             detail = envelope.headers.get(INGEST_DETAIL_HEADER, framing_error)
@@ -82,10 +91,10 @@ class Ingest:
                     "nothing in it is read by this site (Patient, Observation)",
                     reason="fhir.nothing_to_read",
                 )
-            return checked.key
+            return checked.keys
         if envelope.kind is not Kind.HL7V2:
             raise MessageRejected(
                 f"ingest does not take {envelope.kind} records", reason="kind.unsupported"
             )
         message = Message.parse(envelope.payload)
-        return extract(message, self.rules).key
+        return extract(message, self.rules).keys

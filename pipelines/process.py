@@ -73,14 +73,17 @@ class ProcessStage:
         return outcomes
 
     def extract(self, envelope: Envelope) -> Extraction:
+        """The facts of the patient this record is keyed by (ingest stores one copy each)."""
         if envelope.kind is Kind.FHIR:
             # A Bundle may hold a patient's whole history: one prediction per episode.
-            return by_episode(extract_fhir(envelope.payload, self.rules), self.config.mapping)
-        if envelope.kind is not Kind.HL7V2:
+            extraction = by_episode(extract_fhir(envelope.payload, self.rules), self.config.mapping)
+        elif envelope.kind is Kind.HL7V2:
+            extraction = extract(Message.parse(envelope.payload), self.rules)
+        else:
             raise MessageUnusable(
                 f"cannot process {envelope.kind} records", reason="kind.unsupported"
             )
-        return extract(Message.parse(envelope.payload), self.rules)
+        return extraction.owned_by(envelope.key)
 
     def _merge_and_assemble(self, extracted: list[tuple[Envelope, Extraction]]) -> list[_Pending]:
         states: dict[str, PatientState] = {}

@@ -9,7 +9,9 @@ Topic design (names are prefixed by site, ``<site>.<topic>``)::
 
 * ``raw``: the inbound message bytes exactly as received. The ingest ACK is
   given once the log has them. Keyed by patient id, so one patient's messages
-  stay in order on one partition.
+  stay in order on one partition (a message about several patients is
+  stored once per patient; the processing stage reads each copy for its key's
+  patient only).
 * ``predictions``: one JSON prediction record per triggered feature record.
 * ``retry``: records whose transient failure outlasted the in-place retry
   budget, with a ``not_before`` header; re-delivered after a growing delay.

@@ -578,8 +578,9 @@ def stream_histories(
     by_patient: dict[str, list[Outgoing]] = {}
     for at, payload in ehr.stream(visits_per_patient=visits):
         extraction = extract(Message.parse(payload), rules)
-        outgoing = Outgoing(extraction.key, extraction.control_id, payload, at)
-        by_patient.setdefault(extraction.key, []).append(outgoing)
+        (key,) = extraction.keys  # the synthetic EHR writes one patient per message
+        outgoing = Outgoing(key, extraction.control_id, payload, at)
+        by_patient.setdefault(key, []).append(outgoing)
     return list(by_patient.values())
 
 

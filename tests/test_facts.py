@@ -138,7 +138,9 @@ def test_several_patients_in_one_oru() -> None:
         ("MRN42", ["creatinine"]),
         ("MRN43", ["uacr"]),
     ]
-    assert result.key == "MRN42"
+    assert result.keys == ["MRN42", "MRN43"], "stored once per patient"
+    assert [p.patient_id for p in result.owned_by("MRN43").patients] == ["MRN43"]
+    assert result.owned_by("not-a-patient") is result, "an unsplit record keeps them all"
 
 
 def test_adt_updates_demographics_only() -> None:

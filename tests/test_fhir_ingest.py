@@ -252,6 +252,30 @@ def test_a_transaction_is_stored_whole_and_answered_entry_by_entry(
     assert observations[0]["effectiveDateTime"].startswith("2026-01-05")
 
 
+def test_a_transaction_about_two_patients_is_stored_once_per_patient(
+    sandbox: BackgroundSandbox,
+) -> None:
+    """Each copy is keyed by one patient, so that patient's partition owns its state."""
+    runtime = site(sandbox)
+    before = raw_records(sandbox)
+    first, second = visit("MRN-TWO-A"), visit("MRN-TWO-B")
+    document = {**first, "entry": first["entry"] + second["entry"]}
+    response = post(sandbox, "/fhir", document)
+    assert response.status_code == 200, response.text
+    stored = runtime.log.read(runtime.topic("raw"), limit=100_000)[before:]
+    assert sorted(r.key for r in stored) == ["MRN-TWO-A", "MRN-TWO-B"]
+    assert stored[0].value == stored[1].value == orjson.dumps(document)
+    for mrn in ("MRN-TWO-A", "MRN-TWO-B"):
+        observations = wait_for(
+            lambda mrn=mrn: all_resources(
+                f"{sandbox.sandbox.fhir_base}/Observation",
+                {"subject:identifier": f"{MRN_SYSTEM}|{mrn}"},
+            ),
+            what=f"the risk Observation of {mrn}",
+        )
+        assert len(observations) == 1
+
+
 def test_a_batch_stores_and_refuses_entry_by_entry(sandbox: BackgroundSandbox) -> None:
     document = visit("MRN-BATCH", kind="batch")
     document["entry"].append(

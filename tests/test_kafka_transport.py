@@ -143,3 +143,35 @@ def test_dead_letters_are_kept_on_kafka_with_their_reason_and_bytes(
     assert dead[0].headers["source_id"] == control_id
     assert dead[0].headers["error.reason"]
     assert dead[0].value == unusable.replace(b"\n", b"\r") or control_id.encode() in dead[0].value
+
+
+def two_patient_oru(first: bytes, second: bytes) -> bytes:
+    """One ORU^R01 with two PATIENT_RESULT groups: ``first``'s MSH, then both patients."""
+    segments = second.replace(b"\r\n", b"\r").split(b"\r")
+    from_pid = next(i for i, s in enumerate(segments) if s.startswith(b"PID|"))
+    return first.rstrip(b"\r") + b"\r" + b"\r".join(segments[from_pid:])
+
+
+def test_a_message_about_two_patients_is_stored_on_each_patients_partition(
+    tmp_path: Path, kafka_bootstrap: str, site: str
+) -> None:
+    """Each patient's state has one owner: the worker of that patient's partition."""
+    ehr = SyntheticEhr(patients=2)
+    first, second = (f"M{uuid.uuid4().hex[:10]}" for _ in range(2))
+    at = datetime(2026, 4, 1, tzinfo=UTC)
+    message = two_patient_oru(
+        ehr.renal_oru_for(age=66, female=True, at=at, egfr=21.0, uacr_mg_g=500.0, mrn=first),
+        ehr.renal_oru_for(age=58, female=False, at=at, egfr=35.0, uacr_mg_g=90.0, mrn=second),
+    )
+    configure = on_kafka(kafka_bootstrap, site, tmp_path / "state")
+    with BackgroundSandbox(tmp_path / "run", configure=configure, fhir_site=False) as sandbox:
+        assert send(sandbox, message) == "AA"
+        for mrn in (first, second):
+            wait_for(lambda mrn=mrn: results_for(sandbox, mrn), 60, f"a result for {mrn}")
+        runtime = sandbox.sandbox.runtime
+        assert runtime is not None and runtime.changelog_state is not None
+        raw = runtime.log.read(runtime.topic("raw"))
+        store = runtime.changelog_state
+    assert sorted(r.key for r in raw) == sorted([first, second]), "one copy per patient"
+    assert raw[0].value == raw[1].value, "each copy keeps the whole message"
+    assert {r.partition for r in raw} == {store.partition_for(first), store.partition_for(second)}

@@ -47,8 +47,11 @@ class Pipeline:
         self.model = InferenceClient(config.model)
         self.stage = ProcessStage(config, self.state, self.model)
 
-    def run(self, *messages: bytes) -> list[Prediction]:
-        batch = [Envelope("us", f"m{i}", m, Kind.HL7V2, f"m{i}") for i, m in enumerate(messages)]
+    def run(self, *messages: bytes, key: str | None = None) -> list[Prediction]:
+        """Process one batch; records keyed ``key`` (a patient id), else by message."""
+        batch = [
+            Envelope("us", f"m{i}", m, Kind.HL7V2, key or f"m{i}") for i, m in enumerate(messages)
+        ]
         outcomes = self.stage.process(batch)
         assert all(isinstance(o, Envelope) for o in outcomes), outcomes
         return [Prediction.from_json(o.payload) for o in outcomes if isinstance(o, Envelope)]
@@ -147,3 +150,21 @@ def test_a_later_message_of_a_visit_gives_a_newer_state_revision(pipeline: Pipel
     assert chemistry.state_revision < urine.state_revision < replayed.state_revision
     state = pipeline.state.get(urine.patient_id)
     assert state is not None and state.revision == replayed.state_revision
+
+
+def two_patients(message: bytes) -> bytes:
+    """``message``'s patient group, then the same results for a second patient, MRN00999."""
+    lines = message.replace(b"\n", b"\r").rstrip(b"\r").split(b"\r")
+    second = [line.replace(b"MRN00123", b"MRN00999") for line in lines[1:]]
+    return b"\r".join([*lines, *second]) + b"\r"
+
+
+def test_a_copy_keyed_by_one_patient_updates_only_that_patient(pipeline: Pipeline) -> None:
+    """Ingest stores a two-patient message once per patient; each copy is one patient's."""
+    message = two_patients(PANEL)
+    [prediction] = pipeline.run(message, key="MRN00999")
+    assert prediction.patient_id == "MRN00999"
+    assert pipeline.state.get("MRN00123") is None, "the other patient's partition owns them"
+    assert pipeline.state.get("MRN00999") is not None
+    both = pipeline.run(message)  # keyed by neither (stored before the split): both, as before
+    assert sorted(p.patient_id for p in both) == ["MRN00123", "MRN00999"]
