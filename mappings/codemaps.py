@@ -33,6 +33,7 @@ import csv
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ _CSV_COLUMNS = frozenset({*_CSV_REQUIRED, "target_system", "display"})
 _LOINC_ALIASES = {"ln": "LN", "loinc": "LN", "http://loinc.org": "LN"}
 
 
+@lru_cache(maxsize=1024)  # called for every OBX-3 coding; sites use a handful of systems
 def normalise_system(system: str) -> str:
     """LOINC has three spellings (OBX-3.3 ``LN``/``LOINC``, FHIR ``http://loinc.org``)."""
     stripped = system.strip()

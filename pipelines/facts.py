@@ -445,6 +445,7 @@ class _Walker:
 
     def __init__(self, message: Message, rules: FactRules, results: bool, trace: Trace | None):
         self.message = message
+        self.control_id = message.control_id  # MSH-10: names every fact's source
         self.rules = rules
         self.results = results  # ORU: read OBX; ADT: demographics only
         self.trace = trace
@@ -545,7 +546,7 @@ class _Walker:
     def _note(self, obx: Segment) -> ObservationTrace:
         assert self.trace is not None
         note = ObservationTrace(
-            ref=f"{self.message.control_id}/OBX/{self.obx_count}",
+            ref=f"{self.control_id}/OBX/{self.obx_count}",
             position=f"segment {obx.index + 1}",
             system=obx.component(3, 3),
             code=obx.component(3, 1),
@@ -581,7 +582,7 @@ class _Walker:
     def _observe(
         self, obx: Segment, patient: PatientExtract, note: ObservationTrace | None
     ) -> None:
-        ref = f"{self.message.control_id}/OBX/{self.obx_count}"
+        ref = f"{self.control_id}/OBX/{self.obx_count}"
         (system, code, display), rule = self._match(obx)
         if rule is None:
             reason = self.rules.unmapped_reason(system, code)
@@ -604,7 +605,7 @@ class _Walker:
             )
         if status in self.rules.withdraw:
             effective, _ = self._effective(obx)
-            hit.keep(withdrawal(hit, effective, self.message.control_id, self._episode()), "")
+            hit.keep(withdrawal(hit, effective, self.control_id, self._episode()), "")
         elif status not in self.rules.statuses:
             hit.unused(f"result status {status} not used", obx.value(5))
         else:
@@ -634,7 +635,7 @@ class _Walker:
             unit=CANONICAL_UNITS[feature],
             effective=effective,
             ref=hit.ref,
-            source_id=self.message.control_id,
+            source_id=self.control_id,
             system=hit.system,
             code=hit.code,
             display=hit.display,

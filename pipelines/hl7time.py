@@ -9,12 +9,14 @@ mapping names that time zone, we never guess it.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+from functools import lru_cache
 
 
 class Hl7TimeError(ValueError):
     """The text is not an HL7 date/time."""
 
 
+@lru_cache(maxsize=4096)  # a message's results share a few times; datetimes are immutable
 def parse_dtm(text: str, local: tzinfo = UTC) -> datetime:
     """Parse a DTM/TS value to an aware datetime (missing parts default to their minimum)."""
     value = text.strip()
