@@ -1,9 +1,11 @@
-"""Reads resources from the EHR's FHIR server (id-only Subscription notifications).
+"""Reads from the EHR's FHIR server: id-only notifications' resources, missed events.
 
 ``read("Observation/123")`` or ``read("https://ehr/fhir/Observation/123")``
-returns the resource, with the site's authentication (``adapters/smart_auth.py``)
-and in-place retries with backoff (``pipelines/retry.py``) for what may pass:
-timeouts, connection errors, 429 and 5xx.
+returns the resource; ``subscription_events(subscription, 5, 9)`` asks the
+server for notifications 5-9 again (Backport IG ``$events``). Both with the
+site's authentication (``adapters/smart_auth.py``) and in-place retries with
+backoff (``pipelines/retry.py``) for what may pass: timeouts, connection
+errors, 429 and 5xx.
 
 Only the configured FHIR base is ever read. A notification is input from
 outside: an absolute reference to another host is refused
@@ -72,11 +74,40 @@ class FhirReader:
             lambda: self._get(relative), self.policy, f"FHIR read ({kind})", self.stop
         )
 
-    def _get(self, relative: str) -> dict[str, Any]:
+    def subscription_events(self, subscription: str, first: int, last: int) -> dict[str, Any]:
+        """Notifications ``first``..``last`` of a Subscription, sent again.
+
+        ``GET [base]/Subscription/[id]/$events`` (Subscriptions Backport IG,
+        operation backport-subscription-events): a history Bundle of type
+        ``query-event``. ``content=full-resource`` is a hint the server may
+        ignore; an id-only answer is followed up like any notification.
+        """
+        relative = self.relative(subscription)
+        if not relative.startswith("Subscription/"):
+            raise RemoteRejected(
+                "the notification's subscription is not a Subscription reference",
+                reason="subscription.bad_reference",
+            )
+        params = {
+            "eventsSinceNumber": str(first),
+            "eventsUntilNumber": str(last),
+            "content": "full-resource",
+        }
+        return call_with_retry(
+            lambda: self._get(f"{relative}/$events", params, expected="Bundle"),
+            self.policy,
+            "FHIR Subscription $events",
+            self.stop,
+        )
+
+    def _get(
+        self, relative: str, params: dict[str, str] | None = None, expected: str | None = None
+    ) -> dict[str, Any]:
         self.reads += 1
         try:
             response = self._client.get(
                 f"{self.base_url}/{relative}",
+                params=params,
                 headers={"accept": FHIR_JSON},
                 auth=self._auth if self._auth is not None else httpx.USE_CLIENT_DEFAULT,
             )
@@ -91,7 +122,7 @@ class FhirReader:
             raise RemoteRejected(
                 f"read {relative}: the answer is not JSON", reason="fhir.bad_response"
             ) from exc
-        expected = relative.split("/", 1)[0]
+        expected = expected or relative.split("/", 1)[0]
         if not isinstance(resource, dict) or resource.get("resourceType") != expected:
             raise RemoteRejected(
                 f"read {relative}: the answer is not a {expected}", reason="fhir.bad_response"

@@ -101,7 +101,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
         return {
             "site": config.site,
             "ingest": endpoint.stats.snapshot(),
-            "subscriptions": endpoint.ledger.subscriptions(),
+            "subscriptions": endpoint.subscriptions(),
         }
 
     @app.get("/api/dlq")

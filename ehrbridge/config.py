@@ -240,6 +240,10 @@ class Subscriptions(Strict):
     # The environment variable holding the bearer token the EHR must send with every
     # notification (what Subscription.channel.header carries). None: no check here.
     token_env: str | None = None
+    # Missed notifications are asked for again from fhir_base (Backport IG $events);
+    # an open gap is tried again at most this often, when its subscription next notifies.
+    backfill: bool = True
+    backfill_retry_s: float = Field(300.0, gt=0)
 
 
 class CdsHooks(Strict):

@@ -35,7 +35,8 @@ Subscription notifications are handled by their type and payload
 full-resource notifications are stored like a collection; id-only ones are
 first fetched from the EHR's FHIR server (``subscriptions.fhir_base``, with
 its authentication and retries); empty ones are noted (there is nothing to
-read). Event numbers are tracked per subscription and gaps logged.
+read). Event numbers are tracked per subscription and gaps logged; missed
+events are asked for again (``ehrbridge/subscription_backfill.py``).
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ from ehrbridge.pipelines.ingest import Ingest
 from ehrbridge.pipelines.patient_links import PatientLinks
 from ehrbridge.pipelines.subscriptions import (
     EVENT_TYPES,
+    Gap,
     Notification,
     SubscriptionLedger,
     parse_notification,
 )
+from ehrbridge.subscription_backfill import Backfill
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,27 @@ class FhirEndpoint:
         self.reader = reader
         self.stats = FhirStats()
         self.notification_token = _notification_token(config)
+        self.backfill: Backfill | None = None
+        if reader is not None and config.subscriptions.backfill:
+            retry_s = config.subscriptions.backfill_retry_s
+            self.backfill = Backfill(ledger, reader, self._recovered, retry_s)
+
+    async def close(self) -> None:
+        """Stop background work (missed-event requests still running)."""
+        if self.backfill is not None:
+            await self.backfill.close()
+
+    def subscriptions(self) -> list[dict[str, Any]]:
+        """Each Subscription's state and gaps, with why a gap's backfill has failed so far."""
+        listed = self.ledger.subscriptions()
+        errors = self.backfill.errors if self.backfill is not None else {}
+        for item in listed:
+            item["backfill"] = {
+                str(gap): reason
+                for gap, reason in errors.items()
+                if gap.subscription == item["subscription"] and str(gap) in item["gaps"]
+            }
+        return listed
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -389,16 +413,29 @@ class FhirEndpoint:
         kind = notification.type
         if kind not in EVENT_TYPES:
             self.stats.notifications[kind] += 1
-            gaps = await asyncio.to_thread(self.ledger.record, notification)
+            gaps = await self._record(notification)
             return outcome_response(200, [information(f"{kind} received"), *_gap_issues(gaps)])
         self.stats.notifications[notification.content] += 1
         try:
             warnings, stored = await self._event(notification)
         except PermanentError as error:
             return await self._refused(payload, source_id, error)
-        gaps = await asyncio.to_thread(self.ledger.record, notification)
+        gaps = await self._record(notification)
         text = f"{notification.content} notification: {stored}"
         return outcome_response(200, [information(text), *warnings, *_gap_issues(gaps)])
+
+    async def _record(self, notification: Notification) -> list[Gap]:
+        """Note a handled notification; ask again for its subscription's missed events."""
+        gaps = await asyncio.to_thread(self.ledger.record, notification)
+        if self.backfill is not None and notification.type != "handshake":
+            self.backfill.schedule(notification.subscription)
+        return gaps
+
+    async def _recovered(self, notification: Notification) -> None:
+        """A ``$events`` answer: stored like a notification, then recorded (closes gaps)."""
+        self.stats.notifications[f"recovered {notification.content}"] += 1
+        await self._event(notification)
+        await asyncio.to_thread(self.ledger.record, notification)
 
     def _check_notification_token(self, request: Request) -> None:
         if self.notification_token is None:

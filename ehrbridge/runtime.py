@@ -253,6 +253,8 @@ class SiteRuntime:
             await self.mllp.stop()
         if self.http is not None:
             await self.http.stop()
+        if self.fhir is not None:
+            await self.fhir.close()
         self.stop_event.set()
         await asyncio.to_thread(self._join)
         if self.committer is not None:

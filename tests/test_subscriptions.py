@@ -10,8 +10,9 @@ failing reads where retries and authentication are the point).
 from __future__ import annotations
 
 import copy
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -450,3 +451,123 @@ def test_gaps_survive_a_restart_and_duplicates_make_none(tmp_path: Path) -> None
     reopened.record(events(3))  # late after all
     assert [str(g) for g in reopened.gaps()] == ["4"]
     reopened.close()
+
+
+# --------------------------------------------------------------------------- missed events
+
+
+class EventsArchive:
+    """An EHR's ``Subscription/[id]/$events`` (Backport IG) over the FHIR stand-in.
+
+    ``events[n]`` is event *n*'s focus reference and, for a full-resource
+    answer, the resource. Each call is kept with its query parameters.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.events: dict[int, tuple[str, dict[str, Any] | None]] = {}
+        self.calls: list[dict[str, str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.endswith("/$events"):
+            await self.app(scope, receive, send)
+            return
+        query = dict(httpx.QueryParams(scope["query_string"].decode()))
+        self.calls.append(query)
+        subscription = "/".join(path.split("/")[-3:-1])  # Subscription/<id>
+        wanted = range(int(query["eventsSinceNumber"]), int(query["eventsUntilNumber"]) + 1)
+        found = [n for n in wanted if n in self.events]
+        body = orjson.dumps(self.answer(subscription, found))
+        headers = [(b"content-type", b"application/fhir+json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def answer(self, subscription: str, numbers: list[int]) -> dict[str, Any]:
+        """A query-event notification with these events (consecutive, as the test stores)."""
+        focus = [self.events[n][0] for n in numbers]
+        full = [self.events[n][1] for n in numbers]
+        if not numbers:
+            doc = kit("heartbeat_bundle_example", subscription)
+        elif all(r is not None for r in full):
+            doc = event(subscription, numbers[0], focus, full=[r for r in full if r is not None])
+        else:
+            doc = event(subscription, numbers[0], focus)
+        doc["entry"][0]["resource"]["parameter"][3]["valueCode"] = "query-event"
+        return doc
+
+
+def heartbeat(subscription_url: str, events_so_far: int) -> dict[str, Any]:
+    doc = kit("heartbeat_bundle_example", "Subscription/x")
+    params = doc["entry"][0]["resource"]["parameter"]
+    params[0]["valueReference"]["reference"] = subscription_url
+    params[4]["valueString"] = str(events_so_far)
+    return doc
+
+
+@pytest.fixture
+def ehr_with_events() -> Iterator[tuple[str, EventsArchive]]:
+    archive = EventsArchive(create_fhir_app())
+    with ThreadedServer(archive) as server:
+        yield f"{server.base_url}/fhir", archive
+
+
+def backfilling_from(base: str) -> Callable[[SiteConfig], SiteConfig]:
+    def configure(config: SiteConfig) -> SiteConfig:
+        update = {"fhir_base": base, "backfill_retry_s": 0.2}
+        return config.model_copy(
+            update={"subscriptions": config.subscriptions.model_copy(update=update)}
+        )
+
+    return configure
+
+
+def test_missed_events_are_asked_for_again_and_their_results_scored(
+    ehr_with_events: tuple[str, EventsArchive], tmp_path: Path
+) -> None:
+    base, archive = ehr_with_events
+    mrn = f"MRN-{uuid.uuid4().hex[:8]}"
+    patient_id = ehr_patient(base, mrn)
+    labs = [
+        ehr_lab(base, patient_id, "33914-3", 17.0, "mL/min/{1.73_m2}"),
+        ehr_lab(base, patient_id, "14959-1", 1200.0, "mg/g"),
+    ]
+    subscription = f"{base}/{new_subscription()}"
+    archive.events = {1: (f"{base}/Observation/{labs[0]['id']}", labs[0])}  # event 2 not yet
+    with BackgroundSandbox(tmp_path, configure_fhir_site=backfilling_from(base)) as running:
+        response = notify(running, heartbeat(subscription, 2))  # two events we never saw
+        assert response.status_code == 200
+        assert [i["code"] for i in issues(response) if i["severity"] == "warning"] == ["incomplete"]
+        state = wait_for(
+            lambda: (s := state_of(running, subscription))["backfill"] and s, what="a backfill"
+        )
+        assert state["gaps"] == ["2"], "event 1 recovered, event 2 not on the server yet"
+        assert "lacks them" in state["backfill"]["2"]
+        assert archive.calls[0] == {
+            "eventsSinceNumber": "1",
+            "eventsUntilNumber": "2",
+            "content": "full-resource",
+        }
+
+        archive.events[2] = (f"{base}/Observation/{labs[1]['id']}", None)  # id-only this time
+        assert len(archive.calls) == 1
+        time.sleep(0.3)  # past backfill_retry_s: the next notification tries again
+        assert notify(running, heartbeat(subscription, 2)).status_code == 200
+        wait_for(lambda: state_of(running, subscription)["gaps"] == [] or None, what="gap 2 closed")
+        assert archive.calls[-1]["eventsSinceNumber"] == "2"
+        [risk] = wait_for(lambda: risk_observations(running, mrn), what="the recovered results")
+    assert {d["identifier"]["value"] for d in risk["derivedFrom"]} == {
+        f"Observation/{lab['id']}" for lab in labs
+    }
+
+
+def test_a_server_without_events_leaves_the_gap_listed_with_the_reason(
+    sandbox: BackgroundSandbox,
+) -> None:
+    subscription = f"{sandbox.sandbox.fhir_base}/{new_subscription()}"  # the stand-in: no $events
+    assert notify(sandbox, heartbeat(subscription, 3)).status_code == 200
+    state = wait_for(
+        lambda: (s := state_of(sandbox, subscription))["backfill"] and s, what="the failed backfill"
+    )
+    assert state["gaps"] == ["1-3"]
+    assert state["backfill"]["1-3"].startswith("fhir.http_4")

@@ -1,0 +1,130 @@
+"""Missed Subscription notifications, asked for again (Subscriptions Backport IG ``$events``).
+
+The ledger (``pipelines/subscriptions.py``) finds gaps: events the server
+numbered that never reached us. For each open gap of a subscription,
+:class:`Backfill` calls ``GET [base]/Subscription/[id]/$events`` for exactly
+the missing numbers and hands the answer (a ``query-event`` notification) to
+the same handling as a received one: its resources are stored, or read first
+when the answer is id-only, and recording it in the ledger closes the gap.
+
+It runs in the background, so the notification that revealed the gap is
+answered at once. A gap stays open, with the reason kept for ``GET /api/fhir``,
+when the server has no ``$events``, no longer has the events, or is down;
+it is tried again, at most every ``retry_after_s``, when the subscription
+next sends a notification (after a restart, the first one does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from ehrbridge.adapters.fhir_client import FhirReader
+from ehrbridge.pipelines.errors import EhrbridgeError
+from ehrbridge.pipelines.subscriptions import (
+    EVENT_TYPES,
+    Gap,
+    Notification,
+    SubscriptionLedger,
+    parse_notification,
+)
+
+log = logging.getLogger(__name__)
+
+Handle = Callable[[Notification], Awaitable[None]]
+
+
+class Backfill:
+    """Open gaps → ``$events`` → the notification handler; one subscription at a time."""
+
+    def __init__(
+        self,
+        ledger: SubscriptionLedger,
+        reader: FhirReader,
+        handle: Handle,
+        retry_after_s: float = 300.0,
+    ) -> None:
+        self.ledger = ledger
+        self.reader = reader
+        self.handle = handle
+        self.retry_after_s = retry_after_s
+        self.recovered = 0  # events recovered since start
+        self.errors: dict[Gap, str] = {}  # the last failed attempt's reason, per open gap
+        self._tried: dict[tuple[str, int], float] = {}  # (subscription, first) -> monotonic
+        self._busy: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def schedule(self, subscription: str) -> None:
+        """Ask again for this subscription's open gaps that are due, in the background."""
+        if subscription in self._busy:
+            return
+        self._busy.add(subscription)
+        task = asyncio.create_task(self._run(subscription))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def wait(self) -> None:
+        """Until every scheduled attempt has finished (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, subscription: str) -> None:
+        try:
+            gaps = await asyncio.to_thread(self.ledger.gaps, subscription)
+            for gap in gaps:
+                if self._due(gap):
+                    await self._fill(gap)
+        except Exception:  # a background task: log it, never lose it silently
+            log.exception("subscription %s: backfill failed", subscription)
+        finally:
+            self._busy.discard(subscription)
+
+    def _due(self, gap: Gap) -> bool:
+        tried = self._tried.get((gap.subscription, gap.first))
+        return tried is None or time.monotonic() - tried >= self.retry_after_s
+
+    async def _fill(self, gap: Gap) -> None:
+        self._tried[(gap.subscription, gap.first)] = time.monotonic()
+        try:
+            notification = await self._ask(gap)
+            await self.handle(notification)
+        except EhrbridgeError as error:
+            self.errors[gap] = f"{error.reason}: {error.detail}"
+            log.warning(
+                "subscription %s: events %s not recovered: %s", gap.subscription, gap, error.reason
+            )
+            return
+        self.errors.pop(gap, None)
+        still = [g for g in await asyncio.to_thread(self.ledger.gaps, gap.subscription)
+                 if g.first <= gap.last and g.last >= gap.first]  # fmt: skip
+        self.recovered += (gap.last - gap.first + 1) - sum(g.last - g.first + 1 for g in still)
+        if still:
+            reason = "the server's $events answer lacks them"
+            self.errors.update((g, reason) for g in still)
+            log.warning(
+                "subscription %s: events %s not recovered: %s",
+                gap.subscription,
+                ", ".join(map(str, still)),
+                reason,
+            )
+        else:
+            log.info("subscription %s: missed events %s recovered", gap.subscription, gap)
+
+    async def _ask(self, gap: Gap) -> Notification:
+        doc = await asyncio.to_thread(
+            self.reader.subscription_events, gap.subscription, gap.first, gap.last
+        )
+        notification = parse_notification(doc)
+        if notification.type not in EVENT_TYPES:
+            notification.type = "query-event"  # some servers label the answer otherwise
+        # The ledger keys by the reference as notifications give it; the answer may spell
+        # it another way (relative, absolute), and must close this subscription's gap.
+        return replace(notification, subscription=gap.subscription)
