@@ -34,9 +34,11 @@ Subscription notifications are handled by their type and payload
 (``pipelines/subscriptions.py``): handshakes and heartbeats are noted;
 full-resource notifications are stored like a collection; id-only ones are
 first fetched from the EHR's FHIR server (``subscriptions.fhir_base``, with
-its authentication and retries); empty ones are noted (there is nothing to
-read). Event numbers are tracked per subscription and gaps logged; missed
-events are asked for again (``ehrbridge/subscription_backfill.py``).
+its authentication and retries); empty ones announce events whose content
+the subscriber reads: with ``$events``, as missed events are asked for again
+(``ehrbridge/subscription_backfill.py``), or, without a FHIR server to read
+from, they are only noted. Event numbers are tracked per subscription and
+gaps logged.
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ from ehrbridge import __version__
 from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.contracts import Envelope, Kind
-from ehrbridge.pipelines.errors import ConfigError, EhrbridgeError, PermanentError, TransientError
+from ehrbridge.pipelines.errors import (
+    ConfigError,
+    EhrbridgeError,
+    PermanentError,
+    RemoteRejected,
+    TransientError,
+)
 from ehrbridge.pipelines.fhir_ingest import (
     READ_TYPES,
     Checked,
@@ -76,6 +84,7 @@ from ehrbridge.pipelines.ingest import Ingest
 from ehrbridge.pipelines.patient_links import PatientLinks
 from ehrbridge.pipelines.subscriptions import (
     EVENT_TYPES,
+    MISSED,
     Gap,
     Notification,
     SubscriptionLedger,
@@ -183,7 +192,8 @@ class FhirEndpoint:
             item["backfill"] = {
                 str(gap): reason
                 for gap, reason in errors.items()
-                if gap.subscription == item["subscription"] and str(gap) in item["gaps"]
+                if gap.subscription == item["subscription"]
+                and str(gap) in item["gaps" if gap.kind == MISSED else "unread"]
             }
         return listed
 
@@ -416,6 +426,12 @@ class FhirEndpoint:
             gaps = await self._record(notification)
             return outcome_response(200, [information(f"{kind} received"), *_gap_issues(gaps)])
         self.stats.notifications[notification.content] += 1
+        if notification.content == "empty" and self.backfill is not None and notification.events:
+            # No content: the subscriber reads it, here with $events, like a missed event.
+            gaps = await self._record(notification, unread=True)
+            numbers = ", ".join(str(e.number) for e in notification.events)
+            text = f"empty notification: event(s) {numbers} will be read from the EHR ($events)"
+            return outcome_response(200, [information(text), *_gap_issues(gaps)])
         try:
             warnings, stored = await self._event(notification)
         except PermanentError as error:
@@ -424,9 +440,9 @@ class FhirEndpoint:
         text = f"{notification.content} notification: {stored}"
         return outcome_response(200, [information(text), *warnings, *_gap_issues(gaps)])
 
-    async def _record(self, notification: Notification) -> list[Gap]:
+    async def _record(self, notification: Notification, *, unread: bool = False) -> list[Gap]:
         """Note a handled notification; ask again for its subscription's missed events."""
-        gaps = await asyncio.to_thread(self.ledger.record, notification)
+        gaps = await asyncio.to_thread(self.ledger.record, notification, unread=unread)
         if self.backfill is not None and notification.type != "handshake":
             self.backfill.schedule(notification.subscription)
         return gaps
@@ -434,6 +450,11 @@ class FhirEndpoint:
     async def _recovered(self, notification: Notification) -> None:
         """A ``$events`` answer: stored like a notification, then recorded (closes gaps)."""
         self.stats.notifications[f"recovered {notification.content}"] += 1
+        if notification.content == "empty":  # recording it would close ranges never read
+            raise RemoteRejected(
+                "the server answered $events without content (empty)",
+                reason="subscription.events_empty",
+            )
         await self._event(notification)
         await asyncio.to_thread(self.ledger.record, notification)
 

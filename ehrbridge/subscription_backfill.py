@@ -1,7 +1,9 @@
 """Missed Subscription notifications, asked for again (Subscriptions Backport IG ``$events``).
 
 The ledger (``pipelines/subscriptions.py``) finds gaps: events the server
-numbered that never reached us. For each open gap of a subscription,
+numbered that never reached us; and it keeps the events that *empty*
+notifications announced without content (``unread``), since the subscriber
+is the one to read those. For each open range of a subscription,
 :class:`Backfill` calls ``GET [base]/Subscription/[id]/$events`` for exactly
 the missing numbers and hands the answer (a ``query-event`` notification) to
 the same handling as a received one: its resources are stored, or read first
@@ -53,7 +55,7 @@ class Backfill:
         self.retry_after_s = retry_after_s
         self.recovered = 0  # events recovered since start
         self.errors: dict[Gap, str] = {}  # the last failed attempt's reason, per open gap
-        self._tried: dict[tuple[str, int], float] = {}  # (subscription, first) -> monotonic
+        self._tried: dict[Gap, float] = {}  # when each open range was last asked for
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -78,7 +80,8 @@ class Backfill:
 
     async def _run(self, subscription: str) -> None:
         try:
-            gaps = await asyncio.to_thread(self.ledger.gaps, subscription)
+            gaps = await asyncio.to_thread(self.ledger.gaps, subscription, None)
+            self._forget_closed(subscription, set(gaps))
             for gap in gaps:
                 if self._due(gap):
                     await self._fill(gap)
@@ -87,12 +90,19 @@ class Backfill:
         finally:
             self._busy.discard(subscription)
 
+    def _forget_closed(self, subscription: str, open_now: set[Gap]) -> None:
+        """Ranges since closed or split: their attempts and reasons no longer apply."""
+        for known in (self._tried, self.errors):
+            for gap in [g for g in known if g.subscription == subscription]:
+                if gap not in open_now:
+                    del known[gap]
+
     def _due(self, gap: Gap) -> bool:
-        tried = self._tried.get((gap.subscription, gap.first))
+        tried = self._tried.get(gap)
         return tried is None or time.monotonic() - tried >= self.retry_after_s
 
     async def _fill(self, gap: Gap) -> None:
-        self._tried[(gap.subscription, gap.first)] = time.monotonic()
+        self._tried[gap] = time.monotonic()
         try:
             notification = await self._ask(gap)
             await self.handle(notification)
@@ -103,7 +113,7 @@ class Backfill:
             )
             return
         self.errors.pop(gap, None)
-        still = [g for g in await asyncio.to_thread(self.ledger.gaps, gap.subscription)
+        still = [g for g in await asyncio.to_thread(self.ledger.gaps, gap.subscription, None)
                  if g.first <= gap.last and g.last >= gap.first]  # fmt: skip
         self.recovered += (gap.last - gap.first + 1) - sum(g.last - g.first + 1 for g in still)
         if still:

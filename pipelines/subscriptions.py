@@ -30,7 +30,9 @@ entry that is not a subscription status, a status without ``subscription``,
 number seen and every gap: events the server numbered that never reached
 us. A gap is logged (WARNING, naming the subscription and event numbers --
 never PHI) when it is found, and listed by ``GET /api/fhir`` until the
-missing events arrive.
+missing events arrive. Events an *empty* notification announced are kept
+the same way, as ``unread``, while their content is fetched
+(``ehrbridge/subscription_backfill.py``).
 """
 
 from __future__ import annotations
@@ -317,9 +319,12 @@ CREATE TABLE IF NOT EXISTS subscription_gaps (
     first_missing INTEGER NOT NULL,
     last_missing INTEGER NOT NULL,
     detected_at REAL NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'missed',
     PRIMARY KEY (subscription, first_missing)
 );
 """
+MISSED = "missed"  # numbered by the server, never reached us
+UNREAD = "unread"  # announced by an empty notification; the content is still to be read
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +332,7 @@ class Gap:
     subscription: str
     first: int  # first missing event number
     last: int  # last missing event number (inclusive)
+    kind: str = MISSED  # or UNREAD
 
     def __str__(self) -> str:
         return f"{self.first}" if self.first == self.last else f"{self.first}-{self.last}"
@@ -337,14 +343,22 @@ class SubscriptionLedger:
 
     def __init__(self, path: Path | str) -> None:
         self._connections = PerThreadConnection(Path(path))
-        self._connections.get().executescript(_SCHEMA)
+        conn = self._connections.get()
+        conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(subscription_gaps)")}
+        if "kind" not in columns:  # a ledger from before unread ranges
+            conn.execute(
+                "ALTER TABLE subscription_gaps ADD COLUMN kind TEXT NOT NULL DEFAULT 'missed'"
+            )
 
-    def record(self, notification: Notification) -> list[Gap]:
+    def record(self, notification: Notification, *, unread: bool = False) -> list[Gap]:
         """Note a notification that has been handled; return the new gaps it reveals.
 
         Event numbers start at 1. For an event notification, the events between the
         highest seen and its first event are missing; for a heartbeat (or any other
         type) ``events-since-subscription-start`` beyond the highest seen are.
+        ``unread``: the notification's own events came without content (empty) and
+        are kept open as :data:`UNREAD` until a later record brings them.
         """
         numbers = sorted({e.number for e in notification.events if e.number > 0})
         try:
@@ -357,12 +371,13 @@ class SubscriptionLedger:
                 gaps = _new_gaps(notification, last, numbers)
                 self._fill(conn, notification.subscription, numbers)
                 self._store(conn, notification, last, numbers, gaps)
+                if unread:
+                    self._keep_unread(conn, notification.subscription, numbers)
         except sqlite3.Error as exc:
             raise UpstreamUnavailable(f"subscription ledger: {exc}") from exc
         for gap in gaps:
             log.warning(
-                "subscription %s: event(s) %s never arrived (missed notification); "
-                "query the server's $events or $status to recover",
+                "subscription %s: event(s) %s never arrived (missed notification)",
                 gap.subscription,
                 gap,
             )
@@ -370,16 +385,16 @@ class SubscriptionLedger:
 
     @staticmethod
     def _fill(conn: sqlite3.Connection, subscription: str, numbers: Iterable[int]) -> None:
-        """A late event closes (part of) an open gap."""
+        """A late event closes (part of) an open gap or unread range."""
         for number in numbers:
             row = conn.execute(
-                "SELECT first_missing, last_missing, detected_at FROM subscription_gaps"
+                "SELECT first_missing, last_missing, detected_at, kind FROM subscription_gaps"
                 " WHERE subscription = ? AND first_missing <= ? AND last_missing >= ?",
                 (subscription, number, number),
             ).fetchone()
             if row is None:
                 continue
-            first, last, detected = row
+            first, last, detected, kind = row
             conn.execute(
                 "DELETE FROM subscription_gaps WHERE subscription = ? AND first_missing = ?",
                 (subscription, first),
@@ -387,9 +402,17 @@ class SubscriptionLedger:
             for low, high in ((first, number - 1), (number + 1, last)):
                 if low <= high:
                     conn.execute(
-                        "INSERT INTO subscription_gaps VALUES (?, ?, ?, ?)",
-                        (subscription, low, high, detected),
+                        "INSERT INTO subscription_gaps VALUES (?, ?, ?, ?, ?)",
+                        (subscription, low, high, detected, kind),
                     )
+
+    @staticmethod
+    def _keep_unread(conn: sqlite3.Connection, subscription: str, numbers: list[int]) -> None:
+        now = time.time()
+        conn.executemany(
+            "INSERT OR REPLACE INTO subscription_gaps VALUES (?, ?, ?, ?, ?)",
+            [(subscription, low, high, now, UNREAD) for low, high in _runs(numbers)],
+        )
 
     @staticmethod
     def _store(
@@ -402,8 +425,8 @@ class SubscriptionLedger:
         now = time.time()
         high = max([last, *numbers, *(g.last for g in gaps)])
         conn.executemany(
-            "INSERT OR REPLACE INTO subscription_gaps VALUES (?, ?, ?, ?)",
-            [(g.subscription, g.first, g.last, now) for g in gaps],
+            "INSERT OR REPLACE INTO subscription_gaps VALUES (?, ?, ?, ?, ?)",
+            [(g.subscription, g.first, g.last, now, g.kind) for g in gaps],
         )
         conn.execute(
             "INSERT INTO subscriptions (subscription, topic, status, last_event, last_type,"
@@ -422,14 +445,21 @@ class SubscriptionLedger:
             ),
         )
 
-    def gaps(self, subscription: str | None = None) -> list[Gap]:
-        where, args = ("WHERE subscription = ?", [subscription]) if subscription else ("", [])
+    def gaps(self, subscription: str | None = None, kind: str | None = MISSED) -> list[Gap]:
+        """Open ranges: missed events (default), ``UNREAD`` ones, or both (``kind=None``)."""
+        where, args = ["1"], []
+        if subscription:
+            where.append("subscription = ?")
+            args.append(subscription)
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
         rows = self._connections.get().execute(
-            f"SELECT subscription, first_missing, last_missing FROM subscription_gaps {where}"
-            " ORDER BY subscription, first_missing",
+            "SELECT subscription, first_missing, last_missing, kind FROM subscription_gaps"
+            f" WHERE {' AND '.join(where)} ORDER BY subscription, first_missing",
             args,
         )
-        return [Gap(str(s), int(f), int(t)) for s, f, t in rows]
+        return [Gap(str(s), int(f), int(t), str(k)) for s, f, t, k in rows]
 
     def subscriptions(self) -> list[dict[str, Any]]:
         rows = self._connections.get().execute(
@@ -442,6 +472,7 @@ class SubscriptionLedger:
             item: dict[str, Any] = dict(zip(keys, row[:6], strict=True))
             item["updated_at"] = row[6]
             item["gaps"] = [str(g) for g in self.gaps(str(row[0]))]
+            item["unread"] = [str(g) for g in self.gaps(str(row[0]), UNREAD)]
             found.append(item)
         return found
 
@@ -461,3 +492,14 @@ def _new_gaps(notification: Notification, last: int, numbers: list[int]) -> list
     if since is not None and since >= expected and notification.type not in ("handshake",):
         gaps.append(Gap(notification.subscription, expected, since))
     return gaps
+
+
+def _runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """Sorted numbers as (first, last) runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], number)
+        else:
+            runs.append((number, number))
+    return runs

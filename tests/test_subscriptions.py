@@ -10,6 +10,7 @@ failing reads where retries and authentication are the point).
 from __future__ import annotations
 
 import copy
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.smart_auth import StaticBearer
 from ehrbridge.config import BearerAuth, SiteConfig
 from ehrbridge.pipelines.errors import RemoteRejected
-from ehrbridge.pipelines.subscriptions import SubscriptionLedger, parse_notification
+from ehrbridge.pipelines.subscriptions import UNREAD, SubscriptionLedger, parse_notification
 from ehrbridge.runtime import SiteRuntime
 from ehrbridge.sandbox.fhir_server import create_fhir_app
 from ehrbridge.sandbox.run import BackgroundSandbox
@@ -114,10 +115,15 @@ def test_handshake_then_heartbeat_reveals_missed_events_and_a_late_event_fills_i
     before = raw_records(sandbox)
     empty = notify(sandbox, kit("empty_notification_bundle_example", subscription))  # event 1
     assert empty.status_code == 200
-    assert "nothing to read" in issues(empty)[0]["diagnostics"]
+    assert "event(s) 1 will be read from the EHR" in issues(empty)[0]["diagnostics"]
     assert raw_records(sandbox) == before
     state = state_of(sandbox, subscription)
     assert state["gaps"] == ["2"] and state["last_event"] == 2 and state["status"] == "active"
+    assert state["unread"] == ["1"], "arrived, but without content: still to be read"
+    # The kit's Subscription is on another server: its events are never asked for there.
+    backfill = wait_for(lambda: state_of(sandbox, subscription)["backfill"], what="the reason")
+    assert set(backfill) == {"1", "2"}
+    assert all(r.startswith("subscription.foreign_reference") for r in backfill.values())
 
 
 def test_full_resource_of_a_type_not_read_is_counted(sandbox: BackgroundSandbox) -> None:
@@ -571,3 +577,58 @@ def test_a_server_without_events_leaves_the_gap_listed_with_the_reason(
     )
     assert state["gaps"] == ["1-3"]
     assert state["backfill"]["1-3"].startswith("fhir.http_4")
+
+
+def test_an_empty_notifications_events_are_read_with_events(
+    ehr_with_events: tuple[str, EventsArchive], tmp_path: Path
+) -> None:
+    """An empty notification says only that events happened: the subscriber reads them."""
+    base, archive = ehr_with_events
+    mrn = f"MRN-{uuid.uuid4().hex[:8]}"
+    patient_id = ehr_patient(base, mrn)
+    labs = [
+        ehr_lab(base, patient_id, "33914-3", 26.0, "mL/min/{1.73_m2}"),
+        ehr_lab(base, patient_id, "14959-1", 310.0, "mg/g"),
+    ]
+    subscription = f"{base}/{new_subscription()}"
+    focus = [f"{base}/Observation/{lab['id']}" for lab in labs]
+    archive.events = {n + 1: (reference, None) for n, reference in enumerate(focus)}
+    empty = event("Subscription/x", 1, focus)
+    empty["entry"] = empty["entry"][:1]  # the status only
+    params = empty["entry"][0]["resource"]["parameter"]
+    params[0]["valueReference"]["reference"] = subscription
+    for part in params[5:]:
+        part["part"] = part["part"][:2]  # event-number and timestamp; no focus
+    with BackgroundSandbox(tmp_path, configure_fhir_site=backfilling_from(base)) as running:
+        response = notify(running, empty)
+        assert response.status_code == 200, response.text
+        assert "event(s) 1, 2 will be read" in issues(response)[0]["diagnostics"]
+        wait_for(lambda: state_of(running, subscription)["unread"] == [] or None, what="the read")
+        [risk] = wait_for(lambda: risk_observations(running, mrn), what="the risk")
+        assert state_of(running, subscription)["gaps"] == []
+    assert archive.calls == [
+        {"eventsSinceNumber": "1", "eventsUntilNumber": "2", "content": "full-resource"}
+    ]
+    assert {d["identifier"]["value"] for d in risk["derivedFrom"]} == {
+        f"Observation/{lab['id']}" for lab in labs
+    }
+
+
+def test_a_ledger_from_before_unread_ranges_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "subscriptions.sqlite"
+    with sqlite3.connect(path) as old:
+        old.execute(
+            "CREATE TABLE subscription_gaps (subscription TEXT NOT NULL, first_missing INTEGER"
+            " NOT NULL, last_missing INTEGER NOT NULL, detected_at REAL NOT NULL,"
+            " PRIMARY KEY (subscription, first_missing))"
+        )
+        old.execute("INSERT INTO subscription_gaps VALUES ('Subscription/old', 3, 4, 0)")
+    old.close()
+    ledger = SubscriptionLedger(path)
+    assert [(str(g), g.kind) for g in ledger.gaps(kind=None)] == [("3-4", "missed")]
+    empty = parse_notification(event("Subscription/old", 7, ["Observation/7", "Observation/8"]))
+    ledger.record(empty, unread=True)
+    subscription = "https://fhirserver.org/fhir/Subscription/old"
+    assert [str(g) for g in ledger.gaps(subscription, UNREAD)] == ["7-8"]
+    assert [str(g) for g in ledger.gaps(subscription)] == ["1-6"]  # never seen before
+    ledger.close()
