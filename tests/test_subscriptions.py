@@ -198,6 +198,17 @@ def ehr_lab(fhir_base: str, patient_id: str, code: str, value: float, unit: str)
     return created
 
 
+def ehr_renal_results(fhir_base: str, egfr: float, uacr: float) -> tuple[str, list[dict[str, Any]]]:
+    """A new patient in the EHR with an eGFR and a UACR: (MRN, the two Observations)."""
+    mrn = f"MRN-{uuid.uuid4().hex[:8]}"
+    patient_id = ehr_patient(fhir_base, mrn)
+    labs = [
+        ehr_lab(fhir_base, patient_id, "33914-3", egfr, "mL/min/{1.73_m2}"),
+        ehr_lab(fhir_base, patient_id, "14959-1", uacr, "mg/g"),
+    ]
+    return mrn, labs
+
+
 def event(
     subscription: str, number: int, focus: list[str], *, full: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -239,12 +250,7 @@ def test_id_only_notification_reads_the_results_and_their_patient_from_the_ehr(
     sandbox: BackgroundSandbox,
 ) -> None:
     base = sandbox.sandbox.fhir_base
-    mrn = f"MRN-{uuid.uuid4().hex[:8]}"
-    patient_id = ehr_patient(base, mrn)
-    labs = [
-        ehr_lab(base, patient_id, "33914-3", 21.0, "mL/min/{1.73_m2}"),
-        ehr_lab(base, patient_id, "14959-1", 640.0, "mg/g"),
-    ]
+    mrn, labs = ehr_renal_results(base, 21.0, 640.0)
     focus = [f"{base}/Observation/{lab['id']}" for lab in labs]
     subscription = new_subscription()
     response = notify(sandbox, event(subscription, 1, focus))
@@ -261,12 +267,7 @@ def test_full_resource_notification_fetches_only_the_missing_patient(
     sandbox: BackgroundSandbox,
 ) -> None:
     base = sandbox.sandbox.fhir_base
-    mrn = f"MRN-{uuid.uuid4().hex[:8]}"
-    patient_id = ehr_patient(base, mrn)
-    labs = [
-        ehr_lab(base, patient_id, "33914-3", 18.0, "mL/min/{1.73_m2}"),
-        ehr_lab(base, patient_id, "14959-1", 900.0, "mg/g"),
-    ]
+    mrn, labs = ehr_renal_results(base, 18.0, 900.0)
     endpoint = site(sandbox).fhir
     assert endpoint is not None and endpoint.reader is not None
     reads = endpoint.reader.reads
@@ -532,12 +533,7 @@ def test_missed_events_are_asked_for_again_and_their_results_scored(
     ehr_with_events: tuple[str, EventsArchive], tmp_path: Path
 ) -> None:
     base, archive = ehr_with_events
-    mrn = f"MRN-{uuid.uuid4().hex[:8]}"
-    patient_id = ehr_patient(base, mrn)
-    labs = [
-        ehr_lab(base, patient_id, "33914-3", 17.0, "mL/min/{1.73_m2}"),
-        ehr_lab(base, patient_id, "14959-1", 1200.0, "mg/g"),
-    ]
+    mrn, labs = ehr_renal_results(base, 17.0, 1200.0)
     subscription = f"{base}/{new_subscription()}"
     archive.events = {1: (f"{base}/Observation/{labs[0]['id']}", labs[0])}  # event 2 not yet
     with BackgroundSandbox(tmp_path, configure_fhir_site=backfilling_from(base)) as running:
@@ -584,12 +580,7 @@ def test_an_empty_notifications_events_are_read_with_events(
 ) -> None:
     """An empty notification says only that events happened: the subscriber reads them."""
     base, archive = ehr_with_events
-    mrn = f"MRN-{uuid.uuid4().hex[:8]}"
-    patient_id = ehr_patient(base, mrn)
-    labs = [
-        ehr_lab(base, patient_id, "33914-3", 26.0, "mL/min/{1.73_m2}"),
-        ehr_lab(base, patient_id, "14959-1", 310.0, "mg/g"),
-    ]
+    mrn, labs = ehr_renal_results(base, 26.0, 310.0)
     subscription = f"{base}/{new_subscription()}"
     focus = [f"{base}/Observation/{lab['id']}" for lab in labs]
     archive.events = {n + 1: (reference, None) for n, reference in enumerate(focus)}
