@@ -52,7 +52,7 @@ from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.bench.common import free_port, port_open
-from ehrbridge.bench.pipeline import observations
+from ehrbridge.bench.pipeline import fhir_total, observations
 from ehrbridge.config import KafkaTransport, SiteConfig, load_site_config
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.errors import EhrbridgeError
@@ -705,8 +705,8 @@ class MllpTraffic:
 
 
 def observation_total(fhir_base: str) -> int:
-    bundle = httpx.get(f"{fhir_base}/Observation", params={"_count": 0}, timeout=30).json()
-    return int(bundle["total"])
+    with httpx.Client(timeout=30) as client:
+        return fhir_total(client, fhir_base)
 
 
 def all_observations(fhir_base: str) -> list[dict[str, Any]]:
