@@ -93,16 +93,18 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ehrbridge.config import load_site_config
-    from ehrbridge.runtime import ALL_ROLES, Role, SiteRuntime
+    from ehrbridge.runtime import ALL_ROLES, Role, start_when_ready
 
     config = load_site_config(args.config)
     roles = {Role(r) for r in args.role} if args.role else ALL_ROLES
 
     async def serve() -> None:
-        runtime = SiteRuntime(config, roles)
+        stop = signal_event()
+        runtime = await start_when_ready(config, roles, stop)
+        if runtime is None:
+            return  # stopped while waiting for the broker
         try:
-            await runtime.start()  # a failed start still stops what did start
-            await wait_for_signal()
+            await stop.wait()
         finally:
             await runtime.stop()
 
@@ -117,14 +119,19 @@ def _sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
-async def wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
+def signal_event() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (in the running loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    await signal_event().wait()
 
 
 if __name__ == "__main__":

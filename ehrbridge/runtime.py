@@ -17,6 +17,7 @@ Kafka transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -36,6 +37,7 @@ from ehrbridge.adapters.smart_auth import token_source
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
 from ehrbridge.pipelines.contracts import Sink
+from ehrbridge.pipelines.errors import TransientError
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
 from ehrbridge.pipelines.patient_links import PatientLinks
@@ -71,6 +73,39 @@ def open_log(config: SiteConfig) -> Log:
         return kafka_class(transport, client_id=f"ehrbridge-{config.site}")
     log_class: type[SqliteLog] = REGISTRY["log"]["embedded"]
     return log_class(config.data_dir / "log.sqlite")
+
+
+async def start_when_ready(
+    config: SiteConfig, roles: Iterable[Role], stop: asyncio.Event, max_delay_s: float = 30.0
+) -> SiteRuntime | None:
+    """A started site, once what it needs is reachable; None if ``stop`` is set first.
+
+    A role that needs the broker at start (processing restores state, every
+    consumer joins its group) waits for it, trying again with a growing delay,
+    so that a site can start before Kafka does (boot order, a broker restart).
+    Anything but an outage (a config error, a port in use) fails at once.
+    """
+    delay = 1.0
+    while not stop.is_set():
+        runtime: SiteRuntime | None = None
+        try:
+            runtime = SiteRuntime(config, roles)
+            await runtime.start()
+            return runtime
+        except TransientError as error:
+            log.warning(
+                "site %s cannot start yet: %s; trying again in %.0f s", config.site, error, delay
+            )
+            if runtime is not None:
+                await runtime.stop()
+        except BaseException:
+            if runtime is not None:  # stop what did start
+                await runtime.stop()
+            raise
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, max_delay_s)
+    return None
 
 
 class SiteRuntime:

@@ -7,14 +7,18 @@ child binds it (that race once failed CI: a site never listened).
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import wait_for
+from site_processes import OwnBroker
 
 from ehrbridge.bench.common import ChildExited, ephemeral_port_range, free_port, wait_port
 from ehrbridge.sandbox.run import sandbox_site_file
@@ -78,3 +82,36 @@ def test_waiting_for_a_child_that_exits_fails_at_once() -> None:
 def test_waiting_for_a_port_nobody_opens_times_out() -> None:
     with pytest.raises(TimeoutError, match="nothing listens"):
         wait_port(free_port(), timeout_s=0.3)
+
+
+ROLE = ("--role", "process")
+
+
+@pytest.mark.kafka
+def test_a_role_started_before_the_broker_waits_for_it(tmp_path: Path) -> None:
+    """Boot order is not ours to choose: processing comes up once Kafka does."""
+    broker = OwnBroker(tmp_path / "broker")
+    config = site_file(tmp_path, mllp=free_port(), http=free_port())
+    document = yaml.safe_load(config.read_text())
+    document.update(site=f"early-{uuid.uuid4().hex[:8]}")
+    document["transport"] = {"kind": "kafka", "bootstrap": broker.bootstrap, "partitions": 2}
+    config.write_text(yaml.safe_dump(document))
+    log = tmp_path / "process.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ehrbridge.cli", "run", "--config", str(config), *ROLE],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: "cannot start yet" in log.read_text(), 60, "a start-up retry")
+        assert process.poll() is None, log.read_text()[-3000:]
+        broker.start()
+        wait_for(lambda: "started: roles=process" in log.read_text(), 120, "the role to start")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        broker.stop()
+    assert "Traceback" not in log.read_text()
