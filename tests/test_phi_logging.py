@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import time
 from pathlib import Path
 
 import pytest
 from conftest import all_resources, wait_for
 
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.logs import RepeatLimiter
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
@@ -42,3 +45,30 @@ def test_logs_above_debug_carry_no_patient_data(
     # ... while the control ids that name messages do appear
     control_ids = {Message.parse(m).control_id for m in bad.values() if m.startswith(b"MSH")}
     assert any(cid in text for cid in control_ids)
+
+
+def test_a_librarys_repeated_lines_are_held_back_and_counted() -> None:
+    limiter = RepeatLimiter(window_s=0.2)
+    handler = logging.handlers.BufferingHandler(capacity=100)
+    handler.addFilter(limiter)
+    kafka = logging.getLogger("kafka.net.manager")
+    ours = logging.getLogger("ehrbridge.runtime")
+    for logger in (kafka, ours):
+        logger.addHandler(handler)
+    try:
+        for backoff in (0.5, 1.1, 2.3, 4.0):
+            kafka.warning("Bootstrap connection to %s failed (backoff %.2f secs)", "b-0", backoff)
+            ours.warning("site %s cannot start yet", "s1")
+        time.sleep(0.25)
+        kafka.warning("Bootstrap connection to %s failed (backoff %.2f secs)", "b-0", 8.0)
+    finally:
+        for logger in (kafka, ours):
+            logger.removeHandler(handler)
+    lines = [r.getMessage() for r in handler.buffer]
+    assert lines.count("site s1 cannot start yet") == 4, "ehrbridge's own lines are never held"
+    from_kafka = [line for line in lines if line.startswith("Bootstrap")]
+    assert from_kafka == [
+        "Bootstrap connection to b-0 failed (backoff 0.50 secs)",
+        "Bootstrap connection to b-0 failed (backoff 8.00 secs)"
+        " (3 more like this in the last 0.2 s)",
+    ]
