@@ -179,6 +179,11 @@ class FhirEndpoint:
             retry_s = config.subscriptions.backfill_retry_s
             self.backfill = Backfill(ledger, reader, self._recovered, retry_s)
 
+    def start(self) -> None:
+        """Background work: the sweep over Subscriptions' open ranges (``$events``)."""
+        if self.backfill is not None:
+            self.backfill.start()
+
     async def close(self) -> None:
         """Stop background work (missed-event requests still running)."""
         if self.backfill is not None:

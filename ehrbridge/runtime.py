@@ -168,6 +168,7 @@ class SiteRuntime:
         self.committer = GroupCommitter(self.log)
         ingest = Ingest(self.config, self.committer)
         self.fhir = self._fhir_endpoint(ingest)
+        self.fhir.start()
         self.mllp = MllpSource(self.config.mllp, self.config.site)
         await self.mllp.start(ingest.deliver)
         http = self.config.http

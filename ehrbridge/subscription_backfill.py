@@ -12,8 +12,9 @@ when the answer is id-only, and recording it in the ledger closes the gap.
 It runs in the background, so the notification that revealed the gap is
 answered at once. A gap stays open, with the reason kept for ``GET /api/fhir``,
 when the server has no ``$events``, no longer has the events, or is down;
-it is tried again, at most every ``retry_after_s``, when the subscription
-next sends a notification (after a restart, the first one does).
+it is tried again, at most every ``retry_after_s``: when the subscription
+next sends a notification, and on a timer that also picks up, at start, the
+ranges a previous run left open.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from ehrbridge.adapters.fhir_client import FhirReader
-from ehrbridge.pipelines.errors import EhrbridgeError
+from ehrbridge.pipelines.errors import EhrbridgeError, RemoteRejected
 from ehrbridge.pipelines.subscriptions import (
     EVENT_TYPES,
     Gap,
@@ -37,6 +38,8 @@ from ehrbridge.pipelines.subscriptions import (
 log = logging.getLogger(__name__)
 
 Handle = Callable[[Notification], Awaitable[None]]
+EVENTS_MISSING = "subscription.events_missing"
+LACKS_THEM = "the server's $events answer lacks them (expired, or never kept)"
 
 
 class Backfill:
@@ -58,6 +61,15 @@ class Backfill:
         self._tried: dict[Gap, float] = {}  # when each open range was last asked for
         self._busy: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Sweep every subscription's open ranges now and every ``retry_after_s``.
+
+        Notifications schedule their own subscription; the sweep is for ranges
+        a previous run left open and for a subscription that has gone quiet.
+        """
+        self._sweeper = asyncio.create_task(self._sweep())
 
     def schedule(self, subscription: str) -> None:
         """Ask again for this subscription's open gaps that are due, in the background."""
@@ -68,15 +80,21 @@ class Backfill:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def wait(self) -> None:
-        """Until every scheduled attempt has finished (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
     async def close(self) -> None:
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *([self._sweeper] if self._sweeper else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sweep(self) -> None:
+        while True:
+            try:
+                open_ranges = await asyncio.to_thread(self.ledger.gaps, None, None)
+                for subscription in dict.fromkeys(g.subscription for g in open_ranges):
+                    self.schedule(subscription)
+            except Exception:  # the ledger unreadable for a moment: the next sweep retries
+                log.exception("backfill sweep failed")
+            await asyncio.sleep(self.retry_after_s)
 
     async def _run(self, subscription: str) -> None:
         try:
@@ -117,7 +135,7 @@ class Backfill:
                  if g.first <= gap.last and g.last >= gap.first]  # fmt: skip
         self.recovered += (gap.last - gap.first + 1) - sum(g.last - g.first + 1 for g in still)
         if still:
-            reason = "the server's $events answer lacks them"
+            reason = f"{EVENTS_MISSING}: {LACKS_THEM}"
             self.errors.update((g, reason) for g in still)
             log.warning(
                 "subscription %s: events %s not recovered: %s",
@@ -133,6 +151,8 @@ class Backfill:
             self.reader.subscription_events, gap.subscription, gap.first, gap.last
         )
         notification = parse_notification(doc)
+        if not notification.events:
+            raise RemoteRejected(LACKS_THEM, reason=EVENTS_MISSING)
         if notification.type not in EVENT_TYPES:
             notification.type = "query-event"  # some servers label the answer otherwise
         # The ledger keys by the reference as notifications give it; the answer may spell

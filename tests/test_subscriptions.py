@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import sqlite3
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.smart_auth import StaticBearer
 from ehrbridge.config import BearerAuth, SiteConfig
 from ehrbridge.pipelines.errors import RemoteRejected
+from ehrbridge.pipelines.fhir_ingest import FhirRejected
 from ehrbridge.pipelines.subscriptions import UNREAD, SubscriptionLedger, parse_notification
 from ehrbridge.runtime import SiteRuntime
 from ehrbridge.sandbox.fhir_server import create_fhir_app
@@ -544,7 +544,7 @@ def test_missed_events_are_asked_for_again_and_their_results_scored(
             lambda: (s := state_of(running, subscription))["backfill"] and s, what="a backfill"
         )
         assert state["gaps"] == ["2"], "event 1 recovered, event 2 not on the server yet"
-        assert "lacks them" in state["backfill"]["2"]
+        assert state["backfill"]["2"].startswith("subscription.events_missing")
         assert archive.calls[0] == {
             "eventsSinceNumber": "1",
             "eventsUntilNumber": "2",
@@ -552,9 +552,7 @@ def test_missed_events_are_asked_for_again_and_their_results_scored(
         }
 
         archive.events[2] = (f"{base}/Observation/{labs[1]['id']}", None)  # id-only this time
-        assert len(archive.calls) == 1
-        time.sleep(0.3)  # past backfill_retry_s: the next notification tries again
-        assert notify(running, heartbeat(subscription, 2)).status_code == 200
+        # No further notification: the sweep (every backfill_retry_s) asks again.
         wait_for(lambda: state_of(running, subscription)["gaps"] == [] or None, what="gap 2 closed")
         assert archive.calls[-1]["eventsSinceNumber"] == "2"
         [risk] = wait_for(lambda: risk_observations(running, mrn), what="the recovered results")
@@ -623,3 +621,31 @@ def test_a_ledger_from_before_unread_ranges_is_upgraded_in_place(tmp_path: Path)
     assert [str(g) for g in ledger.gaps(subscription, UNREAD)] == ["7-8"]
     assert [str(g) for g in ledger.gaps(subscription)] == ["1-6"]  # never seen before
     ledger.close()
+
+
+def test_a_query_may_find_no_events_but_an_event_notification_carries_one() -> None:
+    found_nothing = kit("heartbeat_bundle_example", "Subscription/q")
+    status = found_nothing["entry"][0]["resource"]["parameter"]
+    status[3]["valueCode"] = "query-event"  # an $events answer for events the server lacks
+    assert parse_notification(found_nothing).events == []
+    status[3]["valueCode"] = "event-notification"
+    with pytest.raises(FhirRejected, match="at least one notification event"):
+        parse_notification(found_nothing)
+
+
+def test_gaps_left_open_by_a_previous_run_are_asked_for_at_start(
+    ehr_with_events: tuple[str, EventsArchive], tmp_path: Path
+) -> None:
+    base, archive = ehr_with_events
+    mrn, labs = ehr_renal_results(base, 22.0, 450.0)
+    subscription = f"{base}/{new_subscription()}"
+    configure = backfilling_from(base)
+    with BackgroundSandbox(tmp_path, configure_fhir_site=configure) as first:
+        assert notify(first, heartbeat(subscription, 2)).status_code == 200
+        wait_for(lambda: state_of(first, subscription)["backfill"], what="a failed backfill")
+    archive.events = {
+        n + 1: (f"{base}/Observation/{lab['id']}", lab) for n, lab in enumerate(labs)
+    }  # the EHR has them now; nothing notifies again
+    with BackgroundSandbox(tmp_path, configure_fhir_site=configure) as second:
+        wait_for(lambda: state_of(second, subscription)["gaps"] == [] or None, what="the gap")
+        wait_for(lambda: risk_observations(second, mrn), what="the risk from the recovered events")
