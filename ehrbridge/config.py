@@ -241,7 +241,7 @@ class Subscriptions(Strict):
     # notification (what Subscription.channel.header carries). None: no check here.
     token_env: str | None = None
     # Missed notifications are asked for again from fhir_base (Backport IG $events);
-    # an open gap is tried again at most this often, when its subscription next notifies.
+    # open gaps are tried again by a sweep of this period (and at start).
     backfill: bool = True
     backfill_retry_s: float = Field(300.0, gt=0)
 

@@ -446,9 +446,13 @@ class FhirEndpoint:
         return outcome_response(200, [information(text), *warnings, *_gap_issues(gaps)])
 
     async def _record(self, notification: Notification, *, unread: bool = False) -> list[Gap]:
-        """Note a handled notification; ask again for its subscription's missed events."""
+        """Note a handled notification; ask at once for events it shows we lack.
+
+        Ranges that stay open are retried by the backfill's sweep, so a
+        notification that opens none costs no backfill work.
+        """
         gaps = await asyncio.to_thread(self.ledger.record, notification, unread=unread)
-        if self.backfill is not None and notification.type != "handshake":
+        if self.backfill is not None and (gaps or unread):
             self.backfill.schedule(notification.subscription)
         return gaps
 

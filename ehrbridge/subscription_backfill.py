@@ -12,9 +12,8 @@ when the answer is id-only, and recording it in the ledger closes the gap.
 It runs in the background, so the notification that revealed the gap is
 answered at once. A gap stays open, with the reason kept for ``GET /api/fhir``,
 when the server has no ``$events``, no longer has the events, or is down;
-it is tried again, at most every ``retry_after_s``: when the subscription
-next sends a notification, and on a timer that also picks up, at start, the
-ranges a previous run left open.
+it is tried again every ``retry_after_s`` by a sweep, which also takes up,
+at start, the ranges a previous run left open.
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ class Backfill:
         self.reader = reader
         self.handle = handle
         self.retry_after_s = retry_after_s
-        self.recovered = 0  # events recovered since start
         self.errors: dict[Gap, str] = {}  # the last failed attempt's reason, per open gap
         self._tried: dict[Gap, float] = {}  # when each open range was last asked for
         self._busy: set[str] = set()
@@ -66,8 +64,8 @@ class Backfill:
     def start(self) -> None:
         """Sweep every subscription's open ranges now and every ``retry_after_s``.
 
-        Notifications schedule their own subscription; the sweep is for ranges
-        a previous run left open and for a subscription that has gone quiet.
+        A notification that opens a range schedules its subscription at once;
+        the sweep retries what failed, and takes up what a previous run left.
         """
         self._sweeper = asyncio.create_task(self._sweep())
 
@@ -97,16 +95,23 @@ class Backfill:
             await asyncio.sleep(self.retry_after_s)
 
     async def _run(self, subscription: str) -> None:
+        attempted: set[Gap] = set()
         try:
-            gaps = await asyncio.to_thread(self.ledger.gaps, subscription, None)
-            self._forget_closed(subscription, set(gaps))
-            for gap in gaps:
-                if self._due(gap):
+            # Read again after each round: a notification may open a range meanwhile.
+            while due := [g for g in await self._open(subscription) if g not in attempted]:
+                for gap in due:
+                    attempted.add(gap)
                     await self._fill(gap)
         except Exception:  # a background task: log it, never lose it silently
             log.exception("subscription %s: backfill failed", subscription)
         finally:
             self._busy.discard(subscription)
+
+    async def _open(self, subscription: str) -> list[Gap]:
+        """The subscription's open ranges that are due an attempt."""
+        gaps = await asyncio.to_thread(self.ledger.gaps, subscription, None)
+        self._forget_closed(subscription, set(gaps))
+        return [g for g in gaps if self._due(g)]
 
     def _forget_closed(self, subscription: str, open_now: set[Gap]) -> None:
         """Ranges since closed or split: their attempts and reasons no longer apply."""
@@ -133,7 +138,6 @@ class Backfill:
         self.errors.pop(gap, None)
         still = [g for g in await asyncio.to_thread(self.ledger.gaps, gap.subscription, None)
                  if g.first <= gap.last and g.last >= gap.first]  # fmt: skip
-        self.recovered += (gap.last - gap.first + 1) - sum(g.last - g.first + 1 for g in still)
         if still:
             reason = f"{EVENTS_MISSING}: {LACKS_THEM}"
             self.errors.update((g, reason) for g in still)

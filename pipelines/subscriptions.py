@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -467,12 +468,15 @@ class SubscriptionLedger:
             " FROM subscriptions ORDER BY subscription"
         )
         keys = ("subscription", "topic", "status", "last_event", "last_type", "notifications")
+        open_ranges: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for gap in self.gaps(kind=None):  # one read for every subscription's ranges
+            open_ranges[(gap.subscription, gap.kind)].append(str(gap))
         found = []
         for row in rows:
             item: dict[str, Any] = dict(zip(keys, row[:6], strict=True))
             item["updated_at"] = row[6]
-            item["gaps"] = [str(g) for g in self.gaps(str(row[0]))]
-            item["unread"] = [str(g) for g in self.gaps(str(row[0]), UNREAD)]
+            item["gaps"] = open_ranges[(item["subscription"], MISSED)]
+            item["unread"] = open_ranges[(item["subscription"], UNREAD)]
             found.append(item)
         return found
 
