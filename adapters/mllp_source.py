@@ -16,6 +16,22 @@ and ERR naming the problem. Framing problems never stop the listener:
   senders add a newline); anything else up to an end block is treated as a
   frame without its start block (AR); stray bytes before a start block are
   dead-lettered without an ACK, because no message is waiting for one.
+
+Resource limits (``mllp`` in the site config), so that no peer can hold
+what others need:
+
+* ``max_connections``: a connection beyond it is closed as soon as it is
+  accepted, counted and logged (without the peer's data);
+* ``frame_timeout_s``: a frame must end within this long of its first byte,
+  or its partial bytes are dead-lettered (``mllp.frame_timeout``), AR is
+  sent, and the connection is closed -- a peer dripping a byte a minute
+  never trips the idle timeout;
+* ``write_timeout_s`` and ``write_buffer_bytes``: ACKs wait in memory up
+  to ``write_buffer_bytes`` per connection (the transport's high-water mark
+  and the socket's send buffer); a peer that leaves them unread for
+  ``write_timeout_s`` is dropped.
+
+The counts are in :attr:`MllpSource.stats` (``GET /health``).
 """
 
 from __future__ import annotations
@@ -24,9 +40,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
+import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ehrbridge.config import MllpListen
 from ehrbridge.pipelines.ack import build_ack, read_header
@@ -35,6 +53,9 @@ from ehrbridge.pipelines.errors import ConfigError, EhrbridgeError, UpstreamUnav
 from ehrbridge.pipelines.ingest import INGEST_DETAIL_HEADER, INGEST_ERROR_HEADER
 
 log = logging.getLogger(__name__)
+# Lines a flood would repeat (refused connections, dropped peers): held back and
+# counted by ehrbridge.logs.RepeatLimiter.
+limits_log = logging.getLogger(f"{__name__}.limits")
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
@@ -53,20 +74,31 @@ class Frame:
 class FrameReader:
     """Splits a byte stream into MLLP frames, enforcing the size limit."""
 
-    def __init__(self, reader: asyncio.StreamReader, max_bytes: int, idle_timeout_s: float):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        max_bytes: int,
+        idle_timeout_s: float,
+        frame_timeout_s: float = math.inf,
+    ):
         self.reader = reader
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.frame_timeout_s = frame_timeout_s
         self.buffer = bytearray()
         self.eof = False
+        self.overran = False  # the stream ended because a frame outlived frame_timeout_s
+        self._deadline: float | None = None  # loop time by which the current frame must end
 
     async def _fill(self) -> bool:
-        """Read more bytes; False at end of stream or idle timeout."""
+        """Read more bytes; False at end of stream, idle timeout or the frame's deadline."""
         if self.eof:
             return False
+        wait_s = self._wait_s()
         try:
-            chunk = await asyncio.wait_for(self.reader.read(_READ_CHUNK), self.idle_timeout_s)
+            chunk = await asyncio.wait_for(self.reader.read(_READ_CHUNK), wait_s)
         except TimeoutError:
+            self.overran = wait_s < self.idle_timeout_s  # the frame's deadline came first
             chunk = b""
         if not chunk:
             self.eof = True
@@ -74,9 +106,21 @@ class FrameReader:
         self.buffer += chunk
         return True
 
+    def _wait_s(self) -> float:
+        if self._deadline is None:
+            return self.idle_timeout_s
+        left = self._deadline - asyncio.get_running_loop().time()
+        return max(0.0, min(self.idle_timeout_s, left))
+
+    def _frame_begins(self) -> None:
+        """Start the current frame's clock (once: later reads do not extend it)."""
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().time() + self.frame_timeout_s
+
     async def frames(self) -> AsyncIterator[Frame]:
         while True:
             frame = await self._next_frame()
+            self._deadline = None
             if frame is None:
                 return
             yield frame
@@ -96,6 +140,8 @@ class FrameReader:
             stripped = self.buffer.lstrip(b" \t\r\n\x00")
             if len(stripped) != len(self.buffer):
                 del self.buffer[: len(self.buffer) - len(stripped)]
+            if self.buffer:
+                self._frame_begins()
             if self.buffer[:1] == START_BLOCK:
                 return None
             if self.buffer:
@@ -141,7 +187,14 @@ class FrameReader:
             if not await self._fill():
                 payload = bytes(self.buffer)
                 self.buffer.clear()
-                return Frame(payload, "mllp.truncated", "connection closed inside a frame")
+                return self._cut_off(payload)
+
+    def _cut_off(self, payload: bytes) -> Frame:
+        """A frame the stream ended inside: the peer closed, went idle, or ran out of time."""
+        if self.overran:
+            detail = f"frame not finished within {self.frame_timeout_s:g} s (mllp.frame_timeout_s)"
+            return Frame(payload, "mllp.frame_timeout", detail)
+        return Frame(payload, "mllp.truncated", "connection closed inside a frame")
 
     async def _discard_oversize(self) -> Frame:
         """Keep the first max_bytes for the dead-letter store, skip to the end block."""
@@ -164,6 +217,19 @@ class FrameReader:
         return Frame(payload[: self.max_bytes], "mllp.too_large", detail)
 
 
+@dataclass(slots=True)
+class MllpStats:
+    """Connection counts since start (``GET /health``)."""
+
+    open: int = 0
+    refused: int = 0  # closed at once: max_connections were open
+    frame_timeouts: int = 0  # closed: a frame outlived frame_timeout_s
+    write_timeouts: int = 0  # dropped: ACKs left unread for write_timeout_s
+
+    def snapshot(self) -> dict[str, int]:
+        return asdict(self)
+
+
 class MllpSource:
     """The asyncio MLLP server (a :class:`~ehrbridge.pipelines.contracts.Source`)."""
 
@@ -174,12 +240,20 @@ class MllpSource:
         self.site = site
         self._server: asyncio.Server | None = None
         self.port: int | None = None
+        self.stats = MllpStats()
 
     async def start(self, deliver: Deliver) -> None:
         """Bind and start accepting; returns once listening (``self.port`` is set)."""
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._serve_connection(reader, writer, deliver)
+            if self.stats.open >= self.listen.max_connections:
+                self._refuse(writer)
+                return
+            self.stats.open += 1
+            try:
+                await self._serve_connection(reader, writer, deliver)
+            finally:
+                self.stats.open -= 1
 
         try:
             self._server = await asyncio.start_server(
@@ -204,24 +278,56 @@ class MllpSource:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
 
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        self.stats.refused += 1
+        limits_log.warning(
+            "MLLP connection refused: %d open, the limit is mllp.max_connections (site %s)",
+            self.stats.open,
+            self.site,
+        )
+        writer.transport.abort()  # no ACK is owed: nothing was read
+
+    def _bound_writes(self, writer: asyncio.StreamWriter) -> None:
+        """Unread ACKs wait in at most write_buffer_bytes, in the kernel and in the transport."""
+        limit = self.listen.write_buffer_bytes
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limit)
+        writer.transport.set_write_buffer_limits(high=limit)
+
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, deliver: Deliver
     ) -> None:
         peer = writer.get_extra_info("peername")
-        frames = FrameReader(reader, self.listen.max_message_bytes, self.listen.idle_timeout_s)
+        listen = self.listen
+        frames = FrameReader(
+            reader, listen.max_message_bytes, listen.idle_timeout_s, listen.frame_timeout_s
+        )
+        self._bound_writes(writer)
         try:
             async for frame in frames.frames():
                 ack = await self._answer(frame, deliver)
-                if ack is None:
-                    continue
-                writer.write(START_BLOCK + ack + END_BLOCK)
-                await writer.drain()
+                if ack is not None:
+                    await self._send(writer, ack)
+            if frames.overran:
+                self.stats.frame_timeouts += 1
+                limits_log.warning("MLLP connection closed: a frame outlived mllp.frame_timeout_s")
+        except TimeoutError:
+            self.stats.write_timeouts += 1
+            limits_log.warning("MLLP connection dropped: ACKs unread for mllp.write_timeout_s")
+            writer.transport.abort()  # close() would wait to flush what the peer will not read
         except (ConnectionError, OSError) as exc:
             log.info("MLLP connection from %s ended: %s", peer, type(exc).__name__)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), listen.write_timeout_s)
+
+    async def _send(self, writer: asyncio.StreamWriter, ack: bytes) -> None:
+        """Write one framed ACK; TimeoutError if the peer leaves it unread too long."""
+        writer.write(START_BLOCK + ack + END_BLOCK)
+        await asyncio.wait_for(writer.drain(), self.listen.write_timeout_s)
 
     async def _answer(self, frame: Frame, deliver: Deliver) -> bytes | None:
         header = read_header(frame.payload)

@@ -2,7 +2,9 @@
 
 What a site operator or integration engineer looks at:
 
-* ``GET /health``: liveness plus the site's mode and counts;
+* ``GET /health``: liveness plus the site's mode and counts: results, and in
+  the ingest role the MLLP connections (open, refused over the limit, closed
+  by a limit) and the HL7v2 messages filtered by type (``message_types``);
 * ``GET /api/results``: predictions kept locally (all of them in shadow mode),
   newest first, optionally ``?patient=``;
 * ``GET /api/results/{identifier}``: one result's FHIR Observation;
@@ -39,6 +41,15 @@ MAX_OFFSET = 2**62
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such item here"}}
 
 
+def _ingest_counts(runtime: SiteRuntime) -> dict[str, Any]:
+    counts: dict[str, Any] = {}
+    if runtime.mllp is not None:
+        counts["mllp"] = runtime.mllp.stats.snapshot()
+    if runtime.ingest is not None:
+        counts["filtered"] = dict(sorted(runtime.ingest.message_types.filtered.items()))
+    return counts
+
+
 def create_api(runtime: SiteRuntime) -> FastAPI:
     app = FastAPI(
         title="ehrbridge",
@@ -55,6 +66,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             "mode": config.mode.value,
             "version": __version__,
             "results": runtime.results.count(),
+            **_ingest_counts(runtime),
         }
 
     @app.get("/api/results")

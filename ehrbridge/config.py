@@ -50,6 +50,36 @@ class Mode(StrEnum):
     LIVE = "live"  # results are written to the EHR
 
 
+class MessagePolicy(StrEnum):
+    """What ingest does with an HL7v2 message type (``message_types``)."""
+
+    ACCEPT = "accept"  # stored and processed: AA
+    FILTER = "filter"  # AA, counted, neither stored nor dead-lettered
+    REJECT = "reject"  # AR (HL7 table 0357: 200 or 201) and dead-lettered
+
+
+# What ehrbridge reads (pipelines/facts.py): the only types a site may accept.
+READABLE_MESSAGE_TYPES = frozenset({"ORU^R01", "ADT^*"})
+# MSH-9.1^MSH-9.2 (three letters or digits each), TYPE^* for every trigger, * for every type.
+_MESSAGE_TYPE_KEY = re.compile(r"^(?:[A-Z0-9]{3}\^(?:[A-Z0-9]{3}|\*)|\*)$")
+
+
+def _readable(key: str) -> bool:
+    return key in READABLE_MESSAGE_TYPES or (key[:3] == "ADT" and key != "*")
+
+
+def check_message_types(table: dict[str, MessagePolicy]) -> dict[str, MessagePolicy]:
+    for key, policy in table.items():
+        if not _MESSAGE_TYPE_KEY.match(key):
+            raise ValueError(f"{key!r}: write TYPE^TRIGGER (e.g. ORM^O01), TYPE^* or *")
+        if policy is MessagePolicy.ACCEPT and not _readable(key):
+            raise ValueError(
+                f"{key!r}: ehrbridge reads only ORU^R01 and ADT messages; "
+                "'filter' or 'reject' the others"
+            )
+    return table
+
+
 class Calibration(StrEnum):
     NORTH_AMERICAN = "north_american"
     NON_NORTH_AMERICAN = "non_north_american"
@@ -61,6 +91,15 @@ class MllpListen(Strict):
     max_message_bytes: int = Field(1_048_576, ge=1024)
     # A sender that opens a connection and goes quiet must not hold it forever.
     idle_timeout_s: float = Field(300.0, gt=0)
+    # Connections beyond this many are closed as soon as they are accepted (and counted).
+    max_connections: int = Field(100, ge=1)
+    # A frame must end (0x1C 0x0D) within this long of its first byte: a peer dripping one
+    # byte a minute never goes idle, so idle_timeout_s alone would hold it forever.
+    frame_timeout_s: float = Field(60.0, gt=0)
+    # A peer that does not read its ACKs is dropped once an ACK has waited this long to be
+    # written; at most write_buffer_bytes of ACKs wait in memory per connection meanwhile.
+    write_timeout_s: float = Field(30.0, gt=0)
+    write_buffer_bytes: int = Field(65_536, ge=4096)
 
 
 class HttpListen(Strict):
@@ -279,6 +318,12 @@ class SiteConfig(Strict):
     cds_hooks: CdsHooks = CdsHooks()
     retry: RetryPolicy = RetryPolicy()
     strict_hl7: bool = False  # validate message structure with hl7apy (slow; for debugging)
+    # HL7v2 message types (MSH-9) beyond ORU^R01 and ADT^*, which are accepted unless
+    # listed here: accept, filter or reject. Unlisted types are rejected (HL7 original
+    # mode: AR, code 200 unsupported message type, 201 unsupported event).
+    message_types: dict[str, MessagePolicy] = Field(default_factory=dict)
+
+    _message_types = field_validator("message_types")(check_message_types)
 
     @field_validator("site")
     @classmethod

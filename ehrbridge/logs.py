@@ -7,7 +7,8 @@ quietens libraries that log request lines (uvicorn access logs carry
 patient ids in paths, so they are switched off where servers are created).
 
 kafka-python logs every failed reconnect while a broker is down, several
-lines a second. :class:`RepeatLimiter` lets one line of each kind through
+lines a second, and a connection flood makes the MLLP listener refuse
+connections as fast. :class:`RepeatLimiter` lets one line of each kind through
 per window and says how many it held back, so an outage reads as a few
 lines, not thousands.
 """
@@ -19,7 +20,9 @@ import os
 import threading
 import time
 
-REPEAT_LIMITED = ("kafka",)  # loggers (and their children) whose repeats are held back
+# Loggers (and their children) whose repeats are held back: kafka-python's outage lines,
+# and the MLLP listener's refused and dropped connections (a flood would repeat them).
+REPEAT_LIMITED = ("kafka", "ehrbridge.adapters.mllp_source.limits")
 
 
 def setup_logging(level: str | None = None) -> None:

@@ -126,6 +126,7 @@ class SiteRuntime:
         self.mllp: MllpSource | None = None
         self.http: EmbeddedServer | None = None
         self.committer: GroupCommitter | None = None
+        self.ingest: Ingest | None = None  # ingest role
         self.process_stage: ProcessStage | None = None
         self.fhir: FhirEndpoint | None = None  # the FHIR ingest endpoint (ingest role)
         self.writeback_targets: dict[str, Sink] = {}
@@ -166,7 +167,7 @@ class SiteRuntime:
         from ehrbridge.api import create_api
 
         self.committer = GroupCommitter(self.log)
-        ingest = Ingest(self.config, self.committer)
+        ingest = self.ingest = Ingest(self.config, self.committer)
         self.fhir = self._fhir_endpoint(ingest)
         self.fhir.start()
         self.mllp = MllpSource(self.config.mllp, self.config.site)

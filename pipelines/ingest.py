@@ -13,6 +13,9 @@ runs them itself, because its response needs their details, and then calls
 * unusable/unparseable: appended to ``<site>.dlq`` with its raw bytes and
   the reason, then the PermanentError is re-raised → AE/AR.
 * storage failing: TransientError propagates → AR, the sender resends.
+* a message type the site filters (``message_types``,
+  ``pipelines/message_types.py``): returns → AA, counted, stored nowhere;
+  one it rejects: dead-lettered → AR with ERR code 200 or 201.
 
 Transport problems found by the source itself (oversize or truncated frames)
 arrive as envelopes with an ``ingest.error`` header and are dead-lettered
@@ -33,11 +36,13 @@ from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable, Permane
 from ehrbridge.pipelines.facts import FactRules, extract
 from ehrbridge.pipelines.fhir_ingest import Checker
 from ehrbridge.pipelines.groupcommit import GroupCommitter
+from ehrbridge.pipelines.message_types import MessageTypes
 from ehrbridge.pipelines.transport import dead_letter_record, to_record, topic_name
 
 log = logging.getLogger(__name__)
 INGEST_ERROR_HEADER = "ingest.error"  # reason code set by a source for framing problems
 INGEST_DETAIL_HEADER = "ingest.detail"
+FILTERED: tuple[str, ...] = ()  # validate's answer for a message the site filters
 
 
 class Ingest:
@@ -47,6 +52,7 @@ class Ingest:
         self.config = config
         self.rules = FactRules(config.mapping)
         self.fhir = Checker(self.rules)
+        self.message_types = MessageTypes(config.message_types)
         self.committer = committer
         self.raw_topic = topic_name(config.site, "raw")
         self.dlq_topic = topic_name(config.site, "dlq")
@@ -57,6 +63,9 @@ class Ingest:
         except PermanentError as error:
             await self.dead_letter(envelope, error)
             raise
+        if keys is FILTERED:
+            log.debug("%s filtered (message_types)", envelope.describe())
+            return
         await self.store(envelope, keys)
 
     async def store(self, envelope: Envelope, keys: Sequence[str]) -> None:
@@ -77,8 +86,8 @@ class Ingest:
         )
         log.warning("%s dead-lettered at ingest: %s", envelope.describe(), error.reason)
 
-    def validate(self, envelope: Envelope) -> list[str]:
-        """Check the message can be used; return its partition keys (patient ids)."""
+    def validate(self, envelope: Envelope) -> Sequence[str]:
+        """Check the message can be used; its partition keys (patient ids), or FILTERED."""
         framing_error = envelope.headers.get(INGEST_ERROR_HEADER)
         if framing_error:
             detail = envelope.headers.get(INGEST_DETAIL_HEADER, framing_error)
@@ -97,4 +106,7 @@ class Ingest:
                 f"ingest does not take {envelope.kind} records", reason="kind.unsupported"
             )
         message = Message.parse(envelope.payload)
+        msg_type, trigger, _ = message.message_type
+        if msg_type and not self.message_types.admits(msg_type, trigger):
+            return FILTERED
         return extract(message, self.rules).keys
