@@ -15,6 +15,7 @@ outside: an absolute reference to another host is refused
 from __future__ import annotations
 
 import re
+import ssl
 import threading
 from typing import Any
 
@@ -40,12 +41,13 @@ class FhirReader:
         auth: TokenSource | None = None,
         policy: RetryPolicy = DEFAULT_POLICY,
         stop: threading.Event | None = None,
+        verify: ssl.SSLContext | bool = True,
         client: httpx.Client | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.policy = policy
         self.stop = stop
-        self._client = client or httpx.Client(timeout=timeout_s)
+        self._client = client or httpx.Client(timeout=timeout_s, verify=verify)
         self._auth = HttpxAuth(auth) if auth is not None else None
         self.reads = 0
 

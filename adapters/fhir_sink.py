@@ -30,6 +30,7 @@ Errors are translated here: timeouts, connection errors, 429 and 5xx are
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,11 +55,12 @@ class FhirSink:
         timeout_s: float = 5.0,
         auth: TokenSource | None = None,
         results_per_request: int = 20,
+        verify: ssl.SSLContext | bool = True,
         client: httpx.Client | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.results_per_request = results_per_request
-        self._client = client or httpx.Client(timeout=timeout_s)
+        self._client = client or httpx.Client(timeout=timeout_s, verify=verify)
         self._auth = HttpxAuth(auth) if auth is not None else None
         self.requests = 0  # transactions sent (tests and progress output)
 

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
+from ehrbridge.adapters.tls import httpx_verify
 from ehrbridge.config import ModelEndpoint
 from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.features import FeatureRecord
@@ -37,7 +38,9 @@ class InferenceResult:
 class InferenceClient:
     def __init__(self, endpoint: ModelEndpoint, *, client: httpx.Client | None = None) -> None:
         self.endpoint = endpoint
-        self._client = client or httpx.Client(timeout=endpoint.timeout_s)
+        # Certificates are always verified: system CAs, or model.tls.ca_file.
+        verify = httpx_verify(endpoint.tls, "model.tls")
+        self._client = client or httpx.Client(timeout=endpoint.timeout_s, verify=verify)
         self._url = f"{endpoint.url.rstrip('/')}/v2/models/{endpoint.name}/infer"
 
     def infer(self, records: Sequence[FeatureRecord], request_id: str = "") -> InferenceResult:

@@ -51,7 +51,8 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.future import Future
 
-from ehrbridge.config import KafkaTransport
+from ehrbridge.adapters.smart_auth import read_secret
+from ehrbridge.config import KafkaTransport, Retention
 from ehrbridge.pipelines.errors import UpstreamUnavailable
 from ehrbridge.pipelines.transport import Consumer, Record
 
@@ -84,22 +85,61 @@ class TopicSpec:
     config: dict[str, str]
 
 
-def topic_spec(name: str, partitions: int) -> TopicSpec:
-    """How a topic is created, from the role its name gives it."""
-    if name.endswith(SINGLE_PARTITION_SUFFIXES):
-        return TopicSpec(1, {})
+def topic_spec(name: str, partitions: int, retention: Retention | None = None) -> TopicSpec:
+    """How a topic is created, from the role its name gives it.
+
+    ``retention``: the site's retention days become the topic's ``retention.ms``
+    (dead letters: ``dead_letter_days``; raw, predictions, retry tiers:
+    ``raw_days``). Kafka deletes by age alone, whether or not a group has read
+    the records. The compacted changelog is the state itself: no time limit.
+    """
     if name.endswith(CHANGELOG_SUFFIX):
         return TopicSpec(partitions, {"cleanup.policy": "compact"})
-    return TopicSpec(partitions, {})
+    dead_letters = name.endswith(SINGLE_PARTITION_SUFFIXES)
+    retention = retention or Retention()
+    days = retention.dead_letter_days if dead_letters else retention.raw_days
+    config = {"retention.ms": str(round(days * 86_400_000))} if days else {}
+    return TopicSpec(1 if dead_letters else partitions, config)
+
+
+def security_settings(transport: KafkaTransport) -> dict[str, Any]:
+    """kafka-python's TLS and SASL settings from ``transport.tls`` / ``transport.sasl``.
+
+    Every client (producer, consumers, admin, the state restore) is built from
+    :attr:`KafkaLog.connection`, so these reach all of them. Broker
+    certificates are verified, host name included (kafka-python's default).
+    """
+    tls, sasl = transport.tls, transport.sasl
+    protocol = {(False, False): "PLAINTEXT", (True, False): "SSL"}.get(
+        (tls is not None, sasl is not None), "SASL_SSL" if tls else "SASL_PLAINTEXT"
+    )
+    settings: dict[str, Any] = {"security_protocol": protocol}
+    if tls is not None:
+        files = {"ssl_cafile": tls.ca_file, "ssl_certfile": tls.cert_file}
+        files["ssl_keyfile"] = tls.key_file
+        settings.update({key: str(path) for key, path in files.items() if path is not None})
+    if sasl is not None:
+        settings["sasl_mechanism"] = sasl.mechanism
+        settings["sasl_plain_username"] = sasl.username
+        settings["sasl_plain_password"] = read_secret(
+            sasl.password_env, sasl.password_file, "the Kafka SASL password", "transport.sasl"
+        )
+    return settings
 
 
 class KafkaLog:
     """A :class:`~ehrbridge.pipelines.transport.Log` on an Apache Kafka cluster."""
 
-    def __init__(self, transport: KafkaTransport, client_id: str = "ehrbridge") -> None:
+    def __init__(
+        self,
+        transport: KafkaTransport,
+        client_id: str = "ehrbridge",
+        retention: Retention | None = None,
+    ) -> None:
         if not transport.bootstrap:
             raise ValueError("transport.bootstrap is empty (or set KAFKA_BOOTSTRAP)")
         self.transport = transport
+        self.retention = retention  # becomes retention.ms of the topics created here
         self.bootstrap = transport.bootstrap
         self.client_id = client_id
         self._timeout_ms = int(transport.request_timeout_s * 1000)
@@ -109,6 +149,7 @@ class KafkaLog:
             "bootstrap_servers": transport.bootstrap,
             "bootstrap_timeout_ms": self._timeout_ms,
             "reconnect_backoff_max_ms": 2000,
+            **security_settings(transport),
         }
         self._producer: KafkaProducer | None = None
         self._lock = threading.Lock()
@@ -173,7 +214,7 @@ class KafkaLog:
                 topic_configs=spec.config,
             )
             for name in missing
-            for spec in [topic_spec(name, self.transport.partitions)]
+            for spec in [topic_spec(name, self.transport.partitions, self.retention)]
         ]
         admin = self._admin()
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from dataclasses import dataclass
 
 from ehrbridge.pipelines.errors import UpstreamUnavailable
@@ -47,19 +48,39 @@ def frame(message: bytes) -> bytes:
 class MllpClient:
     """A blocking MLLP sender over one persistent connection."""
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
+        self.tls = tls  # MLLP over TLS: the server is verified against this context
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
 
     def connect(self) -> None:
         try:
-            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
         except OSError as exc:
             raise UpstreamUnavailable(f"MLLP peer {self.host}:{self.port} unreachable") from exc
+        self._sock = self._handshake(sock) if self.tls is not None else sock
         self._buffer.clear()
+
+    def _handshake(self, sock: socket.socket) -> socket.socket:
+        assert self.tls is not None
+        try:
+            return self.tls.wrap_socket(sock, server_hostname=self.host)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            raise UpstreamUnavailable(
+                f"MLLP peer {self.host}:{self.port}: TLS handshake failed: {exc}",
+                reason="mllp.tls_handshake",
+            ) from exc
 
     def send(self, message: bytes) -> Ack:
         """Send one message and return its ACK. Raises UpstreamUnavailable on timeout."""
@@ -109,17 +130,25 @@ class MllpClient:
 class AsyncMllpClient:
     """The asyncio variant, for many concurrent senders in one process."""
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.timeout_s = timeout_s
+        self.tls = tls
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
     async def connect(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.timeout_s
+                asyncio.open_connection(self.host, self.port, ssl=self.tls), self.timeout_s
             )
         except (OSError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"MLLP peer {self.host}:{self.port} unreachable") from exc

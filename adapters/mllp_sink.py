@@ -29,6 +29,7 @@ import logging
 from collections.abc import Sequence
 
 from ehrbridge.adapters.mllp_client import Ack, MllpClient, frame
+from ehrbridge.adapters.tls import client_context
 from ehrbridge.config import Hl7v2Writeback
 from ehrbridge.pipelines.contracts import BatchError, Envelope
 from ehrbridge.pipelines.errors import EhrbridgeError, RemoteRejected, UpstreamUnavailable
@@ -45,8 +46,9 @@ class MllpSink:
 
     def __init__(self, target: Hl7v2Writeback, *, client: MllpClient | None = None) -> None:
         self.target = target
+        tls = client_context(target.tls, "writeback.hl7v2.tls") if target.tls else None
         self._client = client or MllpClient(
-            target.host, target.port, timeout_s=target.ack_timeout_s
+            target.host, target.port, timeout_s=target.ack_timeout_s, tls=tls
         )
         self.sends = 0  # frames sent, resends included (tests and progress output)
 

@@ -43,9 +43,11 @@ import logging
 import math
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
+from ehrbridge.adapters.tls import CertificateReloader, server_context, subject_allowed
 from ehrbridge.config import MllpListen
 from ehrbridge.pipelines.ack import build_ack, read_header
 from ehrbridge.pipelines.contracts import Deliver, Envelope, Kind
@@ -225,6 +227,7 @@ class MllpStats:
     refused: int = 0  # closed at once: max_connections were open
     frame_timeouts: int = 0  # closed: a frame outlived frame_timeout_s
     write_timeouts: int = 0  # dropped: ACKs left unread for write_timeout_s
+    tls_refused: int = 0  # closed after the handshake: not in mllp.tls.client_subjects
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -241,6 +244,7 @@ class MllpSource:
         self._server: asyncio.Server | None = None
         self.port: int | None = None
         self.stats = MllpStats()
+        self.reloader: CertificateReloader | None = None  # with mllp.tls
 
     async def start(self, deliver: Deliver) -> None:
         """Bind and start accepting; returns once listening (``self.port`` is set)."""
@@ -249,22 +253,58 @@ class MllpSource:
             if self.stats.open >= self.listen.max_connections:
                 self._refuse(writer)
                 return
+            if self._pinned_out(writer):
+                writer.transport.abort()  # nothing was read, no ACK is owed
+                return
             self.stats.open += 1
             try:
                 await self._serve_connection(reader, writer, deliver)
             finally:
                 self.stats.open -= 1
 
+        context = self._tls_context()
         try:
             self._server = await asyncio.start_server(
-                handle, self.listen.host, self.listen.port, limit=_READ_CHUNK, reuse_address=True
+                handle,
+                self.listen.host,
+                self.listen.port,
+                limit=_READ_CHUNK,
+                reuse_address=True,
+                ssl=context,
             )
         except OSError as exc:  # most often: another process has the port
             where = f"{self.listen.host}:{self.listen.port}"
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConfigError(f"cannot listen on {where}: {reason}", field="mllp.port") from exc
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("MLLP listening on %s:%s (site %s)", self.listen.host, self.port, self.site)
+        log.info(
+            "MLLP%s listening on %s:%s (site %s)",
+            " over TLS" if context else "",
+            self.listen.host,
+            self.port,
+            self.site,
+        )
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.listen.tls
+        if tls is None:
+            return None
+        context = server_context(tls, "mllp.tls")
+        self.reloader = CertificateReloader(context, tls, "mllp")
+        return context
+
+    def _pinned_out(self, writer: asyncio.StreamWriter) -> bool:
+        """Close a client whose certificate is CA-signed but not on mllp.tls.client_subjects.
+
+        Runs after the handshake and before any byte is read: nothing it sent is
+        stored or answered.
+        """
+        tls = self.listen.tls
+        if tls is None or subject_allowed(writer.get_extra_info("peercert"), tls.client_subjects):
+            return False
+        self.stats.tls_refused += 1
+        log.warning("MLLP TLS client refused: certificate subject not in mllp.tls.client_subjects")
+        return True
 
     async def run(self, deliver: Deliver) -> None:
         await self.start(deliver)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -64,6 +65,23 @@ class TokenSource(Protocol):
     def close(self) -> None: ...
 
 
+def read_secret(env: str | None, file: Path | None, what: str, field: str) -> str:
+    """A secret from the environment variable or the file a setting names, never the YAML."""
+    if env is not None:
+        secret = os.environ.get(env, "").strip()
+        where = f"environment variable {env}"
+    else:
+        assert file is not None
+        where = f"file {file}"
+        try:
+            secret = Path(file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what}: {exc}", field=field) from exc
+    if not secret:
+        raise ConfigError(f"{what} {where} is empty or not set", field=field)
+    return secret
+
+
 class StaticBearer:
     """A bearer token from an environment variable or a file (re-read after a 401)."""
 
@@ -72,19 +90,8 @@ class StaticBearer:
         self._token = self._read()
 
     def _read(self) -> str:
-        if self.config.token_env is not None:
-            token = os.environ.get(self.config.token_env, "").strip()
-            where = f"environment variable {self.config.token_env}"
-        else:
-            assert self.config.token_file is not None
-            where = f"file {self.config.token_file}"
-            try:
-                token = Path(self.config.token_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"cannot read the bearer token: {exc}", field="auth") from exc
-        if not token:
-            raise ConfigError(f"the bearer token {where} is empty or not set", field="auth")
-        return token
+        config = self.config
+        return read_secret(config.token_env, config.token_file, "the bearer token", "auth")
 
     def authorization(self) -> str:
         return f"Bearer {self._token}"
@@ -108,6 +115,7 @@ class SmartBackendServices:
         fhir_base: str | None,
         *,
         timeout_s: float = 5.0,
+        verify: ssl.SSLContext | bool = True,
         client: httpx.Client | None = None,
     ) -> None:
         self.config = auth
@@ -115,7 +123,7 @@ class SmartBackendServices:
         if auth.token_url is None and self.fhir_base is None:
             raise ConfigError("no token_url and no FHIR base to discover it from", field="auth")
         self._key = load_private_key(auth)
-        self._client = client or httpx.Client(timeout=timeout_s)
+        self._client = client or httpx.Client(timeout=timeout_s, verify=verify)
         self._lock = threading.Lock()
         self._token: str | None = None
         self._expires_at = 0.0  # time.monotonic()
@@ -262,14 +270,18 @@ def load_private_key(auth: SmartBackendAuth) -> rsa.RSAPrivateKey | ec.EllipticC
 
 
 def token_source(
-    auth: FhirAuth | None, fhir_base: str | None, *, timeout_s: float = 5.0
+    auth: FhirAuth | None,
+    fhir_base: str | None,
+    *,
+    timeout_s: float = 5.0,
+    verify: ssl.SSLContext | bool = True,
 ) -> TokenSource | None:
     """The token source a site config asks for (None: no authentication)."""
     if auth is None:
         return None
     if isinstance(auth, BearerAuth):
         return StaticBearer(auth)
-    return SmartBackendServices(auth, fhir_base, timeout_s=timeout_s)
+    return SmartBackendServices(auth, fhir_base, timeout_s=timeout_s, verify=verify)
 
 
 class HttpxAuth(httpx.Auth):

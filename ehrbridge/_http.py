@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import threading
 from collections.abc import Generator
 from typing import Any
 
 import uvicorn
 
+from ehrbridge.adapters.tls import CertificateReloader
+from ehrbridge.config import ListenerTls
 from ehrbridge.pipelines.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -23,15 +26,48 @@ class EmbeddedServer(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         yield
 
-    def __init__(self, app: Any, host: str, port: int, field: str | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        field: str | None = None,
+        tls: ListenerTls | None = None,
+    ) -> None:
         self.field = field  # the setting that names the port, for a clear bind error
+        self.tls = tls
         # access_log off: request paths can carry patient ids, and logs must not.
         super().__init__(
             uvicorn.Config(
-                app, host=host, port=port, access_log=False, log_level="warning", lifespan="off"
+                app,
+                host=host,
+                port=port,
+                access_log=False,
+                log_level="warning",
+                lifespan="off",
+                **_uvicorn_tls(tls),
             )
         )
         self._task: asyncio.Task[None] | None = None
+        self.reloader: CertificateReloader | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def _load_tls(self) -> None:
+        """Build uvicorn's SSL context now, to name the setting if a file is bad."""
+        if self.tls is None:
+            return
+        tls_field = f"{(self.field or 'http.port').rsplit('.', 1)[0]}.tls"
+        try:
+            self.config.load()
+        except (OSError, ssl.SSLError) as exc:
+            detail = f"cannot load the certificate, key or CA file: {exc}"
+            raise ConfigError(detail, field=tls_field) from exc
+        assert self.config.ssl is not None
+        self.config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.reloader = CertificateReloader(self.config.ssl, self.tls, tls_field)
 
     @property
     def port(self) -> int:
@@ -42,6 +78,7 @@ class EmbeddedServer(uvicorn.Server):
 
     async def start(self) -> None:
         """Start serving in this loop; return once the port accepts connections."""
+        self._load_tls()
         self._task = asyncio.create_task(self._serve_or_raise())
         while not self.started:
             if self._task.done():
@@ -62,6 +99,18 @@ class EmbeddedServer(uvicorn.Server):
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
+
+
+def _uvicorn_tls(tls: ListenerTls | None) -> dict[str, Any]:
+    """uvicorn's TLS settings; with client_ca_file, a client certificate is required."""
+    if tls is None:
+        return {}
+    return {
+        "ssl_certfile": str(tls.cert_file),
+        "ssl_keyfile": str(tls.key_file),
+        "ssl_ca_certs": str(tls.client_ca_file) if tls.client_ca_file else None,
+        "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.client_ca_file else ssl.CERT_NONE,
+    }
 
 
 class ThreadedServer:

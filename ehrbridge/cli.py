@@ -103,6 +103,10 @@ def _run(args: argparse.Namespace) -> int:
         runtime = await start_when_ready(config, roles, stop)
         if runtime is None:
             return  # stopped while waiting for the broker
+        with contextlib.suppress(NotImplementedError):  # a renewed certificate, at once
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, runtime.reload_certificates
+            )
         try:
             await stop.wait()
         finally:

@@ -85,6 +85,60 @@ class Calibration(StrEnum):
     NON_NORTH_AMERICAN = "non_north_american"
 
 
+def _relative_to_config(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A credential file path written in a site YAML is relative to that file."""
+    located = (info.context or {}).get("located") if isinstance(info.context, dict) else None
+    file = getattr(located, "file", "")
+    if value is None or value.is_absolute() or not file or file.startswith("<"):
+        return value
+    return Path(file).resolve().parent / value
+
+
+class ListenerTls(Strict):
+    """TLS on a listener (``mllp.tls``, ``http.tls``): TLS 1.2 or newer only.
+
+    The certificate and key files are read again when their modification time
+    changes (checked every ``reload_s``) or on SIGHUP; new connections get the
+    new certificate, open ones keep theirs, and the listener stays up.
+    """
+
+    cert_file: Path  # PEM: the server certificate, then any intermediates
+    key_file: Path  # PEM private key (keep it 0600)
+    # mTLS: when set, a client must present a certificate that chains to this CA (PEM).
+    client_ca_file: Path | None = None
+    reload_s: float = Field(30.0, gt=0)
+
+    _resolve = field_validator("cert_file", "key_file", "client_ca_file")(_relative_to_config)
+
+
+class MllpTls(ListenerTls):
+    # After the handshake, the client certificate's subject CN or one of its DNS/URI
+    # subjectAltNames must be one of these; empty: any certificate the CA signed.
+    client_subjects: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def subjects_need_a_ca(self) -> Self:
+        if self.client_subjects and self.client_ca_file is None:
+            raise ValueError("client_subjects needs client_ca_file (mTLS)")
+        return self
+
+
+class ClientTls(Strict):
+    """TLS for a connection ehrbridge makes. Server certificates are always verified."""
+
+    ca_file: Path | None = None  # PEM bundle to verify the server with; default: system CAs
+    cert_file: Path | None = None  # client certificate, when the peer asks for one (mTLS)
+    key_file: Path | None = None
+
+    _resolve = field_validator("ca_file", "cert_file", "key_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def cert_and_key_together(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both 'cert_file' and 'key_file', or neither")
+        return self
+
+
 class MllpListen(Strict):
     host: str = "127.0.0.1"
     port: int = Field(2575, ge=0, le=65535)
@@ -100,6 +154,7 @@ class MllpListen(Strict):
     # written; at most write_buffer_bytes of ACKs wait in memory per connection meanwhile.
     write_timeout_s: float = Field(30.0, gt=0)
     write_buffer_bytes: int = Field(65_536, ge=4096)
+    tls: MllpTls | None = None  # None: plaintext MLLP
 
 
 class HttpListen(Strict):
@@ -107,10 +162,28 @@ class HttpListen(Strict):
     port: int = Field(8080, ge=0, le=65535)
     # FHIR ingest: larger request bodies are answered 413 (a Synthea patient is 0.3-2 MB).
     max_body_bytes: int = Field(16_777_216, ge=1024)
+    tls: ListenerTls | None = None  # None: plain HTTP
 
 
 class EmbeddedTransport(Strict):
     kind: Literal["embedded"] = "embedded"
+
+
+class KafkaSasl(Strict):
+    """SASL authentication to the brokers; the password never goes in the YAML."""
+
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    username: str = Field(..., min_length=1)
+    password_env: str | None = None  # name of the environment variable holding it
+    password_file: Path | None = None  # or a file holding it (relative to this YAML)
+
+    _resolve = field_validator("password_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def one_source(self) -> Self:
+        if (self.password_env is None) == (self.password_file is None):
+            raise ValueError("give exactly one of 'password_env' or 'password_file'")
+        return self
 
 
 class KafkaTransport(Strict):
@@ -126,6 +199,9 @@ class KafkaTransport(Strict):
     # Local per-patient state of the processing role, restored from the changelog
     # topic; default <data_dir>/state-kafka.
     state_dir: Path | None = None
+    # Client TLS and SASL; both set: SASL_SSL, tls only: SSL, sasl only: SASL_PLAINTEXT.
+    tls: ClientTls | None = None
+    sasl: KafkaSasl | None = None
 
     @model_validator(mode="after")
     def bootstrap_is_set(self) -> Self:
@@ -143,6 +219,7 @@ class ModelEndpoint(Strict):
     calibration: Calibration = Calibration.NORTH_AMERICAN
     timeout_s: float = Field(2.0, gt=0)
     batch_size: int = Field(64, ge=1)
+    tls: ClientTls | None = None  # a custom CA bundle or client certificate for https URLs
 
 
 class InterpretationBand(Strict):
@@ -156,15 +233,6 @@ class ResultCoding(Strict):
     system: str = "urn:ehrbridge:codes"
     code: str = "kfre-4var"
     display: str = "Kidney failure risk (KFRE 4-variable)"
-
-
-def _relative_to_config(value: Path | None, info: ValidationInfo) -> Path | None:
-    """A credential file path written in a site YAML is relative to that file."""
-    located = (info.context or {}).get("located") if isinstance(info.context, dict) else None
-    file = getattr(located, "file", "")
-    if value is None or value.is_absolute() or not file or file.startswith("<"):
-        return value
-    return Path(file).resolve().parent / value
 
 
 class BearerAuth(Strict):
@@ -238,6 +306,7 @@ class Hl7v2Writeback(Strict):
     ack_timeout_s: float = Field(10.0, gt=0)  # also the connect timeout
     # After an ACK timeout the same message (same MSH-10) is sent again this many times.
     resends: int = Field(2, ge=0)
+    tls: ClientTls | None = None  # None: plaintext MLLP; set: MLLP over TLS to host:port
     on_error: Literal["retry", "dead-letter"] = "dead-letter"  # MSA-1 AE
     on_reject: Literal["retry", "dead-letter"] = "retry"  # MSA-1 AR
     order: Hl7Code = Hl7Code(code="KFRE", text="Kidney failure risk (KFRE 4-variable)")
@@ -249,6 +318,7 @@ class Writeback(Strict):
     fhir_base: str | None = None  # the EHR's FHIR server base URL (FHIR write-back)
     timeout_s: float = Field(5.0, gt=0)
     auth: FhirAuth | None = None  # how to authenticate to fhir_base
+    tls: ClientTls | None = None  # CA bundle / client certificate for fhir_base and its tokens
     provenance: bool = True  # a Provenance (and the Devices it names) with every Observation
     results_per_request: int = Field(20, ge=1)  # results per FHIR transaction
     hl7v2: Hl7v2Writeback | None = None  # ORU^R01 write-back over MLLP
@@ -275,6 +345,7 @@ class Subscriptions(Strict):
     # Where id-only notifications' resources are read; default: writeback.fhir_base.
     fhir_base: str | None = None
     auth: FhirAuth | None = None  # default: writeback.auth
+    tls: ClientTls | None = None  # default: writeback.tls
     timeout_s: float = Field(5.0, gt=0)
     # The environment variable holding the bearer token the EHR must send with every
     # notification (what Subscription.channel.header carries). None: no check here.
@@ -304,6 +375,22 @@ class RetryPolicy(Strict):
     delayed_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 3600.0])
 
 
+class Retention(Strict):
+    """How long PHI is kept, per store, in days (None: kept until deleted by hand).
+
+    A purge never removes what is not done: a log record before its consumer
+    group's committed offset, a live result not yet delivered to the EHR. On
+    Kafka the topics' ``retention.ms`` (set from these values when ehrbridge
+    creates them) does the log's part, by age alone.
+    """
+
+    raw_days: float | None = Field(None, gt=0)  # raw, predictions and retry-tier records
+    dead_letter_days: float | None = Field(None, gt=0)  # dlq and dlq.replayed records
+    results_days: float | None = Field(None, gt=0)  # the local result store
+    inbox_days: float | None = Field(None, gt=0)  # sandbox: ehr-inbox.hl7 entries
+    purge_interval_s: float = Field(3600.0, gt=0)  # how often a running site purges
+
+
 class SiteConfig(Strict):
     site: str
     mode: Mode = Mode.SHADOW
@@ -317,6 +404,7 @@ class SiteConfig(Strict):
     subscriptions: Subscriptions = Subscriptions()
     cds_hooks: CdsHooks = CdsHooks()
     retry: RetryPolicy = RetryPolicy()
+    retention: Retention = Retention()
     strict_hl7: bool = False  # validate message structure with hl7apy (slow; for debugging)
     # HL7v2 message types (MSH-9) beyond ORU^R01 and ADT^*, which are accepted unless
     # listed here: accept, filter or reject. Unlisted types are rejected (HL7 original

@@ -35,6 +35,7 @@ from ehrbridge.adapters.mllp_sink import MllpSink
 from ehrbridge.adapters.mllp_source import MllpSource
 from ehrbridge.adapters.smart_auth import token_source
 from ehrbridge.adapters.sqlite_log import SqliteLog
+from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
 from ehrbridge.pipelines.contracts import Sink
 from ehrbridge.pipelines.errors import TransientError
@@ -70,7 +71,9 @@ def open_log(config: SiteConfig) -> Log:
     transport = config.transport
     if isinstance(transport, KafkaTransport):
         kafka_class: type[KafkaLog] = REGISTRY["log"]["kafka"]
-        return kafka_class(transport, client_id=f"ehrbridge-{config.site}")
+        return kafka_class(
+            transport, client_id=f"ehrbridge-{config.site}", retention=config.retention
+        )
     log_class: type[SqliteLog] = REGISTRY["log"]["embedded"]
     return log_class(config.data_dir / "log.sqlite")
 
@@ -130,6 +133,7 @@ class SiteRuntime:
         self.process_stage: ProcessStage | None = None
         self.fhir: FhirEndpoint | None = None  # the FHIR ingest endpoint (ingest role)
         self.writeback_targets: dict[str, Sink] = {}
+        self._tasks: list[asyncio.Task[None]] = []
 
     def _open_state(self) -> SqliteStateStore | ChangelogStateStore:
         """Per-patient state: on Kafka, the processing role's changelog-backed store."""
@@ -173,8 +177,29 @@ class SiteRuntime:
         self.mllp = MllpSource(self.config.mllp, self.config.site)
         await self.mllp.start(ingest.deliver)
         http = self.config.http
-        self.http = EmbeddedServer(create_api(self), http.host, http.port, field="http.port")
+        self.http = EmbeddedServer(
+            create_api(self), http.host, http.port, field="http.port", tls=http.tls
+        )
         await self.http.start()
+        if self.certificate_reloaders:
+            self._tasks.append(asyncio.create_task(self._watch_certificates()))
+
+    @property
+    def certificate_reloaders(self) -> list[CertificateReloader]:
+        listeners = (self.mllp, self.http)
+        return [x.reloader for x in listeners if x is not None and x.reloader is not None]
+
+    def reload_certificates(self) -> int:
+        """Load every listener's certificate again (SIGHUP); how many were reloaded."""
+        return sum(reloader.reload() for reloader in self.certificate_reloaders)
+
+    async def _watch_certificates(self) -> None:
+        """Reload a listener's certificate when its files change (a renewal, e.g. certbot)."""
+        period = min(r.tls.reload_s for r in self.certificate_reloaders)
+        while True:
+            await asyncio.sleep(period)
+            for reloader in self.certificate_reloaders:
+                reloader.check()
 
     def _fhir_endpoint(self, ingest: Ingest) -> FhirEndpoint:
         """FHIR REST and Subscription ingest; id-only notifications read from the EHR."""
@@ -186,8 +211,14 @@ class SiteRuntime:
         reader = None
         base = subs.fhir_base or wb.fhir_base
         if base:
-            auth = token_source(subs.auth or wb.auth, base, timeout_s=subs.timeout_s)
-            reader = FhirReader(base, timeout_s=subs.timeout_s, auth=auth, stop=self.stop_event)
+            field = "subscriptions.tls" if subs.tls else "writeback.tls"
+            verify = httpx_verify(subs.tls or wb.tls, field)
+            auth = token_source(
+                subs.auth or wb.auth, base, timeout_s=subs.timeout_s, verify=verify
+            )
+            reader = FhirReader(
+                base, timeout_s=subs.timeout_s, auth=auth, stop=self.stop_event, verify=verify
+            )
             self._closers.append(reader.close)
             if auth is not None:
                 self._closers.append(auth.close)
@@ -232,7 +263,8 @@ class SiteRuntime:
         wb = self.config.writeback
         targets: dict[str, Sink] = {}
         if wb.fhir_base:
-            auth = token_source(wb.auth, wb.fhir_base, timeout_s=wb.timeout_s)
+            verify = httpx_verify(wb.tls, "writeback.tls")
+            auth = token_source(wb.auth, wb.fhir_base, timeout_s=wb.timeout_s, verify=verify)
             if auth is not None:
                 self._closers.append(auth.close)
             targets[FHIR_TARGET] = FhirSink(
@@ -240,6 +272,7 @@ class SiteRuntime:
                 timeout_s=wb.timeout_s,
                 auth=auth,
                 results_per_request=wb.results_per_request,
+                verify=verify,
             )
         if wb.hl7v2 is not None:
             targets[HL7V2_TARGET] = MllpSink(wb.hl7v2)
@@ -286,6 +319,10 @@ class SiteRuntime:
         return self.http.port
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.mllp is not None:
             await self.mllp.stop()
         if self.http is not None:

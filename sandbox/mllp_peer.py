@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as ssl_module
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,13 +47,14 @@ class MllpPeer:
     port: int = 0
     answer: Answer = accept_all
     record_to: Path | None = None
+    ssl: ssl_module.SSLContext | None = None  # MLLP over TLS (the sandbox's --tls)
     received: list[Received] = field(default_factory=list)
     _server: asyncio.Server | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _connections: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.ssl)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
