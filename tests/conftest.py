@@ -13,7 +13,7 @@ import pytest
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
-pytest_plugins = ["kafka_fixture"]
+pytest_plugins = ["kafka_fixture", "hapi_fixture"]
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 T = TypeVar("T")
