@@ -23,8 +23,11 @@ A FHIR ``batch`` Bundle would give per-entry outcomes in one request, but it
 cannot keep an Observation and its Provenance together (batch entries may
 not reference each other), so transactions it is.
 
-Errors are translated here: timeouts, connection errors, 429 and 5xx are
-:class:`UpstreamUnavailable` (retried); other 4xx are :class:`RemoteRejected`.
+Errors are translated here: timeouts, connection errors, 429, 5xx and 409
+(a concurrent write of the same conditional resource) are
+:class:`UpstreamUnavailable` (retried); other 4xx -- 422 from a validating
+server among them -- are :class:`RemoteRejected`, kept with the server's
+OperationOutcome in the dead-letter store.
 """
 
 from __future__ import annotations
@@ -172,6 +175,14 @@ def check_response(response: httpx.Response, what: str) -> None:
         return
     if status == 429 or status >= 500:
         raise UpstreamUnavailable(f"{what}: FHIR server answered {status}")
+    if status == 409:
+        # Another writer took the same resource first (HAPI-2745, or HAPI-0550 on a
+        # client-assigned id: concurrent conditional creates of one identifier). Nothing
+        # was written; sent again, the conditional entries find what the winner wrote.
+        raise UpstreamUnavailable(
+            f"{what}: FHIR server answered 409, a concurrent write: {_diagnostics(response)}",
+            reason="fhir.conflict",
+        )
     if status == 401:
         # Still 401 after a fresh token: the credentials or their scopes are wrong. Wait
         # on the retry tiers for someone to fix them rather than dead-letter every result.

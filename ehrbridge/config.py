@@ -320,6 +320,11 @@ class Writeback(Strict):
     auth: FhirAuth | None = None  # how to authenticate to fhir_base
     tls: ClientTls | None = None  # CA bundle / client certificate for fhir_base and its tokens
     provenance: bool = True  # a Provenance (and the Devices it names) with every Observation
+    # Observation.subject: "reference" resolves Patient?identifier= on the server (the
+    # Patient must exist), "reference-or-create" also creates it when missing, "identifier"
+    # writes a logical reference only (servers without the :identifier modifier, e.g.
+    # HAPI, cannot search those).
+    subject: Literal["reference", "reference-or-create", "identifier"] = "reference"
     results_per_request: int = Field(20, ge=1)  # results per FHIR transaction
     hl7v2: Hl7v2Writeback | None = None  # ORU^R01 write-back over MLLP
     code: ResultCoding = ResultCoding()

@@ -22,6 +22,11 @@ all or nothing, holding
   deterministic, client-assigned id (``PUT Provenance/ehrbridge-<identifier>``,
   update-as-create): a replay updates the same Provenance.
 
+The Observation's ``subject`` follows ``writeback.subject``: a conditional
+reference ``Patient?identifier=...`` resolved by the server (default), or a
+conditional create of the Patient first (``reference-or-create``), or the
+identifier alone (see :func:`subject_reference`).
+
 Within the transaction the Observation and Devices are referenced by
 ``urn:uuid:`` fullUrls derived from their identifiers (uuid5), which the
 server resolves to the ids it assigns or finds (http.html#trules).
@@ -171,6 +176,10 @@ def result_transaction(
     system = config.prediction_identifier_system
     observation_url = full_url("Observation", system, prediction.identifier)
     entries: list[dict[str, Any]] = []
+    subject, patient_entry = subject_reference(prediction, config.writeback.subject)
+    observation["subject"] = subject
+    if patient_entry is not None:
+        entries.append(patient_entry)
     if config.writeback.provenance:
         ehrbridge, model = ehrbridge_device(), model_device(prediction.model)
         device_urls = (device_url(ehrbridge), device_url(model))
@@ -201,6 +210,38 @@ def result_transaction(
             }
         )
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def subject_reference(
+    prediction: Prediction, mode: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Observation.subject for ``writeback.subject``, and the Patient entry it needs.
+
+    A logical reference (identifier only) cannot be searched on servers without
+    the ``:identifier`` modifier (HAPI JPA: HAPI-2498), so by default the
+    subject is a conditional reference (R4 http.html#trules) that the server
+    resolves to its Patient; ``reference-or-create`` adds a conditional create
+    of a Patient holding only the identifier. The identifier stays beside the
+    reference either way.
+    """
+    system, value = prediction.patient_system, prediction.patient_id
+    subject: dict[str, Any] = {"identifier": {"system": system, "value": value}}
+    if mode == "identifier":
+        return subject, None
+    if mode == "reference":
+        return {"reference": f"Patient?{conditional_search(system, value)}", **subject}, None
+    patient = {"resourceType": "Patient", "identifier": [{"system": system, "value": value}]}
+    url = full_url("Patient", system, value)
+    entry = {
+        "fullUrl": url,
+        "resource": patient,
+        "request": {
+            "method": "POST",
+            "url": "Patient",
+            "ifNoneExist": conditional_search(system, value),
+        },
+    }
+    return {"reference": url, **subject}, entry
 
 
 def device_url(device: dict[str, Any]) -> str:

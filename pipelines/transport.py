@@ -64,6 +64,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from ehrbridge.pipelines.contracts import Envelope, Failure, envelope_from_headers, header_map
+from ehrbridge.pipelines.errors import RemoteRejected
 
 TOPICS = ("raw", "predictions", "retry", "dlq")
 
@@ -133,14 +134,14 @@ def from_record(record: Record) -> Envelope:
 def dead_letter_record(failure: Failure, topic: str) -> Record:
     """The DLQ form of a failure: original bytes, provenance, and the reason."""
     error = failure.error
-    return to_record(
-        failure.envelope,
-        topic,
-        {
-            "error.reason": error.reason,
-            "error.detail": error.detail,
-            "error.class": type(error).__name__,
-            "error.stage": failure.stage,
-            "error.at": datetime.now(UTC).isoformat(),
-        },
-    )
+    headers = {
+        "error.reason": error.reason,
+        "error.detail": error.detail,
+        "error.class": type(error).__name__,
+        "error.stage": failure.stage,
+        "error.at": datetime.now(UTC).isoformat(),
+    }
+    if isinstance(error, RemoteRejected) and error.body:
+        # The remote's own answer (a FHIR OperationOutcome) names the offending element.
+        headers["error.response"] = error.body.decode("utf-8", errors="replace")
+    return to_record(failure.envelope, topic, headers)

@@ -18,7 +18,8 @@ Search parameters (any type; a resource without the element never matches):
 ``identifier``, ``code``, ``category``, ``status`` (token: ``system|code``,
 ``code``, ``|code``, ``system|``), ``subject`` and ``patient`` (reference:
 ``Patient/1``, ``1``, absolute URL, ``:Patient`` type modifier, and
-``:identifier`` matching ``subject.identifier``), ``_id``, ``_lastUpdated``
+``:identifier`` matching ``subject.identifier``; the chains ``subject.identifier``
+and ``patient.identifier`` match it too), ``_id``, ``_lastUpdated``
 (``eq ne gt ge lt le`` prefixes at any precision). Commas OR values, repeated
 parameters AND. Unknown parameters are ignored (left out of the ``self`` link)
 unless ``Prefer: handling=strict``; conditional criteria never ignore one.
@@ -630,7 +631,11 @@ _SORTS = frozenset({"_lastUpdated", "-_lastUpdated", "_id", "-_id"})
 # Result parameters this server ignores without calling them unknown.
 _QUIET_PARAMS = frozenset({"_format", "_pretty", "_total", "_elements"})
 _DATE_PREFIXES = frozenset({"eq", "ne", "gt", "ge", "lt", "le"})
-_FILTER_PARAMS = _TOKEN_PARAMS | _REFERENCE_PARAMS | {"_id", "_lastUpdated"}
+# Chained searches on the subject's identifier (what HAPI answers for a literal
+# reference). Here they match the Reference's own identifier, which every
+# Observation ehrbridge writes carries beside the reference.
+_CHAINED_IDENTIFIER = frozenset({"subject.identifier", "patient.identifier"})
+_FILTER_PARAMS = _TOKEN_PARAMS | _REFERENCE_PARAMS | _CHAINED_IDENTIFIER | {"_id", "_lastUpdated"}
 
 
 @dataclass(slots=True)
@@ -711,6 +716,9 @@ def _parse_filter(query: SearchQuery, name: str, modifier: str, value: str) -> N
                 f"search parameter '{name}' does not support the modifier ':{_short(modifier)}'"
             )
         query.groups.append([_token_query_key(name, v) for v in values])
+    elif name in _CHAINED_IDENTIFIER and not modifier:
+        reference = name.split(".", 1)[0]
+        query.groups.append([_token_query_key(f"{reference}:identifier", v) for v in values])
     elif name in _REFERENCE_PARAMS:
         if modifier == "identifier":
             query.groups.append([_token_query_key(f"{name}:identifier", v) for v in values])

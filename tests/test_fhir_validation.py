@@ -73,7 +73,7 @@ def test_a_comparator_input_is_shown_in_derived_from_and_provenance(config: Site
     bound = replace(egfr, comparator=">", value=90.0)  # eGFR reported as >90
     changed = replace(result, features=replace(result.features, inputs=(bound, uacr)))
     bundle = result_transaction(changed, config)
-    assert ">90" in bundle["entry"][2]["resource"]["derivedFrom"][0]["display"]
+    assert ">90" in bundle["entry"][3]["resource"]["derivedFrom"][0]["display"]
     assert_round_trip(bundle)
     assert_npm_valid([bundle])
 

@@ -83,14 +83,16 @@ def test_a_result_is_one_transaction_of_devices_observation_and_provenance(
     kinds = [(e["resource"]["resourceType"], e["request"]["method"]) for e in bundle["entry"]]
     assert bundle["type"] == "transaction"
     assert kinds == [
+        ("Patient", "POST"),  # the sandbox's writeback.subject: reference-or-create
         ("Device", "POST"),
         ("Device", "POST"),
         ("Observation", "PUT"),
         ("Provenance", "PUT"),
     ]
-    observation = bundle["entry"][2]
+    observation = bundle["entry"][3]
     assert observation["request"]["url"].startswith("Observation?identifier=")
-    assert all("ifNoneExist" in e["request"] for e in bundle["entry"][:2])
+    assert all("ifNoneExist" in e["request"] for e in bundle["entry"][:3])
+    assert observation["resource"]["subject"]["reference"] == bundle["entry"][0]["fullUrl"]
     for item in [bundle, *(e["resource"] for e in bundle["entry"])]:
         assert_round_trip(item)
     assert_npm_valid([bundle, *(e["resource"] for e in bundle["entry"])])
@@ -150,7 +152,7 @@ def test_a_refused_result_fails_alone_and_the_others_are_written(
     sink = FhirSink(f"{fhir.base_url}/fhir")
     batch = [envelope_for(prediction(config, f"MRN-{n}"), config) for n in range(4)]
     broken = orjson.loads(batch[2].payload)
-    broken["entry"][2]["resource"]["status"] = "not-a-status"  # the server refuses it (4xx)
+    broken["entry"][3]["resource"]["status"] = "not-a-status"  # the server refuses it (4xx)
     batch[2] = Envelope(config.site, "bad", orjson.dumps(broken), Kind.FHIR, "MRN-2")
     with pytest.raises(BatchError) as caught:
         sink.write(batch)
@@ -529,3 +531,15 @@ def test_a_live_site_writes_through_smart_backend_services(
     assert found[0]["subject"]["identifier"]["value"] == mrn
     assert auth_state.tokens_issued == 1 and auth_state.refused == []
     assert len(resources_with_token(guarded, auth_state, "Provenance")) == 1
+
+
+def test_the_readme_search_by_patient_identifier_works_on_the_stand_in_too(
+    fhir: ThreadedServer, config: SiteConfig
+) -> None:
+    """``Observation?patient.identifier=`` is the README's search: HAPI answers it as well."""
+    mine, other = prediction(config, "MRN-README"), prediction(config, "MRN-OTHER")
+    FhirSink(f"{fhir.base_url}/fhir").write([envelope_for(r, config) for r in (mine, other)])
+    query = {"patient.identifier": f"{mine.patient_system}|MRN-README"}
+    [found] = all_resources(f"{fhir.base_url}/fhir/Observation", query)
+    assert found["identifier"][0]["value"] == mine.identifier
+    assert found["subject"]["reference"].startswith("Patient/")  # resolved in the transaction
