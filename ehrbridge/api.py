@@ -2,14 +2,17 @@
 
 What a site operator or integration engineer looks at:
 
-* ``GET /health``: liveness plus the site's mode and counts: results, and in
-  the ingest role the MLLP connections (open, refused over the limit, closed
-  by a limit) and the HL7v2 messages filtered by type (``message_types``);
+* ``GET /health``: liveness plus the site's mode and counts: results, records
+  not scored (not enough data, or outside the model's domain) where this
+  process runs the processing role, and in the ingest role the MLLP
+  connections (open, refused over the limit, closed by a limit) and the
+  HL7v2 messages filtered by type (``message_types``);
 * ``GET /api/results``: predictions kept locally (all of them in shadow mode),
   newest first, optionally ``?patient=``;
 * ``GET /api/results/{identifier}``: one result's FHIR Observation;
 * ``GET /api/patients/{id}``: what ehrbridge knows of one patient: the
-  latest feature record or the reason there is none ("not enough data");
+  latest feature record or the reason there is none ("not enough data",
+  or ``out_of_domain: egfr 71.9 >= 60``);
 * ``GET /api/dlq``: dead-lettered records: reason, stage, time, size (the raw
   bytes are PHI and are shown only by ``ehrbridge dlq show`` on the host);
 * ``GET /api/fhir``: FHIR ingest counters, and each FHIR Subscription's
@@ -32,6 +35,7 @@ from fastapi import FastAPI, HTTPException, Query
 from ehrbridge import __version__
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
 from ehrbridge.fhir_api import add_fhir_routes
+from ehrbridge.pipelines.contracts import utcnow
 
 if TYPE_CHECKING:
     from ehrbridge.runtime import SiteRuntime
@@ -66,6 +70,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             "mode": config.mode.value,
             "version": __version__,
             "results": runtime.results.count(),
+            "not_scored": _not_scored(runtime),
             **_ingest_counts(runtime),
         }
 
@@ -94,7 +99,9 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
         state = runtime.state.get(patient_id)
         if state is None:
             raise HTTPException(404, "no data for this patient")
-        latest = runtime.results.latest(patient_id)
+        latest = runtime.results.latest(
+            patient_id, utcnow() + config.mapping.values.future_tolerance
+        )
         return {
             "patient_id": patient_id,
             "birth_date": state.birth_date.isoformat() if state.birth_date else None,
@@ -139,5 +146,18 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
     if runtime.fhir is not None:
         add_fhir_routes(app, runtime.fhir)
     if config.cds_hooks.enabled:
-        add_cds_routes(app, CdsService(config, runtime.results, runtime.patient_links))
+        service = CdsService(config, runtime.results, runtime.patient_links, state=runtime.state)
+        add_cds_routes(app, service)
     return app
+
+
+def _not_scored(runtime: SiteRuntime) -> dict[str, int] | None:
+    """Records the model was not asked about since start, by why (processing role only).
+
+    ``out_of_domain``: outside the model's validated domain (pipelines/domain.py);
+    each patient's own reason is on ``/api/patients/{id}``.
+    """
+    stage = runtime.process_stage
+    if stage is None:
+        return None
+    return {"not_enough_data": stage.not_enough_data, "out_of_domain": stage.out_of_domain}

@@ -32,6 +32,14 @@ and their dates; ``source`` naming ehrbridge, the model and its version; a
 link to the result's details (``cds_hooks.details_url``). In shadow mode
 there are no cards unless ``cds_hooks.cards_in_shadow_mode`` is set:
 clinicians see nothing of a site that is still being validated.
+
+No score is ever shown for a patient outside the model's validated domain
+(``pipelines/domain.py``): such a record is never scored, so it has no
+stored result, and a patient whose newest record fell outside the domain
+after an earlier score gets no card either (no card rather than an info
+card: "no score" needs no interruption, and the reason is on the patient's
+record, ``/api/patients/{id}``). A result anchored in the future is never the
+"latest" a card shows.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -47,9 +56,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from ehrbridge.config import Mode, SiteConfig
+from ehrbridge.pipelines.contracts import utcnow
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.patient_links import PatientLinks
 from ehrbridge.pipelines.results import ResultStore, StoredResult
+from ehrbridge.pipelines.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +86,12 @@ class CdsService:
         links: PatientLinks | None = None,
         *,
         timeout_s: float = 2.0,
+        state: StateStore | None = None,
     ) -> None:
         self.config = config
         self.results = results
         self.links = links
+        self.state = state
         self.timeout_s = timeout_s
         self.system = config.mapping.patient.fhir_system
         self.trusted_bases = {
@@ -110,10 +123,26 @@ class CdsService:
         if self.config.mode is Mode.SHADOW and not self.config.cds_hooks.cards_in_shadow_mode:
             return {"cards": []}
         patient_id = self._patient_id(body, str(context["patientId"]))
-        latest = self.results.latest(patient_id) if patient_id else None
-        if latest is None:
+        not_after = utcnow() + self.config.mapping.values.future_tolerance
+        if not patient_id:
+            return {"cards": []}
+        latest = self.results.latest(patient_id, not_after)
+        if latest is None or self._now_out_of_domain(patient_id, latest):
             return {"cards": []}
         return {"cards": [self.card(latest, base_url)]}
+
+    def _now_out_of_domain(self, patient_id: str, latest: StoredResult) -> bool:
+        """Whether the patient's newest record fell outside the model's domain since ``latest``.
+
+        Then no score is shown, not even the older one: the model no longer
+        answers for this patient (``pipelines/domain.py``). Known where this
+        process holds the patient state (the embedded transport, or all roles).
+        """
+        state = self.state.get(patient_id) if self.state is not None else None
+        outcome = state.last_outcome if state is not None else None
+        if not outcome or "out_of_domain" not in outcome:
+            return False
+        return datetime.fromisoformat(outcome["anchor"]) >= datetime.fromisoformat(latest.anchor)
 
     def _patient_id(self, body: dict[str, Any], fhir_id: str) -> str | None:
         prefetch = body.get("prefetch")
@@ -236,9 +265,10 @@ def _detail(
         f"- {item.get('display', '')}" for item in observation.get("derivedFrom") or ()
     )
     method = (observation.get("method") or {}).get("text", result.model)
+    notes = "".join(f"**Note:** {n.get('text', '')}\n\n" for n in observation.get("note") or ())
     return (
         f"**2-year risk:** {risks[0]:.2f}%  \n**5-year risk:** {risks[1]:.2f}%  \n"
-        f"**Interpretation:** {meaning or 'not classified'}\n\n"
+        f"**Interpretation:** {meaning or 'not classified'}\n\n{notes}"
         f"Computed for results up to {result.anchor[:10]} by {method}, from:\n\n{inputs}\n\n"
         "The Kidney Failure Risk Equation estimates the risk of needing dialysis or a kidney "
         "transplant; it applies to adults with CKD stage 3-5."

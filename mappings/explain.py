@@ -23,6 +23,7 @@ from ehrbridge.mappings.loader import SiteMapping
 from ehrbridge.mappings.messages import Input, extract_input, read_inputs
 from ehrbridge.mappings.testing import replay
 from ehrbridge.pipelines.contracts import Kind
+from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.facts import FactRules, ObservationTrace, PatientTrace, Trace
@@ -156,6 +157,9 @@ def _record_lines(item: Input, site: SiteMapping) -> Iterator[str]:
         if isinstance(outcome, NotEnoughData):
             yield "  not enough data:"
             yield from (f"    {k}: {v}" for k, v in sorted(outcome.missing.items()))
+        elif isinstance(outcome, OutOfDomain):
+            yield "  not scored, outside the model's validated domain (mapping.applicability):"
+            yield from (f"    {r}" for r in outcome.reasons)
         else:
             yield from _features(outcome)
 

@@ -20,9 +20,12 @@ Errors of either pass raise :class:`~ehrbridge.pipelines.errors.ConfigError`;
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import tzinfo
+from datetime import date, timedelta, tzinfo
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -68,14 +71,63 @@ FEATURES = tuple(LAB_FEATURES)
 CANONICAL_UNITS = {name: f.canonical_unit for name, f in LAB_FEATURES.items()}
 
 
+_COMPARISONS: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+_NEGATED = {"<": ">=", "<=": ">", ">": "<=", ">=": "<"}
+_DOMAIN_RULE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
+NUMERIC_INPUTS = frozenset({"age", "egfr", "uacr"})  # what a domain rule can test
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRule:
+    """One condition of a model's validated domain, written ``egfr < 60``.
+
+    Values are the model inputs in their canonical units: age in years, eGFR
+    in mL/min/1.73 m2, UACR in mg/g. A record outside the domain is not scored.
+    """
+
+    feature: str
+    op: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> DomainRule:
+        match = _DOMAIN_RULE.match(text)
+        if match is None:
+            raise ValueError(
+                f"write a domain rule as 'INPUT OP NUMBER' (e.g. egfr < 60), not {text!r}"
+            )
+        feature, op, number = match.groups()
+        if feature not in NUMERIC_INPUTS:
+            known = ", ".join(sorted(NUMERIC_INPUTS))
+            raise ValueError(f"{text!r}: a domain rule tests one of {known}, not {feature!r}")
+        return cls(feature, op, float(number))
+
+    def holds(self, value: float) -> bool:
+        return _COMPARISONS[self.op](value, self.threshold)
+
+    def broken_by(self, value: float, shown: str = "") -> str:
+        """Why ``value`` is outside: ``egfr 71.9 >= 60``."""
+        return f"{self.feature} {shown or f'{value:.4g}'} {_NEGATED[self.op]} {self.threshold:g}"
+
+    def __str__(self) -> str:
+        return f"{self.feature} {self.op} {self.threshold:g}"
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """The inputs of a model, and which lab features can supply them."""
+    """The inputs of a model, which lab features can supply them, and its validated domain."""
 
     name: str
     inputs: tuple[str, ...]
     lab_inputs: frozenset[str]  # inputs read directly from a lab feature of the same name
     derivations: dict[str, str]  # input -> lab feature it can be derived from
+    # Where the model was developed and validated; outside it there is no score.
+    applicability: tuple[str, ...] = ()
 
     def takes(self, feature: str) -> bool:
         return feature in self.lab_inputs or feature in self.derivations.values()
@@ -87,6 +139,8 @@ MODELS: dict[str, ModelSpec] = {
         inputs=("age", "sex", "egfr", "uacr"),
         lab_inputs=frozenset({"egfr", "uacr"}),
         derivations={"egfr": "creatinine"},
+        # Tangri et al. 2011/2016: adults with CKD G3-G5 (eGFR < 60 mL/min/1.73 m2).
+        applicability=("age >= 18", "egfr < 60"),
     ),
 }
 
@@ -347,18 +401,27 @@ class Derived(Strict):
 
 
 class ValuePolicy(Strict):
-    """How to read values and result statuses (OBX-11 / Observation.status).
+    """How to read values, result statuses (OBX-11 / Observation.status) and result times.
 
     comparators: ``bound`` uses ``<5`` as 5 and keeps the comparator on the
     fact (it shows in derivedFrom); ``reject`` leaves such results unused.
     statuses: result statuses whose values are used (F final, C corrected;
     P preliminary waits for its final). withdraw: statuses that withdraw an
     earlier result of the same code and time (D deleted, W wrong).
+    future_tolerance_s / earliest_date: a mapped result timed later than its
+    receipt plus the tolerance (clocks differ by seconds, not days), or before
+    the earliest date or the patient's birth date, is refused, never stored.
     """
 
     comparators: Literal["bound", "reject"] = "bound"
     statuses: list[str] = Field(default_factory=lambda: ["F", "C"], min_length=1)
     withdraw: list[str] = Field(default_factory=lambda: ["D", "W"])
+    future_tolerance_s: float = Field(300.0, ge=0)
+    earliest_date: date = date(1900, 1, 1)
+
+    @property
+    def future_tolerance(self) -> timedelta:
+        return timedelta(seconds=self.future_tolerance_s)
 
     @field_validator("statuses", "withdraw")
     @classmethod
@@ -412,6 +475,18 @@ def _feature_name(name: str) -> str:
 FeatureName = Annotated[str, AfterValidator(_feature_name)]
 
 
+@functools.lru_cache(maxsize=64)
+def _domain_rules(texts: tuple[str, ...]) -> tuple[DomainRule, ...]:
+    return tuple(DomainRule.parse(t) for t in texts)
+
+
+def _domain_rule(text: str) -> str:
+    return str(DomainRule.parse(text))
+
+
+DomainRuleText = Annotated[str, AfterValidator(_domain_rule)]
+
+
 # --------------------------------------------------------------------------- the mapping
 
 
@@ -436,6 +511,8 @@ class Mapping(Strict):
 
     version: str = "1"  # recorded on every prediction
     model: str = "kfre-4var"  # whose inputs the features must supply
+    # The model's validated domain as rules on its inputs; default: the model's own.
+    applicability: list[DomainRuleText] | None = None
     timezone: str = "UTC"  # for HL7 / FHIR times that carry no UTC offset
     patient: PatientIdRule
     hl7v2: Hl7v2Rules = Hl7v2Rules()
@@ -482,9 +559,23 @@ class Mapping(Strict):
             raise ValueError(f"unknown model {value!r}; known: {', '.join(MODELS)}")
         return value
 
+    @model_validator(mode="after")
+    def domain_tests_model_inputs(self) -> Self:
+        for text in self.applicability or ():
+            rule = DomainRule.parse(text)
+            if rule.feature not in MODELS[self.model].inputs:
+                raise ValueError(f"applicability {text!r}: {self.model} takes no {rule.feature}")
+        return self
+
     @property
     def tz(self) -> tzinfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def domain(self) -> tuple[DomainRule, ...]:
+        """The rules a record must meet to be scored (``applicability``, else the model's)."""
+        texts = self.applicability if self.applicability is not None else self.spec.applicability
+        return _domain_rules(tuple(texts))
 
     @property
     def spec(self) -> ModelSpec:

@@ -22,8 +22,10 @@ Other expectations: ``rejected: mapping.unknown_unit`` (a message is refused
 with that reason -- what the sender would get as AE), ``unused: {CRP: "code
 not mapped"}`` (by code), ``flagged: {creatinine: implausible}``,
 ``observations: 1`` (distinct predictions the EHR ends with: the debounce),
-``triggered: false``. A number matches to half a unit of its last written
-decimal (``17.57`` means 17.565..17.575) unless ``tolerance`` says otherwise.
+``triggered: false``, ``out_of_domain: "egfr 71.9 >= 60"`` (a complete record
+the model's validated domain excludes: part of the stated reason). A number
+matches to half a unit of its last written decimal (``17.57`` means
+17.565..17.575) unless ``tolerance`` says otherwise.
 
 ``ehrbridge mappings test PATH`` runs them; ``tests/test_mapping_sites.py``
 runs every case under ``mappings/sites`` inside pytest.
@@ -43,10 +45,13 @@ from ehrbridge._yaml import load_located, validate_located
 from ehrbridge.mappings.loader import load_mapping_file
 from ehrbridge.mappings.messages import Input, extract_input, inputs_from_bytes, read_inputs
 from ehrbridge.mappings.schema import Mapping, Strict
+from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.errors import ConfigError, MessageRejected, MessageUnusable
 from ehrbridge.pipelines.facts import Fact, FactRules, Unused
 from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
 from ehrbridge.pipelines.state import PatientState
+
+Outcome = FeatureRecord | NotEnoughData | OutOfDomain
 
 FEATURE_KEYS = ("age", "sex", "egfr", "egfr_method", "uacr_mg_g", "anchor", "episode")
 _NUMERIC = ("age", "egfr", "uacr_mg_g")
@@ -75,6 +80,7 @@ class Expect(Strict):
     patient: str | None = None
     features: dict[str, float | str] | None = None
     not_enough_data: dict[str, str] | None = None
+    out_of_domain: str | None = None
     rejected: str | None = None
     unused: dict[str, str] | None = None
     flagged: dict[str, str] | None = None
@@ -87,6 +93,7 @@ class Expect(Strict):
         checks = (
             self.features,
             self.not_enough_data,
+            self.out_of_domain,
             self.rejected,
             self.unused,
             self.flagged,
@@ -95,8 +102,9 @@ class Expect(Strict):
         )
         if all(c is None for c in checks):
             raise ValueError("expect nothing? give features, not_enough_data, rejected, ...")
-        if self.features is not None and self.not_enough_data is not None:
-            raise ValueError("expect either features or not_enough_data, not both")
+        outcomes = (self.features, self.not_enough_data, self.out_of_domain)
+        if sum(o is not None for o in outcomes) > 1:
+            raise ValueError("expect one of features, not_enough_data or out_of_domain")
         unknown = sorted(set(self.features or {}) - set(FEATURE_KEYS))
         if unknown:
             raise ValueError(f"unknown feature keys {unknown}; known: {', '.join(FEATURE_KEYS)}")
@@ -121,7 +129,7 @@ class TestFile(Strict):
 class Replay:
     """What the pipeline did with a case's messages."""
 
-    outcomes: list[tuple[str, FeatureRecord | NotEnoughData]] = field(default_factory=list)
+    outcomes: list[tuple[str, Outcome]] = field(default_factory=list)
     rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (input, reason, detail)
     unused: list[Unused] = field(default_factory=list)
     flagged: list[Fact] = field(default_factory=list)
@@ -131,7 +139,7 @@ class Replay:
         """Distinct prediction identities: what the EHR ends up holding."""
         return len({(p, r.episode) for p, r in self.outcomes if isinstance(r, FeatureRecord)})
 
-    def final(self, patient: str | None) -> tuple[str, FeatureRecord | NotEnoughData] | None:
+    def final(self, patient: str | None) -> tuple[str, Outcome] | None:
         for pid, result in reversed(self.outcomes):
             if patient is None or pid == patient:
                 return pid, result
@@ -275,6 +283,8 @@ def compare(expect: Expect, got: Replay) -> list[str]:
         lines += _compare_features(expect, final, got)
     if expect.not_enough_data is not None:
         lines += _compare_not_enough(expect.not_enough_data, final)
+    if expect.out_of_domain is not None:
+        lines += _compare_out_of_domain(expect.out_of_domain, final)
     if expect.unused is not None:
         lines += _compare_unused(expect.unused, got.unused)
     if expect.flagged is not None:
@@ -306,9 +316,7 @@ def _compare_rejections(expect: Expect, got: Replay) -> list[str]:
     ]
 
 
-def _compare_features(
-    expect: Expect, final: tuple[str, FeatureRecord | NotEnoughData] | None, got: Replay
-) -> list[str]:
+def _compare_features(expect: Expect, final: tuple[str, Outcome] | None, got: Replay) -> list[str]:
     assert expect.features is not None
     if final is None:
         who = f" for patient {expect.patient}" if expect.patient else ""
@@ -320,6 +328,10 @@ def _compare_features(
     if isinstance(result, NotEnoughData):
         return [*lines, "expected a feature record, got not enough data:"] + [
             f"  {k}: {v}" for k, v in sorted(result.missing.items())
+        ]
+    if isinstance(result, OutOfDomain):
+        return [*lines, "expected a feature record, got one outside the model's domain:"] + [
+            f"  {r}" for r in result.reasons
         ]
     values = _record_values(result)
     for key, wanted in expect.features.items():
@@ -378,15 +390,12 @@ def _show(value: object) -> str:
     return str(value)
 
 
-def _compare_not_enough(
-    wanted: dict[str, str], final: tuple[str, FeatureRecord | NotEnoughData] | None
-) -> list[str]:
+def _compare_not_enough(wanted: dict[str, str], final: tuple[str, Outcome] | None) -> list[str]:
     if final is None:
         return ["expected not enough data, but no prediction was triggered at all"]
     _, result = final
-    if isinstance(result, FeatureRecord):
-        values = ", ".join(f"{k} {_show(v)}" for k, v in _record_values(result).items())
-        return [f"expected not enough data, got a feature record: {values}"]
+    if not isinstance(result, NotEnoughData):
+        return [f"expected not enough data, got {_outcome_text(result)}"]
     lines = []
     for feature, text in wanted.items():
         actual = result.missing.get(feature)
@@ -395,6 +404,26 @@ def _compare_not_enough(
     if lines:
         lines.append("stated reasons: " + result.reason)
     return lines
+
+
+def _compare_out_of_domain(wanted: str, final: tuple[str, Outcome] | None) -> list[str]:
+    if final is None:
+        return ["expected a record outside the domain, but no prediction was triggered at all"]
+    _, result = final
+    if not isinstance(result, OutOfDomain):
+        return [f"expected a record outside the domain, got {_outcome_text(result)}"]
+    if any(wanted in reason for reason in result.reasons):
+        return []
+    return [_row("out_of_domain", f"…{wanted}…", result.reason)]
+
+
+def _outcome_text(result: Outcome) -> str:
+    if isinstance(result, FeatureRecord):
+        values = ", ".join(f"{k} {_show(v)}" for k, v in _record_values(result).items())
+        return f"a feature record: {values}"
+    if isinstance(result, OutOfDomain):
+        return f"a record outside the model's domain: {result.reason}"
+    return f"not enough data: {result.reason}"
 
 
 def _compare_unused(wanted: dict[str, str], unused: list[Unused]) -> list[str]:

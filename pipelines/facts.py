@@ -22,6 +22,12 @@ Value policy (documented for sites in mappings/README.md):
   the earlier result with the same code and time.
 * A value outside the feature's plausible range becomes a *flagged* fact: it
   is kept in the patient's state and shown by ``mappings explain``, never used.
+* A mapped result whose time (OBX-14, else OBR-7) is later than the message's
+  receipt plus ``values.future_tolerance_s``, before ``values.earliest_date``
+  or before the patient's birth date (PID-7) cannot be true: the message is
+  unusable (AE, ``obx.future_dated``, ``obx.implausible_date``,
+  ``obx.before_birth_date``). A result dated in the future would otherwise
+  become the patient's latest value and anchor every later prediction.
 * A *mapped* result whose number cannot be read (``see note``, ``####``) or
   whose unit is not in the mapping makes the whole message unusable: the
   sender gets AE and the message waits in the dead-letter store for a mapping
@@ -50,6 +56,7 @@ from ehrbridge.mappings.schema import (
     UnitRule,
 )
 from ehrbridge.mappings.units import normalise_unit
+from ehrbridge.pipelines.contracts import utcnow
 from ehrbridge.pipelines.er7 import Message, Segment, unescape
 from ehrbridge.pipelines.errors import Hl7Location, MessageUnusable
 from ehrbridge.pipelines.hl7time import Hl7TimeError, parse_date, parse_dtm
@@ -276,6 +283,8 @@ class FactRules:
         )
         self.statuses = frozenset(mapping.values.statuses)
         self.withdraw = frozenset(mapping.values.withdraw)
+        self.future_tolerance = mapping.values.future_tolerance
+        self.earliest_date = mapping.values.earliest_date
         hl7 = mapping.hl7v2
         self.sex = _paths(hl7.sex)
         self.sex_values = {k.strip().upper(): v for k, v in hl7.sex.values.items()}
@@ -328,6 +337,33 @@ def plausibility_flag(rules: FactRules, feature: str, value: float) -> str:
         return ""
     unit = CANONICAL_UNITS[feature]
     return f"{IMPLAUSIBLE}: {value:.6g} {unit} is outside {low:g}–{high:g} {unit}"
+
+
+def time_problem(
+    rules: FactRules, moment: datetime, received_at: datetime
+) -> tuple[str, str] | None:
+    """(reason suffix, clause) when a result time cannot be true, else None.
+
+    Never names the time itself: reasons and details are logged and carry no PHI.
+    """
+    if moment > received_at + rules.future_tolerance:
+        tolerance = rules.future_tolerance.total_seconds()
+        return "future_dated", (
+            f"is later than the message's receipt by more than {tolerance:g} s "
+            "(mapping.values.future_tolerance_s)"
+        )
+    if moment.astimezone(rules.tz).date() < rules.earliest_date:
+        return "implausible_date", (
+            f"is before {rules.earliest_date.isoformat()} (mapping.values.earliest_date)"
+        )
+    return None
+
+
+def before_birth(rules: FactRules, facts: list[Fact], birth: date | None) -> Fact | None:
+    """The first fact timed before the patient's birth date (a specimen cannot be)."""
+    if birth is None:
+        return None
+    return next((f for f in facts if f.effective.astimezone(rules.tz).date() < birth), None)
 
 
 @dataclass(slots=True)
@@ -402,11 +438,23 @@ def withdrawal(hit: Hit, effective: datetime, source_id: str, episode: str) -> F
 # --------------------------------------------------------------------------- HL7v2
 
 
-def extract(message: Message, rules: FactRules, trace: Trace | None = None) -> Extraction:
-    """Facts and demographics of every patient in an ORU^R01 or ADT message."""
+def extract(
+    message: Message,
+    rules: FactRules,
+    trace: Trace | None = None,
+    *,
+    received_at: datetime | None = None,
+) -> Extraction:
+    """Facts and demographics of every patient in an ORU^R01 or ADT message.
+
+    ``received_at`` is when ehrbridge received the message (the envelope's
+    ``received_at``, which travels with the record, so a replay judges it
+    as it was judged at receipt); result times are checked against it.
+    Default: now.
+    """
     msg_type, trigger, _ = message.message_type
     kind = _classify(msg_type, trigger)
-    walker = _Walker(message, rules, kind == "ORU", trace)
+    walker = _Walker(message, rules, kind == "ORU", trace, received_at or utcnow())
     for segment in message.segments:
         walker.visit(segment)
     patients = walker.finish()
@@ -443,13 +491,21 @@ def _classify(msg_type: str, trigger: str) -> str:
 class _Walker:
     """One pass over the segments: patients, their groups, and OBX → facts."""
 
-    def __init__(self, message: Message, rules: FactRules, results: bool, trace: Trace | None):
+    def __init__(
+        self,
+        message: Message,
+        rules: FactRules,
+        results: bool,
+        trace: Trace | None,
+        received_at: datetime,
+    ):
         self.message = message
         self.control_id = message.control_id  # MSH-10: names every fact's source
         self.rules = rules
         self.results = results  # ORU: read OBX; ADT: demographics only
         self.trace = trace
-        self.sent_at = _message_time(message, rules)
+        self.received_at = received_at
+        self.sent_at = _message_time(message, rules, received_at)
         self.patients: list[PatientExtract] = []
         self.group: dict[str, Segment] = {}  # latest segment of each name in the patient group
         self.obr: Segment | None = None
@@ -518,10 +574,26 @@ class _Walker:
             self._fail(error)
             birth = None
         patient.demographics = Demographics(birth, sex or None, self.sent_at)
+        self._check_birth(patient, birth_source)
         if self.trace is not None:
             note = self.trace.patients[len(self.patients) - 1]
             note.sex, note.sex_source = sex or None, sex_source
             note.birth_date, note.birth_source = birth, birth_source
+
+    def _check_birth(self, patient: PatientExtract, birth_source: str) -> None:
+        early = before_birth(self.rules, patient.facts, patient.demographics.birth_date)
+        if early is None:
+            return
+        sequence = int(early.ref.rsplit("/", 1)[-1])
+        self._fail(
+            MessageUnusable(
+                f"OBX {sequence} ({early.feature}) is timed before the patient's birth date "
+                f"({birth_source})",
+                reason="obx.before_birth_date",
+                location=Hl7Location("OBX", sequence),
+                hl7_error_code=102,
+            )
+        )
 
     def _first(self, paths: tuple[FieldPath, ...]) -> tuple[str, str]:
         """The first non-empty value among ``paths`` in this patient's group, and its path."""
@@ -663,6 +735,7 @@ class _Walker:
             segment = obx if path.segment == "OBX" else self.obr
             moment = _optional_time(segment, path, self.rules, self.obx_count)
             if moment is not None:
+                self._check_time(moment, path)
                 return moment, path.text
         last = self.rules.observation_time[-1]
         raise MessageUnusable(
@@ -671,6 +744,20 @@ class _Walker:
             reason="hl7.missing_time",
             location=Hl7Location(last.segment, field=last.field),
             hl7_error_code=101,
+        )
+
+    def _check_time(self, moment: datetime, path: FieldPath) -> None:
+        problem = time_problem(self.rules, moment, self.received_at)
+        if problem is None:
+            return
+        suffix, clause = problem
+        raise MessageUnusable(
+            f"OBX {self.obx_count}: its observation time ({path.text}) {clause}",
+            reason=f"obx.{suffix}",
+            location=Hl7Location(
+                path.segment, self.obx_count if path.segment == "OBX" else 1, field=path.field
+            ),
+            hl7_error_code=102,  # table 0357: data type error, the value cannot be right
         )
 
 
@@ -740,15 +827,20 @@ def _cx_matches(pid: Segment, rep: int, authority: str | None, type_code: str | 
     return authority_ok and type_ok
 
 
-def _message_time(message: Message, rules: FactRules) -> datetime | None:
+def _message_time(message: Message, rules: FactRules, received_at: datetime) -> datetime | None:
     """MSH-7, used only to order demographic updates, so a malformed one is not fatal.
 
     Senders often append milliseconds without the dot (``20110613122406637``).
+    One in the future is ignored too: it would make every later demographic
+    update look older than it, and so be refused.
     """
     try:
-        return _optional_time(message.msh, _MSH_7, rules, 1)
+        sent = _optional_time(message.msh, _MSH_7, rules, 1)
     except MessageUnusable:
         return None
+    if sent is not None and time_problem(rules, sent, received_at) is not None:
+        return None
+    return sent
 
 
 def _birth_date(text: str, source: str) -> date | None:

@@ -19,8 +19,16 @@ the same time, one in a proper unit wins over one accepted under another
 label (``accept_as``).
 
 When any feature is missing the result is :class:`NotEnoughData`, naming
-each missing feature and why. It is stored on the patient's state and shown
-by the HTTP API: a patient without a score always has a visible reason.
+each missing feature and why; a complete record outside the model's
+validated domain (``pipelines/domain.py``: adults, eGFR < 60 for KFRE) is
+:class:`~ehrbridge.pipelines.domain.OutOfDomain`. Either is stored on the
+patient's state and shown by the HTTP API: a patient without a score always
+has a visible reason.
+
+No result timed later than the moment of processing (plus the site's
+``values.future_tolerance_s``) triggers, anchors or feeds a record, even one
+already in the state from a log written before ingest refused such results:
+a result dated 3000-01-01 would otherwise be every later record's "latest".
 
 Triggers and debounce (:func:`trigger_for`): a message triggers a prediction
 when it carries a usable result of a trigger feature. Its results belong to an
@@ -30,7 +38,7 @@ site's time zone. All messages of one episode produce the *same* prediction
 identity (:attr:`FeatureRecord.episode`), anchored at the newest trigger
 result of the episode in the state, so a panel split over several messages
 ends as one Observation, updated as each part arrives, whatever order the parts
-come in. Nothing depends on the wall clock, so a replay gives the same result.
+come in. Nothing else depends on the wall clock, so a replay gives the same result.
 """
 
 from __future__ import annotations
@@ -41,11 +49,13 @@ from typing import Any
 
 from ehrbridge.mappings.ckd_epi import egfr_ckd_epi_2021
 from ehrbridge.mappings.schema import Mapping
+from ehrbridge.pipelines.contracts import utcnow
+from ehrbridge.pipelines.domain import OutOfDomain, check_domain
 from ehrbridge.pipelines.facts import IMPLAUSIBLE, Fact, PatientExtract
 from ehrbridge.pipelines.state import PatientState
 
 _DAYS_PER_YEAR = 365.2425
-ADULT_AGE = 18.0  # KFRE and CKD-EPI 2021 were developed and validated in adults
+ADULT_AGE = 18.0  # CKD-EPI 2021 was developed in adults (the model's own domain is data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,17 +115,25 @@ def episode_of(fact: Fact, tz: tzinfo) -> str:
     return f"day {fact.effective.astimezone(tz).date().isoformat()}"
 
 
-def trigger_for(state: PatientState, patient: PatientExtract, mapping: Mapping) -> Trigger | None:
+def trigger_for(
+    state: PatientState, patient: PatientExtract, mapping: Mapping, now: datetime | None = None
+) -> Trigger | None:
     """Whether this message's results trigger a prediction, and for which episode.
 
     Call after merging ``patient`` into ``state``. Decided from the message's
     own results (not from what was new to the state), so that re-processing a
     message after a crash makes the prediction it may not have delivered.
+    Results timed after ``now`` (plus the tolerance) neither trigger nor anchor.
     """
     wanted = mapping.trigger_features
-    own = [f for f in patient.facts if f.feature in wanted and not f.flag.startswith(IMPLAUSIBLE)]
+    latest = (now or utcnow()) + mapping.values.future_tolerance
+
+    def counts(fact: Fact) -> bool:
+        return not fact.flag.startswith(IMPLAUSIBLE) and fact.effective <= latest
+
+    own = [f for f in patient.facts if f.feature in wanted and counts(f)]
     if not own:
-        return None  # demographics only (ADT), nothing mapped, or only implausible values
+        return None  # demographics only (ADT), nothing mapped, only implausible or future
     tz = mapping.tz
     newest = max(own, key=lambda f: (f.effective, f.ref))
     episode = episode_of(newest, tz)
@@ -124,7 +142,7 @@ def trigger_for(state: PatientState, patient: PatientExtract, mapping: Mapping) 
             f.effective
             for feature in wanted
             for f in state.facts.get(feature, ())
-            if not f.flag.startswith(IMPLAUSIBLE) and episode_of(f, tz) == episode
+            if counts(f) and episode_of(f, tz) == episode
         ),
         default=newest.effective,
     )
@@ -179,11 +197,7 @@ def _age(state: PatientState, anchor: datetime, missing: dict[str, str]) -> floa
     if state.birth_date is None:
         missing["age"] = "no birth date received"
         return None
-    age = age_at(state.birth_date, anchor)
-    if age < ADULT_AGE:
-        missing["age"] = f"patient is under {ADULT_AGE:g}; KFRE applies to adults"
-        return None
-    return age
+    return age_at(state.birth_date, anchor)  # an age the model does not take: pipelines/domain.py
 
 
 def _male(state: PatientState, missing: dict[str, str]) -> bool | None:
@@ -262,19 +276,24 @@ def _derive_egfr(
 
 
 def evaluate(
-    state: PatientState, patient: PatientExtract, mapping: Mapping
-) -> FeatureRecord | NotEnoughData | None:
+    state: PatientState, patient: PatientExtract, mapping: Mapping, now: datetime | None = None
+) -> FeatureRecord | NotEnoughData | OutOfDomain | None:
     """Merge one message's data for one patient; the record it triggers, if any.
 
     The one place the pipeline (``pipelines/process.py``) and the mapping
     tests (``mappings/testing.py``) decide a prediction, so a passing mapping
-    test means the pipeline does the same. The outcome is kept on the state
-    (``last_outcome``), where the HTTP API shows it.
+    test means the pipeline does the same. Only a :class:`FeatureRecord` is
+    scored: one outside the model's domain becomes :class:`OutOfDomain`. The
+    outcome is kept on the state (``last_outcome``), where the HTTP API shows it.
+    ``now`` is the processing time (default: the clock).
     """
     state.merge(patient)
-    trigger = trigger_for(state, patient, mapping)
+    trigger = trigger_for(state, patient, mapping, now)
     if trigger is None:
         return None
+    result: FeatureRecord | NotEnoughData | OutOfDomain
     result = assemble(state, trigger.anchor, mapping, trigger.episode)
+    if isinstance(result, FeatureRecord):
+        result = check_domain(result, mapping.domain) or result
     state.last_outcome = result.to_json()
     return result

@@ -20,6 +20,11 @@ Mapping of FHIR to the value policy:
   an unknown unit makes the message unusable, never a guess;
 * the time is ``effectiveDateTime`` / ``effectiveInstant`` /
   ``effectivePeriod.start``; a time without an offset is in the site's zone;
+  a mapped result with any of those, ``effectivePeriod.end`` or ``issued``
+  later than its receipt plus ``values.future_tolerance_s``, before
+  ``values.earliest_date`` or before ``Patient.birthDate`` is unusable
+  (``fhir.future_dated``, ``fhir.implausible_date``, ``fhir.before_birth_date``),
+  and the error names the element;
 * the patient id is the ``Patient.identifier`` (or ``subject.identifier``)
   whose system is ``patient.fhir_system``; ``subject.reference`` is resolved
   inside the Bundle by ``fullUrl`` or ``Patient/<id>``;
@@ -39,6 +44,7 @@ import orjson
 
 from ehrbridge.mappings.codemaps import CodeRule
 from ehrbridge.mappings.schema import CANONICAL_UNITS
+from ehrbridge.pipelines.contracts import utcnow
 from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.facts import (
     Demographics,
@@ -51,9 +57,11 @@ from ehrbridge.pipelines.facts import (
     PatientTrace,
     Trace,
     Unused,
+    before_birth,
     conversion_for,
     plausibility_flag,
     read_number,
+    time_problem,
     withdrawal,
 )
 
@@ -69,6 +77,23 @@ STATUS_LETTERS = {
 }
 GENDERS = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
 _UCUM = "http://unitsofmeasure.org"
+# Every time element of an Observation that says when it was taken or reported.
+_TIME_ELEMENTS = (
+    "effectiveDateTime",
+    "effectiveInstant",
+    "effectivePeriod.start",
+    "effectivePeriod.end",
+    "issued",
+)
+_EFFECTIVE = frozenset(_TIME_ELEMENTS[:3])  # the result's own time, in this order
+
+
+class ElementUnusable(MessageUnusable):
+    """A result that cannot be used because of one element, which the error names."""
+
+    def __init__(self, detail: str, *, reason: str, element: str) -> None:
+        super().__init__(detail, reason=reason)
+        self.element = element  # FHIRPath within the resource, e.g. "effectiveDateTime"
 
 
 @dataclass
@@ -81,18 +106,27 @@ class _Resources:
 
 
 def extract_fhir(
-    payload: bytes | str | dict[str, Any], rules: FactRules, trace: Trace | None = None
+    payload: bytes | str | dict[str, Any],
+    rules: FactRules,
+    trace: Trace | None = None,
+    *,
+    received_at: datetime | None = None,
 ) -> Extraction:
-    """Facts and demographics of every patient in a FHIR Bundle, Observation or Patient."""
+    """Facts and demographics of every patient in a FHIR Bundle, Observation or Patient.
+
+    ``received_at``: when ehrbridge received it (default now); result times are
+    checked against it.
+    """
     doc = _load(payload)
     kind = doc.get("resourceType")
     source_id = str(doc.get("id") or "fhir")
     found = _collect(doc, trace)
-    reader = _Reader(rules, source_id, _as_of(doc), trace)
+    reader = _Reader(rules, source_id, _as_of(doc), trace, received_at or utcnow())
     for resource in found.patient_order:
         reader.patient_from(resource, None)
     for position, full_url, observation in found.observations:
         reader.observation(position, full_url, observation, found)
+    reader.check_births()
     if not reader.patients:
         raise MessageUnusable(
             f"the {kind} has no Patient and no Observation this site reads",
@@ -159,10 +193,18 @@ def _as_of(doc: dict[str, Any]) -> datetime | None:
 
 class _Reader:
     def __init__(
-        self, rules: FactRules, source_id: str, as_of: datetime | None, trace: Trace | None
+        self,
+        rules: FactRules,
+        source_id: str,
+        as_of: datetime | None,
+        trace: Trace | None,
+        received_at: datetime,
     ) -> None:
         self.rules = rules
         self.source_id = source_id
+        self.received_at = received_at
+        if as_of is not None and time_problem(rules, as_of, received_at) is not None:
+            as_of = None  # a future Bundle.timestamp would freeze demographics (facts.py)
         self.as_of = as_of
         self.trace = trace
         self.system = rules.mapping.patient.fhir_system
@@ -380,15 +422,45 @@ class _Reader:
         return _unit_of(quantity), None
 
     def _effective(self, obs: dict[str, Any], ref: str) -> tuple[datetime, str]:
-        period = obs.get("effectivePeriod") or {}
-        for source, text in (
-            ("effectiveDateTime", obs.get("effectiveDateTime")),
-            ("effectiveInstant", obs.get("effectiveInstant")),
-            ("effectivePeriod.start", period.get("start")),
-        ):
-            if isinstance(text, str) and text:
-                return self._datetime(text, ref, source), source
-        raise MessageUnusable(f"{ref} has no effective time", reason="fhir.missing_time")
+        """The result's time; every time element of it is checked first."""
+        effective: list[tuple[datetime, str]] = []
+        for element in _TIME_ELEMENTS:
+            text = _element(obs, element)
+            if not isinstance(text, str) or not text:
+                continue
+            try:
+                moment = self._datetime(text, ref, element)
+            except MessageUnusable:
+                if element in _EFFECTIVE:
+                    raise
+                continue  # a malformed issued or period end is not what we read
+            self._check_time(moment, ref, element)
+            if element in _EFFECTIVE:
+                effective.append((moment, element))
+        if not effective:
+            raise MessageUnusable(f"{ref} has no effective time", reason="fhir.missing_time")
+        return effective[0]
+
+    def _check_time(self, moment: datetime, ref: str, element: str) -> None:
+        problem = time_problem(self.rules, moment, self.received_at)
+        if problem is not None:
+            suffix, clause = problem
+            raise ElementUnusable(
+                f"{ref} {element} {clause}", reason=f"fhir.{suffix}", element=element
+            )
+
+    def check_births(self) -> None:
+        """No result may be timed before its patient's birth date."""
+        for patient in self.patients.values():
+            early = before_birth(self.rules, patient.facts, patient.demographics.birth_date)
+            if early is not None:
+                self._fail(
+                    ElementUnusable(
+                        f"{early.ref} is timed before the patient's Patient.birthDate",
+                        reason="fhir.before_birth_date",
+                        element="effective",
+                    )
+                )
 
     def _datetime(self, text: str, ref: str, source: str) -> datetime:
         """A FHIR dateTime, partial dates included; no offset means the site's zone."""
@@ -408,6 +480,14 @@ class _Reader:
         if self.rules.debounce is None:
             return ""
         return str((obs.get("encounter") or {}).get("reference") or "")
+
+
+def _element(obs: dict[str, Any], element: str) -> Any:
+    """``effectivePeriod.start`` and the like, from the Observation's JSON."""
+    value: Any = obs
+    for name in element.split("."):
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
 
 
 def _identifier(identifiers: Any, system: str) -> str | None:

@@ -21,7 +21,9 @@ Two kinds of refusal, as FHIR's RESTful API distinguishes them
 * **422** (:class:`FhirUnprocessable`): valid FHIR that this site cannot use:
   an Observation without a ``subject`` (a result must name its patient), a
   mapped result whose ``valueQuantity`` has a value but no unit, a patient
-  without the site's identifier, a unit the mapping does not convert.
+  without the site's identifier, a unit the mapping does not convert, a
+  result timed in the future or before its patient's birth date (the
+  expression names the element, e.g. ``Bundle.entry[3].resource.issued``).
 
 Resource types the site does not read are accepted and counted, not failed.
 """
@@ -542,6 +544,9 @@ class Checker:
             ) from error
         except MessageUnusable as error:
             where = _expression_for(error.detail, ids, checked)
+            element = getattr(error, "element", "")  # fhir_facts.ElementUnusable
+            if element:
+                where = f"{where or checked.resource_type}.{element}"
             raise FhirUnprocessable(
                 [Issue("processing", error.detail, where, status=422, reason=error.reason)],
                 reason=error.reason,

@@ -109,4 +109,4 @@ class Ingest:
         msg_type, trigger, _ = message.message_type
         if msg_type and not self.message_types.admits(msg_type, trigger):
             return FILTERED
-        return extract(message, self.rules).keys
+        return extract(message, self.rules, received_at=envelope.received_at).keys

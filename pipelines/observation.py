@@ -16,6 +16,9 @@ Shape (one Observation per prediction):
 * ``interpretation``: the first configured threshold band the risks reach,
   else N (normal);
 * ``derivedFrom``: the input lab results, by identifier;
+* ``note``: only when an input was a bounded value (``<0.2`` read under the
+  ``bound`` comparator policy): says which, and that the true risk may
+  differ (``pipelines/domain.py``);
 * ``method`` and ``device``: model name, version and calibration (in the
   write-back transaction ``device`` also references the model's Device, and
   a Provenance names the inputs and the mapping: ``pipelines/provenance.py``).
@@ -27,6 +30,7 @@ from typing import Any
 
 from ehrbridge import __version__
 from ehrbridge.config import SiteConfig
+from ehrbridge.pipelines.domain import bounded_note
 from ehrbridge.pipelines.facts import Fact
 from ehrbridge.pipelines.records import Prediction
 
@@ -59,7 +63,17 @@ def build_observation(prediction: Prediction, config: SiteConfig) -> dict[str, A
         f"KFRE 4-variable ({model.name} {model.version}), "
         f"{_CALIBRATION_TEXT.get(model.calibration, model.calibration)}"
     )
-    coding = config.writeback.code
+    observation = _observation(prediction, config, risks, model_text)
+    note = bounded_note(prediction.features)
+    if note:
+        observation["note"] = [{"text": note}]
+    return observation
+
+
+def _observation(
+    prediction: Prediction, config: SiteConfig, risks: dict[str, float], model_text: str
+) -> dict[str, Any]:
+    model, coding = prediction.model, config.writeback.code
     return {
         "resourceType": "Observation",
         "identifier": [

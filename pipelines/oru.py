@@ -42,6 +42,7 @@ import re
 from datetime import UTC, datetime
 
 from ehrbridge.config import Hl7Code, Hl7v2Writeback, SiteConfig
+from ehrbridge.pipelines.domain import bounded_note
 from ehrbridge.pipelines.er7 import Encoding, escape
 from ehrbridge.pipelines.hl7time import format_dtm
 from ehrbridge.pipelines.records import Prediction
@@ -166,6 +167,9 @@ def _nte(prediction: Prediction) -> str:
         f"Model {model.name} {model.version} ({model.calibration} calibration), "
         f"mapping {prediction.mapping_version}; inputs: {inputs}"
     )
+    bounded = bounded_note(prediction.features)  # the true risk may differ: say so
+    if bounded:
+        text += f". {bounded}"
     return "|".join(["NTE", "1", "L", _e(text)])  # NTE-2 source: L ancillary (filler)
 
 

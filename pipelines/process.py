@@ -12,7 +12,9 @@ For a batch of raw messages it
    usable result of a trigger feature (``pipelines/features.py``: a panel of
    six OBX gives one prediction, not six, and the messages of one episode --
    a visit or a day -- share one prediction identity, the last in a batch
-   replacing the earlier ones);
+   replacing the earlier ones); a record without enough data, or outside the
+   model's validated domain (``pipelines/domain.py``), is counted and its
+   reason kept on the patient's state, and is not scored;
 4. asks the model for the whole batch in one request;
 5. emits one ``prediction`` envelope per record.
 
@@ -30,10 +32,11 @@ from dataclasses import dataclass
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.contracts import Envelope, Failure, Kind, Outcome
+from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable, PermanentError
 from ehrbridge.pipelines.facts import Extraction, FactRules, extract
-from ehrbridge.pipelines.features import FeatureRecord, evaluate
+from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
 from ehrbridge.pipelines.fhir_facts import extract_fhir
 from ehrbridge.pipelines.history import by_episode
 from ehrbridge.pipelines.records import ModelInfo, Prediction, prediction_identifier
@@ -59,6 +62,7 @@ class ProcessStage:
         self.state = state
         self.model = model
         self.not_enough_data = 0  # feature records that could not be built, for progress output
+        self.out_of_domain = 0  # records outside the model's validated domain, not scored
 
     def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -73,12 +77,19 @@ class ProcessStage:
         return outcomes
 
     def extract(self, envelope: Envelope) -> Extraction:
-        """The facts of the patient this record is keyed by (ingest stores one copy each)."""
+        """The facts of the patient this record is keyed by (ingest stores one copy each).
+
+        Result times are judged against the record's ``received_at``, as ingest
+        judged them: a future-dated result stored before ingest refused such
+        results is dead-lettered here instead of reaching patient state.
+        """
         if envelope.kind is Kind.FHIR:
             # A Bundle may hold a patient's whole history: one prediction per episode.
-            extraction = by_episode(extract_fhir(envelope.payload, self.rules), self.config.mapping)
+            facts = extract_fhir(envelope.payload, self.rules, received_at=envelope.received_at)
+            extraction = by_episode(facts, self.config.mapping)
         elif envelope.kind is Kind.HL7V2:
-            extraction = extract(Message.parse(envelope.payload), self.rules)
+            message = Message.parse(envelope.payload)
+            extraction = extract(message, self.rules, received_at=envelope.received_at)
         else:
             raise MessageUnusable(
                 f"cannot process {envelope.kind} records", reason="kind.unsupported"
@@ -101,16 +112,23 @@ class ProcessStage:
                 if result is None:
                     continue  # no trigger: demographics only (ADT), nothing mapped or usable
                 key = (patient.patient_id, result.episode)
+                pending.pop(key, None)  # re-insert: outputs keep processing order
                 if isinstance(result, FeatureRecord):
-                    pending.pop(key, None)  # re-insert: outputs keep processing order
                     pending[key] = _Pending(envelope, patient.patient_id, result, state.revision)
                 else:
-                    pending.pop(key, None)
-                    self.not_enough_data += 1
-                    log.debug("%s: not enough data: %s", envelope.describe(), result.reason)
+                    self._not_scored(envelope, result)
         if states:
             self.state.put_many(states.values())
         return list(pending.values())
+
+    def _not_scored(self, envelope: Envelope, result: NotEnoughData | OutOfDomain) -> None:
+        """Counted, and kept on the state by ``evaluate``; never sent to the model."""
+        if isinstance(result, OutOfDomain):
+            self.out_of_domain += 1
+            log.debug("%s: outside the model's domain: %s", envelope.describe(), result.reason)
+        else:
+            self.not_enough_data += 1
+            log.debug("%s: not enough data: %s", envelope.describe(), result.reason)
 
     def _predict(self, pending: list[_Pending]) -> list[Outcome]:
         if not pending:

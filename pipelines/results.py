@@ -12,6 +12,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ CREATE TABLE IF NOT EXISTS results (
 );
 CREATE INDEX IF NOT EXISTS results_by_patient ON results (patient_id, anchor);
 """
+
+_PAGE = 16  # results read at a time when looking for the latest
 
 # Columns added after a store may have been created: (name, definition).
 _ADDED_COLUMNS = [("state_revision", "INTEGER NOT NULL DEFAULT 0")]
@@ -159,9 +162,21 @@ class ResultStore:
         )
         return _result(row) if row else None
 
-    def latest(self, patient_id: str) -> StoredResult | None:
-        found = self.list(patient_id=patient_id, limit=1)
-        return found[0] if found else None
+    def latest(self, patient_id: str, not_after: datetime | None = None) -> StoredResult | None:
+        """The patient's newest result; with ``not_after``, the newest anchored by then.
+
+        A result anchored in the future (stored before ingest refused future-dated
+        results) must not hide the real latest one, on a card or anywhere else.
+        """
+        offset = 0
+        while True:
+            page = self.list(patient_id=patient_id, limit=_PAGE, offset=offset)
+            for found in page:
+                if not_after is None or datetime.fromisoformat(found.anchor) <= not_after:
+                    return found
+            if len(page) < _PAGE:
+                return None
+            offset += _PAGE
 
     def count(self, status: Delivery | None = None) -> int:
         if status is None:

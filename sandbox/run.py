@@ -277,12 +277,14 @@ async def _report_progress(sandbox: Sandbox, every_s: float = 5.0) -> None:
         runtime = sandbox.runtime
         stage = runtime.process_stage if runtime else None
         waiting = stage.not_enough_data if stage else 0
+        outside = stage.out_of_domain if stage else 0
         print(
             f"[{time.monotonic() - started:5.0f}s] sent {sandbox.traffic.sent} messages "
             f"(AA {acks['AA']}, AE {acks['AE']}, AR {acks['AR']}); "
             f"risk Observations in the EHR: {stored}; "
             f"ORUs in the results inbox: {len(sandbox.inbox.messages())}; "
-            f"messages without enough data for a score yet: {waiting}",
+            f"messages without enough data for a score yet: {waiting}; "
+            f"outside the model's validated domain (not scored): {outside}",
             flush=True,
         )
 

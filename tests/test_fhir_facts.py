@@ -95,7 +95,7 @@ def test_a_whole_patient_bundle_gives_a_record_or_a_reason(path: Path) -> None:
         assert result.anchor == max(f.effective for f in patient.facts)
         assert 0 < result.egfr < 250 and result.uacr_mg_g > 0
     else:
-        assert result.missing  # a stated reason
+        assert result.reason  # not enough data, or outside the model's domain: a stated reason
 
 
 def test_explain_mode_counts_the_resources_it_skips() -> None:

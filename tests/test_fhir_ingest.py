@@ -338,6 +338,13 @@ def unitless() -> dict[str, Any]:
     return document
 
 
+def timed(mrn: str, **times: Any) -> dict[str, Any]:
+    """A transaction: a Patient (born 1961-05-02) and an eGFR with the times given."""
+    result = egfr(30.0, by_mrn(mrn))
+    result.update(times)
+    return bundle("transaction", [patient(mrn), result])
+
+
 def with_delete() -> dict[str, Any]:
     document = visit("MRN-DELETE")
     document["entry"][1]["request"] = {"method": "DELETE", "url": "Claim/1"}
@@ -438,6 +445,50 @@ BAD_INPUT = [
         400,
         "fhir.bundle_type",
         "Bundle.type",
+    ),
+    # Result times that cannot be true (issue 10, finding 3): the element is named.
+    (
+        "a result dated in the future",
+        "/fhir/Observation",
+        egfr(30.0, by_mrn("MRN-3000"), at="3000-01-01T00:00:00+00:00"),
+        422,
+        "fhir.future_dated",
+        "Observation.effectiveDateTime",
+    ),
+    (
+        "a result issued in the future",
+        "/fhir",
+        timed("MRN-ISSUED", issued="3000-01-01T00:00:00Z"),
+        422,
+        "fhir.future_dated",
+        "Bundle.entry[1].resource.issued",
+    ),
+    (
+        "a result whose period ends in the future",
+        "/fhir",
+        timed(
+            "MRN-PERIOD",
+            effectivePeriod={"start": "2026-01-05T09:00:00Z", "end": "3000-01-01T00:00:00Z"},
+        ),
+        422,
+        "fhir.future_dated",
+        "Bundle.entry[1].resource.effectivePeriod.end",
+    ),
+    (
+        "a result before the patient's birth date",
+        "/fhir",
+        timed("MRN-UNBORN", effectiveDateTime="1950-01-01T09:00:00Z"),
+        422,
+        "fhir.before_birth_date",
+        "Bundle.entry[1].resource.effective",
+    ),
+    (
+        "a result before 1900",
+        "/fhir/Observation",
+        egfr(30.0, by_mrn("MRN-1850"), at="1850-01-01"),
+        422,
+        "fhir.implausible_date",
+        "Observation.effectiveDateTime",
     ),
     (
         "an Observation without status",
