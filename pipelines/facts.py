@@ -670,7 +670,7 @@ class _Walker:
         hit.noted()
         if not status:  # required (R) in every version; without it a value cannot be trusted
             raise MessageUnusable(
-                f"OBX {self.obx_count} ({rule.feature}) has no result status (OBX-11)",
+                f"{obx_label(obx, self.obx_count)} ({rule.feature}) has no result status (OBX-11)",
                 reason="hl7.missing_status",
                 location=Hl7Location("OBX", self.obx_count, field=11),
                 hl7_error_code=101,
@@ -693,7 +693,7 @@ class _Walker:
         conversion = conversion_for(self.rules, feature, raw_unit)
         if conversion is None:
             raise MessageUnusable(
-                f"OBX {self.obx_count} ({feature}) has unit {raw_unit or '(none)'!r}, "
+                f"{obx_label(obx, self.obx_count)} ({feature}) has unit {raw_unit or '(none)'!r}, "
                 f"which the site mapping does not convert",
                 reason="mapping.unknown_unit",
                 location=Hl7Location("OBX", self.obx_count, field=6),
@@ -739,7 +739,7 @@ class _Walker:
                 return moment, path.text
         last = self.rules.observation_time[-1]
         raise MessageUnusable(
-            f"OBX {self.obx_count} has no observation time "
+            f"{obx_label(obx, self.obx_count)} has no observation time "
             f"({' and '.join(p.text for p in self.rules.observation_time)} are empty)",
             reason="hl7.missing_time",
             location=Hl7Location(last.segment, field=last.field),
@@ -761,6 +761,17 @@ class _Walker:
         )
 
 
+def obx_label(obx: Segment, sequence: int) -> str:
+    """How a message names an OBX to a person: by its set id (OBX-1), as the sender wrote it.
+
+    ``sequence`` (the OBX's position among the message's OBX segments) is what
+    ERR-2 and ``derivedFrom`` use; it differs from OBX-1 when the set id restarts
+    per OBR group, so it is shown only when OBX-1 is empty.
+    """
+    set_id = obx.value(1).strip()
+    return f"OBX set id {set_id}" if set_id else f"OBX (no set id, OBX #{sequence} in the message)"
+
+
 def _read_value(obx: Segment, sequence: int, feature: str) -> tuple[str, str, float]:
     """OBX-5 as (raw text, comparator, number), for NM, SN and text-typed values."""
     value_type = obx.value(2).strip().upper()  # OBX-2 value type
@@ -774,7 +785,7 @@ def _read_value(obx: Segment, sequence: int, feature: str) -> tuple[str, str, fl
     parsed = read_number(text)
     if parsed is None:
         raise MessageUnusable(
-            f"OBX {sequence} ({feature}) value is not a number",
+            f"{obx_label(obx, sequence)} ({feature}) value is not a number",
             reason="hl7.bad_number",
             location=Hl7Location("OBX", sequence, field=5),
             hl7_error_code=102,

@@ -194,6 +194,26 @@ def test_unusable_messages_name_reason_and_place(
     assert caught.value.hl7_error_code == code
 
 
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        (obx(1, "2160-0", "see note", "mg/dL"), "OBX set id 1 (creatinine) value is not a number"),
+        (obx(1, "2160-0", "1.2", "mmol/L"), "OBX set id 1 (creatinine) has unit 'mmol/L'"),
+        (obx(1, "2160-0", "1.2", "mg/dL", status=""), "OBX set id 1 (creatinine) has no result"),
+    ],
+)
+def test_errors_name_an_obx_by_its_set_id_not_its_count_in_the_message(
+    bad: str, named: str
+) -> None:
+    # OBX-1 restarts at 1 in the second OBR group: the third OBX is "set id 1" to its sender.
+    segments = [MSH, PID, OBR, obx(1, "98979-8", "17.6", "mL/min/{1.73_m2}")]
+    segments += [obx(2, "9318-7", "19.3", "mg/mmol"), OBR.replace("OBR|1", "OBR|2"), bad]
+    with pytest.raises(MessageUnusable) as caught:
+        parse(*segments)
+    assert caught.value.detail.startswith(named)
+    assert str(caught.value.location).startswith("OBX[3]")  # ERR-2 still counts occurrences
+
+
 def test_unmapped_obx_with_garbage_never_fails_the_message() -> None:
     result = parse(
         MSH, PID, OBR, obx(1, "2951-2", "see note", "mmol/L"), obx(2, "2160-0", "1.2", "mg/dL")
