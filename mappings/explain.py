@@ -42,7 +42,7 @@ def explain_file(site: SiteMapping, path: Path) -> str:
     """The explanation of every message in a file."""
     rules = FactRules(site.mapping)
     header = (
-        f"site {site.name}, mapping {site.mapping.version} ({_shown(site.path)})\n"
+        f"site '{site.name}', mapping {site.mapping.version} ({_shown(site.path)})\n"
         f"model {site.mapping.model}, time zone {site.mapping.timezone}"
     )
     parts = [header]

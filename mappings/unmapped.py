@@ -107,26 +107,21 @@ def report_topic(
 
 def render(report: UnmappedReport, site: str) -> str:
     read = ", ".join(f"{n} from {t}" for t, n in report.messages.items()) or "no messages"
-    lines = [f"site {site}: read {read}"]
+    lines = [f"site '{site}': read {read}"]
     if report.unreadable:
         lines.append(f"({report.unreadable} could not be read past their header; see dlq list)")
     lines.append("")
+    unmapped = [s for s in report.codes.values() if not s.reason.startswith("code maps to")]
+    dead_ends = [s for s in report.codes.values() if s.reason.startswith("code maps to")]
     if not report.codes:
         lines.append("every result code the site sent is mapped (or there was no traffic)")
-    else:
+    if unmapped:
         lines.append("codes the site sent that no rule maps, most frequent first:")
-        lines.append(f"  {'count':>7}  {'system':<12} {'code':<14} {'display':<36} example")
-        for stats in sorted(report.codes.values(), key=lambda s: (-s.count, s.system, s.code)):
-            lines.append(
-                f"  {stats.count:>7}  {stats.system[:12]:<12} {stats.code[:14]:<14} "
-                f"{stats.display[:36]:<36} {stats.example}"
-            )
-        dead = [s for s in report.codes.values() if s.reason.startswith("code maps to")]
-        if dead:
-            lines.append(
-                f"  ({len(dead)} of them are translated by the code map to a concept no feature "
-                "takes)"
-            )
+        lines.extend(_code_table(unmapped))
+    if dead_ends:
+        lines.append("")
+        lines.append("codes the code map translates to a concept no feature takes:")
+        lines.extend(_code_table(dead_ends, with_reason=True))
     if report.units:
         lines.append("")
         lines.append("mapped results refused for a unit the mapping does not convert:")
@@ -140,3 +135,15 @@ def render(report: UnmappedReport, site: str) -> str:
             "ehrbridge dlq replay --config SITE.yaml --reason mapping.unknown_unit"
         )
     return "\n".join(lines) + "\n"
+
+
+def _code_table(found: list[CodeStats], *, with_reason: bool = False) -> list[str]:
+    rows = [f"  {'count':>7}  {'system':<12} {'code':<14} {'display':<36} example"]
+    for stats in sorted(found, key=lambda s: (-s.count, s.system, s.code)):
+        rows.append(
+            f"  {stats.count:>7}  {stats.system[:12]:<12} {stats.code[:14]:<14} "
+            f"{stats.display[:36]:<36} {stats.example}"
+        )
+        if with_reason:
+            rows.append(f"  {'':>7}  {stats.reason}")
+    return rows
