@@ -44,12 +44,13 @@ import math
 import os
 import socket
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 from ehrbridge.adapters.tls import CertificateReloader, server_context, subject_allowed
 from ehrbridge.config import MllpListen
-from ehrbridge.pipelines.ack import build_ack, read_header
+from ehrbridge.pipelines.ack import ack_code_for, build_ack, read_header
 from ehrbridge.pipelines.contracts import Deliver, Envelope, Kind
 from ehrbridge.pipelines.errors import ConfigError, EhrbridgeError, UpstreamUnavailable
 from ehrbridge.pipelines.ingest import INGEST_DETAIL_HEADER, INGEST_ERROR_HEADER
@@ -245,6 +246,8 @@ class MllpSource:
         self.port: int | None = None
         self.stats = MllpStats()
         self.reloader: CertificateReloader | None = None  # with mllp.tls
+        # MSA-1 codes sent, from every sender (the sandbox's progress line shows them).
+        self.acks: Counter[str] = Counter()
 
     async def start(self, deliver: Deliver) -> None:
         """Bind and start accepting; returns once listening (``self.port`` is set)."""
@@ -392,4 +395,7 @@ class MllpSource:
             log.exception("%s: unexpected error in deliver", envelope.describe())
             error = UpstreamUnavailable(f"internal error: {type(exc).__name__}")
         log.debug("%s answered %s", envelope.describe(), "AA" if error is None else error.reason)
-        return build_ack(header, error) if frame.wants_ack else None
+        if not frame.wants_ack:
+            return None
+        self.acks[ack_code_for(error).value] += 1
+        return build_ack(header, error)
