@@ -1,7 +1,9 @@
 """Sandbox FHIR R4 server: stands in for the hospital EHR's FHIR endpoint.
 
 An in-memory, thread-safe, versioned resource store behind the FHIR R4 RESTful
-API (https://hl7.org/fhir/R4/http.html), JSON only. Enough of the
+API (https://hl7.org/fhir/R4/http.html), JSON only. It forgets everything when
+the process stops, unless it is given a journal file (``FhirStore(journal)``,
+``--journal``; the sandbox keeps one in its data dir), which it replays at start. Enough of the
 specification for ehrbridge to be developed, tested and benchmarked without an
 EHR::
 
@@ -70,7 +72,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from http import HTTPStatus
-from typing import Any, Final, Literal, TypeVar
+from pathlib import Path
+from typing import Any, BinaryIO, Final, Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
@@ -397,12 +400,21 @@ class FhirStore:
     make a read-then-write sequence atomic. ``lastUpdated`` is strictly
     increasing across the store, so ``_lastUpdated=gt<last seen>`` polling
     never misses a write.
+
+    With a ``journal`` file the store outlives its process: every write and
+    undo is appended to the file (one unbuffered write each, so a killed
+    process keeps all it answered for) and replayed, timestamps and versions
+    unchanged, when a store is opened on the same file.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Path | None = None) -> None:
         self.lock = threading.RLock()
         self._tables: dict[str, _TypeTable] = {}
         self._last_us = 0
+        self._journal: BinaryIO | None = None
+        if journal is not None:
+            self._replay(journal)
+            self._journal = journal.open("ab", buffering=0)
 
     def _table(self, resource_type: str) -> _TypeTable:
         table = self._tables.get(resource_type)
@@ -424,51 +436,94 @@ class FhirStore:
         are set by the store; other ``meta`` elements are kept.
         """
         with self.lock:
-            table = self._table(resource_type)
-            chain = table.versions.get(resource_id)
-            previous = chain[-1] if chain else None
+            previous = self.current(resource_type, resource_id)
             stamp = self._tick()
-            instant = _format_instant(stamp)
-            version_id = previous.version_id + 1 if previous else 1
             body: bytes | None = None
             keys: tuple[IndexKey, ...] = ()
             if resource is not None:
+                version_id = previous.version_id + 1 if previous else 1
+                instant = _format_instant(stamp)
                 stamped = _stamped(resource, resource_type, resource_id, version_id, instant)
                 body = orjson.dumps(stamped)
                 keys = index_keys(stamped)
-            version = StoredVersion(
-                resource_type,
-                resource_id,
-                version_id,
-                previous.seq if previous else len(table.order),
-                instant,
-                stamp,
-                body,
-                keys,
-            )
-            if chain is None:
-                table.versions[resource_id] = [version]
-                table.order.append(resource_id)
-            else:
-                chain.append(version)
-            table.reindex(resource_id, previous, version)
-            return version
+            self._log(b"W", resource_type, resource_id, b"%d %s" % (stamp, body or b"-"))
+            return self._put(resource_type, resource_id, stamp, body, keys)
+
+    def _put(
+        self,
+        resource_type: str,
+        resource_id: str,
+        stamp: int,
+        body: bytes | None,
+        keys: tuple[IndexKey, ...],
+    ) -> StoredVersion:
+        table = self._table(resource_type)
+        chain = table.versions.get(resource_id)
+        previous = chain[-1] if chain else None
+        version = StoredVersion(
+            resource_type,
+            resource_id,
+            previous.version_id + 1 if previous else 1,
+            previous.seq if previous else len(table.order),
+            _format_instant(stamp),
+            stamp,
+            body,
+            keys,
+        )
+        if chain is None:
+            table.versions[resource_id] = [version]
+            table.order.append(resource_id)
+        else:
+            chain.append(version)
+        table.reindex(resource_id, previous, version)
+        return version
+
+    def _log(self, kind: bytes, resource_type: str, resource_id: str, rest: bytes = b"") -> None:
+        # One line per change; ids and types never hold spaces (R4 "id" syntax), and
+        # orjson never writes a raw newline, so a line is one whole change.
+        if self._journal is not None:
+            line = b" ".join((kind, resource_type.encode(), resource_id.encode(), rest))
+            self._journal.write(line + b"\n")
+
+    def _replay(self, journal: Path) -> None:
+        if not journal.exists():
+            return
+        with journal.open("rb") as lines:
+            for line in lines:
+                if not line.endswith(b"\n"):
+                    return  # the process died mid-line: that change was never answered
+                self._redo(*line[:-1].decode().split(" ", 3))
+
+    def _redo(self, kind: str, resource_type: str, resource_id: str, rest: str = "") -> None:
+        if kind == "U":
+            self._undo(self._tables[resource_type], resource_id)
+            return
+        stamp, _, body = rest.partition(" ")
+        self._last_us = int(stamp)
+        content = None if body == "-" else body.encode()
+        keys = index_keys(orjson.loads(content)) if content is not None else ()
+        self._put(resource_type, resource_id, int(stamp), content, keys)
 
     def undo(self, version: StoredVersion) -> None:
         """Remove ``version``, which must be the newest write to its resource type."""
         with self.lock:
             table = self._tables[version.resource_type]
-            chain = table.versions[version.id]
-            if chain[-1] is not version:
+            if table.versions[version.id][-1] is not version:
                 raise ValueError(f"{version.reference}: only the newest version can be undone")
-            chain.pop()
-            previous = chain[-1] if chain else None
-            if previous is None:
-                del table.versions[version.id]
-                if table.order[-1] != version.id:
-                    raise ValueError(f"{version.reference}: not the newest creation")
-                table.order.pop()
-            table.reindex(version.id, version, previous)
+            if len(table.versions[version.id]) == 1 and table.order[-1] != version.id:
+                raise ValueError(f"{version.reference}: not the newest creation")
+            self._log(b"U", version.resource_type, version.id)
+            self._undo(table, version.id)
+
+    @staticmethod
+    def _undo(table: _TypeTable, resource_id: str) -> None:
+        chain = table.versions[resource_id]
+        version = chain.pop()
+        previous = chain[-1] if chain else None
+        if previous is None:
+            del table.versions[resource_id]
+            table.order.pop()
+        table.reindex(resource_id, version, previous)
 
     def current(self, resource_type: str, resource_id: str) -> StoredVersion | None:
         """The newest version (possibly a deletion), or ``None`` if never written."""
@@ -502,6 +557,14 @@ class FhirStore:
     def reset(self) -> None:
         with self.lock:
             self._tables.clear()
+            if self._journal is not None:
+                self._journal.truncate(0)
+
+    def close(self) -> None:
+        with self.lock:
+            if self._journal is not None:
+                self._journal.close()
+                self._journal = None
 
 
 def _stamped(
@@ -2344,9 +2407,41 @@ async def _crash_as_outcome(request: Request, exc: Exception) -> Response:
     )
 
 
-def serve_fhir(host: str = "127.0.0.1", port: int = 8092, *, base_path: str = "/fhir") -> None:
+def serve_fhir(
+    host: str = "127.0.0.1",
+    port: int = 8092,
+    *,
+    base_path: str = "/fhir",
+    journal: Path | None = None,
+) -> None:
     """Serve the sandbox FHIR server with uvicorn until interrupted (blocking)."""
-    uvicorn.run(create_fhir_app(base_path=base_path), host=host, port=port, log_level="info")
+    app = create_fhir_app(base_path=base_path, store=FhirStore(journal))
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ehrbridge.sandbox.fhir_server``: the EHR stand-in on its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ehrbridge.sandbox.fhir_server",
+        description="The sandbox's FHIR R4 server alone, standing in for an EHR. It keeps "
+        "resources in memory, and also in --journal if given, so that they outlive a restart. "
+        "Point a site's writeback.fhir_base at http://HOST:PORT/fhir.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8092, help="port to listen on")
+    parser.add_argument("--base-path", default="/fhir", help="path of the FHIR base")
+    parser.add_argument(
+        "--journal", type=Path, help="file that keeps the resources (default: none)"
+    )
+    args = parser.parse_args(argv)
+    serve_fhir(args.host, args.port, base_path=args.base_path, journal=args.journal)
+
+
+if __name__ == "__main__":
+    main()
 
 
 __all__ = [
