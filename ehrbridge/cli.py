@@ -1,11 +1,19 @@
-"""The ``ehrbridge`` command.
+"""ehrbridge: puts a clinical prediction model (KFRE) into a hospital's EHR workflow.
 
-ehrbridge sandbox [--no-traffic]          everything on one laptop, one process
-ehrbridge run --config SITE.yaml          run a site (all roles, or --role ...)
-ehrbridge config check SITE.yaml          validate a site file
-ehrbridge dlq list|show|replay            inspect and replay dead letters
-ehrbridge mappings check|test|explain|unmapped   site mappings: lint, tests, explanations
-ehrbridge bench SCENARIO [--rate R] [--seconds S] [--json FILE]   benchmarks (bench/)
+It takes lab results in over HL7v2 (MLLP) and FHIR R4, turns each site's codes and
+units into model features, calls the model, and writes the risk back as a FHIR
+Observation, an ORU^R01 or a CDS Hooks card. Start with `ehrbridge sandbox`.
+
+commands:
+  sandbox                                  the whole system on this machine, with a synthetic EHR
+  send FILE                                send HL7v2 message(s) over MLLP and print each ACK
+  run --config SITE.yaml                   run a site (all roles, or --role ...)
+  config check SITE.yaml                   validate a site file
+  dlq list|show|replay --config SITE.yaml  inspect and replay dead letters
+  mappings check|test|explain|unmapped     site mappings: lint, tests, explanations
+  bench SCENARIO                           benchmarks (bench/)
+
+`ehrbridge COMMAND --help` describes each one.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ehrbridge.pipelines.errors import ConfigError
 
@@ -39,24 +48,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ehrbridge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    summary, _, rest = __doc__.partition("\n\n")
+    summary = summary.removeprefix("ehrbridge: ")
+    parser = argparse.ArgumentParser(
+        prog="ehrbridge",
+        description=f"ehrbridge {summary}",
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from ehrbridge import __version__
+
+    parser.add_argument("--version", action="version", version=f"ehrbridge {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        metavar="LEVEL",
+        help="DEBUG, INFO (default) or WARNING; logs never carry names, ids or messages",
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-
-    sandbox = sub.add_parser("sandbox", help="run the whole system locally with synthetic traffic")
-    sandbox.add_argument("--no-traffic", action="store_true", help="do not start the synthetic EHR")
-    sandbox.add_argument("--data-dir", type=Path, default=Path(".ehrbridge-sandbox"))
-    sandbox.add_argument("--patients", type=int, default=300)
-    sandbox.add_argument("--rate", type=float, default=50.0, help="synthetic messages per second")
-    sandbox.add_argument("--seed", type=int, default=7)
-    sandbox.add_argument("--fresh", action="store_true", help="delete the data dir first")
-    from ehrbridge.sandbox.ports import Ports
-
-    for port in dataclasses.fields(Ports):
-        flag = "--" + port.name.replace("_", "-") + "-port"
-        sandbox.add_argument(flag, type=int, default=port.default, metavar="PORT")
-    sandbox.set_defaults(func=_sandbox)
-
+    _add_sandbox_command(sub)
+    _add_send_command(sub)
     run = sub.add_parser("run", help="run a site from its YAML config")
     run.add_argument("--config", type=Path, required=True)
     run.add_argument(
@@ -81,6 +92,84 @@ def _parser() -> argparse.ArgumentParser:
     add_mapping_commands(sub)
     add_bench_command(sub)
     return parser
+
+
+def _add_sandbox_command(sub: Any) -> None:
+    from ehrbridge.sandbox.ports import PORT_ROLES, Ports
+
+    sandbox = sub.add_parser(
+        "sandbox",
+        help="run the whole system locally with synthetic traffic",
+        description="Run the whole system on this machine: a synthetic EHR, the ehrbridge "
+        "pipeline, the KFRE model server and a FHIR server standing in for the EHR. "
+        "Ctrl-C stops it; its data stays in --data-dir for the next run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sandbox.add_argument("--no-traffic", action="store_true", help="do not start the synthetic EHR")
+    sandbox.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".ehrbridge-sandbox"),
+        help="where the log, results and the EHR stand-in's resources are kept",
+    )
+    sandbox.add_argument("--patients", type=int, default=300, help="synthetic patients")
+    sandbox.add_argument("--rate", type=float, default=50.0, help="synthetic messages per second")
+    sandbox.add_argument("--seed", type=int, default=7, help="seed of the synthetic patients")
+    sandbox.add_argument("--fresh", action="store_true", help="delete the data dir first")
+    for port in dataclasses.fields(Ports):
+        flag = "--" + port.name.replace("_", "-") + "-port"
+        sandbox.add_argument(
+            flag, type=int, default=port.default, metavar="PORT", help=PORT_ROLES[port.name]
+        )
+    sandbox.set_defaults(func=_sandbox)
+
+
+def _add_send_command(sub: Any) -> None:
+    send = sub.add_parser(
+        "send",
+        help="send HL7v2 message(s) from a file over MLLP and print each ACK",
+        description="Send every HL7v2 message in FILE (CR or LF line ends, several messages "
+        "allowed) to an MLLP listener, and print each ACK: MSA-1 code, MSA-2 control id, and "
+        "the error text. Exit 0 when every message got AA.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    send.add_argument("file", type=Path, help="an .hl7 file, or - for standard input")
+    send.add_argument("--host", default="127.0.0.1", help="MLLP listener host")
+    send.add_argument("--port", type=int, default=2575, help="MLLP listener port")
+    send.set_defaults(func=_send)
+
+
+def _send(args: argparse.Namespace) -> int:
+    from ehrbridge.adapters.mllp_client import MllpClient
+    from ehrbridge.mappings.messages import split_hl7
+    from ehrbridge.pipelines.errors import UpstreamUnavailable
+
+    raw = sys.stdin.buffer.read() if str(args.file) == "-" else _read_file(args.file)
+    messages = [_segments_with_cr(m) for m in split_hl7(raw)]
+    if not messages:
+        raise ConfigError(f"{args.file}: no HL7v2 message in it (it should start with MSH)")
+    codes = []
+    try:
+        with MllpClient(args.host, args.port) as client:
+            for message in messages:
+                ack = client.send(message)
+                codes.append(ack.code)
+                print(f"{ack.code} {ack.control_id} {ack.text}".rstrip())
+    except UpstreamUnavailable as error:
+        print(f"error: {error} (is the sandbox or site running?)", file=sys.stderr)
+        return 1
+    return 0 if all(code == "AA" for code in codes) else 1
+
+
+def _read_file(path: Path) -> bytes:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    return path.read_bytes()
+
+
+def _segments_with_cr(message: bytes) -> bytes:
+    """HL7v2 separates segments with CR; files copied from a web page have LF or CRLF."""
+    return b"\r".join(line for line in message.splitlines() if line.strip())
 
 
 def _config_check(args: argparse.Namespace) -> int:

@@ -647,6 +647,28 @@ def serve_model(
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ehrbridge.sandbox.model_server``: the model server on its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ehrbridge.sandbox.model_server",
+        description="The sandbox's KFRE model server alone (Open Inference Protocol v2): "
+        "POST /v2/models/kfre-4var/infer. Point a site's model.url at it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8091, help="port to listen on")
+    parser.add_argument("--model-name", default="kfre-4var", help="the model's name in URLs")
+    parser.add_argument("--model-version", default="1.0.0", help="the version it reports")
+    args = parser.parse_args(argv)
+    serve_model(args.host, args.port, model_name=args.model_name, model_version=args.model_version)
+
+
+if __name__ == "__main__":
+    main()
+
+
 __all__ = [
     "DEFAULT_CALIBRATION",
     "INPUTS",
