@@ -59,10 +59,10 @@ def _when(text: str) -> datetime:
 
 def _open(path: str) -> tuple[Log, str]:
     from ehrbridge.config import load_site_config
-    from ehrbridge.runtime import open_log
+    from ehrbridge.runtime import open_existing_log
 
     config = load_site_config(path)
-    return open_log(config), config.site
+    return open_existing_log(config, path), config.site
 
 
 def iter_dead_letters(log: Log, site: str) -> Iterator[Record]:

@@ -22,6 +22,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ehrbridge._http import EmbeddedServer
@@ -38,7 +39,7 @@ from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
 from ehrbridge.pipelines.contracts import Sink
-from ehrbridge.pipelines.errors import TransientError
+from ehrbridge.pipelines.errors import ConfigError, TransientError
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
 from ehrbridge.pipelines.patient_links import PatientLinks
@@ -76,6 +77,24 @@ def open_log(config: SiteConfig) -> Log:
         )
     log_class: type[SqliteLog] = REGISTRY["log"]["embedded"]
     return log_class(config.data_dir / "log.sqlite")
+
+
+def open_existing_log(config: SiteConfig, source: Path | str) -> Log:
+    """The site's log for a command that reads what a running site stored.
+
+    It never creates one: an empty new store would answer "0 dead letters"
+    for a site whose data is elsewhere. The error says where it looked.
+    """
+    if config.transport.kind == "embedded":
+        log_file = config.data_dir / "log.sqlite"
+        if not log_file.is_file():
+            raise ConfigError(
+                f"found no data for site '{config.site}': no log at {log_file} "
+                f"(data_dir of {source}, or EHRBRIDGE_DATA_DIR). Has the site run with this "
+                "data_dir? The sandbox keeps its data in its --data-dir "
+                "(default .ehrbridge-sandbox, next to sandbox/site.yaml's folder)."
+            )
+    return open_log(config)
 
 
 async def start_when_ready(

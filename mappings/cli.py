@@ -104,14 +104,11 @@ def _unmapped(args: argparse.Namespace) -> int:
     from ehrbridge.config import load_site_config
     from ehrbridge.mappings.unmapped import collect, render
     from ehrbridge.pipelines.facts import FactRules
-    from ehrbridge.runtime import open_log
+    from ehrbridge.runtime import open_existing_log
 
     config = load_site_config(args.site)
-    log_file = config.data_dir / "log.sqlite"
-    if config.transport.kind == "embedded" and not log_file.is_file():
-        raise ConfigError(f"no log at {log_file}: has the site run yet?")
     try:
-        log = open_log(config)
+        log = open_existing_log(config, args.site)
     except NotImplementedError as exc:
         raise ConfigError(f"cannot read the {config.transport.kind} log here: {exc}") from exc
     try:

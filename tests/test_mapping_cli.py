@@ -242,8 +242,7 @@ def test_unmapped_lists_what_a_running_site_received_and_ignores(
         assert runtime is not None
         wait_for(lambda: runtime.log.read(runtime.topic("dlq"), limit=10), what="the dead letter")
         site = tmp_path / "site.yaml"
-        text = sandbox_site_file().read_text().replace("data_dir: data ", f"data_dir: {data_dir} ")
-        site.write_text(text)
+        site.write_text(with_data_dir(sandbox_site_file().read_text(), data_dir))
         code, out = run(capsys, "mappings", "unmapped", "--site", str(site))
     assert code == 0, out
     row = next(line for line in out.splitlines() if " 2951-2 " in line)
@@ -252,10 +251,16 @@ def test_unmapped_lists_what_a_running_site_received_and_ignores(
     assert re.search(r"creatinine\s+unit 'mmol/L'\s+code LN\|2160-0\s+e\.g\. 150 mmol/L", out)
 
 
-def test_unmapped_needs_a_site_that_has_run(
+def with_data_dir(site_yaml: str, data_dir: Path) -> str:
+    return re.sub(r"(?m)^data_dir: .*$", f"data_dir: {data_dir}", site_yaml)
+
+
+def test_unmapped_needs_a_site_that_has_run_and_creates_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     site = tmp_path / "site.yaml"
-    site.write_text(sandbox_site_file().read_text())
+    site.write_text(with_data_dir(sandbox_site_file().read_text(), tmp_path / "data"))
     code, out = run(capsys, "mappings", "unmapped", "--site", str(site))
-    assert code == 2 and "no log at" in out
+    assert code == 2
+    assert f"found no data for site 'sandbox': no log at {tmp_path / 'data' / 'log.sqlite'}" in out
+    assert not (tmp_path / "data").exists()
