@@ -8,7 +8,9 @@ What a site operator or integration engineer looks at:
   connections (open, refused over the limit, closed by a limit) and the
   HL7v2 messages filtered by type (``message_types``);
 * ``GET /api/results``: predictions kept locally (all of them in shadow mode),
-  newest first, optionally ``?patient=``;
+  newest first, optionally ``?patient=``; paged by ``?limit=`` (default 100,
+  at most 1000) and ``?offset=``, with ``total`` and ``links.next``/``prev``;
+  risks in percent (``risk_2y_percent``) and, as before, as fractions (``risk_2y``);
 * ``GET /api/results/{identifier}``: one result's FHIR Observation;
 * ``GET /api/patients/{id}``: what ehrbridge knows of one patient: the
   latest feature record or the reason there is none ("not enough data",
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 
 from ehrbridge import __version__
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
@@ -52,6 +54,19 @@ def _ingest_counts(runtime: SiteRuntime) -> dict[str, Any]:
     if runtime.ingest is not None:
         counts["filtered"] = dict(sorted(runtime.ingest.message_types.filtered.items()))
     return counts
+
+
+def page_links(request: Request, total: int, limit: int, offset: int) -> dict[str, str | None]:
+    """Absolute self/next/prev URLs of a ``?limit=&offset=`` page (None past either end)."""
+
+    def at(start: int) -> str:
+        return str(request.url.include_query_params(limit=limit, offset=start))
+
+    return {
+        "self": at(offset),
+        "next": at(offset + limit) if offset + limit < total else None,
+        "prev": at(max(offset - limit, 0)) if offset > 0 else None,
+    }
 
 
 def create_api(runtime: SiteRuntime) -> FastAPI:
@@ -76,14 +91,20 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
 
     @app.get("/api/results")
     def results(
+        request: Request,
         patient: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> dict[str, Any]:
         found = runtime.results.list(patient_id=patient, limit=limit, offset=offset)
+        total = runtime.results.count(patient_id=patient)
         return {
             "site": config.site,
             "mode": config.mode.value,
+            "total": total,
+            "offset": offset,
+            "limit": limit,
+            "links": page_links(request, total, limit, offset),
             "results": [r.summary() for r in found],
         }
 

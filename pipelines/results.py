@@ -21,6 +21,7 @@ import orjson
 
 from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
 from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.records import Prediction
 
 _SCHEMA = """
@@ -74,6 +75,10 @@ class StoredResult:
             "identifier": self.identifier,
             "patient_id": self.patient_id,
             "anchor": self.anchor,
+            # Percent, as the Observation's valueQuantity and the CDS card state them;
+            # risk_2y/risk_5y are the model's fractions (0..1), kept for existing readers.
+            "risk_2y_percent": percent(self.risk_2y),
+            "risk_5y_percent": percent(self.risk_5y),
             "risk_2y": self.risk_2y,
             "risk_5y": self.risk_5y,
             "model": self.model,
@@ -178,15 +183,13 @@ class ResultStore:
                 return None
             offset += _PAGE
 
-    def count(self, status: Delivery | None = None) -> int:
-        if status is None:
-            row = self._connections.get().execute("SELECT count(*) FROM results").fetchone()
-        else:
-            row = (
-                self._connections.get()
-                .execute("SELECT count(*) FROM results WHERE status = ?", (status.value,))
-                .fetchone()
-            )
+    def count(self, status: Delivery | None = None, *, patient_id: str | None = None) -> int:
+        where = [("status = ?", status.value if status else None), ("patient_id = ?", patient_id)]
+        chosen = [(clause, value) for clause, value in where if value is not None]
+        sql = "SELECT count(*) FROM results"
+        if chosen:
+            sql += " WHERE " + " AND ".join(clause for clause, _ in chosen)
+        row = self._connections.get().execute(sql, [v for _, v in chosen]).fetchone()
         return int(row[0])
 
     def close(self) -> None:
