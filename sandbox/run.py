@@ -26,6 +26,7 @@ import contextlib
 import logging
 import random
 import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -41,8 +42,9 @@ import httpx
 from ehrbridge._http import EmbeddedServer
 from ehrbridge.adapters.mllp_client import AsyncMllpClient
 from ehrbridge.config import SiteConfig, load_site_config
+from ehrbridge.pipelines.results import Delivery
 from ehrbridge.runtime import SiteRuntime
-from ehrbridge.sandbox.fhir_server import create_fhir_app
+from ehrbridge.sandbox.fhir_server import FhirStore, create_fhir_app
 from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.model_server import create_model_app
 from ehrbridge.sandbox.ports import Ports
@@ -50,6 +52,7 @@ from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+FHIR_JOURNAL = "ehr-fhir-store.log"  # the EHR stand-in's resources, in the data dir
 
 
 def sandbox_site_file() -> Path:
@@ -86,8 +89,15 @@ class Sandbox:
         self.model = EmbeddedServer(
             create_model_app(), "127.0.0.1", self.ports.model, field="--model-port"
         )
+        # The EHR stand-in keeps its resources in the data dir, as ehrbridge keeps its
+        # results there: after a restart both still agree on what was delivered.
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.fhir_store = FhirStore(data_dir / FHIR_JOURNAL)
         self.fhir = EmbeddedServer(
-            create_fhir_app(), "127.0.0.1", self.ports.fhir, field="--fhir-port"
+            create_fhir_app(store=self.fhir_store),
+            "127.0.0.1",
+            self.ports.fhir,
+            field="--fhir-port",
         )
         self.inbox = MllpPeer(port=self.ports.ehr_inbox, record_to=data_dir / "ehr-inbox.hl7")
         self.runtime: SiteRuntime | None = None
@@ -204,6 +214,7 @@ class Sandbox:
             await self.runtime.stop()
         await self.inbox.stop()
         await self.fhir.stop()
+        self.fhir_store.close()
         await self.model.stop()
 
 
@@ -212,6 +223,18 @@ async def count_observations(fhir_base: str) -> int:
         response = await client.get(f"{fhir_base}/Observation", params={"_count": 1})
         total = response.json().get("total", 0)
         return int(total)
+
+
+def example_message_file() -> Path:
+    """The ORU^R01 the banner and the README show (``examples/oru-r01-sandbox.hl7``)."""
+    return Path(str(resources.files("ehrbridge.sandbox").joinpath("oru-r01-example.hl7")))
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it from here: relative when under the current folder."""
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd()))
+    return str(path)
 
 
 def banner(sandbox: Sandbox, traffic: bool) -> str:
@@ -240,7 +263,43 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
         lines.append("  synthetic EHR       sending ADT + renal ORU^R01 over MLLP (Ctrl-C stops)")
     else:
         lines.append("  synthetic EHR       off (--no-traffic)")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *_send_your_own(sandbox), *_kept(sandbox)]) + "\n"
+
+
+def _send_your_own(sandbox: Sandbox) -> list[str]:
+    """How to send a first message by hand: PID-3 must carry the site's assigning authority."""
+    patient = sandbox.config.mapping.patient
+    cli = _shown(Path(sys.executable).parent / "ehrbridge")
+    example = example_message_file().read_text().splitlines()
+    port = "" if sandbox.mllp_port == Ports.mllp else f" --port {sandbox.mllp_port}"
+    return [
+        "",
+        f"Send your own HL7v2 to port {sandbox.mllp_port}. PID-3 needs an identifier "
+        f"^^^{patient.assigning_authority}^{patient.type_code}; an ORU^R01 to copy "
+        "(examples/oru-r01-sandbox.hl7):",
+        *(f"  {segment}" for segment in example),
+        f"  {cli} send examples/oru-r01-sandbox.hl7{port}     (prints the ACK)",
+        f"  {cli} mappings explain --site {_shown(sandbox_site_file())} FILE"
+        "   (what the site does with each OBX)",
+    ]
+
+
+def _kept(sandbox: Sandbox) -> list[str]:
+    """What outlives Ctrl-C, and a warning when the EHR lost what ehrbridge delivered."""
+    lines = [
+        "",
+        f"Kept across restarts, in {_shown(sandbox.data_dir)}: ehrbridge's log, results, patient "
+        f"state and dead letters, and the EHR stand-in's resources ({FHIR_JOURNAL}). "
+        "--fresh starts over.",
+    ]
+    assert sandbox.runtime is not None
+    delivered = sandbox.runtime.results.count(Delivery.DELIVERED)
+    if delivered and not sandbox.fhir_store.counts().get("Observation"):
+        lines.append(
+            f"WARNING: {delivered} result(s) were delivered by an earlier run, but the EHR "
+            f"stand-in holds none (its store {FHIR_JOURNAL} is missing): run with --fresh."
+        )
+    return lines
 
 
 async def run_sandbox(args: argparse.Namespace) -> None:
@@ -253,11 +312,10 @@ async def run_sandbox(args: argparse.Namespace) -> None:
     sandbox = Sandbox(data_dir, ports)
     await sandbox.start()
     print(banner(sandbox, not args.no_traffic), flush=True)
-    tasks: list[asyncio.Task[None]] = []
+    tasks = [asyncio.create_task(_report_progress(sandbox))]  # your own messages count too
     if not args.no_traffic:
         ehr = SyntheticEhr(seed=args.seed, patients=args.patients)
         tasks.append(asyncio.create_task(sandbox.send_synthetic_traffic(ehr, args.rate)))
-        tasks.append(asyncio.create_task(_report_progress(sandbox)))
     try:
         await wait_for_signal()
     finally:
@@ -272,21 +330,26 @@ async def _report_progress(sandbox: Sandbox, every_s: float = 5.0) -> None:
     started = time.monotonic()
     while True:
         await asyncio.sleep(every_s)
-        stored = await count_observations(sandbox.fhir_base)
-        acks = sandbox.traffic.acks
-        runtime = sandbox.runtime
-        stage = runtime.process_stage if runtime else None
-        waiting = stage.not_enough_data if stage else 0
-        outside = stage.out_of_domain if stage else 0
-        print(
-            f"[{time.monotonic() - started:5.0f}s] sent {sandbox.traffic.sent} messages "
-            f"(AA {acks['AA']}, AE {acks['AE']}, AR {acks['AR']}); "
-            f"risk Observations in the EHR: {stored}; "
-            f"ORUs in the results inbox: {len(sandbox.inbox.messages())}; "
-            f"messages without enough data for a score yet: {waiting}; "
-            f"outside the model's validated domain (not scored): {outside}",
-            flush=True,
-        )
+        print(f"[{time.monotonic() - started:5.0f}s] {await progress(sandbox)}", flush=True)
+
+
+async def progress(sandbox: Sandbox) -> str:
+    """One progress line: what the sandbox site answered (every sender) and what reached the EHR."""
+    stored = await count_observations(sandbox.fhir_base)
+    runtime = sandbox.runtime
+    assert runtime is not None and runtime.mllp is not None
+    acks = runtime.mllp.acks  # every sender's messages: the synthetic EHR's and yours
+    stage = runtime.process_stage
+    waiting = stage.not_enough_data if stage else 0
+    outside = stage.out_of_domain if stage else 0
+    return (
+        f"synthetic EHR sent {sandbox.traffic.sent}; MLLP answers to all senders: "
+        f"AA {acks['AA']}, AE {acks['AE']}, AR {acks['AR']}; "
+        f"risk Observations in the EHR: {stored}; "
+        f"ORUs in the results inbox: {len(sandbox.inbox.messages())}; "
+        f"messages without enough data for a score yet: {waiting}; "
+        f"outside the model's validated domain (not scored): {outside}"
+    )
 
 
 class BackgroundSandbox:
