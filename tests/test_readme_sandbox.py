@@ -103,7 +103,7 @@ def sandbox(clone: Path) -> Iterator[Ports]:
         start_new_session=True,
     )
     try:
-        banner = read_until(process, "synthetic EHR", time.monotonic() + SET_UP_TIMEOUT_S)
+        banner = read_until(process, "--fresh starts over", time.monotonic() + SET_UP_TIMEOUT_S)
         assert "BuildBackendWarning" not in banner and "Editable installation" not in banner
         assert "^^^SANDBOX^MR" in banner  # the banner says what PID-3 needs
         yield ports
