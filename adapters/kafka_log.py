@@ -286,6 +286,7 @@ class KafkaGroupConsumer(Consumer):
         self, kafka_log: KafkaLog, group: str, topics: Sequence[str], on_assign: OnAssign | None
     ) -> None:
         self.group = group
+        self.lag: dict[tuple[str, int], int] = {}  # (topic, partition) -> records behind
         self._last_commit: Future | None = None
         self._commit_timeout_s = kafka_log.transport.request_timeout_s
         try:
@@ -325,11 +326,28 @@ class KafkaGroupConsumer(Consumer):
         except KafkaError as exc:
             raise UpstreamUnavailable(f"Kafka poll ({self.group}): {exc}") from exc
         records = [_to_record(message) for messages in batches.values() for message in messages]
+        self._measure_lag()
         waiting = [r for r in records if _partition_of(r) in self._listener.unrestored]
         if waiting:  # fetched before the pause took hold: deliver them after the restore
             self.rewind(waiting)
             records = [r for r in records if _partition_of(r) not in self._listener.unrestored]
         return records
+
+    def _measure_lag(self) -> None:
+        """Records behind the high watermark per assigned partition, as of this poll.
+
+        Read here, in the worker's thread (the consumer is not thread-safe), from
+        what the last fetch already told us: no request is sent. The position is
+        the subscription state's (``position()`` would ask the coordinator).
+        """
+        lag: dict[tuple[str, int], int] = {}
+        assignment = self._consumer._subscription.assignment
+        for tp in self._consumer.assignment():
+            highwater, state = self._consumer.highwater(tp), assignment.get(tp)
+            position = getattr(getattr(state, "position", None), "offset", None)
+            if highwater is not None and position is not None:
+                lag[(tp.topic, tp.partition)] = max(0, highwater - position)
+        self.lag = lag
 
     def _restore_assigned(self) -> None:
         """Run ``on_assign`` for newly assigned partitions here, in the worker's thread.

@@ -37,6 +37,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from ehrbridge import __version__
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
 from ehrbridge.fhir_api import add_fhir_routes
+from ehrbridge.monitoring import add_monitoring_routes
 from ehrbridge.pipelines.contracts import utcnow
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             ]
         }
 
+    add_monitoring_routes(app, runtime.monitoring)
     if runtime.fhir is not None:
         add_fhir_routes(app, runtime.fhir)
     if config.cds_hooks.enabled:

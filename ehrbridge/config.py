@@ -396,6 +396,33 @@ class Retention(Strict):
     purge_interval_s: float = Field(3600.0, gt=0)  # how often a running site purges
 
 
+class FeedExpectation(Strict):
+    # Messages per hour this source sends, every hour; leave out to learn it per hour of
+    # the week (pipelines/feeds.py).
+    expected_per_hour: float | None = Field(None, ge=0)
+
+
+class DriftSettings(Strict):
+    # The first this many days a site runs (its shadow period) are the reference window.
+    reference_days: int = Field(14, ge=1)
+    # Or a reference exported from a validation set (GET /api/monitoring/drift's reference).
+    reference_file: Path | None = None
+    # A day's feature is compared only once it has this many values (and so has the reference).
+    min_count: int = Field(100, ge=1)
+
+
+class Monitoring(Strict):
+    """Metrics, readiness, feed silence and drift (README "Monitoring")."""
+
+    # Where a process without the ingest role (which serves the HTTP API on http.port)
+    # serves /metrics and /health/*: None = not at all; 0 = a free port (logged).
+    port: int | None = Field(None, ge=0, le=65535)
+    ready_cache_s: float = Field(5.0, ge=0)  # /health/ready re-checks at most this often
+    save_interval_s: float = Field(60.0, gt=0)  # feed clocks and drift counts to the data dir
+    feeds: dict[Literal["mllp", "fhir"], FeedExpectation] = Field(default_factory=dict)
+    drift: DriftSettings = DriftSettings()
+
+
 class SiteConfig(Strict):
     site: str
     mode: Mode = Mode.SHADOW
@@ -410,6 +437,7 @@ class SiteConfig(Strict):
     cds_hooks: CdsHooks = CdsHooks()
     retry: RetryPolicy = RetryPolicy()
     retention: Retention = Retention()
+    monitoring: Monitoring = Monitoring()
     strict_hl7: bool = False  # validate message structure with hl7apy (slow; for debugging)
     # HL7v2 message types (MSH-9) beyond ORU^R01 and ADT^*, which are accepted unless
     # listed here: accept, filter or reject. Unlisted types are rejected (HL7 original

@@ -38,6 +38,7 @@ from ehrbridge.adapters.smart_auth import token_source
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
+from ehrbridge.monitoring import SiteMonitoring, tcp_check, url_check
 from ehrbridge.pipelines.contracts import Sink
 from ehrbridge.pipelines.errors import ConfigError, TransientError
 from ehrbridge.pipelines.groupcommit import GroupCommitter
@@ -153,6 +154,8 @@ class SiteRuntime:
         self.fhir: FhirEndpoint | None = None  # the FHIR ingest endpoint (ingest role)
         self.writeback_targets: dict[str, Sink] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.monitoring = SiteMonitoring(self)
+        self.monitoring.add_check("log", self._log_answers)
 
     def _open_state(self) -> SqliteStateStore | ChangelogStateStore:
         """Per-patient state: on Kafka, the processing role's changelog-backed store."""
@@ -178,6 +181,7 @@ class SiteRuntime:
             self._start_processing()
         if Role.WRITEBACK in self.roles:
             self._start_writeback()
+        await self.monitoring.start(serve_http=Role.INGEST not in self.roles)
         log.info(
             "site %s started: roles=%s mode=%s transport=%s",
             self.config.site,
@@ -190,10 +194,13 @@ class SiteRuntime:
         from ehrbridge.api import create_api
 
         self.committer = GroupCommitter(self.log)
-        ingest = self.ingest = Ingest(self.config, self.committer)
+        metrics = self.monitoring.metrics
+        ingest = self.ingest = Ingest(self.config, self.committer, metrics)
         self.fhir = self._fhir_endpoint(ingest)
         self.fhir.start()
         self.mllp = MllpSource(self.config.mllp, self.config.site)
+        metrics.filtered = lambda: ingest.message_types.filtered
+        metrics.mllp_stats = self.mllp.stats.snapshot
         await self.mllp.start(ingest.deliver)
         http = self.config.http
         self.http = EmbeddedServer(
@@ -246,10 +253,13 @@ class SiteRuntime:
     def _start_processing(self) -> None:
         model = InferenceClient(self.config.model)
         self._closers.append(model.close)
+        self.monitoring.add_check(
+            "model", lambda: None if model.ready() else f"not ready at {self.config.model.url}"
+        )
         if isinstance(self.log, KafkaLog):
             self._start_kafka_processing(self.log, model)
             return
-        stage = ProcessStage(self.config, self.state, model)
+        stage = ProcessStage(self.config, self.state, model, self.monitoring.metrics)
         self.process_stage = stage
         self._worker("process", [self.topic("raw")], stage, self.topic("predictions"))
 
@@ -257,7 +267,7 @@ class SiteRuntime:
         """Per-partition state, restored from the changelog whenever partitions arrive."""
         state = self.changelog_state
         assert state is not None
-        stage = ProcessStage(self.config, state, model)
+        stage = ProcessStage(self.config, state, model, self.monitoring.metrics)
         self.process_stage = stage
         consumer = kafka.consumer(self.topic("process"), [self.topic("raw")], state.restore)
         self._worker(
@@ -272,10 +282,28 @@ class SiteRuntime:
     def _start_writeback(self) -> None:
         if self.config.mode is Mode.LIVE:
             self.writeback_targets = self._writeback_targets()
-        stage = WritebackStage(self.config, self.results, self.writeback_targets)
+        stage = WritebackStage(
+            self.config, self.results, self.writeback_targets, self.monitoring.metrics
+        )
+        self._check_writeback_targets()
         self._worker("writeback", [self.topic("predictions")], stage, None)
         forwarder = DelayedRetryForwarder(self.log, self.router, self.stop_event)
         self._thread("retry-forwarder", forwarder.run)
+
+    def _check_writeback_targets(self) -> None:
+        wb = self.config.writeback
+        if FHIR_TARGET in self.writeback_targets and wb.fhir_base:
+            self.monitoring.add_check("writeback.fhir", url_check(wb.fhir_base))
+        if HL7V2_TARGET in self.writeback_targets and wb.hl7v2 is not None:
+            self.monitoring.add_check("writeback.hl7v2", tcp_check(wb.hl7v2.host, wb.hl7v2.port))
+
+    def _log_answers(self) -> str | None:
+        """Readiness: the durable log answers a cheap read (Kafka: the raw topic's metadata)."""
+        if isinstance(self.log, KafkaLog):
+            return None if self.log.partitions_of(self.topic("raw")) else "no raw topic metadata"
+        assert isinstance(self.log, SqliteLog)
+        self.log.end_offset(self.topic("raw"))
+        return None
 
     def _writeback_targets(self) -> dict[str, Sink]:
         """FHIR transactions and/or HL7v2 ORU over MLLP, as the site config names them."""
@@ -318,7 +346,11 @@ class SiteRuntime:
             stop=self.stop_event,
             consumer=consumer,
             side_outputs=side_outputs,
+            metrics=self.monitoring.metrics,
         )
+        lag = getattr(worker.consumer, "lag", None)
+        if isinstance(lag, dict):  # a Kafka group member measures its own lag
+            self.monitoring.metrics.lag_sources.append(lambda: getattr(worker.consumer, "lag", {}))
         self.workers.append(worker)
         self._thread(group, worker.run)
 
@@ -350,6 +382,7 @@ class SiteRuntime:
             await self.fhir.close()
         self.stop_event.set()
         await asyncio.to_thread(self._join)
+        await self.monitoring.stop()
         if self.committer is not None:
             self.committer.close()
         for close in self._closers:

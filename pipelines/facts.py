@@ -117,6 +117,9 @@ class Fact:
         return cls(**{**data, "effective": datetime.fromisoformat(data["effective"])})
 
 
+UNMAPPED = "code not mapped"  # Unused.reason of a code the site mapping does not know
+
+
 @dataclass(frozen=True, slots=True)
 class Unused:
     """A result that produced no fact, and why. Nothing is dropped silently."""
@@ -304,7 +307,7 @@ class FactRules:
     def unmapped_reason(self, system: str, code: str) -> str:
         entry = self.dead_ends.get((normalise_system(system), code))
         if entry is None:
-            return "code not mapped"
+            return UNMAPPED
         return f"code maps to {entry.target} ({entry.where}), which no feature takes"
 
 

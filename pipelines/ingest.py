@@ -26,17 +26,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 
 from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.contracts import Envelope, Failure, Kind
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable, PermanentError
+from ehrbridge.pipelines.errors import (
+    MessageRejected,
+    MessageUnusable,
+    PermanentError,
+    TransientError,
+)
 from ehrbridge.pipelines.facts import FactRules, extract
 from ehrbridge.pipelines.fhir_ingest import Checker
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.message_types import MessageTypes
+from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, ack_outcome
 from ehrbridge.pipelines.transport import dead_letter_record, to_record, topic_name
 
 log = logging.getLogger(__name__)
@@ -48,8 +55,11 @@ FILTERED: tuple[str, ...] = ()  # validate's answer for a message the site filte
 class Ingest:
     stage = "ingest"
 
-    def __init__(self, config: SiteConfig, committer: GroupCommitter) -> None:
+    def __init__(
+        self, config: SiteConfig, committer: GroupCommitter, metrics: Metrics = NO_METRICS
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         self.rules = FactRules(config.mapping)
         self.fhir = Checker(self.rules)
         self.message_types = MessageTypes(config.message_types)
@@ -58,12 +68,24 @@ class Ingest:
         self.dlq_topic = topic_name(config.site, "dlq")
 
     async def deliver(self, envelope: Envelope) -> None:
+        started = time.perf_counter()
+        try:
+            await self._deliver(envelope)
+        except TransientError:
+            self.metrics.message(source_of(envelope), "ar")  # nothing stored: resend
+            raise
+        finally:
+            self.metrics.stage_seconds(self.stage, time.perf_counter() - started)
+
+    async def _deliver(self, envelope: Envelope) -> None:
         try:
             keys = self.validate(envelope)
         except PermanentError as error:
             await self.dead_letter(envelope, error)
             raise
         if keys is FILTERED:
+            # Counted by message_types (GET /health, and /metrics reads that count).
+            self.metrics.message(source_of(envelope), "filtered")
             log.debug("%s filtered (message_types)", envelope.describe())
             return
         await self.store(envelope, keys)
@@ -77,6 +99,7 @@ class Ingest:
         """
         records = [to_record(replace(envelope, key=key), self.raw_topic) for key in keys]
         await asyncio.gather(*(self.committer.append(record) for record in records))
+        self.metrics.message(source_of(envelope), "aa")
         log.debug("%s stored (%d patient(s))", envelope.describe(), len(records))
 
     async def dead_letter(self, envelope: Envelope, error: PermanentError) -> None:
@@ -84,6 +107,8 @@ class Ingest:
         await self.committer.append(
             dead_letter_record(Failure(envelope, error, self.stage), self.dlq_topic)
         )
+        self.metrics.dead_letter(error.reason)
+        self.metrics.message(source_of(envelope), ack_outcome(error))
         log.warning("%s dead-lettered at ingest: %s", envelope.describe(), error.reason)
 
     def validate(self, envelope: Envelope) -> Sequence[str]:
@@ -110,3 +135,8 @@ class Ingest:
         if msg_type and not self.message_types.admits(msg_type, trigger):
             return FILTERED
         return extract(message, self.rules, received_at=envelope.received_at).keys
+
+
+def source_of(envelope: Envelope) -> str:
+    """The feed a record came in on, as a metrics label: mllp (HL7v2) or fhir."""
+    return "fhir" if envelope.kind is Kind.FHIR else "mllp"

@@ -119,13 +119,16 @@ def _observation(
     }
 
 
-def _interpretation(risks: dict[str, float], config: SiteConfig) -> dict[str, Any]:
+def interpretation_band(risks: dict[str, float], config: SiteConfig) -> tuple[str, str]:
+    """The code and display of the first configured band the risks reach; N if none."""
     for band in config.writeback.interpretation:
         if risks[band.horizon] >= band.at_least:
-            code, display = band.code, band.display
-            break
-    else:
-        code, display = "N", "Normal"
+            return band.code, band.display
+    return "N", "Normal"
+
+
+def _interpretation(risks: dict[str, float], config: SiteConfig) -> dict[str, Any]:
+    code, display = interpretation_band(risks, config)
     return {"coding": [{"system": INTERPRETATION_SYSTEM, "code": code}], "text": display}
 
 

@@ -26,6 +26,7 @@ failure yields the same predictions, which write-back then upserts.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,12 +34,15 @@ from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.contracts import Envelope, Failure, Kind, Outcome
 from ehrbridge.pipelines.domain import OutOfDomain
+from ehrbridge.pipelines.drift import feature_values
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable, PermanentError
-from ehrbridge.pipelines.facts import Extraction, FactRules, extract
+from ehrbridge.pipelines.facts import UNMAPPED, Extraction, FactRules, PatientExtract, extract
 from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
 from ehrbridge.pipelines.fhir_facts import extract_fhir
 from ehrbridge.pipelines.history import by_episode
+from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
+from ehrbridge.pipelines.observation import interpretation_band
 from ehrbridge.pipelines.records import ModelInfo, Prediction, prediction_identifier
 from ehrbridge.pipelines.state import PatientState, StateStore
 
@@ -56,11 +60,18 @@ class _Pending:
 class ProcessStage:
     name = "process"
 
-    def __init__(self, config: SiteConfig, state: StateStore, model: InferenceClient) -> None:
+    def __init__(
+        self,
+        config: SiteConfig,
+        state: StateStore,
+        model: InferenceClient,
+        metrics: Metrics = NO_METRICS,
+    ) -> None:
         self.config = config
         self.rules = FactRules(config.mapping)
         self.state = state
         self.model = model
+        self.metrics = metrics
         self.not_enough_data = 0  # feature records that could not be built, for progress output
         self.out_of_domain = 0  # records outside the model's validated domain, not scored
 
@@ -109,6 +120,7 @@ class ProcessStage:
                     states[patient.patient_id] = state
                 state.revision += 1
                 result = evaluate(state, patient, self.config.mapping)
+                self._observe(patient, result)
                 if result is None:
                     continue  # no trigger: demographics only (ADT), nothing mapped or usable
                 key = (patient.patient_id, result.episode)
@@ -123,12 +135,26 @@ class ProcessStage:
 
     def _not_scored(self, envelope: Envelope, result: NotEnoughData | OutOfDomain) -> None:
         """Counted, and kept on the state by ``evaluate``; never sent to the model."""
+        model = self.config.model.name
         if isinstance(result, OutOfDomain):
             self.out_of_domain += 1
+            self.metrics.not_scored(model, "out_of_domain")
             log.debug("%s: outside the model's domain: %s", envelope.describe(), result.reason)
         else:
             self.not_enough_data += 1
+            self.metrics.not_scored(model, "not_enough_data")
             log.debug("%s: not enough data: %s", envelope.describe(), result.reason)
+
+    def _observe(
+        self,
+        patient: PatientExtract,
+        result: FeatureRecord | NotEnoughData | OutOfDomain | None,
+    ) -> None:
+        """Data quality for monitoring: unmapped codes, missing inputs."""
+        unmapped = sum(1 for unused in patient.unused if unused.reason == UNMAPPED)
+        self.metrics.lab_results(len(patient.facts), unmapped)
+        if result is not None:
+            self.metrics.features(self.config.model.name, feature_values(result))
 
     def _predict(self, pending: list[_Pending]) -> list[Outcome]:
         if not pending:
@@ -140,20 +166,29 @@ class ProcessStage:
         return outcomes
 
     def _predict_chunk(self, chunk: list[_Pending]) -> list[Outcome]:
+        started = time.perf_counter()
         try:
             result = self.model.infer([p.features for p in chunk], chunk[0].envelope.source_id)
         except EhrbridgeError as error:
+            self._model_request(error, started)
             # Every message of the chunk failed the same way; report each once.
             unique = {id(p.envelope): p.envelope for p in chunk}
             return [Failure(env, error, self.name) for env in unique.values()]
+        self._model_request(None, started)
         model = ModelInfo(result.model_name, result.model_version, self.config.model.calibration)
         outcomes: list[Outcome] = []
         for item, risk_2y, risk_5y in zip(chunk, result.risk_2y, result.risk_5y, strict=True):
             prediction = self._prediction(item, model, risk_2y, risk_5y)
+            band, _ = interpretation_band({"2y": risk_2y, "5y": risk_5y}, self.config)
+            self.metrics.prediction(self.config.model.name, band, risk_5y)
             outcomes.append(
                 item.envelope.derive(prediction.to_json(), Kind.PREDICTION, key=item.patient_id)
             )
         return outcomes
+
+    def _model_request(self, error: EhrbridgeError | None, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.model_request(self.config.model.name, error_outcome(error), seconds)
 
     def _prediction(
         self, item: _Pending, model: ModelInfo, risk_2y: float, risk_5y: float

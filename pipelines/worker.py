@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from ehrbridge.pipelines.contracts import Envelope, Failure, Stage
 from ehrbridge.pipelines.errors import EhrbridgeError, MessageRejected, TransientError
+from ehrbridge.pipelines.metrics import NO_METRICS, Metrics
 from ehrbridge.pipelines.retry import FailureRouter
 from ehrbridge.pipelines.transport import (
     Consumer,
@@ -48,8 +50,10 @@ class StageWorker:
         batch_size: int = 256,
         consumer: Consumer | None = None,
         side_outputs: Callable[[], list[Record]] | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.log = log_
+        self.metrics = metrics
         self.stage = stage
         self.output_topic = output_topic
         self.router = router
@@ -77,6 +81,7 @@ class StageWorker:
         records = self.consumer.poll(self.batch_size, timeout_s)
         if not records:
             return 0
+        started = time.perf_counter()
         try:
             outputs = self._run_stage(records)
             if self.side_outputs is not None:
@@ -86,8 +91,16 @@ class StageWorker:
             self.consumer.rewind(records)
             raise
         self.consumer.commit(records)
+        self.metrics.stage_seconds(self.stage.name, time.perf_counter() - started)
+        self._count_dead_letters(outputs)
         self.processed += len(records)
         return len(records)
+
+    def _count_dead_letters(self, outputs: list[Record]) -> None:
+        """Once they are durable, so a batch that is tried again is not counted twice."""
+        for record in outputs:
+            if record.topic == self.router.dlq:
+                self.metrics.dead_letter(record.headers.get("error.reason", "error"))
 
     def _run_stage(self, records: list[Record]) -> list[Record]:
         envelopes: list[Envelope] = []

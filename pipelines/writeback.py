@@ -41,6 +41,7 @@ from ehrbridge.adapters.mllp_sink import CONTROL_ID_HEADER
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.pipelines.contracts import BatchError, Envelope, Failure, Kind, Outcome, Sink
 from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable, PermanentError
+from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
 from ehrbridge.pipelines.observation import build_observation
 from ehrbridge.pipelines.oru import build_oru
 from ehrbridge.pipelines.provenance import result_transaction
@@ -72,7 +73,9 @@ class WritebackStage:
         config: SiteConfig,
         results: ResultStore,
         targets: Mapping[str, Sink] | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self.metrics = metrics
         targets = dict(targets or {})
         if config.mode is Mode.LIVE and not targets:
             raise ValueError("live mode needs at least one write-back target")
@@ -171,6 +174,13 @@ class WritebackStage:
                 item.errors.append(errors[index])
             else:
                 item.delivered.add(name)
+        self._count(name, len(pending), errors)
+
+    def _count(self, target: str, sent: int, errors: dict[int, EhrbridgeError]) -> None:
+        if sent > len(errors):
+            self.metrics.writeback(target, "ok", sent - len(errors))
+        for error in errors.values():
+            self.metrics.writeback(target, error_outcome(error))
 
     def _request(self, name: str, item: _Item) -> Envelope:
         if name == FHIR_TARGET:

@@ -247,6 +247,7 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
         f"  MLLP listener       127.0.0.1:{sandbox.mllp_port}   (send HL7v2 ADT / ORU^R01 here)",
         f"  risk Observations   {sandbox.fhir_base}/Observation   <- the EHR stand-in; look here",
         f"  ehrbridge API       {sandbox.api_url}/api/results   (also /health, /api/dlq, /docs)",
+        f"  Prometheus metrics  {sandbox.api_url}/metrics   (also /health/ready, /api/monitoring)",
         f"  KFRE model server   {sandbox.model_url}/v2/models/kfre-4var",
         f"  data                {sandbox.data_dir}",
     ]
