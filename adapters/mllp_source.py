@@ -373,7 +373,7 @@ class MllpSource:
         await asyncio.wait_for(writer.drain(), self.listen.write_timeout_s)
 
     async def _answer(self, frame: Frame, deliver: Deliver) -> bytes | None:
-        header = read_header(frame.payload)
+        header = read_header(frame.payload, self.listen.charset)
         envelope = Envelope(
             site=self.site,
             source_id=header.control_id or f"unidentified-{next(_unnamed)}",
@@ -392,7 +392,7 @@ class MllpSource:
         except EhrbridgeError as exc:
             error = exc
         except Exception as exc:  # a bug must cost one AR, not the listener
-            log.exception("%s: unexpected error in deliver", envelope.describe())
+            log.error("%s: unexpected %s in deliver", envelope.describe(), type(exc).__name__)
             error = UpstreamUnavailable(f"internal error: {type(exc).__name__}")
         log.debug("%s answered %s", envelope.describe(), "AA" if error is None else error.reason)
         if not frame.wants_ack:

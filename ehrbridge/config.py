@@ -37,6 +37,7 @@ from ehrbridge.mappings.schema import (  # noqa: F401 - re-exports
     ValuePolicy,
 )
 from ehrbridge.mappings.units import normalise_unit  # noqa: F401 - re-export
+from ehrbridge.pipelines.er7 import codec_for_charset
 
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
@@ -155,6 +156,17 @@ class MllpListen(Strict):
     write_timeout_s: float = Field(30.0, gt=0)
     write_buffer_bytes: int = Field(65_536, ge=4096)
     tls: MllpTls | None = None  # None: plaintext MLLP
+    # How messages without a (known) MSH-18 are read, and their ACKs written: an
+    # HL7 table 0211 label ("8859/1") or a codec name. UTF-8 falls back to latin-1.
+    charset: str = "UTF-8"
+
+    @field_validator("charset")
+    @classmethod
+    def charset_is_known(cls, value: str) -> str:
+        codec = codec_for_charset(value)
+        if codec is None or "MSH|".encode(codec) != b"MSH|":
+            raise ValueError(f"{value!r} is not a known charset that reads ASCII as ASCII")
+        return value
 
 
 class HttpListen(Strict):

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from ehrbridge.pipelines.er7 import Encoding, Message, escape
+from ehrbridge.pipelines.er7 import (
+    Encoding,
+    Message,
+    Segment,
+    decode_with_codec,
+    escape,
+    read_encoding,
+)
 from ehrbridge.pipelines.errors import (
     EhrbridgeError,
     Hl7Location,
@@ -49,6 +56,11 @@ _ERROR_TEXT = {  # HL7 table 0357, message error condition codes
     207: "Application internal error",
 }
 _MSA3_MAX = 80  # MSA-3 text message is ST(80) in v2.1-2.4
+# MSH-3/4/5/6/9/11/12 are echoed only up to this length (HD is 227 characters at
+# most); a longer one is left empty so a hostile header cannot inflate every ACK.
+# MSH-10 is always echoed whole: the sender correlates by it.
+_ECHO_MAX = 256
+_FRAMING = str.maketrans("", "", "\x0b\x1c\r\n")  # MLLP start/end block, segment ends
 _counter = itertools.count()
 _PREFIX = f"{os.getpid() % 1000:03d}"
 
@@ -70,6 +82,7 @@ class AckHeader:
     control_id: str  # MSH-10
     processing_id: str  # MSH-11
     version: str  # MSH-12
+    codec: str = "utf-8"  # the codec that decoded the message: the ACK is encoded with it
 
 
 def ack_code_for(error: EhrbridgeError | None) -> AckCode:
@@ -109,7 +122,10 @@ def build_ack(
     segments = [msh, f.join(["MSA", *msa])]
     if error is not None:
         segments.append(_err_segment(error, header))
-    return ("\r".join(segments) + "\r").encode("utf-8")
+    text = "\r".join(segment.translate(_FRAMING) for segment in segments) + "\r"
+    # Echoed fields were decoded with this codec, so they go back as the same bytes;
+    # our own text is ASCII but for a unit or code named in a detail.
+    return text.encode(header.codec, errors="replace")
 
 
 def _ack_type(header: AckHeader, enc: Encoding) -> str:
@@ -151,42 +167,85 @@ def _err_segment(error: EhrbridgeError, header: AckHeader) -> str:
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
+    """MSH-12.1 as numbers: ASCII digits only ('2.5.¹' is 2.5.0), at most 4 per part."""
     parts = []
     for part in (version or DEFAULT_VERSION).split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
+        digits = "".join(ch for ch in part[:8] if "0" <= ch <= "9")[:4]
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
 
 
-def header_of(message: Message) -> AckHeader:
-    msh = message.segment("MSH")
-    assert msh is not None  # Message.parse guarantees an MSH
+def header_of(message: Message, codec: str = "utf-8") -> AckHeader:
+    """The echoed MSH fields of a parsed message, raw (still escaped)."""
+    msh = message.msh
     return AckHeader(
         encoding=message.encoding,
-        sending=(msh.field(3), msh.field(4)),
-        receiving=(msh.field(5), msh.field(6)),
-        trigger=msh.component(9, 2),
-        control_id=msh.field(10),
-        processing_id=msh.component(11, 1),
-        version=msh.component(12, 1),
+        sending=(_echo(msh.field(3)), _echo(msh.field(4))),
+        receiving=(_echo(msh.field(5)), _echo(msh.field(6))),
+        trigger=_echo(msh.raw_component(9, 2)),
+        control_id=msh.field(10).translate(_FRAMING),
+        processing_id=_echo(msh.raw_component(11, 1)),
+        version=_echo(msh.raw_component(12, 1)),
+        codec=codec,
     )
 
 
-def read_header(raw: bytes) -> AckHeader:
+def _echo(value: str) -> str:
+    return "" if len(value) > _ECHO_MAX else value.translate(_FRAMING)
+
+
+def read_header(raw: bytes, charset: str = "utf-8") -> AckHeader:
     """The MSH fields an ACK echoes; best effort for messages that will not parse.
 
-    Only the MSH line is parsed, so this costs a few microseconds and works
-    for messages whose later segments are broken.
+    Only the MSH line is read, so this costs a few microseconds and works for
+    messages whose later segments are broken. The bytes are decoded as the
+    message is (MSH-18, else the site's ``charset``), so MSA-2 gives MSH-10
+    back byte for byte. When MSH-1/MSH-2 are unusable, MSH-10 is still read
+    with ``|^~\\&`` (or the declared field separator) and the ACK uses the
+    standard delimiters. Never raises.
     """
-    text = raw.decode("latin-1")
+    text, codec = decode_with_codec(raw, charset)
     start = text.find("MSH")
-    if start >= 0:
-        line = text[start:].replace("\r\n", "\r").replace("\n", "\r").split("\r", 1)[0]
-        try:
-            return header_of(Message.parse(line))
-        except (EhrbridgeError, ValueError, IndexError):
-            pass
-    return AckHeader(DEFAULT_ENCODING, ("", ""), ("", ""), "", "", "P", DEFAULT_VERSION)
+    if start < 0:
+        return _empty_header(codec)
+    end = len(text)
+    for stop in ("\r", "\n"):
+        at = text.find(stop, start)
+        end = at if 0 <= at < end else end
+    line = text[start:end]
+    try:
+        enc = read_encoding(line)
+        return header_of(Message(enc, [Segment("MSH", 0, line, enc)]), codec)
+    except EhrbridgeError:
+        return _fallback_header(line, codec)
+
+
+def _fallback_header(line: str, codec: str) -> AckHeader:
+    """MSH-10 and friends from a line whose encoding characters are unusable."""
+    fs = line[3:4]
+    if not fs or fs.isalnum() or fs in " \t":  # 0x1C counts as whitespace in Python
+        return _empty_header(codec)
+    fields = [DEFAULT_ENCODING.field, *line[4:].split(fs)]  # fields[k] is MSH-(k+1)
+    fields += [""] * (12 - len(fields))
+    enc = DEFAULT_ENCODING
+
+    def echoed(n: int) -> str:
+        return "" if len(fields[n - 1]) > _ECHO_MAX else escape(fields[n - 1], enc)
+
+    return AckHeader(
+        encoding=enc,
+        sending=(echoed(3), echoed(4)),
+        receiving=(echoed(5), echoed(6)),
+        trigger="",  # MSH-9 components cannot be told apart without MSH-2
+        control_id=escape(fields[9], enc).translate(_FRAMING),
+        processing_id="P",
+        version=DEFAULT_VERSION,
+        codec=codec,
+    )
+
+
+def _empty_header(codec: str) -> AckHeader:
+    return AckHeader(DEFAULT_ENCODING, ("", ""), ("", ""), "", "", "P", DEFAULT_VERSION, codec)
 
 
 def _new_control_id() -> str:

@@ -28,8 +28,9 @@ Tolerance policy (what is accepted, what is rejected with ``MessageRejected``):
   ``FHS``/``BHS``, or holding a second ``MSH``/``FHS``/``BHS``/``BTS``/``FTS``,
   is a batch (``hl7.batch``): accepting it as one message would attach the
   second patient's results to the first. :func:`parse_batch` reads batches.
-* Encoding characters come from MSH-1/MSH-2 and may be any characters that are
-  not letters, digits or whitespace and are pairwise distinct. MSH-2 with one
+* Encoding characters come from MSH-1/MSH-2 and may be any printable
+  characters that are not letters, digits or whitespace and are pairwise
+  distinct (control characters such as 0x1C are refused). MSH-2 with one
   to three characters is completed with the standard ``^~\\&`` defaults for the
   missing positions (if a default would collide with a declared character the
   message is rejected). A fifth character is the v2.7 truncation character.
@@ -58,6 +59,13 @@ and ``\\H\\ \\N\\ \\.fi\\ \\.nf\\ \\.in\\ \\.ti\\`` are removed. Character-set
 switches (``\\C..\\``, ``\\M..\\``), local ``\\Z..\\`` escapes and anything
 unknown or unterminated are kept literally.
 
+Caps (hostile input is normal input): ``\\.sk n\\`` and ``\\.sp n\\`` with n over
+:data:`MAX_FORMAT_REPEAT`, or n not in ASCII digits, are refused
+(``hl7.escape_too_long``); a value read through the accessors longer than
+:data:`MAX_VALUE_CHARS` once decoded is refused (``hl7.field_too_long``). Both are
+:class:`MessageUnusable` (AE), so nothing over a cap reaches patient state.
+Every read is linear in the length of what it reads.
+
 Error details name segments and positions only, never values (no PHI).
 """
 
@@ -70,22 +78,34 @@ from dataclasses import field as dataclass_field
 from functools import lru_cache
 from typing import NoReturn
 
-from ehrbridge.pipelines.errors import Hl7Location, MessageRejected
+from ehrbridge.pipelines.errors import Hl7Location, MessageRejected, MessageUnusable
 
 __all__ = [
     "DEFAULT_ENCODING",
+    "MAX_FORMAT_REPEAT",
+    "MAX_VALUE_CHARS",
     "Encoding",
     "Message",
     "Segment",
     "codec_for_charset",
     "decode_message",
+    "decode_with_codec",
     "escape",
+    "is_delimiter",
     "parse_batch",
+    "read_encoding",
     "split_segments",
     "unescape",
 ]
 
 _DEFAULT_MSH2 = "^~\\&"
+# Longest value (decoded) the accessors return. Everything stored in patient state
+# (ids, codes, displays, units, raw values) is read through them; a numeric result,
+# a code or an identifier is far shorter, an embedded document (OBX-5 ED) is never read.
+MAX_VALUE_CHARS = 65_536
+# Largest n of the formatting escapes \.sk n\ and \.sp n\ (HL7 v2 2.7.6): a page
+# is about 100 characters wide, and n = 2*10^8 once turned 1.4 KB into 400 MB of state.
+MAX_FORMAT_REPEAT = 100
 _LEADING_JUNK = "\ufeff\x0b \t\r\n"
 _TRAILING_JUNK = "\x1c\r\n"
 _ENVELOPE_NAMES = frozenset({"MSH", "FHS", "BHS", "BTS", "FTS"})
@@ -133,23 +153,44 @@ DEFAULT_ENCODING = Encoding(field="|", component="^", repetition="~", escape="\\
 
 
 def unescape(text: str, enc: Encoding) -> str:
-    """Decode the escape sequences of one ER7 value (see the module docstring)."""
+    """Decode the escape sequences of one ER7 value (see the module docstring).
+
+    Raises MessageUnusable (no location: the caller knows it) when a formatting
+    escape or the decoded value is over a cap; the output is never built past
+    :data:`MAX_VALUE_CHARS`.
+    """
     esc = enc.escape
     if not esc or esc not in text:
         return text  # fast path: nearly every value
     parts = text.split(esc)
     # After the split, odd positions hold the text between two escape characters.
     out = [parts[0]]
+    size = len(parts[0])
     last = len(parts) - 1
     i = 1
     while i <= last:
         if i == last:  # unterminated sequence: keep the escape character literally
             out.append(esc + parts[i])
             break
-        out.append(_decode_sequence(parts[i], enc))
+        decoded = _decode_sequence(parts[i], enc)
+        size += len(decoded) + len(parts[i + 1])
+        if size > MAX_VALUE_CHARS:
+            raise value_too_long()
+        out.append(decoded)
         out.append(parts[i + 1])
         i += 2
     return "".join(out)
+
+
+def value_too_long(location: Hl7Location | None = None) -> MessageUnusable:
+    """The error for a value over :data:`MAX_VALUE_CHARS` (HL7 table 0357 code 102)."""
+    where = f"{location} is" if location else "a value is"
+    return MessageUnusable(
+        f"{where} longer than {MAX_VALUE_CHARS} characters",
+        reason="hl7.field_too_long",
+        location=location,
+        hl7_error_code=102,
+    )
 
 
 def _decode_sequence(seq: str, enc: Encoding) -> str:
@@ -183,7 +224,7 @@ def _decode_hex(seq: str, enc: Encoding) -> str:
 
 def _decode_formatting(seq: str, enc: Encoding) -> str:
     command, argument = seq[1:3], seq[3:].strip()
-    count = int(argument) if argument.isdigit() else 1
+    count = _repeat_count(argument) if command in ("sk", "sp") else 1
     if command == "br" and not argument:
         return "\n"
     if command == "sp":  # end the line and skip <count> vertical spaces
@@ -195,6 +236,30 @@ def _decode_formatting(seq: str, enc: Encoding) -> str:
     if command in ("fi", "nf", "in", "ti"):  # fill/indent modes: presentation only
         return ""
     return enc.escape + seq + enc.escape
+
+
+def _repeat_count(argument: str) -> int:
+    """n of \\.sk n\\ / \\.sp n\\ (1 when absent), refused above MAX_FORMAT_REPEAT.
+
+    ASCII digits only: ``str.isdigit`` also takes '¹', which ``int`` refuses.
+    """
+    if not argument:
+        return 1
+    if not (argument.isascii() and argument.isdigit()) or len(argument) > 6:
+        raise _bad_repeat()
+    count = int(argument)
+    if count > MAX_FORMAT_REPEAT:
+        raise _bad_repeat()
+    return count
+
+
+def _bad_repeat() -> MessageUnusable:
+    return MessageUnusable(
+        f"a formatting escape (\\.sk n\\ or \\.sp n\\) has n that is not a number "
+        f"from 0 to {MAX_FORMAT_REPEAT}",
+        reason="hl7.escape_too_long",
+        hl7_error_code=102,
+    )
 
 
 def escape(text: str, enc: Encoding) -> str:
@@ -294,34 +359,48 @@ def codec_for_charset(charset: str) -> str | None:
         return None
 
 
-def decode_message(raw: bytes | bytearray) -> str:
-    """Decode message bytes: MSH-18 charset if known, else UTF-8, else latin-1. Never raises."""
+def decode_message(raw: bytes | bytearray, charset: str = "utf-8") -> str:
+    """Message bytes as text: MSH-18 charset if known, else ``charset``, else latin-1.
+
+    Never raises.
+    """
+    return decode_with_codec(raw, charset)[0]
+
+
+def decode_with_codec(raw: bytes | bytearray, charset: str = "utf-8") -> tuple[str, str]:
+    """:func:`decode_message` and the codec that decoded the bytes.
+
+    Encoding the text again with that codec gives back the bytes, so an ACK
+    can echo MSH-10 byte for byte. ``charset`` is the site's default for
+    messages without a (known) MSH-18, an HL7 table 0211 label or codec name.
+    """
     data = raw if isinstance(raw, bytes) else bytes(raw)
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with a BOM: MSH-18 unreadable before
         try:
-            return data.decode("utf-16")
+            return data.decode("utf-16"), "utf-16"
         except UnicodeDecodeError:
             pass
+    first = codec_for_charset(charset) or "utf-8"
     try:
-        text, used = data.decode("utf-8"), "utf-8"
+        text, used = data.decode(first), first
     except UnicodeDecodeError:
         text, used = data.decode("latin-1"), "iso8859-1"  # codecs.lookup() spelling
     if text.isascii() and "\x1b" not in text:
-        return text  # fast path: every ASCII-compatible charset reads these bytes the same way
-    charset = _msh18(text)
-    if not charset:
-        return text
-    codec = codec_for_charset(charset)
+        return text, used  # fast path: ASCII-compatible charsets all read these bytes alike
+    declared = _msh18(text)
+    if not declared:
+        return text, used
+    codec = codec_for_charset(declared)
     if codec is None or codec == used:
-        return text
+        return text, used
     if used == "utf-8" and codec in _UTF8_WINS:
-        return text  # valid UTF-8 labelled ASCII/8859-1 is mislabelled UTF-8 (see docstring)
+        return text, used  # valid UTF-8 labelled ASCII/8859-1 is mislabelled UTF-8 (see docstring)
     if text.isascii() and not codec.startswith(_ASCII_UNSAFE_PREFIXES):
-        return text
+        return text, used
     try:
-        return data.decode(codec)
+        return data.decode(codec), codec
     except UnicodeDecodeError:
-        return text  # the declaration is wrong; keep the UTF-8/latin-1 reading
+        return text, used  # the declaration is wrong; keep the first reading
 
 
 def _msh18(text: str) -> str:
@@ -500,24 +579,45 @@ class Segment:
 
     def component(self, n: int, comp: int = 1, rep: int = 1, sub: int | None = None) -> str:
         """Unescaped value of field n, repetition rep, component comp (subcomponent sub)."""
-        text = self.raw_component(n, comp, rep, sub)
-        if self._enc.escape not in text or (n <= 2 and self.name == "MSH"):
-            return text
-        return unescape(text, self._enc)
+        return self.decode(n, self.raw_component(n, comp, rep, sub))
 
     def value(self, n: int) -> str:
         """Unescaped whole field n (first repetition); delimiters inside stay as they are."""
-        text = self._repetition(n, 1)
-        if self._enc.escape not in text or (n <= 2 and self.name == "MSH"):
-            return text
-        return unescape(text, self._enc)
+        return self.decode(n, self._repetition(n, 1))
 
     def rep_value(self, n: int, rep: int) -> str:
         """Unescaped whole repetition ``rep`` of field n."""
-        text = self._repetition(n, rep)
-        if self._enc.escape not in text or (n <= 2 and self.name == "MSH"):
+        return self.decode(n, self._repetition(n, rep))
+
+    def decode(self, n: int, text: str) -> str:
+        """``text`` (raw, read from field n) unescaped, within the caps of the module docstring."""
+        if n <= 2 and self.name == "MSH":  # delimiters: never escaped
             return text
-        return unescape(text, self._enc)
+        if self._enc.escape in text:
+            try:
+                text = unescape(text, self._enc)
+            except MessageUnusable as error:
+                raise MessageUnusable(
+                    error.detail,
+                    reason=error.reason,
+                    location=self._location(n),
+                    hl7_error_code=error.hl7_error_code,
+                ) from None
+        if len(text) > MAX_VALUE_CHARS:
+            raise value_too_long(self._location(n))
+        return text
+
+    def repetition_components(self, n: int) -> list[list[str]]:
+        """Raw components of every repetition of field n, splitting the field once.
+
+        For repeating fields read repetition by repetition (PID-3): reading
+        them one :meth:`component` call at a time re-splits the field per call,
+        which is quadratic in the number of repetitions.
+        """
+        return [rep.split(self._enc.component) for rep in self.repetitions(n)]
+
+    def _location(self, n: int) -> Hl7Location:
+        return Hl7Location(self.name, field=n)
 
 
 # --------------------------------------------------------------------------- message
@@ -556,9 +656,12 @@ class Message:
         return f"<Message {'^'.join(self.message_type)} {len(self.segments)} segments>"
 
     @classmethod
-    def parse(cls, raw: bytes | bytearray | str) -> Message:
-        """Parse one message. Raises MessageRejected (see module docstring for the policy)."""
-        text = raw if isinstance(raw, str) else decode_message(raw)
+    def parse(cls, raw: bytes | bytearray | str, charset: str = "utf-8") -> Message:
+        """Parse one message. Raises MessageRejected (see module docstring for the policy).
+
+        ``charset`` decodes bytes without a (known) MSH-18: the site's default.
+        """
+        text = raw if isinstance(raw, str) else decode_message(raw, charset)
         text = _strip_envelope(text)
         if not text.startswith("MSH"):
             if text.startswith(("FHS", "BHS")):
@@ -573,7 +676,7 @@ class Message:
                 location=Hl7Location("MSH"),
             )
         lines = _split_lines(text)
-        return cls._from_lines(lines, _read_encoding(lines[0]))
+        return cls._from_lines(lines, read_encoding(lines[0]))
 
     @classmethod
     def _from_lines(cls, lines: list[str], enc: Encoding) -> Message:
@@ -642,8 +745,8 @@ class Message:
         """MSH-9.1 message code, MSH-9.2 trigger event, MSH-9.3 structure ('' where absent)."""
         parts = self.segments[0].components(9)  # one split instead of three reads
         parts += [""] * (3 - len(parts))
-        enc = self.encoding
-        return unescape(parts[0], enc), unescape(parts[1], enc), unescape(parts[2], enc)
+        msh = self.segments[0]
+        return msh.decode(9, parts[0]), msh.decode(9, parts[1]), msh.decode(9, parts[2])
 
     @property
     def version(self) -> str:
@@ -696,10 +799,20 @@ def _checked_line(line: str, index: int, fs: str) -> str:
     return line
 
 
-def _read_encoding(msh: str) -> Encoding:
+def is_delimiter(char: str) -> bool:
+    """Whether ``char`` can be an MSH-1/MSH-2 delimiter: one printable symbol.
+
+    Not a letter, digit or space, and not a control character: 0x0B and 0x1C
+    are MLLP framing, which an ACK echoing the delimiters would then carry,
+    and a C1 byte such as 0x93 is a latin-1 misreading, not a character.
+    """
+    return len(char) == 1 and char.isprintable() and not (char.isalnum() or char.isspace())
+
+
+def read_encoding(msh: str) -> Encoding:
     """Delimiters from MSH-1 (the character after 'MSH') and MSH-2."""
     fs = msh[3:4]
-    if not fs or fs.isalnum() or fs.isspace():
+    if not is_delimiter(fs):
         raise MessageRejected(
             "MSH-1 field separator is missing or not a delimiter character",
             reason="hl7.bad_encoding",
@@ -713,7 +826,7 @@ def _read_encoding(msh: str) -> Encoding:
 
 @lru_cache(maxsize=256)
 def _encoding_from_msh2(fs: str, chars: str) -> Encoding:
-    if not 1 <= len(chars) <= 5 or any(c.isalnum() or c.isspace() for c in chars):
+    if not 1 <= len(chars) <= 5 or not all(is_delimiter(c) for c in chars):
         _bad_msh2("MSH-2 encoding characters are missing or garbled")
     truncation = chars[4] if len(chars) == 5 else None
     # Senders that send fewer than four characters mean the standard ones for the rest.
@@ -748,7 +861,7 @@ def parse_batch(raw: bytes | bytearray | str) -> list[Message]:
     text = raw if isinstance(raw, str) else decode_message(raw)
     lines = _split_lines(_strip_envelope(text))
     groups = _batch_messages(lines)
-    return [Message._from_lines(group, _read_encoding(group[0])) for group in groups]
+    return [Message._from_lines(group, read_encoding(group[0])) for group in groups]
 
 
 def _batch_messages(lines: list[str]) -> list[list[str]]:

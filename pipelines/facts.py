@@ -40,6 +40,7 @@ notes for each OBX which rule consumed it and how its value was converted.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,11 +58,12 @@ from ehrbridge.mappings.schema import (
 )
 from ehrbridge.mappings.units import normalise_unit
 from ehrbridge.pipelines.contracts import utcnow
-from ehrbridge.pipelines.er7 import Message, Segment, unescape
+from ehrbridge.pipelines.er7 import MAX_VALUE_CHARS, Message, Segment
 from ehrbridge.pipelines.errors import Hl7Location, MessageUnusable
 from ehrbridge.pipelines.hl7time import Hl7TimeError, parse_date, parse_dtm
 
-_NUMBER = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
+# ASCII digits only (re.ASCII): '\d' would also take other scripts' digits.
+_NUMBER = re.compile(r"^\s*(<=|>=|<|>|=)?\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$", re.ASCII)
 _PATH = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d+)(?:\((\d+)\))?(?:\.(\d+)(?:\.(\d+))?)?$")
 ADT_DEMOGRAPHIC_EVENTS = frozenset({"A01", "A04", "A08", "A28", "A31"})
 IMPLAUSIBLE = "implausible"
@@ -327,7 +329,10 @@ def read_number(text: str) -> tuple[str, float] | None:
     if match is None:
         return None
     comparator = match.group(1) or ""
-    return ("" if comparator == "=" else comparator), float(match.group(2))
+    number = float(match.group(2))
+    if not math.isfinite(number):  # 400 digits: inf, which no unit converts and JSON cannot hold
+        return None
+    return ("" if comparator == "=" else comparator), number
 
 
 def conversion_for(rules: FactRules, feature: str, raw_unit: str) -> Conversion | None:
@@ -639,9 +644,9 @@ class _Walker:
         OBX-3 is split once: this runs for every OBX of every message.
         """
         parts = obx.components(3)
-        enc = obx.encoding
-        if enc.escape in obx.field(3):
-            parts = [unescape(p, enc) for p in parts]
+        raw = obx.field(3)
+        if obx.encoding.escape in raw or len(raw) > MAX_VALUE_CHARS:  # decoded, within the caps
+            parts = [obx.decode(3, p) for p in parts]
         parts += [""] * (12 - len(parts))
         rules = self.rules.codes
         for code_at, text_at, system_at in _CODINGS:
@@ -797,16 +802,19 @@ def _read_value(obx: Segment, sequence: int, feature: str) -> tuple[str, str, fl
 
 
 def _patient_id(pid: Segment, rules: FactRules) -> tuple[str, str]:
-    """The patient id from PID-3 by the site's rule, and which repetition gave it."""
+    """The patient id from PID-3 by the site's rule, and which repetition gave it.
+
+    PID-3 (CX, repeating) is split once: a sender may repeat it thousands of times.
+    """
     rule = rules.mapping.patient
-    repetitions = pid.repetitions(3)  # PID-3 patient identifier list (CX, repeating)
+    identifiers = pid.repetition_components(3)
     if rule.assigning_authority is None and rule.type_code is None:
-        candidates = [rule.repetition] if rule.repetition <= len(repetitions) else []
+        candidates = [rule.repetition] if rule.repetition <= len(identifiers) else []
     else:
         candidates = [
             i
-            for i in range(1, len(repetitions) + 1)
-            if _cx_matches(pid, i, rule.assigning_authority, rule.type_code)
+            for i, cx in enumerate(identifiers, 1)
+            if _cx_matches(pid, cx, rule.assigning_authority, rule.type_code)
         ]
     wanted = (
         " and ".join(
@@ -820,7 +828,7 @@ def _patient_id(pid: Segment, rules: FactRules) -> tuple[str, str]:
         or f"repetition {rule.repetition}"
     )
     for rep in candidates:
-        value = pid.component(3, 1, rep=rep).strip()  # CX.1 id number
+        value = pid.decode(3, _nth(identifiers[rep - 1], 1)).strip()  # CX.1 id number
         if value:
             return value, f"PID-3({rep}), {wanted}"
     raise MessageUnusable(
@@ -831,14 +839,19 @@ def _patient_id(pid: Segment, rules: FactRules) -> tuple[str, str]:
     )
 
 
-def _cx_matches(pid: Segment, rep: int, authority: str | None, type_code: str | None) -> bool:
+def _cx_matches(pid: Segment, cx: list[str], authority: str | None, type_code: str | None) -> bool:
+    """Whether one PID-3 repetition (raw components) has the authority and type wanted."""
     # CX.4 assigning authority is an HD: namespace id (.1) & universal id (.2).
-    authority_ok = authority is None or authority in (
-        pid.component(3, 4, rep=rep, sub=1),
-        pid.component(3, 4, rep=rep, sub=2),
-    )
-    type_ok = type_code is None or pid.component(3, 5, rep=rep) == type_code
-    return authority_ok and type_ok
+    if authority is not None:
+        hd = _nth(cx, 4).split(pid.encoding.subcomponent, 2)
+        if authority not in (pid.decode(3, _nth(hd, 1)), pid.decode(3, _nth(hd, 2))):
+            return False
+    return type_code is None or pid.decode(3, _nth(cx, 5)) == type_code  # CX.5 type code
+
+
+def _nth(parts: list[str], n: int) -> str:
+    """The n-th (1-based) of split parts, '' if absent."""
+    return parts[n - 1] if n <= len(parts) else ""
 
 
 def _message_time(message: Message, rules: FactRules, received_at: datetime) -> datetime | None:

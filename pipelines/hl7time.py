@@ -26,9 +26,9 @@ def parse_dtm(text: str, local: tzinfo = UTC) -> datetime:
     else:
         tz = local
     digits, _, fraction = value.partition(".")
-    if not digits.isdigit() or len(digits) not in (4, 6, 8, 10, 12, 14):
+    if not _ascii_digits(digits) or len(digits) not in (4, 6, 8, 10, 12, 14):
         raise Hl7TimeError(f"not an HL7 date/time: {text!r}")
-    if fraction and (not fraction.isdigit() or len(digits) != 14):
+    if fraction and (not _ascii_digits(fraction) or len(digits) != 14):
         raise Hl7TimeError(f"bad fractional seconds: {text!r}")
     parts = [int(digits[i : i + 2]) for i in range(4, len(digits), 2)]
     # Missing month/day default to 1, missing time parts to 0 (DTM precision).
@@ -44,7 +44,7 @@ def parse_date(text: str) -> date:
     """Parse a DT (or the date part of a DTM, as senders put in PID-7)."""
     value = text.strip()
     digits = value[:8]
-    if len(digits) < 8 or not digits.isdigit():
+    if len(digits) < 8 or not _ascii_digits(digits):
         raise Hl7TimeError(f"not an HL7 date: {text!r}")
     try:
         return date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
@@ -65,9 +65,14 @@ def _split_offset(value: str) -> tuple[str, tzinfo] | None:
         at = value.rfind(sign)
         if at > 0:
             zone = value[at + 1 :]
-            if len(zone) != 4 or not zone.isdigit():
-                raise Hl7TimeError(f"bad UTC offset in {value!r}")
+            if len(zone) != 4 or not _ascii_digits(zone) or zone > "2359" or zone[2] > "5":
+                raise Hl7TimeError(f"bad UTC offset in {value!r}")  # +9999 is no offset
             minutes = int(zone[:2]) * 60 + int(zone[2:])
             delta = timedelta(minutes=minutes if sign == "+" else -minutes)
             return value[:at], timezone(delta)
     return None
+
+
+def _ascii_digits(text: str) -> bool:
+    """0-9 only: ``str.isdigit`` also takes '¹' and '٣', which ``int`` refuses or misreads."""
+    return text.isascii() and text.isdigit()

@@ -158,3 +158,65 @@ def test_a_broken_message_echoes_what_its_msh_says() -> None:
 )
 def test_ack_code_by_outcome(error: Exception | None, code: AckCode) -> None:
     assert ack_code_for(error) is code  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- hostile headers
+# Issue 10, finding 5: ACKs that garbled MSH-10, split delimiters or broke the frame.
+
+
+def test_msa2_gives_a_utf8_msh10_back_byte_for_byte() -> None:
+    raw = inbound(control_id="CID-é")  # UTF-8 on the wire: CID-\xc3\xa9
+    ack = build_ack(read_header(raw))
+    assert b"MSA|AA|CID-\xc3\xa9\r" in ack  # not CID-Ã© (latin-1 read, UTF-8 written)
+
+
+def test_msa2_gives_a_latin1_msh10_back_byte_for_byte() -> None:
+    raw = inbound(control_id="CID-X").replace(b"CID-X", b"CID-\xe9")  # not valid UTF-8
+    assert b"MSA|AE|CID-\xe9|" in build_ack(read_header(raw), UNUSABLE)
+
+
+def test_msh18_decides_how_the_ack_is_encoded() -> None:
+    # MSH-18 8859/7 (Greek): 0xE1 is alpha; our own MSA-3 text goes out in 8859-7 too.
+    raw = b"MSH|^~\\&|LIS|LAB|EB|H|20260105||ORU^R01|ID-\xe1|P|2.5|||||GRC|8859/7\rPID|1"
+    error = MessageUnusable("unit \u03bcmol/L is not mapped", reason="mapping.unknown_unit")
+    ack = build_ack(read_header(raw), error)
+    assert b"MSA|AE|ID-\xe1|unit \xecmol/L is not mapped" in ack
+
+
+def test_the_sites_charset_reads_messages_without_msh18() -> None:
+    raw = inbound(control_id="X").replace(b"|X|", b"|ID-\xd0\xb6|")  # also valid UTF-8
+    assert b"|ID-\xd0\xb6\r" in build_ack(read_header(raw, "8859/5"))
+    assert read_header(raw, "8859/5").control_id == "ID-\u0430\u0416"  # two Cyrillic letters
+    assert read_header(raw).control_id == "ID-\u0436"  # one, read as UTF-8
+
+
+@pytest.mark.parametrize("separator", [b"\x93", b"\x1c", b"\x0b", b"\x7f"])
+def test_an_unusable_field_separator_still_gets_msh10_echoed(separator: bytes) -> None:
+    raw = b"MSH|^~\\&|LIS|LAB|EB|H|20260105||ORU^R01|C-93|P|2.5\rPID|1".replace(b"|", separator)
+    ack = build_ack(read_header(raw), MessageRejected("x", reason="hl7.bad_encoding"))
+    assert ack.startswith(b"MSH|^~\\&|")  # the standard delimiters, one byte each
+    assert b"MSA|AR|C-93|" in ack
+    assert separator not in ack
+
+
+@pytest.mark.parametrize("msh2", [b"^~^&", b"^~\\&ab", b"", b"^\x1c\\&", b"^~\\\x93"])
+def test_unusable_encoding_characters_fall_back_to_the_standard_ones(msh2: bytes) -> None:
+    raw = b"MSH|" + msh2 + b"|LIS|LAB|EB|H|20260105||ORU^R01|C-77|P|2.5\rPID|1"
+    ack = build_ack(read_header(raw), MessageRejected("x", reason="hl7.bad_encoding"))
+    assert ack.startswith(b"MSH|^~\\&|EB|H|LIS|LAB|")
+    assert Ack.parse(ack).control_id == "C-77"
+
+
+def test_framing_bytes_are_never_echoed() -> None:
+    raw = b"MSH|^~\\&|LIS\x0b|LAB|EB|H|20260105||ORU^R01|C\x1c1|P|2.5\x1c|||||\rPID|1"
+    ack = build_ack(read_header(raw), UNUSABLE)
+    assert b"\x1c" not in ack and b"\x0b" not in ack
+    assert ack.count(b"\r") == 3  # MSH, MSA, ERR: no segment cut short
+    assert b"MSA|AE|C1|" in ack
+
+
+def test_a_non_ascii_digit_in_the_version_does_not_break_the_ack() -> None:
+    ack = build_ack(read_header(inbound("2.5.¹")), UNUSABLE)
+    assert b"MSA|AE|CTRL-9|" in ack and b"|2.5.\xc2\xb9\r" in ack
+    long_version = build_ack(read_header(inbound("2." + "9" * 5000)))
+    assert Ack.parse(long_version).control_id == "CTRL-9"
