@@ -50,7 +50,13 @@ from dataclasses import asdict, dataclass
 
 from ehrbridge.adapters.tls import CertificateReloader, server_context, subject_allowed
 from ehrbridge.config import MllpListen
-from ehrbridge.pipelines.ack import ack_code_for, build_ack, read_header
+from ehrbridge.pipelines.ack import (
+    AckHeader,
+    ack_code_for,
+    build_ack,
+    empty_header,
+    read_header,
+)
 from ehrbridge.pipelines.contracts import Deliver, Envelope, Kind
 from ehrbridge.pipelines.errors import ConfigError, EhrbridgeError, UpstreamUnavailable
 from ehrbridge.pipelines.ingest import INGEST_DETAIL_HEADER, INGEST_ERROR_HEADER
@@ -373,7 +379,7 @@ class MllpSource:
         await asyncio.wait_for(writer.drain(), self.listen.write_timeout_s)
 
     async def _answer(self, frame: Frame, deliver: Deliver) -> bytes | None:
-        header = read_header(frame.payload, self.listen.charset)
+        header = self._header(frame.payload)
         envelope = Envelope(
             site=self.site,
             source_id=header.control_id or f"unidentified-{next(_unnamed)}",
@@ -398,4 +404,16 @@ class MllpSource:
         if not frame.wants_ack:
             return None
         self.acks[ack_code_for(error).value] += 1
-        return build_ack(header, error)
+        try:
+            return build_ack(header, error)
+        except Exception as exc:  # a bug must not cost the sender its one ACK
+            log.error("%s: %s building the ACK", envelope.describe(), type(exc).__name__)
+            return build_ack(empty_header(), error)
+
+    def _header(self, payload: bytes) -> AckHeader:
+        """What the ACK echoes (read_header never raises; a bug there must not either)."""
+        try:
+            return read_header(payload, self.listen.charset)
+        except Exception as exc:
+            log.error("MLLP: %s reading an MSH for the ACK", type(exc).__name__)
+            return empty_header()

@@ -29,6 +29,7 @@ from ehrbridge.pipelines.er7 import (
     Encoding,
     Message,
     Segment,
+    codec_for_charset,
     decode_with_codec,
     escape,
     read_encoding,
@@ -83,6 +84,7 @@ class AckHeader:
     processing_id: str  # MSH-11
     version: str  # MSH-12
     codec: str = "utf-8"  # the codec that decoded the message: the ACK is encoded with it
+    charset: str = ""  # MSH-18 when it named that codec: the ACK declares it too
 
 
 def ack_code_for(error: EhrbridgeError | None) -> AckCode:
@@ -108,12 +110,14 @@ def build_ack(
             header.receiving[1],
             header.sending[0],
             header.sending[1],
-            format_dtm(now or datetime.now(UTC)),
+            # '+' or '.' may be a delimiter of this message: our own text is escaped too.
+            escape(format_dtm(now or datetime.now(UTC)), enc),
             "",
             _ack_type(header, enc),
             _new_control_id(),
             header.processing_id or "P",
-            header.version or DEFAULT_VERSION,
+            header.version or escape(DEFAULT_VERSION, enc),
+            *(["", "", "", "", "", header.charset] if header.charset else []),  # MSH-18
         ]
     )
     msa = [code.value, header.control_id]
@@ -125,7 +129,10 @@ def build_ack(
     text = "\r".join(segment.translate(_FRAMING) for segment in segments) + "\r"
     # Echoed fields were decoded with this codec, so they go back as the same bytes;
     # our own text is ASCII but for a unit or code named in a detail.
-    return text.encode(header.codec, errors="replace")
+    try:
+        return text.encode(header.codec, errors="replace")
+    except (LookupError, UnicodeError):  # a codec that cannot write our text at all
+        return text.encode("utf-8", errors="replace")
 
 
 def _ack_type(header: AckHeader, enc: Encoding) -> str:
@@ -187,7 +194,16 @@ def header_of(message: Message, codec: str = "utf-8") -> AckHeader:
         processing_id=_echo(msh.raw_component(11, 1)),
         version=_echo(msh.raw_component(12, 1)),
         codec=codec,
+        charset=_declared_charset(msh, codec),
     )
+
+
+def _declared_charset(msh: Segment, codec: str) -> str:
+    """MSH-18 as sent, if the message was read in the codec it names (else '')."""
+    label = msh.raw_component(18, 1)
+    if not label or len(label) > _ECHO_MAX or codec_for_charset(label.strip()) != codec:
+        return ""
+    return label.translate(_FRAMING)
 
 
 def _echo(value: str) -> str:
@@ -207,7 +223,7 @@ def read_header(raw: bytes, charset: str = "utf-8") -> AckHeader:
     text, codec = decode_with_codec(raw, charset)
     start = text.find("MSH")
     if start < 0:
-        return _empty_header(codec)
+        return empty_header(codec)
     end = len(text)
     for stop in ("\r", "\n"):
         at = text.find(stop, start)
@@ -224,7 +240,7 @@ def _fallback_header(line: str, codec: str) -> AckHeader:
     """MSH-10 and friends from a line whose encoding characters are unusable."""
     fs = line[3:4]
     if not fs or fs.isalnum() or fs in " \t":  # 0x1C counts as whitespace in Python
-        return _empty_header(codec)
+        return empty_header(codec)
     fields = [DEFAULT_ENCODING.field, *line[4:].split(fs)]  # fields[k] is MSH-(k+1)
     fields += [""] * (12 - len(fields))
     enc = DEFAULT_ENCODING
@@ -244,7 +260,8 @@ def _fallback_header(line: str, codec: str) -> AckHeader:
     )
 
 
-def _empty_header(codec: str) -> AckHeader:
+def empty_header(codec: str = "utf-8") -> AckHeader:
+    """The header of an ACK to a frame with no readable MSH: standard delimiters, v2.5."""
     return AckHeader(DEFAULT_ENCODING, ("", ""), ("", ""), "", "", "P", DEFAULT_VERSION, codec)
 
 

@@ -345,18 +345,23 @@ def _charset_key(label: str) -> str:
 
 
 _CHARSET_KEYS = {_charset_key(label): codec for label, codec in _CHARSETS.items()}
+_PROBE = "MSH|^~\\&"  # what every charset a message can be read in must keep as it is
 
 
 @lru_cache(maxsize=128)
 def codec_for_charset(charset: str) -> str | None:
-    """The Python codec name for an MSH-18 value, or None if unknown."""
+    """The Python codec name for an MSH-18 value, or None if unknown or not a charset."""
     key = _charset_key(charset)
     # Senders also put plain codec names there ("UTF-8", "windows-1252").
     name = _CHARSET_KEYS.get(key, key)
     try:
-        return codecs.lookup(name).name
-    except LookupError:
+        codec = codecs.lookup(name).name
+        probe = _PROBE.encode(codec)
+    except (LookupError, ValueError, UnicodeError):  # unknown, "UTF\x00-8", or not text
         return None
+    if probe != _PROBE.encode("ascii") and not codec.startswith(_ASCII_UNSAFE_PREFIXES):
+        return None  # rewrites the delimiters (unicode_escape, punycode): not a charset
+    return codec
 
 
 def decode_message(raw: bytes | bytearray, charset: str = "utf-8") -> str:
@@ -398,22 +403,17 @@ def decode_with_codec(raw: bytes | bytearray, charset: str = "utf-8") -> tuple[s
     if text.isascii() and not codec.startswith(_ASCII_UNSAFE_PREFIXES):
         return text, used
     try:
-        return data.decode(codec), codec
-    except UnicodeDecodeError:
+        declared_text = data.decode(codec)
+    except UnicodeError:  # UnicodeDecodeError, or a codec's own (iso2022 escapes)
         return text, used  # the declaration is wrong; keep the first reading
+    if not _same_msh_fields(declared_text, text):
+        return text, used  # so is this one (see _same_msh_fields)
+    return declared_text, codec
 
 
 def _msh18(text: str) -> str:
     """MSH-18 (first repetition, first component) of the first MSH, or ''."""
-    start = 0 if text.lstrip(_LEADING_JUNK).startswith("MSH") else -1
-    if start == 0:
-        start = text.find("MSH")
-    else:  # a batch: the first MSH at the start of a line
-        starts = [i + 1 for i in (text.find("\rMSH"), text.find("\nMSH")) if i >= 0]
-        start = min(starts) if starts else -1
-    if start < 0:
-        return ""
-    line = text[start : start + _line_end(text, start)]
+    line = _msh_line(text)
     sep = line[3:4]
     if not sep or line.count(sep) < 17:
         return ""
@@ -423,6 +423,29 @@ def _msh18(text: str) -> str:
     if len(msh2) >= 2:  # first repetition, first component (delimiters not validated yet)
         value = value.split(msh2[1])[0].split(msh2[0])[0]
     return value.strip()
+
+
+def _msh_line(text: str) -> str:
+    """The first MSH line ('' if none): at the start, or at the start of a line (batch)."""
+    start = 0 if text.lstrip(_LEADING_JUNK).startswith("MSH") else -1
+    if start == 0:
+        start = text.find("MSH")
+    else:  # a batch: the first MSH at the start of a line
+        starts = [i + 1 for i in (text.find("\rMSH"), text.find("\nMSH")) if i >= 0]
+        start = min(starts) if starts else -1
+    if start < 0:
+        return ""
+    return text[start : start + _line_end(text, start)]
+
+
+def _same_msh_fields(declared: str, first: str) -> bool:
+    """Whether the declared codec's reading splits MSH into the same fields as the first.
+
+    GB 18030 and Big5 have trailing bytes in the ASCII range ('|' is 0x7C): a
+    wrong declaration would swallow delimiters, and MSH-10 would be misread.
+    """
+    line, other = _msh_line(declared), _msh_line(first)
+    return line[3:4] == other[3:4] and line.count(line[3:4]) == other.count(other[3:4])
 
 
 def _line_end(text: str, start: int) -> int:

@@ -181,6 +181,7 @@ def test_msh18_decides_how_the_ack_is_encoded() -> None:
     error = MessageUnusable("unit \u03bcmol/L is not mapped", reason="mapping.unknown_unit")
     ack = build_ack(read_header(raw), error)
     assert b"MSA|AE|ID-\xe1|unit \xecmol/L is not mapped" in ack
+    assert b"|P|2.5||||||8859/7\rMSA" in ack  # and it says so in its own MSH-18
 
 
 def test_the_sites_charset_reads_messages_without_msh18() -> None:
@@ -220,3 +221,24 @@ def test_a_non_ascii_digit_in_the_version_does_not_break_the_ack() -> None:
     assert b"MSA|AE|CTRL-9|" in ack and b"|2.5.\xc2\xb9\r" in ack
     long_version = build_ack(read_header(inbound("2." + "9" * 5000)))
     assert Ack.parse(long_version).control_id == "CTRL-9"
+
+
+@pytest.mark.parametrize("separator", ["+", ".", "-"])
+def test_our_own_timestamp_and_version_are_escaped_when_they_hold_a_delimiter(
+    separator: str,
+) -> None:
+    # Found by the fuzzer: MSH-7 "20260105103000+0000" split MSH into one field more.
+    raw = f"MSH{separator}^~\\&{separator}LIS{separator}{separator}{separator}{separator}"
+    ack = build_ack(read_header(raw.encode()), MessageRejected("x"))
+    msh = Message.parse(ack).msh
+    assert msh.component(9, 1) == "ACK" and msh.value(12) == "2.5"
+    assert msh.value(7).endswith("+0000")
+
+
+def test_a_charset_that_would_swallow_a_delimiter_is_not_believed() -> None:
+    # Found by the fuzzer: in GB 18030, 0x90 0x7C is one character, so reading these
+    # bytes as declared would shift every MSH field after MSH-3 by one.
+    raw = b"MSH|^~\\&|\xc6\xb4\x90||||||ADT^A01|C-GB|P|2.6||||||GB 18030-2000\rPID|1"
+    ack = build_ack(read_header(raw), UNUSABLE)
+    assert b"MSA|AE|C-GB|" in ack
+    assert Message.parse(ack).msh.raw_component(9, 1) == "ACK"

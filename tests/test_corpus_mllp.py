@@ -9,49 +9,19 @@ a good message at the end.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from itertools import pairwise
-from pathlib import Path
 
 import pytest
 from conftest import CORPUS
 
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.bench.fuzz import corpus_files, messages_in
 from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.ack import read_header
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
-
-_MESSAGE_START = re.compile(rb"(?:^|(?<=[\r\n]))MSH")
-_BATCH_LINE = re.compile(rb"^(?:FHS|BHS|BTS|FTS)\b.*$", re.MULTILINE)
-
-
-def corpus_files() -> list[Path]:
-    root = CORPUS / "hl7v2"
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix in {".hl7", ".txt", ".xml"}
-    )
-
-
-def messages_in(raw: bytes) -> list[bytes]:
-    """Split a file into messages as a file-reading interface engine would.
-
-    Batch header/trailer lines (FHS/BHS/BTS/FTS) are the file's envelope, not
-    part of a message. MLLP control bytes saved in a file are removed so that
-    the frame boundaries are ours.
-    """
-    text = raw.replace(b"\x0b", b"").replace(b"\x1c", b"")
-    text = _BATCH_LINE.sub(b"", text)
-    starts = [m.start() for m in _MESSAGE_START.finditer(text)]
-    if not starts:
-        return [text] if text.strip() else []
-    chunks = [text[: starts[0]]] if text[: starts[0]].strip() else []
-    bounds = [*starts, len(text)]
-    chunks += [text[a:b] for a, b in pairwise(bounds)]
-    return chunks
 
 
 def first_pid3_repetition(config: SiteConfig) -> SiteConfig:
@@ -72,7 +42,7 @@ def corpus_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Background
 
 def test_every_corpus_message_gets_an_ack(corpus_site: BackgroundSandbox) -> None:
     sandbox = corpus_site
-    files = corpus_files()
+    files = corpus_files(CORPUS / "hl7v2")
     assert len(files) > 600, f"corpus not found or incomplete at {CORPUS}"
     codes: Counter[str] = Counter()
     port = sandbox.sandbox.mllp_port

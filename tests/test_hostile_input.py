@@ -144,3 +144,11 @@ def test_control_characters_are_not_delimiters(separator: str) -> None:
     with pytest.raises(MessageRejected) as caught:
         Message.parse(MSH.replace("|", separator) + "\r" + PID)
     assert caught.value.reason == "hl7.bad_encoding"
+
+
+def test_a_value_of_64_thousand_spaces_is_read_in_linear_time() -> None:
+    # Found by the fuzzer: '^\s*(op)?\s*number' backtracked quadratically (37 s).
+    started = time.perf_counter()
+    assert read_number(" " * 60_000 + "x") is None
+    assert read_number(" " * 60_000 + "< 5 ") == ("<", 5.0)
+    assert time.perf_counter() - started < 1.0
