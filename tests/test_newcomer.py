@@ -18,7 +18,9 @@ from ehrbridge.mappings.unmapped import CodeStats, UnmappedReport, render
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.sandbox.fhir_server import FhirStore, parse_search
 from ehrbridge.sandbox.run import (
+    FHIR_JOURNAL,
     BackgroundSandbox,
+    banner,
     example_message_file,
     progress,
     sandbox_fhir_site_file,
@@ -57,6 +59,23 @@ def test_a_restarted_sandbox_still_holds_in_the_ehr_what_it_says_was_delivered(
         assert observations(restarted) == before == runtime.results.count(Delivery.DELIVERED)
         found = httpx.get(f"{restarted.sandbox.fhir_base}/Observation").json()
         assert found["total"] == before
+
+
+def test_the_banner_warns_when_the_ehr_lost_what_an_earlier_run_delivered(
+    tmp_path: Path,
+) -> None:
+    with BackgroundSandbox(tmp_path, fhir_site=False) as running:
+        with MllpClient("127.0.0.1", running.sandbox.mllp_port) as client:
+            assert client.send(example_message()).code == "AA"
+        runtime = running.sandbox.runtime
+        assert runtime is not None
+        wait_for(lambda: runtime.results.count(Delivery.DELIVERED) or None, what="delivery")
+        assert "WARNING" not in banner(running.sandbox, traffic=False)
+    (tmp_path / FHIR_JOURNAL).unlink()  # a data dir from before the stand-in kept its store
+    with BackgroundSandbox(tmp_path, fhir_site=False) as restarted:
+        shown = banner(restarted.sandbox, traffic=False)
+    assert "WARNING: 1 result(s) were delivered by an earlier run" in shown
+    assert "--fresh" in shown
 
 
 def test_the_fhir_store_journal_replays_versions_deletions_and_undone_writes(
