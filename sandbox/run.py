@@ -282,7 +282,15 @@ def _send_your_own(sandbox: Sandbox) -> list[str]:
         f"  {cli} send examples/oru-r01-sandbox.hl7{port}     (prints the ACK)",
         f"  {cli} mappings explain --site {_shown(sandbox_site_file())} FILE"
         "   (what the site does with each OBX)",
+        f"  {_data_dir_env(sandbox)}{cli} dlq list --config {_shown(sandbox_site_file())}"
+        "   (messages that got AE or AR, with the reason)",
     ]
+
+
+def _data_dir_env(sandbox: Sandbox) -> str:
+    """What makes a command given sandbox/site.yaml read this run's data dir."""
+    named = load_site_config(sandbox_site_file()).data_dir.resolve()
+    return "" if named == sandbox.data_dir.resolve() else f"EHRBRIDGE_DATA_DIR={sandbox.data_dir} "
 
 
 def _kept(sandbox: Sandbox) -> list[str]:

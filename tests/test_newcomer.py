@@ -75,6 +75,8 @@ def test_the_banner_warns_when_the_ehr_lost_what_an_earlier_run_delivered(
     with BackgroundSandbox(tmp_path, fhir_site=False) as restarted:
         shown = banner(restarted.sandbox, traffic=False)
     assert "WARNING: 1 result(s) were delivered by an earlier run" in shown
+    # Another --data-dir than sandbox/site.yaml names: the dlq command says how to reach it.
+    assert f"EHRBRIDGE_DATA_DIR={tmp_path} " in shown and "dlq list --config" in shown
     assert "--fresh" in shown
 
 

@@ -106,6 +106,7 @@ def sandbox(clone: Path) -> Iterator[Ports]:
         banner = read_until(process, "--fresh starts over", time.monotonic() + SET_UP_TIMEOUT_S)
         assert "BuildBackendWarning" not in banner and "Editable installation" not in banner
         assert "^^^SANDBOX^MR" in banner  # the banner says what PID-3 needs
+        assert "\n  .venv/bin/ehrbridge dlq list --config sandbox/site.yaml " in banner
         yield ports
     finally:
         os.killpg(process.pid, signal.SIGINT)
