@@ -617,8 +617,9 @@ class _Walker:
     # -- results ----------------------------------------------------------------
 
     def _observe_safely(self, obx: Segment, patient: PatientExtract) -> None:
-        note = self._note(obx) if self.trace is not None else None
-        try:
+        note = None
+        try:  # explain's note reads OBX-5 too, which may be over a cap
+            note = self._note(obx) if self.trace is not None else None
             self._observe(obx, patient, note)
         except MessageUnusable as error:
             if note is not None:

@@ -21,7 +21,7 @@ from ehrbridge.pipelines.er7 import (
     unescape,
 )
 from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
-from ehrbridge.pipelines.facts import FactRules, extract, read_number
+from ehrbridge.pipelines.facts import FactRules, Trace, extract, read_number
 from ehrbridge.pipelines.hl7time import Hl7TimeError, parse_date, parse_dtm
 
 SITE = Path(__file__).resolve().parents[1] / "sandbox" / "site.yaml"
@@ -152,3 +152,10 @@ def test_a_value_of_64_thousand_spaces_is_read_in_linear_time() -> None:
     assert read_number(" " * 60_000 + "x") is None
     assert read_number(" " * 60_000 + "< 5 ") == ("<", 5.0)
     assert time.perf_counter() - started < 1.0
+
+
+def test_explain_reports_a_value_over_the_cap_instead_of_failing() -> None:
+    trace = Trace()
+    huge = "OBX|1|ED|98979-8^eGFR^LN||" + "A" * (MAX_VALUE_CHARS + 1) + "|x^^UCUM|||||F"
+    extract(Message.parse("\r".join([MSH, PID, OBR, huge])), RULES, trace)
+    assert any("hl7.field_too_long" in problem for problem in trace.problems)
