@@ -35,6 +35,7 @@ from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 FIRST_DAY = datetime(2024, 1, 1, 8, 0, tzinfo=UTC)
+IN_DOMAIN_EGFR = 50.0  # true eGFR below which every measured one is below 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +66,11 @@ class SenderResult:
 def build_messages(spec: SenderSpec) -> list[tuple[str, bytes]]:
     """This sender's messages: its patients in turn, one new day per round."""
     ehr = SyntheticEhr(seed=spec.seed, patients=spec.patients)
-    # Sex U patients get no eGFR and no CKD-EPI: no prediction, so they are left out.
-    usable = [p for p in ehr.patients if p.sex != "U"]
+    # Sex U patients get no eGFR and no CKD-EPI: no prediction, so they are left out; so
+    # are those outside KFRE's domain (eGFR < 60, pipelines/domain.py) on the first day.
+    # True eGFR only falls, and 50 leaves room for the measurement noise.
+    first = FIRST_DAY + timedelta(days=spec.first_day)
+    usable = [p for p in ehr.patients if p.sex != "U" and p.true_egfr(first) < IN_DOMAIN_EGFR]
     mine = usable[spec.index :: spec.senders]
     messages = []
     for n in range(spec.messages):
