@@ -59,7 +59,15 @@ import org.springframework.orm.jpa.LocalContainerEntityManagerFactoryBean;
  * ehrbridge.validation=true every request body is checked by the instance
  * validator against the R4 core, invalid resources answering 422.
  */
-@SpringBootApplication(exclude = {QuartzAutoConfiguration.class, HibernateJpaAutoConfiguration.class})
+// HAPI brings Elasticsearch and Thymeleaf jars; their auto-configurations would
+// sniff for a cluster that is not there and look for templates that are not used.
+@SpringBootApplication(
+        exclude = {QuartzAutoConfiguration.class, HibernateJpaAutoConfiguration.class},
+        excludeName = {
+            "org.springframework.boot.autoconfigure.elasticsearch.ElasticsearchRestClientAutoConfiguration",
+            "org.springframework.boot.autoconfigure.elasticsearch.ElasticsearchClientAutoConfiguration",
+            "org.springframework.boot.autoconfigure.thymeleaf.ThymeleafAutoConfiguration"
+        })
 @Import({
     JpaR4Config.class,
     ThreadPoolFactoryConfig.class,
