@@ -304,12 +304,22 @@ class Hl7Code(Strict):
     system: str = "99EHB"  # HL7 table 0396: 99zzz is a local coding system
 
 
+class PlaceholderName(Strict):
+    """PID-5 when no name was received: PID-5 is required (R) in ORU^R01 from v2.5."""
+
+    family: str = Field("UNKNOWN", min_length=1, max_length=100)  # XPN.1
+    # XPN.7, HL7 table 0200: S "coded pseudo-name to ensure anonymity", U unspecified.
+    name_type: Literal["S", "U"] = "S"
+
+
 class Hl7v2Writeback(Strict):
     """Results as ORU^R01 over MLLP, for EHRs without FHIR write access."""
 
     host: str = Field(..., min_length=1)
     port: int = Field(..., ge=1, le=65535)
-    version: str = "2.5.1"  # MSH-12
+    # MSH-12. The versions whose ORU_R01 structure our messages conform to, checked
+    # strictly with hl7apy (2.3.x lacks OBX-19 and MSH-9.3; 2.8 requires ORC).
+    version: Literal["2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1"] = "2.5.1"
     processing_id: str = "P"  # MSH-11: P production, T training, D debugging
     sending_application: str = "EHRBRIDGE"  # MSH-3
     sending_facility: str | None = None  # MSH-4, default: the site name
@@ -324,6 +334,7 @@ class Hl7v2Writeback(Strict):
     order: Hl7Code = Hl7Code(code="KFRE", text="Kidney failure risk (KFRE 4-variable)")
     risk_2y: Hl7Code = Hl7Code(code="KFRE2Y", text="Kidney failure risk within 2 years")
     risk_5y: Hl7Code = Hl7Code(code="KFRE5Y", text="Kidney failure risk within 5 years")
+    unknown_name: PlaceholderName = PlaceholderName()  # PID-5 when no name was received
 
 
 class Writeback(Strict):

@@ -137,11 +137,40 @@ class Unused:
     unit: str = ""
 
 
+NAME_PART_MAX = 100  # characters kept of each name part: bounds what a sender makes us keep
+
+
+@dataclass(frozen=True, slots=True)
+class PersonName:
+    """The patient's name as the EHR sent it (PID-5, Patient.name), for the ORU's PID-5.
+
+    PHI: never logged, never put in an error's reason or detail.
+    """
+
+    family: str
+    given: str = ""
+    middle: str = ""
+
+    def to_json(self) -> list[str]:
+        return [self.family, self.given, self.middle]
+
+    @classmethod
+    def from_json(cls, parts: list[str] | None) -> PersonName | None:
+        return cls(*parts[:3]) if parts else None
+
+
+def person_name(family: str, given: str = "", middle: str = "") -> PersonName | None:
+    """A name from its parts, each trimmed and capped; None when it has neither family nor given."""
+    parts = [part.strip()[:NAME_PART_MAX] for part in (family, given, middle)]
+    return PersonName(*parts) if parts[0] or parts[1] else None
+
+
 @dataclass(frozen=True, slots=True)
 class Demographics:
     birth_date: date | None
     sex: str | None  # HL7 table 0001: F, M, O, U, A, N
     as_of: datetime | None  # MSH-7 of the message that said so
+    name: PersonName | None = None
 
 
 @dataclass
@@ -583,7 +612,8 @@ class _Walker:
         except MessageUnusable as error:
             self._fail(error)
             birth = None
-        patient.demographics = Demographics(birth, sex or None, self.sent_at)
+        name = _pid_name(self.group["PID"])
+        patient.demographics = Demographics(birth, sex or None, self.sent_at, name)
         self._check_birth(patient, birth_source)
         if self.trace is not None:
             note = self.trace.patients[len(self.patients) - 1]
@@ -871,6 +901,11 @@ def _message_time(message: Message, rules: FactRules, received_at: datetime) -> 
     if sent is not None and time_problem(rules, sent, received_at) is not None:
         return None
     return sent
+
+
+def _pid_name(pid: Segment) -> PersonName | None:
+    """PID-5's first repetition (XPN): .1.1 surname (FN.1), .2 given name, .3 further given."""
+    return person_name(pid.component(5, 1, sub=1), pid.component(5, 2), pid.component(5, 3))
 
 
 def _birth_date(text: str, source: str) -> date | None:

@@ -55,10 +55,12 @@ from ehrbridge.pipelines.facts import (
     ObservationTrace,
     PatientExtract,
     PatientTrace,
+    PersonName,
     Trace,
     Unused,
     before_birth,
     conversion_for,
+    person_name,
     plausibility_flag,
     read_number,
     time_problem,
@@ -237,8 +239,9 @@ class _Reader:
         self._by_resource[id(resource)] = patient_id
         extract = self.patients.get(patient_id)
         if extract is None:
+            name = _patient_name(resource.get("name"))
             self.patients[patient_id] = PatientExtract(
-                patient_id, Demographics(birth, sex, self.as_of)
+                patient_id, Demographics(birth, sex, self.as_of, name)
             )
         if self.trace is not None:
             self.trace.patients.append(
@@ -503,6 +506,19 @@ def _relative(reference: str) -> str:
     """``https://ehr/fhir/Patient/12`` → ``Patient/12`` (history suffixes dropped)."""
     parts = reference.split("/_history/", maxsplit=1)[0].rstrip("/").split("/")
     return "/".join(parts[-2:]) if len(parts) >= 2 else reference
+
+
+def _patient_name(names: Any) -> PersonName | None:
+    """Patient.name: the official one, else the first (HumanName family, given[0], given[1])."""
+    if not isinstance(names, list):
+        return None
+    usable = [n for n in names if isinstance(n, dict)]
+    chosen = next((n for n in usable if n.get("use") == "official"), usable[0] if usable else None)
+    if chosen is None:
+        return None
+    given = [g for g in chosen.get("given") or [] if isinstance(g, str)] + ["", ""]
+    family = chosen.get("family")
+    return person_name(family if isinstance(family, str) else "", given[0], given[1])
 
 
 def _birth_date(text: Any) -> date | None:

@@ -5,7 +5,7 @@ field per line here::
 
     MSH  |^~\\&|EHRBRIDGE|<site>|<EHR app>|<EHR facility>|<now>||ORU^R01^ORU_R01
          |<control id>|P|2.5.1
-    PID  |1||<patient id>^^^<assigning authority>^<type>
+    PID  |1||<patient id>^^^<assigning authority>^<type>||<family>^<given>^<middle>
     OBR  |1||<prediction identifier>^EHRBRIDGE|KFRE^Kidney failure risk^99EHB
          |||<anchor>| ... |<now> (OBR-22)| ... |F (OBR-25)
     NTE  |1|L|Model kfre-4var 1.0.0 (north_american); mapping <version>; inputs: ...
@@ -25,8 +25,10 @@ field per line here::
 * MSH-10 is deterministic in the content (identifier, values, status): a
   resend after an ACK timeout carries the **same** control id, so the
   receiver can de-duplicate, while a corrected result gets a new one;
-* PID-5 (name) is left empty: ehrbridge holds no names. Receivers match the
-  patient on PID-3.
+* PID-5 (name, required from v2.5) is the name the EHR sent with the results
+  (PID-5 or Patient.name), else the site's placeholder (``UNKNOWN^^^^^^S``:
+  HL7 table 0200 ``S``, a pseudonym). Receivers match the patient on PID-3;
+  the name is PHI and is never logged.
 
 Assembled as strings, like the ACKs: about 0.1 ms per message, where
 building it with hl7apy's object model takes about 24 ms (measured on the
@@ -41,9 +43,10 @@ import hashlib
 import re
 from datetime import UTC, datetime
 
-from ehrbridge.config import Hl7Code, Hl7v2Writeback, SiteConfig
+from ehrbridge.config import Hl7Code, Hl7v2Writeback, PlaceholderName, SiteConfig
 from ehrbridge.pipelines.domain import bounded_note
 from ehrbridge.pipelines.er7 import Encoding, escape
+from ehrbridge.pipelines.facts import PersonName
 from ehrbridge.pipelines.hl7time import format_dtm
 from ehrbridge.pipelines.records import Prediction
 
@@ -96,7 +99,7 @@ def build_oru(
     stamp = format_dtm((now or datetime.now(UTC)).astimezone(UTC))
     segments = [
         _msh(target, config.site, stamp, msh_10),
-        _pid(prediction, config),
+        _pid(prediction, config, target.unknown_name),
         _obr(prediction, target, stamp, status),
         _nte(prediction),
         *(
@@ -134,7 +137,14 @@ def _msh(target: Hl7v2Writeback, site: str, stamp: str, msh_10: str) -> str:
     )
 
 
-def _pid(prediction: Prediction, config: SiteConfig) -> str:
+def _xpn(name: PersonName | None, placeholder: PlaceholderName) -> str:
+    """PID-5 as XPN: family (XPN.1), given (.2), further given (.3); or the placeholder."""
+    if name is None:
+        return f"{_e(placeholder.family)}^^^^^^{placeholder.name_type}"  # XPN.7 name type
+    return "^".join([_e(name.family), _e(name.given), _e(name.middle)]).rstrip("^")
+
+
+def _pid(prediction: Prediction, config: SiteConfig, placeholder: PlaceholderName) -> str:
     rule = config.mapping.patient
     if rule.assigning_authority:
         authority = _e(rule.assigning_authority)  # CX.4 HD.1 namespace id
@@ -142,7 +152,9 @@ def _pid(prediction: Prediction, config: SiteConfig) -> str:
         # CX.4 HD.2/HD.3: the FHIR identifier system as a universal id of type URI.
         authority = "&" + _e(prediction.patient_system) + "&URI"
     cx = "^".join([_e(prediction.patient_id), "", "", authority, _e(rule.type_code or "MR")])
-    return "|".join(["PID", "1", "", cx])  # PID-1 set id, PID-3 patient identifier list
+    name = _xpn(prediction.patient_name, placeholder)
+    # PID-1 set id, PID-3 patient identifier list, PID-5 patient name
+    return "|".join(["PID", "1", "", cx, "", name])
 
 
 def _obr(prediction: Prediction, target: Hl7v2Writeback, stamp: str, status: str) -> str:
@@ -194,6 +206,7 @@ def _obx(
     fields[1] = str(number)  # OBX-1 set id
     fields[2] = "NM"  # OBX-2 value type
     fields[3] = _cwe(code)  # OBX-3 observation identifier
+    fields[4] = "1"  # OBX-4 sub-id: required from v2.7; each OBX is its own observation
     fields[5] = risk_text(fraction)  # OBX-5 value
     fields[6] = UCUM_PERCENT  # OBX-6 units
     fields[7] = _e(reference_range(config, horizon))  # OBX-7 reference range

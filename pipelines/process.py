@@ -37,7 +37,14 @@ from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.drift import feature_values
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable, PermanentError
-from ehrbridge.pipelines.facts import UNMAPPED, Extraction, FactRules, PatientExtract, extract
+from ehrbridge.pipelines.facts import (
+    UNMAPPED,
+    Extraction,
+    FactRules,
+    PatientExtract,
+    PersonName,
+    extract,
+)
 from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
 from ehrbridge.pipelines.fhir_facts import extract_fhir
 from ehrbridge.pipelines.history import by_episode
@@ -55,6 +62,7 @@ class _Pending:
     patient_id: str
     features: FeatureRecord
     revision: int
+    name: PersonName | None
 
 
 class ProcessStage:
@@ -126,7 +134,9 @@ class ProcessStage:
                 key = (patient.patient_id, result.episode)
                 pending.pop(key, None)  # re-insert: outputs keep processing order
                 if isinstance(result, FeatureRecord):
-                    pending[key] = _Pending(envelope, patient.patient_id, result, state.revision)
+                    pending[key] = _Pending(
+                        envelope, patient.patient_id, result, state.revision, state.name
+                    )
                 else:
                     self._not_scored(envelope, result)
         if states:
@@ -201,6 +211,7 @@ class ProcessStage:
             (risk_2y, risk_5y),
             source_id=item.envelope.source_id,
             state_revision=item.revision,
+            patient_name=item.name,
         )
 
 
@@ -213,6 +224,7 @@ def site_prediction(
     *,
     source_id: str,
     state_revision: int = 0,
+    patient_name: PersonName | None = None,
 ) -> Prediction:
     """The model's answer for one feature record, named and identified for ``config``'s site."""
     risk_2y, risk_5y = risks
@@ -228,4 +240,5 @@ def site_prediction(
         mapping_version=config.mapping.version,
         identifier=prediction_identifier(config.site, model, patient_id, features),
         state_revision=state_revision,
+        patient_name=patient_name,
     )

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from ehrbridge.pipelines.facts import Fact
+from ehrbridge.pipelines.facts import Fact, PersonName
 from ehrbridge.pipelines.features import FeatureRecord
 
 
@@ -46,6 +46,8 @@ class Prediction:
     mapping_version: str
     identifier: str
     state_revision: int = 0  # the patient state's revision it was computed from
+    # The name the EHR sent, for the ORU's PID-5 (PHI like patient_id: never logged).
+    patient_name: PersonName | None = None
 
     @property
     def anchor(self) -> datetime:
@@ -69,6 +71,7 @@ class Prediction:
                 "mapping_version": self.mapping_version,
                 "identifier": self.identifier,
                 "state_revision": self.state_revision,
+                "patient_name": self.patient_name.to_json() if self.patient_name else None,
             }
         )
 
@@ -98,6 +101,7 @@ class Prediction:
             mapping_version=data["mapping_version"],
             identifier=data["identifier"],
             state_revision=data.get("state_revision", 0),
+            patient_name=PersonName.from_json(data.get("patient_name")),
         )
 
 

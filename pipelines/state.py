@@ -24,7 +24,7 @@ import orjson
 
 from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
 from ehrbridge.pipelines.errors import UpstreamUnavailable
-from ehrbridge.pipelines.facts import Demographics, Fact, PatientExtract
+from ehrbridge.pipelines.facts import Demographics, Fact, PatientExtract, PersonName
 
 MAX_FACTS_PER_FEATURE = 64  # bounds state size; far more than any window needs
 
@@ -34,6 +34,7 @@ class PatientState:
     patient_id: str
     birth_date: date | None = None
     sex: str | None = None
+    name: PersonName | None = None  # for the ORU's PID-5 (PHI: never logged)
     demographics_as_of: datetime | None = None
     facts: dict[str, list[Fact]] = field(default_factory=dict)
     last_outcome: dict[str, Any] | None = None  # latest feature record or "not enough data" reason
@@ -58,6 +59,8 @@ class PatientState:
             self.birth_date = update.birth_date
         if update.sex:
             self.sex = update.sex
+        if update.name is not None:
+            self.name = update.name
         if update.as_of is not None:
             self.demographics_as_of = update.as_of
 
@@ -82,6 +85,7 @@ class PatientState:
                 "patient_id": self.patient_id,
                 "birth_date": self.birth_date.isoformat() if self.birth_date else None,
                 "sex": self.sex,
+                "name": self.name.to_json() if self.name else None,
                 "demographics_as_of": (
                     self.demographics_as_of.isoformat() if self.demographics_as_of else None
                 ),
@@ -99,6 +103,7 @@ class PatientState:
             patient_id=data["patient_id"],
             birth_date=date.fromisoformat(data["birth_date"]) if data.get("birth_date") else None,
             sex=data.get("sex"),
+            name=PersonName.from_json(data.get("name")),
             demographics_as_of=datetime.fromisoformat(as_of) if as_of else None,
             facts={k: [Fact.from_json(f) for f in v] for k, v in data.get("facts", {}).items()},
             last_outcome=data.get("last_outcome"),

@@ -9,7 +9,9 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from oru_conformance import strict_errors
 
+from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
@@ -45,6 +47,28 @@ def all_resources(url: str, params: dict[str, Any] | None = None) -> list[dict[s
                 (link["url"] for link in bundle.get("link", []) if link["relation"] == "next"), None
             )
     return found
+
+
+@pytest.fixture(autouse=True)
+def every_oru_conforms(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+    """Every ORU^R01 an MLLP peer (the EHR's results inbox) receives in a test is
+    validated strictly for its HL7 version when the test ends (tests/oru_conformance.py)."""
+    received: list[bytes] = []
+    keep = MllpPeer._keep
+
+    def keep_and_collect(peer: MllpPeer, message: bytes, code: str | None) -> None:
+        if b"|ORU^R01" in message[:200]:
+            received.append(message)
+        keep(peer, message, code)
+
+    monkeypatch.setattr(MllpPeer, "_keep", keep_and_collect)
+    yield received
+    failures = {}
+    for message in dict.fromkeys(received):  # a resend is the same message: checked once
+        errors = strict_errors(message)
+        if errors:
+            failures[message.split(b"\r", 1)[0].decode(errors="replace")] = errors
+    assert not failures, f"ORU^R01 messages sent that fail strict HL7 validation: {failures}"
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def results(api: str) -> list[dict[str, Any]]:
 def risk_observations(fhir_base: str) -> list[dict[str, Any]]:
     return all_resources(
         f"{fhir_base}/Observation",
-        {"subject:identifier": f"http://hospital.smarthealthit.org|{MRN}", "_count": 200},
+        {"patient.identifier": f"http://hospital.smarthealthit.org|{MRN}", "_count": 200},
     )
 
 
@@ -104,6 +104,9 @@ def test_a_synthea_patient_becomes_observations_orus_and_a_card(sandbox: Backgro
         what="the ORUs at the results inbox",
     )
     by_filler = {m.split("\r")[2].split("|")[3].split("^")[0]: m for m in messages}  # OBR-3
+    # PID-5 is the Patient's official name, as the EHR sent it (each ORU validates strictly:
+    # conftest.every_oru_conforms).
+    assert {m.split("\r")[1].split("|")[5] for m in messages} == {"Quigley^Renea"}
     for result in history:
         values = obx_values(by_filler[result["identifier"]])
         assert values == [percent(result["risk_2y"]), percent(result["risk_5y"])]

@@ -18,6 +18,7 @@ import pytest
 from hl7apy.core import Message as Hl7apyMessage
 from hl7apy.exceptions import ValidationError
 from hl7apy.parser import parse_message
+from oru_conformance import strict_errors
 from predictions import prediction
 
 from ehrbridge.adapters.mllp_client import END_BLOCK, START_BLOCK
@@ -25,13 +26,25 @@ from ehrbridge.adapters.mllp_sink import CONTROL_ID_HEADER, MllpSink
 from ehrbridge.config import Hl7v2Writeback, SiteConfig, load_site_config
 from ehrbridge.pipelines.ack import build_ack, read_header
 from ehrbridge.pipelines.contracts import Envelope, Kind
+from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.pipelines.facts import FactRules, PersonName, extract
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.oru import build_oru, control_id
+from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.results import ResultStore
+from ehrbridge.pipelines.state import PatientState
 from ehrbridge.pipelines.writeback import WritebackStage
 from ehrbridge.sandbox.mllp_peer import Answer, MllpPeer
 from ehrbridge.sandbox.run import sandbox_site_file
+
+# A lab's ORU^R01 with the patient's name in PID-5 (XPN: family^given^further given).
+LAB_ORU = (
+    b"MSH|^~\\&|LAB|SANDBOX|EHRBRIDGE|SANDBOX|20260101090000||ORU^R01^ORU_R01|LAB-1|P|2.5.1\r"
+    b"PID|1||MRN-NAME^^^SANDBOX^MR||Quigley^Renea^J^^^^L||19600101|F\r"
+    b"OBR|1||F-1|24362-6^Renal panel^LN|||20260101083000\r"
+    b"OBX|1|NM|33914-3^eGFR^LN||28|mL/min/{1.73_m2}|||||F|||20260101083000\r"
+)
 
 
 class PeerThread:
@@ -103,11 +116,8 @@ def test_the_oru_carries_the_score_and_validates_with_hl7apy(
     parsed: Hl7apyMessage = parse_message(
         message.decode().replace("\r", "\n").strip().replace("\n", "\r")
     )
-    assert hl7apy_errors(parsed, tmp_path) == [
-        # PID-5 (name) is R in v2.5.1, but ehrbridge keeps no patient names: receivers
-        # match on PID-3. Everything else conforms to the ORU_R01 structure.
-        "Missing required child PID.PID_5"
-    ]
+    assert hl7apy_errors(parsed, tmp_path) == []  # PID-5, required, is the placeholder
+    assert parsed.oru_r01_patient_result.oru_r01_patient.pid.pid_5.to_er7() == "UNKNOWN^^^^^^S"
     assert parsed.msh.msh_9.to_er7() == "ORU^R01^ORU_R01" and parsed.msh.msh_10.to_er7() == msh_10
     assert parsed.msh.msh_12.to_er7() == "2.5.1"
     group = parsed.oru_r01_patient_result.oru_r01_order_observation
@@ -242,3 +252,41 @@ def test_an_updated_result_goes_out_corrected_and_a_replay_not_at_all(
     statuses = [m.message.split(b"\r")[2].split(b"|")[25] for m in peer.received]
     assert statuses == [b"F", b"C"]  # OBR-25; the replay of the updated result sent nothing
     assert peer.received[0].control_id != peer.received[1].control_id
+
+
+@pytest.mark.parametrize("version", ["2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1"])
+@pytest.mark.parametrize(
+    "name",
+    [None, PersonName("Quigley", "Renea"), PersonName("O|Brien^Smith", "Ann&Lee", "Mary~Jo\\")],
+    ids=["no name", "name", "name with delimiters"],
+)
+def test_the_oru_of_every_version_validates_strictly(
+    config: SiteConfig, version: str, name: PersonName | None
+) -> None:
+    target = config.writeback.hl7v2.model_copy(update={"version": version})  # type: ignore[union-attr]
+    site = config.model_copy(
+        update={"writeback": config.writeback.model_copy(update={"hl7v2": target})}
+    )
+    message, _ = build_oru(dataclasses.replace(prediction(site), patient_name=name), site)
+    assert strict_errors(message) == []
+    pid = Message.parse(message).segments[1]
+    if name is None:  # the site's placeholder: XPN.7 S, a pseudonym (HL7 table 0200)
+        assert pid.value(5) == "UNKNOWN^^^^^^S"
+    else:  # the name comes back as it was sent, delimiters and all
+        parts = [pid.component(5, n) for n in (1, 2, 3)]
+        assert parts == [name.family, name.given, name.middle]
+
+
+def test_pid_5_is_the_name_from_the_inbound_message(config: SiteConfig, tmp_path: Path) -> None:
+    """PID-5 of the lab's ORU travels through the patient state to the ORU we send."""
+    extraction = extract(Message.parse(LAB_ORU), FactRules(config.mapping))
+    [patient] = extraction.patients
+    assert patient.demographics.name == PersonName("Quigley", "Renea", "J")
+    state = PatientState(patient.patient_id)
+    state.merge(patient)
+    state = PatientState.from_json(state.to_json())  # as the state store keeps it
+    result = dataclasses.replace(prediction(config, patient.patient_id), patient_name=state.name)
+    result = Prediction.from_json(result.to_json())  # as the predictions topic carries it
+    message, _ = build_oru(result, config)
+    assert message.split(b"\r")[1].split(b"|")[5] == b"Quigley^Renea^J"
+    assert strict_errors(message) == []
