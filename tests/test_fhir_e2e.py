@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from conftest import CORPUS, all_resources, wait_for
 
@@ -59,6 +60,14 @@ def orus(sandbox: BackgroundSandbox) -> list[str]:
         for r in sandbox.sandbox.inbox.messages()
         if f"PID|1||{MRN}^".encode() in r.message
     ]
+
+
+def patient_resource() -> dict[str, Any]:
+    bundle = orjson.loads(PATIENT.read_bytes())
+    [patient] = [
+        e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient"
+    ]
+    return dict(patient)
 
 
 def obx_values(message: str) -> list[float]:
@@ -106,7 +115,9 @@ def test_a_synthea_patient_becomes_observations_orus_and_a_card(sandbox: Backgro
     by_filler = {m.split("\r")[2].split("|")[3].split("^")[0]: m for m in messages}  # OBR-3
     # PID-5 is the Patient's official name, as the EHR sent it (each ORU validates strictly:
     # conftest.every_oru_conforms).
-    assert {m.split("\r")[1].split("|")[5] for m in messages} == {"Quigley^Renea"}
+    [official] = [n for n in patient_resource()["name"] if n["use"] == "official"]
+    sent_name = f"{official['family']}^{official['given'][0]}"
+    assert {m.split("\r")[1].split("|")[5] for m in messages} == {sent_name}
     for result in history:
         values = obx_values(by_filler[result["identifier"]])
         assert values == [percent(result["risk_2y"]), percent(result["risk_5y"])]
