@@ -137,6 +137,8 @@ class PrometheusMetrics:
             [*site, "mapping"],
             registry=r,
         )
+        for mapping in ("mapped", "unmapped"):  # at 0: the unmapped share's baseline
+            self.lab_results_.labels(self.site, mapping)
         self.writeback_ = Counter(
             "ehrbridge_writeback",
             "Results written to an EHR target (fhir, hl7v2), by outcome.",
@@ -204,6 +206,8 @@ class PrometheusMetrics:
             settings = self.config.monitoring.drift
             monitor = DriftMonitor(settings.reference_days, settings.min_count)
             self.drift[model] = monitor
+            for name in INPUTS:  # at 0, so last week's missingness exists to compare with
+                self.feature_missing.labels(self.site, model, name)
         return monitor
 
     def _feed_clocks(self) -> dict[str, FeedClock]:
