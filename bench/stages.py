@@ -21,6 +21,7 @@ import orjson
 
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.adapters.prometheus_metrics import PrometheusMetrics
 from ehrbridge.bench.common import ratio
 from ehrbridge.bench.floor import kafka_floor
 from ehrbridge.bench.load import SenderSpec, build_messages
@@ -30,6 +31,7 @@ from ehrbridge.pipelines.contracts import Envelope, Kind
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules, extract
 from ehrbridge.pipelines.features import FeatureRecord, evaluate
+from ehrbridge.pipelines.metrics import NO_METRICS, Metrics
 from ehrbridge.pipelines.observation import build_observation
 from ehrbridge.pipelines.process import ProcessStage, site_prediction
 from ehrbridge.pipelines.provenance import result_transaction
@@ -109,7 +111,10 @@ def measure_stages(
         predictions = _infer(rows, config, usable, baseline, smoke)
         _observations(rows, config, predictions, baseline)
         _writeback(rows, config, predictions, smoke, baseline)
-        _process_stage(rows, config, raw, Path(tmp))
+        _process_stage(rows, config, raw, Path(tmp) / "plain")
+        # The same with the monitoring the site runs: Prometheus counters, drift bins.
+        _process_stage(rows, config, raw, Path(tmp) / "monitored", PrometheusMetrics(config))
+        _ingest_metrics(rows, config, len(raw))
     result: dict[str, Any] = {"stages": rows}
     if floor:
         kafka = kafka_floor(kafka_bootstrap(), rate=0, seconds=0, count=count)
@@ -231,11 +236,18 @@ def _writeback(
         sink.close()
 
 
-def _process_stage(rows: list[Row], config: SiteConfig, raw: list[bytes], tmp: Path) -> None:
+def _process_stage(
+    rows: list[Row],
+    config: SiteConfig,
+    raw: list[bytes],
+    tmp: Path,
+    metrics: Metrics = NO_METRICS,
+) -> None:
     """The whole processing stage on batches of 256: parse .. state I/O .. batched model call."""
+    tmp.mkdir()
     state = SqliteStateStore(tmp / "state.sqlite")
     model = InferenceClient(config.model)
-    stage = ProcessStage(config, state, model)
+    stage = ProcessStage(config, state, model, metrics)
     envelopes = [_envelope(config, i, m, Kind.HL7V2, "") for i, m in enumerate(raw)]
     batches = [envelopes[i : i + 256] for i in range(0, len(envelopes), 256)]
     try:
@@ -244,9 +256,21 @@ def _process_stage(rows: list[Row], config: SiteConfig, raw: list[bytes], tmp: P
         model.close()
         state.close()
     per = len(batches) / max(1, len(envelopes))
-    rows.append(
-        _row("whole processing stage (batches of 256, SQLite state)", wall * per, cpu * per)
-    )
+    monitored = ", with metrics and drift" if metrics is not NO_METRICS else ""
+    name = f"whole processing stage (batches of 256, SQLite state{monitored})"
+    rows.append(_row(name, wall * per, cpu * per))
+
+
+def _ingest_metrics(rows: list[Row], config: SiteConfig, count: int) -> None:
+    """What ingest adds per message: its answer's count, the feed clock, the stage timer."""
+    metrics = PrometheusMetrics(config)
+
+    def report(_: int) -> None:
+        metrics.message("mllp", "aa")
+        metrics.stage_seconds("ingest", 0.001)
+
+    _, wall, cpu = timed(range(count), report)
+    rows.append(_row("ingest metrics per message (count, feed clock, timer)", wall, cpu))
 
 
 class _Naive:

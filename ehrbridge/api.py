@@ -2,6 +2,8 @@
 
 What a site operator or integration engineer looks at:
 
+* ``GET /health/live``, ``GET /health/ready``, ``GET /metrics``,
+  ``GET /api/monitoring/{feeds,drift}``: ``ehrbridge/monitoring.py``;
 * ``GET /health``: liveness plus the site's mode and counts: results, records
   not scored (not enough data, or outside the model's domain) where this
   process runs the processing role, and in the ingest role the MLLP
