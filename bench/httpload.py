@@ -6,6 +6,7 @@ import multiprocessing as mp
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,13 +19,24 @@ class Request:
     method: str
     url: str
     json: Any = None
+    # (sandbox credentials dir, audience): each request carries a fresh CDS Hooks JWT.
+    cds_signed_by: tuple[str, str] | None = None
+
+    def headers(self) -> dict[str, str]:
+        if self.cds_signed_by is None:
+            return {}
+        from ehrbridge.sandbox.credentials import cds_token
+
+        folder, audience = self.cds_signed_by
+        return {"Authorization": f"Bearer {cds_token(Path(folder), audience)}"}
 
 
 def _client_main(request: Request, seconds: float, conn: Connection) -> None:
     latencies: list[float] = []
     failures = 0
     with httpx.Client(timeout=30) as client:
-        client.request(request.method, request.url, json=request.json)  # connect, warm
+        warm = request.headers()
+        client.request(request.method, request.url, json=request.json, headers=warm)  # connect
         conn.send("ready")
         start: float = conn.recv()
         while time.time() < start:
@@ -32,8 +44,11 @@ def _client_main(request: Request, seconds: float, conn: Connection) -> None:
         cpu0 = time.process_time()
         deadline = start + seconds
         while time.time() < deadline:
+            headers = request.headers()  # signing is the EHR's cost, not timed
             t0 = time.perf_counter()
-            response = client.request(request.method, request.url, json=request.json)
+            response = client.request(
+                request.method, request.url, json=request.json, headers=headers
+            )
             latencies.append(time.perf_counter() - t0)
             failures += response.status_code != 200
     conn.send({"latencies": latencies, "failures": failures, "cpu_s": time.process_time() - cpu0})

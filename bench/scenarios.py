@@ -450,13 +450,17 @@ def cds(opts: Options) -> dict[str, Any]:
         _fhir_site(services)
         api = services.api_url
         raw = next(SYNTHEA.glob(f"*{CDS_PATIENT_MRN}.json")).read_bytes()
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60, headers=services.auth()) as client:
             _post_bundle(client, api, raw)
             _wait_results(client, api, CDS_PATIENT_MRN)
-            cards = client.post(f"{api}/cds-services/kfre-patient-view", json=body).json()
+            cards = client.post(
+                f"{api}/cds-services/kfre-patient-view", json=body, headers=services.cds_auth()
+            ).json()
             if not cards["cards"]:
                 raise RuntimeError("no CDS card for the scored patient")
-        hook = Request("POST", f"{api}/cds-services/kfre-patient-view", body)
+        # Each call signs a fresh JWT (outside the timed part): the service takes a jti once.
+        signed_by = (str(services.credentials), f"{api}/cds-services/kfre-patient-view")
+        hook = Request("POST", f"{api}/cds-services/kfre-patient-view", body, signed_by)
         result["ehrbridge"] = http_load(hook, concurrency=concurrency, seconds=seconds)
         if opts.baselines:
             port = services.start_server(
@@ -509,7 +513,7 @@ def fhir_bundle(opts: Options) -> dict[str, Any]:
     with Services(opts.run_dir / "fhir-bundle") as services:
         _fhir_site(services)
         api = services.api_url
-        with httpx.Client(timeout=120) as client:
+        with httpx.Client(timeout=120, headers=services.auth()) as client:
             warm = SYNTHEA / WARM_BUNDLE
             _post_bundle(client, api, warm.read_bytes())  # warm up: imports, connections
             _wait_results(client, api, warm.stem.split("_")[-1])

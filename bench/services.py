@@ -26,6 +26,7 @@ import httpx
 import yaml
 
 from ehrbridge.bench.common import ChildExited, free_port, kafka_broker_pid, wait_port
+from ehrbridge.sandbox.credentials import bearer, cds_token, localize_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_DIR = REPO_ROOT / "sandbox"
@@ -70,6 +71,7 @@ class Services:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
         self.site = f"bench{uuid.uuid4().hex[:8]}"  # unique: fresh Kafka topics per run
+        self.credentials = run_dir / "credentials"  # sandbox tokens: <here>/tokens/<role>
 
     # ----------------------------------------------------------- servers --
 
@@ -126,6 +128,7 @@ class Services:
         config["model"]["url"] = self.model_url
         config["writeback"]["fhir_base"] = self.fhir_base
         config["writeback"].pop("hl7v2", None)  # the ORU inbox is not part of these runs
+        localize_yaml(config, self.credentials)  # API tokens and the CDS client key
         if "subscriptions" in config:
             config["subscriptions"]["fhir_base"] = self.fhir_base
         for key, value in (updates or {}).items():
@@ -148,6 +151,15 @@ class Services:
         """Until process ``name`` (with the ingest role) listens for MLLP and HTTP."""
         self.wait_listening(name, self.ports["mllp"], timeout_s=120)
         self.wait_http(f"http://127.0.0.1:{self.ports['http']}/health")
+
+    def auth(self, role: str = "admin") -> dict[str, str]:
+        """``Authorization`` with this run's API token of ``role``."""
+        return bearer(self.credentials, role)
+
+    def cds_auth(self) -> dict[str, str]:
+        """A fresh CDS Hooks JWT (the sandbox EHR's) for this run's site."""
+        url = f"{self.api_url}/cds-services/kfre-patient-view"
+        return {"Authorization": f"Bearer {cds_token(self.credentials, url)}"}
 
     @property
     def api_url(self) -> str:

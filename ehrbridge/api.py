@@ -25,19 +25,24 @@ What a site operator or integration engineer looks at:
   (``ehrbridge/fhir_api.py``);
 * ``/cds-services``: the CDS Hooks service (``ehrbridge/cds_hooks.py``).
 
-It binds to localhost by default and carries PHI in responses; put it behind
-the hospital's authenticating proxy before binding it anywhere else. Access
-logs are off because request paths carry patient ids.
+Every route but the public ones (``ehrbridge.auth.PUBLIC_ROUTES``: health,
+CDS discovery, the API description) needs a bearer token whose role the route
+names (``ehrbridge/auth.py``): ``viewer`` for results, patients and
+monitoring, ``operator`` for dead letters. It binds to localhost by default.
+Access logs are off because request paths carry patient ids.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
 from ehrbridge import __version__
+from ehrbridge.auth import Authenticator
+from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
+from ehrbridge.config import ApiRole
 from ehrbridge.fhir_api import add_fhir_routes
 from ehrbridge.monitoring import add_monitoring_routes
 from ehrbridge.pipelines.contracts import utcnow
@@ -72,13 +77,15 @@ def page_links(request: Request, total: int, limit: int, offset: int) -> dict[st
     }
 
 
-def create_api(runtime: SiteRuntime) -> FastAPI:
+def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClientAuth) -> FastAPI:
     app = FastAPI(
         title="ehrbridge",
         version=__version__,
         docs_url="/docs",
     )
     config = runtime.config
+    viewer = [Depends(auth.require(ApiRole.VIEWER))]
+    operator = [Depends(auth.require(ApiRole.OPERATOR))]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -92,7 +99,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             **_ingest_counts(runtime),
         }
 
-    @app.get("/api/results")
+    @app.get("/api/results", dependencies=viewer)
     def results(
         request: Request,
         patient: str | None = None,
@@ -111,14 +118,14 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             "results": [r.summary() for r in found],
         }
 
-    @app.get("/api/results/{identifier}", responses=NOT_FOUND)
+    @app.get("/api/results/{identifier}", responses=NOT_FOUND, dependencies=viewer)
     def result(identifier: str) -> dict[str, Any]:
         stored = runtime.results.get(identifier)
         if stored is None:
             raise HTTPException(404, f"no result {identifier}")
         return {**stored.summary(), "observation": stored.observation}
 
-    @app.get("/api/patients/{patient_id}", responses=NOT_FOUND)
+    @app.get("/api/patients/{patient_id}", responses=NOT_FOUND, dependencies=viewer)
     def patient(patient_id: str) -> dict[str, Any]:
         state = runtime.state.get(patient_id)
         if state is None:
@@ -135,7 +142,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             "latest_result": latest.summary() if latest else None,
         }
 
-    @app.get("/api/fhir", responses=NOT_FOUND)
+    @app.get("/api/fhir", responses=NOT_FOUND, dependencies=viewer)
     def fhir_status() -> dict[str, Any]:
         """FHIR ingest counters and every Subscription's state and event-number gaps."""
         endpoint = runtime.fhir
@@ -147,7 +154,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
             "subscriptions": endpoint.subscriptions(),
         }
 
-    @app.get("/api/dlq")
+    @app.get("/api/dlq", dependencies=operator)
     def dlq(
         limit: int = Query(100, ge=1, le=1000), after: int = Query(-1, ge=-1, le=MAX_OFFSET)
     ) -> dict[str, Any]:
@@ -172,7 +179,7 @@ def create_api(runtime: SiteRuntime) -> FastAPI:
         add_fhir_routes(app, runtime.fhir)
     if config.cds_hooks.enabled:
         service = CdsService(config, runtime.results, runtime.patient_links, state=runtime.state)
-        add_cds_routes(app, service)
+        add_cds_routes(app, service, cds_clients)
     return app
 
 

@@ -55,6 +55,8 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ehrbridge.auth import AuthFailure, Principal
+from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.pipelines.contracts import utcnow
 from ehrbridge.pipelines.observation import percent
@@ -100,6 +102,11 @@ class CdsService:
             if b is not None
         }
         self.feedback = 0
+
+    def service_url(self, request: Request) -> str:
+        """This service's URL as the EHR calls it: what the JWT's ``aud`` must be."""
+        base = self.config.cds_hooks.service_base_url or str(request.base_url)
+        return f"{base.rstrip('/')}/cds-services/{SERVICE_ID}"
 
     def discovery(self) -> dict[str, Any]:
         return {
@@ -275,7 +282,9 @@ def _detail(
     )
 
 
-def add_cds_routes(app: FastAPI, service: CdsService) -> None:
+def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) -> None:
+    """The hook and feedback need the EHR's JWT (``ehrbridge/cds_auth.py``); discovery is open."""
+
     @app.get("/cds-services", include_in_schema=False)
     def discovery() -> JSONResponse:
         return JSONResponse(service.discovery())
@@ -283,10 +292,13 @@ def add_cds_routes(app: FastAPI, service: CdsService) -> None:
     @app.post(f"/cds-services/{SERVICE_ID}", include_in_schema=False)
     async def patient_view(request: Request) -> Response:
         try:
+            await _caller(request, clients, service.service_url(request))
             body = orjson.loads(await request.body())
             # In a thread: a store read, and possibly a FHIR read, must not stall the loop
             # that also serves MLLP.
             cards = await asyncio.to_thread(service.patient_view, body, str(request.base_url))
+        except AuthFailure as failure:
+            return _refusal(failure)
         except orjson.JSONDecodeError:
             return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
         except CdsError as error:
@@ -295,5 +307,20 @@ def add_cds_routes(app: FastAPI, service: CdsService) -> None:
 
     @app.post(f"/cds-services/{SERVICE_ID}/feedback", include_in_schema=False)
     async def feedback(request: Request) -> Response:
+        url = service.service_url(request)
+        try:
+            await _caller(request, clients, url, f"{url}/feedback")
+        except AuthFailure as failure:
+            return _refusal(failure)
         service.feedback += 1
         return Response(status_code=200)
+
+
+async def _caller(request: Request, clients: CdsClientAuth, *audiences: str) -> Principal:
+    # Off the loop: the first call of an issuer may fetch its JWK Set.
+    header = request.headers.get("authorization")
+    return await asyncio.to_thread(clients.verify, header, list(audiences))
+
+
+def _refusal(failure: AuthFailure) -> Response:
+    return JSONResponse({"error": failure.message}, failure.status, failure.headers)

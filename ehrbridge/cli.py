@@ -10,6 +10,7 @@ commands:
   run --config SITE.yaml                   run a site (all roles, or --role ...)
   config check SITE.yaml                   validate a site file
   dlq list|show|replay --config SITE.yaml  inspect and replay dead letters
+  cds-token [--audience URL]               a fresh CDS Hooks JWT of the sandbox's EHR
   mappings check|test|explain|unmapped     site mappings: lint, tests, explanations
   bench SCENARIO                           benchmarks (bench/)
 
@@ -68,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     _add_sandbox_command(sub)
     _add_send_command(sub)
+    cds_token = sub.add_parser(
+        "cds-token", help="print a fresh CDS Hooks JWT signed by the sandbox's EHR key"
+    )
+    cds_token.add_argument("--data-dir", type=Path, default=Path(".ehrbridge-sandbox"))
+    cds_token.add_argument(
+        "--audience",
+        default="http://127.0.0.1:8081/cds-services/kfre-patient-view",
+        help="the CDS service URL being called (the JWT's aud)",
+    )
+    cds_token.set_defaults(func=_cds_token)
+
     run = sub.add_parser("run", help="run a site from its YAML config")
     run.add_argument("--config", type=Path, required=True)
     run.add_argument(
@@ -202,6 +214,17 @@ def _run(args: argparse.Namespace) -> int:
             await runtime.stop()
 
     asyncio.run(serve())
+    return 0
+
+
+def _cds_token(args: argparse.Namespace) -> int:
+    from ehrbridge.sandbox.credentials import CDS_KEY, cds_token, tokens_dir
+
+    if not (tokens_dir(args.data_dir) / CDS_KEY).exists():
+        raise ConfigError(
+            f"no sandbox EHR key in {tokens_dir(args.data_dir)}: run the sandbox first"
+        )
+    print(cds_token(args.data_dir, args.audience))
     return 0
 
 

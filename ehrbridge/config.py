@@ -140,6 +140,14 @@ class ClientTls(Strict):
         return self
 
 
+# Asymmetric JWS algorithms only: "none" and HMAC (HS*) are never taken, so a public
+# key can never be used as an HMAC secret (RFC 8725 section 2.1, 3.1).
+SignatureAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+_ASYMMETRIC: tuple[SignatureAlgorithm, ...] = ("RS256", "RS384", "ES256", "ES384")
+
+
 class MllpListen(Strict):
     host: str = "127.0.0.1"
     port: int = Field(2575, ge=0, le=65535)
@@ -367,16 +375,41 @@ class Writeback(Strict):
     )
 
 
+class KnownSubscription(Strict):
+    """A Subscription this site made at the EHR: only these may notify it."""
+
+    # As the notification's status names it: "Subscription/<id>" (matched against the
+    # reference's last two segments) or an absolute URL (matched exactly).
+    reference: str = Field(..., min_length=1)
+    # This Subscription's own header token (what its channel.header carries), from
+    # the environment or a file; accepted for this Subscription's notifications only.
+    token_env: str | None = None
+    token_file: Path | None = None
+
+    _resolve = field_validator("token_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def at_most_one_source(self) -> Self:
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("give one of 'token_env' or 'token_file', not both")
+        return self
+
+
 class Subscriptions(Strict):
     """FHIR Subscriptions (R4 Backport IG / R5 topic-based) whose notifications we receive."""
+
+    # The Subscriptions that may notify; a notification naming another is refused
+    # (403) before anything is read from the EHR.
+    known: list[KnownSubscription] = Field(default_factory=list)
 
     # Where id-only notifications' resources are read; default: writeback.fhir_base.
     fhir_base: str | None = None
     auth: FhirAuth | None = None  # default: writeback.auth
     tls: ClientTls | None = None  # default: writeback.tls
     timeout_s: float = Field(5.0, gt=0)
-    # The environment variable holding the bearer token the EHR must send with every
-    # notification (what Subscription.channel.header carries). None: no check here.
+    # The environment variable holding a bearer token the EHR may send with every
+    # known Subscription's notifications (what Subscription.channel.header carries).
+    # Notifications are also taken with an API token of role sender (auth.tokens).
     token_env: str | None = None
     # Missed notifications are asked for again from fhir_base (Backport IG $events);
     # open gaps are tried again by a sweep of this period (and at start).
@@ -384,15 +417,117 @@ class Subscriptions(Strict):
     backfill_retry_s: float = Field(300.0, gt=0)
 
 
+class CdsClient(Strict):
+    """An EHR allowed to call the CDS service: its JWT ``iss`` and where its keys are.
+
+    https://cds-hooks.hl7.org/2.0/#trusting-cds-clients: the EHR signs a JWT per
+    request; the service trusts it by ``iss`` and that issuer's JWK Set.
+    """
+
+    issuer: str = Field(..., min_length=1)  # the JWT's iss, exactly
+    jwks_url: str | None = None  # the issuer's JWK Set over HTTPS
+    jwks_file: Path | None = None  # or a JWK Set file (relative to this YAML)
+    # JWT header jku values this issuer may name; jwks_url is always allowed.
+    jku: list[str] = Field(default_factory=list)
+    algorithms: list[SignatureAlgorithm] = Field(default_factory=lambda: list(_ASYMMETRIC))
+
+    _resolve = field_validator("jwks_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def has_keys(self) -> Self:
+        if self.jwks_url is not None and self.jwks_file is not None:
+            raise ValueError("give one of 'jwks_url' or 'jwks_file', not both")
+        if self.jwks_url is None and self.jwks_file is None and not self.jku:
+            raise ValueError("give 'jwks_url', 'jwks_file' or allowed 'jku' URLs")
+        return self
+
+
 class CdsHooks(Strict):
     """The CDS Hooks service (patient-view) serving the precomputed latest risk."""
 
     enabled: bool = True
+    # The service's base URL as the EHR calls it (before /cds-services): the JWT's aud
+    # must be <service_base_url>/cds-services/<service id>. Default: the request's own.
+    service_base_url: str | None = None
+    # The EHRs allowed to call (JWT iss allowlist); none: every hook call is refused.
+    clients: list[CdsClient] = Field(default_factory=list)
+    # Longest JWT lifetime taken (exp - now); the specification asks for 5 minutes.
+    max_token_lifetime_s: float = Field(600.0, gt=0)
+    leeway_s: float = Field(30.0, ge=0)  # clock skew allowed on exp / nbf / iat
+    # jti values remembered against replay until their token expires; when full of
+    # unexpired tokens, new calls are refused (503) rather than forgetting one.
+    replay_cache_size: int = Field(100_000, ge=100)
     # Card link: a URL template with {identifier} and {patient}; default: this API's
     # /api/results/{identifier}.
     details_url: str | None = None
     # In shadow mode clinicians see nothing unless this is true (e.g. a pilot ward).
     cards_in_shadow_mode: bool = False
+
+
+class ApiRole(StrEnum):
+    """What a caller of the HTTP API may do (``ehrbridge/auth.py``)."""
+
+    VIEWER = "viewer"  # results, patients, monitoring
+    OPERATOR = "operator"  # plus dead letters
+    ADMIN = "admin"  # plus the audit trail; may do what every other role may
+    SENDER = "sender"  # an EHR or interface engine: FHIR ingest and notifications only
+
+
+class StaticToken(Strict):
+    """A named API token with one role, read from the environment or a file."""
+
+    name: str = Field(..., min_length=1)  # who, in the audit trail
+    role: ApiRole
+    token_env: str | None = None
+    token_file: Path | None = None  # relative to this YAML
+
+    _resolve = field_validator("token_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def one_source(self) -> Self:
+        if (self.token_env is None) == (self.token_file is None):
+            raise ValueError("give exactly one of 'token_env' or 'token_file'")
+        return self
+
+
+class JwtIssuer(Strict):
+    """An OpenID Connect / SMART authorization server whose access tokens the API takes."""
+
+    issuer: str = Field(..., min_length=1)  # the tokens' iss, exactly
+    audience: str = Field(..., min_length=1)  # the tokens' aud must contain this
+    jwks_url: str | None = None  # the issuer's JWK Set (jwks_uri)
+    jwks_file: Path | None = None  # or a JWK Set file (relative to this YAML)
+    algorithms: list[SignatureAlgorithm] = Field(default_factory=lambda: list(_ASYMMETRIC))
+    # The claim with the caller's roles: a list, or a space-separated string (scope).
+    roles_claim: str = "roles"
+    # Claim values that grant a role; default: the role names themselves.
+    role_values: dict[str, ApiRole] = Field(default_factory=dict)
+    subject_claim: str = "sub"  # who, in the audit trail
+    leeway_s: float = Field(30.0, ge=0)
+    jwks_cache_s: float = Field(300.0, gt=0)  # how long a fetched JWK Set is used
+
+    _resolve = field_validator("jwks_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def one_key_source(self) -> Self:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("give exactly one of 'jwks_url' or 'jwks_file'")
+        return self
+
+
+class ApiAuth(Strict):
+    """Who may call the HTTP API. With nothing configured, only the public routes answer."""
+
+    tokens: list[StaticToken] = Field(default_factory=list)
+    jwt: list[JwtIssuer] = Field(default_factory=list)
+
+    @field_validator("tokens")
+    @classmethod
+    def names_are_unique(cls, tokens: list[StaticToken]) -> list[StaticToken]:
+        names = [t.name for t in tokens]
+        if len(set(names)) != len(names):
+            raise ValueError("token names must be unique (they name the caller in the audit)")
+        return tokens
 
 
 class RetryPolicy(Strict):
@@ -458,6 +593,7 @@ class SiteConfig(Strict):
     writeback: Writeback = Writeback()
     subscriptions: Subscriptions = Subscriptions()
     cds_hooks: CdsHooks = CdsHooks()
+    auth: ApiAuth = ApiAuth()
     retry: RetryPolicy = RetryPolicy()
     retention: Retention = Retention()
     monitoring: Monitoring = Monitoring()

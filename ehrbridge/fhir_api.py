@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import os
 import re
 import uuid
 from collections import Counter
@@ -60,10 +59,11 @@ from fastapi.responses import Response
 
 from ehrbridge import __version__
 from ehrbridge.adapters.fhir_client import FhirReader
-from ehrbridge.config import SiteConfig
+from ehrbridge.adapters.smart_auth import read_secret
+from ehrbridge.auth import Authenticator, AuthFailure, Principal, bearer_token, token_digest
+from ehrbridge.config import ApiRole, SiteConfig, Subscriptions
 from ehrbridge.pipelines.contracts import Envelope, Kind
 from ehrbridge.pipelines.errors import (
-    ConfigError,
     EhrbridgeError,
     PermanentError,
     RemoteRejected,
@@ -164,16 +164,19 @@ class FhirEndpoint:
         ingest: Ingest,
         links: PatientLinks,
         ledger: SubscriptionLedger,
+        auth: Authenticator,
+        *,
         reader: FhirReader | None = None,
     ) -> None:
         self.config = config
+        self.auth = auth
         self.ingest = ingest
         self.checker: Checker = ingest.fhir
         self.links = links
         self.ledger = ledger
         self.reader = reader
         self.stats = FhirStats()
-        self.notification_token = _notification_token(config)
+        self.subscriptions_known = KnownSubscriptions(config.subscriptions)
         self.backfill: Backfill | None = None
         if reader is not None and config.subscriptions.backfill:
             retry_s = config.subscriptions.backfill_retry_s
@@ -271,10 +274,19 @@ class FhirEndpoint:
             await asyncio.to_thread(self.links.add, checked.patient_links)
 
     async def guarded(
-        self, request: Request, handler: Callable[[Request], Awaitable[Response]]
+        self,
+        request: Request,
+        handler: Callable[[Request], Awaitable[Response]],
+        role: ApiRole | None,
     ) -> Response:
+        """``handler``'s answer, once the caller holds ``role`` (None: public)."""
         try:
+            if role is not None:
+                await self._authorized(request, role)
             return await handler(request)
+        except AuthFailure as failure:
+            issue = Issue("security" if failure.status != 503 else "transient", failure.message)
+            return outcome_response(failure.status, [issue], failure.headers)
         except FhirProblem as problem:
             return outcome_response(problem.status, [problem.issue], problem.headers)
         except TransientError as error:
@@ -284,6 +296,11 @@ class FhirEndpoint:
                 [Issue("transient", "the input could not be stored now; send it again")],
                 {"Retry-After": "5"},
             )
+
+    async def _authorized(self, request: Request, role: ApiRole) -> Principal:
+        # Off the loop: a JWT's first use may fetch its issuer's JWK Set.
+        header = request.headers.get("authorization")
+        return await asyncio.to_thread(self.auth.authorize, header, role)
 
     # -- REST ingest --------------------------------------------------------------------
 
@@ -417,13 +434,14 @@ class FhirEndpoint:
     # -- Subscription notifications -----------------------------------------------------
 
     async def notification(self, request: Request) -> Response:
-        self._check_notification_token(request)
+        allowed = await self._notifier(request)
         payload = await self.read_body(request)
         try:
             notification = await _off_loop(_notification_of, payload)
         except PermanentError as error:
             self.stats.notifications["non-conformant"] += 1
             return await self._refused(payload, _record_id(payload), error)
+        self._known_or_refuse(notification.subscription, allowed)
         source_id = notification.bundle_id or f"notification-{uuid.uuid4()}"
         kind = notification.type
         if kind not in EVENT_TYPES:
@@ -467,16 +485,37 @@ class FhirEndpoint:
         await self._event(notification)
         await asyncio.to_thread(self.ledger.record, notification)
 
-    def _check_notification_token(self, request: Request) -> None:
-        if self.notification_token is None:
+    async def _notifier(self, request: Request) -> frozenset[str] | None:
+        """Which Subscriptions the caller may notify for (None: every known one).
+
+        A Subscription's own header token speaks for that Subscription only;
+        ``subscriptions.token_env`` and API tokens of role sender for all known.
+        """
+        header = request.headers.get("authorization")
+        token = bearer_token(header)
+        found, references = self.subscriptions_known.token_scope(token)
+        if not found:
+            await self._authorized(request, ApiRole.SENDER)
+        return references
+
+    def _known_or_refuse(self, reference: str, allowed: frozenset[str] | None) -> None:
+        """Only Subscriptions this site made may notify it; checked before any EHR read."""
+        known = self.subscriptions_known.find(reference)
+        if known is not None and (allowed is None or known in allowed):
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.notification_token}".encode()):
-            raise FhirProblem(
-                401,
-                Issue("security", "notifications must carry the agreed bearer token"),
-                {"WWW-Authenticate": "Bearer"},
-            )
+        self.stats.notifications["unknown-subscription"] += 1
+        log.warning(
+            "notification refused: %s is not a known Subscription of this caller", reference
+        )
+        raise FhirProblem(
+            403,
+            Issue(
+                "forbidden",
+                "the notification names a Subscription this site does not know, or the token "
+                "is not that Subscription's (subscriptions.known)",
+                "Bundle.entry[0].resource",
+            ),
+        )
 
     async def _event(self, notification: Notification) -> tuple[list[Issue], str]:
         """Store what an event notification carries or points at; return (warnings, summary)."""
@@ -576,17 +615,47 @@ class FhirEndpoint:
 # --------------------------------------------------------------------------- helpers
 
 
-def _notification_token(config: SiteConfig) -> str | None:
-    name = config.subscriptions.token_env
-    if name is None:
+class KnownSubscriptions:
+    """``subscriptions.known``: references, and the header tokens each may use."""
+
+    def __init__(self, config: Subscriptions) -> None:
+        self.references = [k.reference.rstrip("/") for k in config.known]
+        # (token digest, the references it may notify for; None: every known one)
+        self._tokens: list[tuple[bytes, frozenset[str] | None]] = []
+        if config.token_env is not None:
+            secret = read_secret(
+                config.token_env, None, "the notification token", "subscriptions.token_env"
+            )
+            self._tokens.append((token_digest(secret), None))
+        for index, known in enumerate(config.known):
+            if known.token_env is not None or known.token_file is not None:
+                where = f"subscriptions.known.{index}"
+                secret = read_secret(
+                    known.token_env, known.token_file, "the Subscription token", where
+                )
+                self._tokens.append((token_digest(secret), frozenset({self.references[index]})))
+
+    def token_scope(self, token: str) -> tuple[bool, frozenset[str] | None]:
+        """(whether ``token`` is a Subscription token, the references it may notify for)."""
+        digest = token_digest(token)
+        found: tuple[bool, frozenset[str] | None] = (False, None)
+        for known, scope in self._tokens:  # every one compared: no early exit
+            if hmac.compare_digest(digest, known):
+                found = (True, scope)
+        return found
+
+    def find(self, reference: str) -> str | None:
+        """The configured reference that ``reference`` names, if any.
+
+        A relative entry (``Subscription/abc``) matches the last two segments
+        of the notification's reference, an absolute one the whole URL.
+        """
+        given = reference.split("/_history/", maxsplit=1)[0].rstrip("/")
+        tail = "/".join(given.split("/")[-2:])
+        for known in self.references:
+            if given == known or (not known.startswith(("http:", "https:")) and tail == known):
+                return known
         return None
-    token = os.environ.get(name, "").strip()
-    if not token:
-        raise ConfigError(
-            f"subscriptions.token_env names {name}, which is not set",
-            field="subscriptions.token_env",
-        )
-    return token
 
 
 def _record_id(payload: bytes) -> str:
@@ -775,19 +844,26 @@ def capability_statement(config: SiteConfig, base_url: str) -> dict[str, Any]:
     }
 
 
+Handler = Callable[[Request], Awaitable[Response]]
+
+
 def add_fhir_routes(app: FastAPI, endpoint: FhirEndpoint) -> None:
-    def route(path: str, method: str, handler: Callable[[Request], Awaitable[Response]]) -> None:
+    """The FHIR routes, each with the role it needs (None: public; see ehrbridge/auth.py)."""
+
+    def route(path: str, method: str, handler: Handler, role: ApiRole | None) -> None:
         async def serve(request: Request) -> Response:
-            return await endpoint.guarded(request, handler)
+            return await endpoint.guarded(request, handler, role)
 
         # Plain Starlette routes: the handlers read the body themselves (size limit).
         app.add_route(path, serve, methods=[method], include_in_schema=False)
 
-    route("/fhir/metadata", "GET", endpoint.metadata)
+    sender = ApiRole.SENDER
+    route("/fhir/metadata", "GET", endpoint.metadata, None)
     for path in ("/fhir/{resource_type}", "/fhir/{resource_type}/{resource_id}"):
-        route(path, "GET", endpoint.not_served)
-    route(NOTIFICATION_PATH, "POST", endpoint.notification)
-    route("/fhir", "POST", endpoint.bundle)
-    route("/fhir/", "POST", endpoint.bundle)
-    route("/fhir/{resource_type}", "POST", endpoint.create)
-    route("/fhir/{resource_type}/{resource_id}", "PUT", endpoint.update)
+        route(path, "GET", endpoint.not_served, sender)
+    # Its own check: a Subscription's header token, or a sender's API token.
+    route(NOTIFICATION_PATH, "POST", endpoint.notification, None)
+    route("/fhir", "POST", endpoint.bundle, sender)
+    route("/fhir/", "POST", endpoint.bundle, sender)
+    route("/fhir/{resource_type}", "POST", endpoint.create, sender)
+    route("/fhir/{resource_type}/{resource_id}", "PUT", endpoint.update, sender)

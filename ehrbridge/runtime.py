@@ -37,6 +37,8 @@ from ehrbridge.adapters.mllp_source import MllpSource
 from ehrbridge.adapters.smart_auth import token_source
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
+from ehrbridge.auth import Authenticator
+from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
 from ehrbridge.monitoring import SiteMonitoring, tcp_check, url_check
 from ehrbridge.pipelines.contracts import Sink
@@ -152,6 +154,7 @@ class SiteRuntime:
         self.ingest: Ingest | None = None  # ingest role
         self.process_stage: ProcessStage | None = None
         self.fhir: FhirEndpoint | None = None  # the FHIR ingest endpoint (ingest role)
+        self.authenticator: Authenticator | None = None  # API credentials (ingest role)
         self.writeback_targets: dict[str, Sink] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.monitoring = SiteMonitoring(self)
@@ -193,19 +196,21 @@ class SiteRuntime:
     async def _start_ingest(self) -> None:
         from ehrbridge.api import create_api
 
+        auth = Authenticator(self.config.auth)  # a missing secret stops the start here
+        self._closers.append(auth.close)
+        self.authenticator = auth
         self.committer = GroupCommitter(self.log)
         metrics = self.monitoring.metrics
         ingest = self.ingest = Ingest(self.config, self.committer, metrics)
-        self.fhir = self._fhir_endpoint(ingest)
+        self.fhir = self._fhir_endpoint(ingest, auth)
         self.fhir.start()
         self.mllp = MllpSource(self.config.mllp, self.config.site)
         metrics.filtered = lambda: ingest.message_types.filtered
         metrics.mllp_stats = self.mllp.stats.snapshot
         await self.mllp.start(ingest.deliver)
         http = self.config.http
-        self.http = EmbeddedServer(
-            create_api(self), http.host, http.port, field="http.port", tls=http.tls
-        )
+        app = create_api(self, auth, self._cds_clients())
+        self.http = EmbeddedServer(app, http.host, http.port, field="http.port", tls=http.tls)
         await self.http.start()
         if self.certificate_reloaders:
             self._tasks.append(asyncio.create_task(self._watch_certificates()))
@@ -227,7 +232,12 @@ class SiteRuntime:
             for reloader in self.certificate_reloaders:
                 reloader.check()
 
-    def _fhir_endpoint(self, ingest: Ingest) -> FhirEndpoint:
+    def _cds_clients(self) -> CdsClientAuth:
+        clients = CdsClientAuth(self.config.cds_hooks)
+        self._closers.append(clients.close)
+        return clients
+
+    def _fhir_endpoint(self, ingest: Ingest, callers: Authenticator) -> FhirEndpoint:
         """FHIR REST and Subscription ingest; id-only notifications read from the EHR."""
         from ehrbridge.fhir_api import FhirEndpoint
 
@@ -239,16 +249,14 @@ class SiteRuntime:
         if base:
             field = "subscriptions.tls" if subs.tls else "writeback.tls"
             verify = httpx_verify(subs.tls or wb.tls, field)
-            auth = token_source(
-                subs.auth or wb.auth, base, timeout_s=subs.timeout_s, verify=verify
-            )
+            auth = token_source(subs.auth or wb.auth, base, timeout_s=subs.timeout_s, verify=verify)
             reader = FhirReader(
                 base, timeout_s=subs.timeout_s, auth=auth, stop=self.stop_event, verify=verify
             )
             self._closers.append(reader.close)
             if auth is not None:
                 self._closers.append(auth.close)
-        return FhirEndpoint(self.config, ingest, self.patient_links, ledger, reader)
+        return FhirEndpoint(self.config, ingest, self.patient_links, ledger, callers, reader=reader)
 
     def _start_processing(self) -> None:
         model = InferenceClient(self.config.model)

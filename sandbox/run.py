@@ -41,9 +41,16 @@ import httpx
 
 from ehrbridge._http import EmbeddedServer
 from ehrbridge.adapters.mllp_client import AsyncMllpClient
-from ehrbridge.config import SiteConfig, load_site_config
+from ehrbridge.config import ApiRole, SiteConfig, load_site_config
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.runtime import SiteRuntime
+from ehrbridge.sandbox.credentials import (
+    bearer,
+    cds_token,
+    ensure_credentials,
+    tokens_dir,
+    with_credentials,
+)
 from ehrbridge.sandbox.fhir_server import FhirStore, create_fhir_app
 from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.model_server import create_model_app
@@ -106,6 +113,7 @@ class Sandbox:
         self.traffic = TrafficStats()
 
     async def start(self) -> None:
+        ensure_credentials(self.data_dir)
         await self.model.start()
         await self.fhir.start()
         await self.inbox.start()
@@ -138,11 +146,12 @@ class Sandbox:
                 ),
             }
         )
+        config = with_credentials(config, self.data_dir)
         # Last, so that tests can point any part elsewhere (a fake FHIR server, auth).
         return self.configure_fhir_site(config) if self.configure_fhir_site else config
 
     def _site_config(self) -> SiteConfig:
-        config = load_site_config(sandbox_site_file())
+        config = with_credentials(load_site_config(sandbox_site_file()), self.data_dir)
         if self.configure is not None:
             config = self.configure(config)
         return config.model_copy(
@@ -154,6 +163,14 @@ class Sandbox:
                 "writeback": config.writeback.model_copy(update={"fhir_base": self.fhir_base}),
             }
         )
+
+    def headers(self, role: ApiRole | str = ApiRole.ADMIN) -> dict[str, str]:
+        """``Authorization`` for the sandbox's API token of ``role``."""
+        return bearer(self.data_dir, role)
+
+    def cds_headers(self, service_url: str, **claims: object) -> dict[str, str]:
+        """``Authorization`` with a fresh JWT of the sandbox EHR for the CDS service's URL."""
+        return {"Authorization": f"Bearer {cds_token(self.data_dir, service_url, **claims)}"}
 
     @property
     def config(self) -> SiteConfig:
@@ -264,7 +281,8 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
         lines.append("  synthetic EHR       sending ADT + renal ORU^R01 over MLLP (Ctrl-C stops)")
     else:
         lines.append("  synthetic EHR       off (--no-traffic)")
-    return "\n".join([*lines, *_send_your_own(sandbox), *_kept(sandbox)]) + "\n"
+    calls = [*_how_to_call(sandbox), *_send_your_own(sandbox), *_kept(sandbox)]
+    return "\n".join([*lines, *calls]) + "\n"
 
 
 def _send_your_own(sandbox: Sandbox) -> list[str]:
@@ -308,6 +326,24 @@ def _kept(sandbox: Sandbox) -> list[str]:
             f"WARNING: {delivered} result(s) were delivered by an earlier run, but the EHR "
             f"stand-in holds none (its store {FHIR_JOURNAL} is missing): run with --fresh."
         )
+    return lines
+
+
+def _how_to_call(sandbox: Sandbox) -> list[str]:
+    """The API needs a token: where the sandbox's are, and a call to copy."""
+    tokens = tokens_dir(sandbox.data_dir)
+    cli = _shown(Path(sys.executable).parent / "ehrbridge")
+    lines = [
+        "",
+        f"API tokens (one per role: viewer, operator, admin, sender) in {tokens}/",
+        f'  curl -H "Authorization: Bearer $(cat {tokens}/viewer)" {sandbox.api_url}/api/results',
+    ]
+    if sandbox.fhir_runtime is not None:
+        hook = f"{sandbox.fhir_site_url}/cds-services/kfre-patient-view"
+        lines += [
+            "CDS Hooks calls need a JWT of the sandbox EHR: "
+            f"{cli} cds-token --data-dir {sandbox.data_dir} --audience {hook}",
+        ]
     return lines
 
 

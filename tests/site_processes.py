@@ -61,6 +61,7 @@ from ehrbridge.pipelines.features import FeatureRecord, evaluate
 from ehrbridge.pipelines.records import ModelInfo, prediction_identifier
 from ehrbridge.pipelines.state import PatientState
 from ehrbridge.pipelines.transport import Record
+from ehrbridge.sandbox.credentials import localize_yaml
 from ehrbridge.sandbox.run import sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
@@ -267,6 +268,7 @@ class KafkaSite:
         config["http"]["port"] = self.http_port
         config["model"]["url"] = self.model_url
         config["writeback"]["fhir_base"] = self.fhir_base
+        localize_yaml(config, self.root / "data")  # API tokens (tests/auth_tokens.py)
         config["transport"] = {
             "kind": "kafka",
             "bootstrap": self.bootstrap,

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
+from auth_tokens import cds_headers, headers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,8 +40,8 @@ FUZZ = settings(
 )
 
 
-def fuzz_every_operation(openapi_url: str) -> list[str]:
-    """Run generated requests against each operation; return the labels tested."""
+def fuzz_every_operation(openapi_url: str, auth: dict[str, str]) -> list[str]:
+    """Run generated requests (with ``auth``) against each operation; return the labels tested."""
     schema = schemathesis.openapi.from_url(openapi_url)
     tested: list[str] = []
     for result in schema.get_all_operations():
@@ -49,7 +50,7 @@ def fuzz_every_operation(openapi_url: str) -> list[str]:
         @given(case=operation.as_strategy())
         @FUZZ
         def answers_as_documented(case: Any) -> None:
-            case.call_and_validate()
+            case.call_and_validate(headers=auth)
 
         answers_as_documented()
         tested.append(operation.label)
@@ -59,14 +60,18 @@ def fuzz_every_operation(openapi_url: str) -> list[str]:
 def test_the_hl7_site_api_answers_every_generated_request_as_documented(
     running_sandbox: BackgroundSandbox,
 ) -> None:
-    tested = fuzz_every_operation(f"{running_sandbox.sandbox.api_url}/openapi.json")
+    tested = fuzz_every_operation(
+        f"{running_sandbox.sandbox.api_url}/openapi.json", headers(running_sandbox, "admin")
+    )
     assert "GET /api/results/{identifier}" in tested
 
 
 def test_the_fhir_site_api_answers_every_generated_request_as_documented(
     running_sandbox: BackgroundSandbox,
 ) -> None:
-    tested = fuzz_every_operation(f"{running_sandbox.sandbox.fhir_site_url}/openapi.json")
+    tested = fuzz_every_operation(
+        f"{running_sandbox.sandbox.fhir_site_url}/openapi.json", headers(running_sandbox, "admin")
+    )
     assert "GET /api/results" in tested
 
 
@@ -105,14 +110,24 @@ SPEC_ENDPOINTS = [
 def test_fhir_and_cds_endpoints_answer_any_json_with_a_client_error_not_a_crash(
     running_sandbox: BackgroundSandbox, method: str, path: str
 ) -> None:
-    url = running_sandbox.sandbox.fhir_site_url + path
+    api = running_sandbox.sandbox.fhir_site_url
+    url = api + path
+
+    def credentials() -> dict[str, str]:  # a fresh CDS JWT per call: each jti is taken once
+        if path.startswith("/cds-services"):
+            return cds_headers(running_sandbox, api)
+        return headers(running_sandbox, "sender")
+
     with httpx.Client(timeout=10) as client:
 
         @given(body=RESOURCE_LIKE | JSON_VALUES)
         @FUZZ
         def never_a_server_error(body: Any) -> None:
             response = client.request(
-                method, url, content=json.dumps(body), headers={"content-type": FHIR_JSON}
+                method,
+                url,
+                content=json.dumps(body),
+                headers={"content-type": FHIR_JSON, **credentials()},
             )
             assert response.status_code < 500, response.text[:500]
             if path.startswith("/fhir") and response.status_code >= 400:

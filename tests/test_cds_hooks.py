@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from auth_tokens import cds_headers, headers
 from conftest import CORPUS, wait_for
 from predictions import prediction
 
@@ -49,12 +50,18 @@ def hook(patient_id: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def call(api: str, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(f"{api}{SERVICE}", json=body, timeout=10)
+def call(sandbox: BackgroundSandbox, api: str, body: dict[str, Any]) -> httpx.Response:
+    """The hook, signed by the sandbox's EHR (a fresh JWT: each jti is taken once)."""
+    auth = cds_headers(sandbox, api)
+    return httpx.post(f"{api}{SERVICE}", json=body, headers=auth, timeout=10)
 
 
-def stored(api: str, patient: str) -> dict[str, Any]:
-    results = httpx.get(f"{api}/api/results", params={"patient": patient, "limit": 1}).json()
+def stored(sandbox: BackgroundSandbox, api: str, patient: str) -> dict[str, Any]:
+    results = httpx.get(
+        f"{api}/api/results",
+        params={"patient": patient, "limit": 1},
+        headers=headers(sandbox, "viewer"),
+    ).json()
     latest: dict[str, Any] = results["results"][0]
     return latest
 
@@ -102,11 +109,13 @@ def test_the_card_shows_the_stored_prediction(
     api, mrn = sandbox.sandbox.api_url, f"M{uuid.uuid4().hex[:10]}"
     send_renal(sandbox, mrn, egfr, uacr)
     wait_for(
-        lambda: httpx.get(f"{api}/api/results", params={"patient": mrn}).json()["results"],
+        lambda: httpx.get(
+            f"{api}/api/results", params={"patient": mrn}, headers=headers(sandbox)
+        ).json()["results"],
         what="a score",
     )
-    result = stored(api, mrn)
-    response = call(api, hook(mrn))
+    result = stored(sandbox, api, mrn)
+    response = call(sandbox, api, hook(mrn))
     assert response.status_code == 200
     [card] = response.json()["cards"]
     risk_2y, risk_5y = percent(result["risk_2y"]), percent(result["risk_5y"])
@@ -124,12 +133,12 @@ def test_the_card_shows_the_stored_prediction(
     assert link["type"] == "absolute" and link["url"].endswith(
         f"/api/results/{result['identifier']}"
     )
-    details = httpx.get(link["url"]).json()
+    details = httpx.get(link["url"], headers=headers(sandbox, "viewer")).json()
     assert details["risk_2y"] == result["risk_2y"]
 
 
 def test_no_score_is_200_with_no_cards(sandbox: BackgroundSandbox) -> None:
-    response = call(sandbox.sandbox.api_url, hook("nobody-we-know"))
+    response = call(sandbox, sandbox.sandbox.api_url, hook("nobody-we-know"))
     assert response.status_code == 200 and response.json() == {"cards": []}
 
 
@@ -143,7 +152,7 @@ def test_no_score_is_200_with_no_cards(sandbox: BackgroundSandbox) -> None:
     ids=["another hook", "no patientId", "no hookInstance"],
 )
 def test_a_malformed_request_is_400(sandbox: BackgroundSandbox, body: dict[str, Any]) -> None:
-    response = call(sandbox.sandbox.api_url, body)
+    response = call(sandbox, sandbox.sandbox.api_url, body)
     assert response.status_code == 400 and response.json()["error"]
 
 
@@ -154,18 +163,20 @@ def test_a_fhir_patient_is_found_by_its_fhir_id_by_prefetch_or_by_reading_it(
     posted = httpx.post(
         f"{api}/fhir",
         content=SYNTHEA.read_bytes(),
-        headers={"content-type": "application/fhir+json"},
+        headers={"content-type": "application/fhir+json", **headers(sandbox, "sender")},
     )
     assert posted.status_code == 200
     wait_for(
-        lambda: httpx.get(f"{api}/api/results", params={"patient": SYNTHEA_MRN}).json()["results"],
+        lambda: httpx.get(
+            f"{api}/api/results", params={"patient": SYNTHEA_MRN}, headers=headers(sandbox)
+        ).json()["results"],
         what="scores",
     )
-    result = stored(api, SYNTHEA_MRN)
+    result = stored(sandbox, api, SYNTHEA_MRN)
     summary = f"Kidney failure risk {shown(percent(result['risk_2y']))} in 2 years"
 
     # 1. the Patient.id learned when the Bundle came in
-    by_link = call(api, hook(SYNTHEA_PATIENT_ID)).json()["cards"]
+    by_link = call(sandbox, api, hook(SYNTHEA_PATIENT_ID)).json()["cards"]
     assert by_link[0]["summary"].startswith(summary)
     # 2. prefetch: the EHR sends the Patient, whose identifier names the patient
     patient = {
@@ -173,16 +184,16 @@ def test_a_fhir_patient_is_found_by_its_fhir_id_by_prefetch_or_by_reading_it(
         "id": "ehr-42",
         "identifier": [{"system": "http://hospital.smarthealthit.org", "value": SYNTHEA_MRN}],
     }
-    by_prefetch = call(api, hook("ehr-42", prefetch={"patient": patient})).json()["cards"]
+    by_prefetch = call(sandbox, api, hook("ehr-42", prefetch={"patient": patient})).json()["cards"]
     assert by_prefetch[0]["summary"].startswith(summary)
     # 3. neither: read Patient/<id> from the site's own FHIR server
     fhir_base = sandbox.sandbox.fhir_base
     unsaved = {k: v for k, v in patient.items() if k != "id"}
     created = httpx.post(f"{fhir_base}/Patient", json=unsaved).json()
-    read = call(api, hook(created["id"], fhirServer=fhir_base)).json()["cards"]
+    read = call(sandbox, api, hook(created["id"], fhirServer=fhir_base)).json()["cards"]
     assert read[0]["summary"].startswith(summary)
     # ... but never from a server the request names that the site does not know
-    elsewhere = call(api, hook(created["id"], fhirServer="http://127.0.0.1:9/fhir")).json()
+    elsewhere = call(sandbox, api, hook(created["id"], fhirServer="http://127.0.0.1:9/fhir")).json()
     assert elsewhere == {"cards": []}
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
+from auth_tokens import headers as auth
 from conftest import CORPUS
 from fhir_validation import r4b
 
@@ -62,7 +63,7 @@ def test_every_corpus_file_is_accepted_or_refused_with_an_operation_outcome(
             response = client.post(
                 f"{base}{target(raw)}",
                 content=raw,
-                headers={"content-type": "application/fhir+json"},
+                headers={"content-type": "application/fhir+json", **auth(sandbox, "sender")},
             )
             where = path.relative_to(CORPUS)
             assert response.status_code in (200, 201, 400, 413, 422), (where, response.text[:300])
@@ -86,5 +87,5 @@ def test_every_corpus_file_is_accepted_or_refused_with_an_operation_outcome(
     synthea = [p.name for p in FHIR_FILES if p.parent.name == "synthea-ckd"]
     assert len(synthea) == 4 and {status_of[name] for name in synthea} == {200}
     stored = runtime.log.read(runtime.topic("raw"), limit=100_000)
-    stats = httpx.get(f"{base}/api/fhir").json()["ingest"]
+    stats = httpx.get(f"{base}/api/fhir", headers=auth(sandbox)).json()["ingest"]
     assert len(stored) == stats["records_stored"] >= outcomes[201] + len(synthea)

@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from auth_tokens import cds_headers
+from auth_tokens import headers as auth
 from conftest import CORPUS, all_resources, wait_for
 
 from ehrbridge.cds_hooks import shown
@@ -40,9 +42,11 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundSand
         yield running
 
 
-def results(api: str) -> list[dict[str, Any]]:
+def results(sandbox: BackgroundSandbox, api: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = httpx.get(
-        f"{api}/api/results", params={"patient": MRN, "limit": 1000}
+        f"{api}/api/results",
+        params={"patient": MRN, "limit": 1000},
+        headers=auth(sandbox, "viewer"),
     ).json()["results"]
     return found
 
@@ -79,7 +83,7 @@ def test_a_synthea_patient_becomes_observations_orus_and_a_card(sandbox: Backgro
     response = httpx.post(
         f"{api}/fhir",
         content=PATIENT.read_bytes(),
-        headers={"content-type": "application/fhir+json"},
+        headers={"content-type": "application/fhir+json", **auth(sandbox, "sender")},
         timeout=60,
     )
     assert response.status_code == 200 and response.json()["type"] == "transaction-response"
@@ -88,7 +92,9 @@ def test_a_synthea_patient_becomes_observations_orus_and_a_card(sandbox: Backgro
     # domain, all delivered.
     history = wait_for(
         lambda: (
-            (found := results(api)) and all(r["status"] == "delivered" for r in found) and found
+            (found := results(sandbox, api))
+            and all(r["status"] == "delivered" for r in found)
+            and found
         ),
         timeout_s=60,
         what="the patient's risk history, delivered",
@@ -129,7 +135,11 @@ def test_a_synthea_patient_becomes_observations_orus_and_a_card(sandbox: Backgro
         "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
         "context": {"userId": "Practitioner/1", "patientId": FHIR_ID},
     }
-    [card] = httpx.post(f"{api}/cds-services/kfre-patient-view", json=card_request).json()["cards"]
+    [card] = httpx.post(
+        f"{api}/cds-services/kfre-patient-view",
+        json=card_request,
+        headers=cds_headers(sandbox, api),
+    ).json()["cards"]
     assert card["summary"].startswith(
         f"Kidney failure risk {shown(percent(latest['risk_2y']))} in 2 years, "
         f"{shown(percent(latest['risk_5y']))} in 5 years"
@@ -140,7 +150,7 @@ def test_a_synthea_patient_becomes_observations_orus_and_a_card(sandbox: Backgro
     again = httpx.post(
         f"{api}/fhir",
         content=PATIENT.read_bytes(),
-        headers={"content-type": "application/fhir+json"},
+        headers={"content-type": "application/fhir+json", **auth(sandbox, "sender")},
         timeout=60,
     )
     assert again.status_code == 200

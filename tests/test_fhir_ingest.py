@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from auth_tokens import headers as auth
 from conftest import all_resources, wait_for
 from fhir_validation import r4b
 
@@ -63,7 +64,7 @@ def post(
         method,
         f"{sandbox.sandbox.fhir_site_url}{path}",
         content=content,
-        headers={"content-type": FHIR_JSON, **(headers or {})},
+        headers={"content-type": FHIR_JSON, **auth(sandbox, "sender"), **(headers or {})},
         timeout=30,
     )
 
@@ -213,7 +214,9 @@ def test_other_resource_types_are_accepted_and_counted_not_stored(
     assert response.status_code == 200
     assert "not stored" in outcome(response)["issue"][0]["diagnostics"]
     assert raw_records(sandbox) == before
-    stats = httpx.get(f"{sandbox.sandbox.fhir_site_url}/api/fhir").json()["ingest"]
+    stats = httpx.get(
+        f"{sandbox.sandbox.fhir_site_url}/api/fhir", headers=auth(sandbox, "viewer")
+    ).json()["ingest"]
     assert stats["resources_accepted"]["Encounter"] >= 1
 
 
@@ -533,7 +536,7 @@ def test_a_huge_body_is_413_and_the_endpoint_keeps_serving(sandbox: BackgroundSa
     streamed = httpx.post(
         f"{sandbox.sandbox.fhir_site_url}/fhir",
         content=chunks(),
-        headers={"content-type": FHIR_JSON},
+        headers={"content-type": FHIR_JSON, **auth(sandbox, "sender")},
         timeout=30,
     )
     assert streamed.status_code == 413
@@ -552,7 +555,10 @@ def test_xml_is_415(sandbox: BackgroundSandbox) -> None:
 
 
 def test_reads_are_not_served_here(sandbox: BackgroundSandbox) -> None:
-    response = httpx.get(f"{sandbox.sandbox.fhir_site_url}/fhir/Observation/egfr-single")
+    response = httpx.get(
+        f"{sandbox.sandbox.fhir_site_url}/fhir/Observation/egfr-single",
+        headers=auth(sandbox, "sender"),
+    )
     assert response.status_code == 405 and response.headers["allow"] == "POST, PUT"
     assert "GET /api/results" in outcome(response)["issue"][0]["diagnostics"]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from auth_tokens import headers as auth
 from conftest import CORPUS, wait_for
 
 from ehrbridge.sandbox.run import BackgroundSandbox
@@ -23,11 +24,13 @@ def test_fhir_paths_log_no_patient_data(tmp_path: Path, caplog: pytest.LogCaptur
     caplog.set_level(logging.DEBUG)
     with BackgroundSandbox(tmp_path) as running:
         api = running.sandbox.fhir_site_url
-        headers = {"content-type": "application/fhir+json"}
+        headers = {"content-type": "application/fhir+json", **auth(running, "sender")}
         assert (
             httpx.post(f"{api}/fhir", content=raw, headers=headers, timeout=60).status_code == 200
         )
-        refused = httpx.post(f"{api}/fhir/Patient", json={**patient, "identifier": []})
+        refused = httpx.post(
+            f"{api}/fhir/Patient", json={**patient, "identifier": []}, headers=headers
+        )
         assert refused.status_code == 422
         broken = raw.replace(b'"reference": "urn:uuid:', b'"reference": "urn:uuid:x', 1)
         assert httpx.post(f"{api}/fhir", content=broken, headers=headers).status_code == 400

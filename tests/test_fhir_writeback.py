@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from auth_tokens import headers as auth
 from conftest import all_resources, wait_for
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -521,7 +522,7 @@ def test_a_live_site_writes_through_smart_backend_services(
         response = httpx.post(
             f"{running.sandbox.fhir_site_url}/fhir",
             content=orjson.dumps(visit),
-            headers={"content-type": "application/fhir+json"},
+            headers={"content-type": "application/fhir+json", **auth(running, "sender")},
         )
         assert response.status_code == 200, response.text
         found = wait_for(

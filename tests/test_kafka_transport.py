@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from auth_tokens import headers as auth
 from conftest import all_resources, wait_for
 
 from ehrbridge.adapters.mllp_client import MllpClient
@@ -42,14 +43,16 @@ def send(sandbox: BackgroundSandbox, message: bytes) -> str:
 
 def results_for(sandbox: BackgroundSandbox, mrn: str) -> list[dict[str, Any]]:
     api = sandbox.sandbox.api_url
-    found: list[dict[str, Any]] = httpx.get(f"{api}/api/results", params={"patient": mrn}).json()[
-        "results"
-    ]
+    found: list[dict[str, Any]] = httpx.get(
+        f"{api}/api/results", params={"patient": mrn}, headers=auth(sandbox, "viewer")
+    ).json()["results"]
     return found
 
 
 def patient_outcome(sandbox: BackgroundSandbox, mrn: str) -> dict[str, Any] | None:
-    response = httpx.get(f"{sandbox.sandbox.api_url}/api/patients/{mrn}")
+    response = httpx.get(
+        f"{sandbox.sandbox.api_url}/api/patients/{mrn}", headers=auth(sandbox, "viewer")
+    )
     if response.status_code != 200:
         return None
     outcome: dict[str, Any] | None = response.json()["last_outcome"]

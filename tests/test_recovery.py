@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from auth_tokens import localize
 from conftest import all_resources, wait_for
 
 from ehrbridge._http import ThreadedServer
@@ -40,6 +41,7 @@ def site_file(tmp_path: Path, fhir_base: str, model_port: int) -> tuple[Path, in
     config = yaml.safe_load(sandbox_site_file().read_text())
     mllp_port = free_port()
     config["data_dir"] = str(tmp_path / "data")
+    localize(config, tmp_path / "data")  # the API's token files
     config["mllp"]["port"] = mllp_port
     config["http"]["port"] = free_port()
     config["model"]["url"] = f"http://127.0.0.1:{model_port}"

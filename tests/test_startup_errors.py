@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from auth_tokens import localize
 from conftest import wait_for
 from site_processes import OwnBroker
 
@@ -36,6 +37,7 @@ def busy_port() -> Iterator[int]:
 def site_file(tmp_path: Path, *, mllp: int, http: int) -> Path:
     config = yaml.safe_load(sandbox_site_file().read_text())
     config.update(data_dir=str(tmp_path / "data"))
+    localize(config, tmp_path / "data")  # the API's token files
     config["mllp"]["port"] = mllp
     config["http"]["port"] = http
     path = tmp_path / "site.yaml"

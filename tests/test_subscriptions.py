@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from auth_tokens import headers as auth
 from conftest import CORPUS, all_resources, wait_for
 from fhir_validation import r4b
 from smart_fake import AuthState, GuardedFhir
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.smart_auth import StaticBearer
-from ehrbridge.config import BearerAuth, SiteConfig
+from ehrbridge.config import BearerAuth, KnownSubscription, SiteConfig
 from ehrbridge.pipelines.errors import RemoteRejected
 from ehrbridge.pipelines.fhir_ingest import FhirRejected
 from ehrbridge.pipelines.subscriptions import UNREAD, SubscriptionLedger, parse_notification
@@ -51,13 +52,26 @@ def kit(name: str, subscription: str) -> dict[str, Any]:
     return doc
 
 
+# The Subscriptions the test site knows (subscriptions.known); each test takes fresh ones.
+KNOWN = [f"Subscription/test-{n}-{uuid.uuid4().hex[:6]}" for n in range(100)]
+_unused = iter(KNOWN)
+
+
 def new_subscription() -> str:
-    return f"Subscription/{uuid.uuid4().hex[:10]}"
+    return next(_unused)
+
+
+def knowing_the_test_subscriptions(config: SiteConfig) -> SiteConfig:
+    known = [*config.subscriptions.known, *(KnownSubscription(reference=r) for r in KNOWN)]
+    subscriptions = config.subscriptions.model_copy(update={"known": known})
+    return config.model_copy(update={"subscriptions": subscriptions})
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundSandbox]:
-    with BackgroundSandbox(tmp_path_factory.mktemp("subscriptions")) as running:
+    with BackgroundSandbox(
+        tmp_path_factory.mktemp("subscriptions"), configure_fhir_site=knowing_the_test_subscriptions
+    ) as running:
         yield running
 
 
@@ -68,16 +82,26 @@ def site(sandbox: BackgroundSandbox) -> SiteRuntime:
 
 
 def notify(sandbox: BackgroundSandbox, doc: dict[str, Any], **headers: str) -> httpx.Response:
+    """POST a notification; with the sandbox's sender token unless ``authorization`` is given."""
+    credentials = {} if "authorization" in headers else auth(sandbox, "sender")
     return httpx.post(
         f"{sandbox.sandbox.fhir_site_url}{NOTIFY}",
         content=orjson.dumps(doc),
-        headers={"content-type": "application/fhir+json", **headers},
+        headers={"content-type": "application/fhir+json", **credentials, **headers},
         timeout=30,
     )
 
 
+def subscriptions_listed(sandbox: BackgroundSandbox) -> list[dict[str, Any]]:
+    api = sandbox.sandbox.fhir_site_url
+    listed: list[dict[str, Any]] = httpx.get(
+        f"{api}/api/fhir", headers=auth(sandbox, "viewer")
+    ).json()["subscriptions"]
+    return listed
+
+
 def state_of(sandbox: BackgroundSandbox, subscription: str) -> dict[str, Any]:
-    listed = httpx.get(f"{sandbox.sandbox.fhir_site_url}/api/fhir").json()["subscriptions"]
+    listed = subscriptions_listed(sandbox)
     return next(s for s in listed if s["subscription"].endswith(subscription))
 
 
@@ -154,7 +178,7 @@ def test_a_non_conformant_notification_is_refused_and_kept(sandbox: BackgroundSa
     assert issue["expression"] == ["Bundle.entry[0].request"] and "bdl-3" in issue["diagnostics"]
     dlq = runtime.log.read(runtime.topic("dlq"), limit=100_000)
     assert any(r.headers.get("error.reason") == "subscription.non_conformant" for r in dlq)
-    listed = httpx.get(f"{sandbox.sandbox.fhir_site_url}/api/fhir").json()["subscriptions"]
+    listed = subscriptions_listed(sandbox)
     assert not any(s["subscription"].endswith(subscription) for s in listed)
 
 
@@ -397,7 +421,9 @@ def test_the_endpoint_demands_the_agreed_token_and_reads_with_its_own(
                 "token_env": "NOTIFY_TOKEN",
             }
         )
-        return config.model_copy(update={"subscriptions": subscriptions})
+        return knowing_the_test_subscriptions(
+            config.model_copy(update={"subscriptions": subscriptions})
+        )
 
     headers = {"authorization": "Bearer ehr-read-token"}
     mrn = f"MRN-{uuid.uuid4().hex[:8]}"
@@ -430,7 +456,7 @@ def test_the_endpoint_demands_the_agreed_token_and_reads_with_its_own(
     ).json()
     with BackgroundSandbox(tmp_path, configure_fhir_site=point_at_guarded_ehr) as running:
         doc = event(new_subscription(), 1, [f"{base}/Observation/{lab['id']}"])
-        assert notify(running, doc).status_code == 401  # no channel header
+        assert notify(running, doc, authorization="").status_code == 401  # no channel header
         response = notify(running, doc, authorization="Bearer from-the-subscription-channel-header")
         assert response.status_code == 200, response.text
         assert "stored 1 Observation, 1 Patient" in issues(response)[0]["diagnostics"]
@@ -522,8 +548,9 @@ def ehr_with_events() -> Iterator[tuple[str, EventsArchive]]:
 def backfilling_from(base: str) -> Callable[[SiteConfig], SiteConfig]:
     def configure(config: SiteConfig) -> SiteConfig:
         update = {"fhir_base": base, "backfill_retry_s": 0.2}
-        return config.model_copy(
-            update={"subscriptions": config.subscriptions.model_copy(update=update)}
+        subscriptions = config.subscriptions.model_copy(update=update)
+        return knowing_the_test_subscriptions(
+            config.model_copy(update={"subscriptions": subscriptions})
         )
 
     return configure
