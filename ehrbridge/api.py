@@ -174,7 +174,7 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
             ]
         }
 
-    add_monitoring_routes(app, runtime.monitoring)
+    add_monitoring_routes(app, runtime.monitoring, viewer)
     if runtime.fhir is not None:
         add_fhir_routes(app, runtime.fhir)
     if config.cds_hooks.enabled:

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
     {
         ("GET", "/health"),  # liveness for load balancers and orchestrators
+        ("GET", "/health/live"),
+        ("GET", "/health/ready"),
         ("GET", "/cds-services"),  # CDS Hooks discovery: the specification has it open
         ("GET", "/fhir/metadata"),  # FHIR CapabilityStatement: what is taken, no data
         ("GET", "/openapi.json"),  # the API's description (no data): for /docs and clients

@@ -186,5 +186,10 @@ def create_monitoring_api(runtime: SiteRuntime) -> FastAPI:
         return {"status": "ok", "site": config.site, "mode": config.mode.value, "roles": roles}
 
     assert runtime.monitoring is not None
-    add_monitoring_routes(app, runtime.monitoring)
+    from ehrbridge.auth import Authenticator
+    from ehrbridge.config import ApiRole
+
+    auth = Authenticator(config.auth)  # a missing secret stops the start here
+    viewer = [Depends(auth.require(ApiRole.VIEWER))]
+    add_monitoring_routes(app, runtime.monitoring, viewer)
     return app

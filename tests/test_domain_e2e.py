@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from auth_tokens import cds_headers
+from auth_tokens import headers as auth
 from conftest import CORPUS, all_resources, wait_for
 
 from ehrbridge.adapters.mllp_client import MllpClient
@@ -55,9 +57,9 @@ def send(sandbox: BackgroundSandbox, **values: Any) -> str:
     return mrn
 
 
-def outcome_of(api: str, mrn: str) -> dict[str, Any]:
+def outcome_of(sandbox: BackgroundSandbox, api: str, mrn: str) -> dict[str, Any]:
     def known() -> dict[str, Any] | None:
-        response = httpx.get(f"{api}/api/patients/{mrn}")
+        response = httpx.get(f"{api}/api/patients/{mrn}", headers=auth(sandbox))
         found = response.json() if response.status_code == 200 else None
         return found if found and found["last_outcome"] else None
 
@@ -65,7 +67,12 @@ def outcome_of(api: str, mrn: str) -> dict[str, Any]:
 
 
 def no_score_anywhere(sandbox: BackgroundSandbox, api: str, mrn: str, system: str) -> None:
-    assert httpx.get(f"{api}/api/results", params={"patient": mrn}).json()["results"] == []
+    assert (
+        httpx.get(f"{api}/api/results", params={"patient": mrn}, headers=auth(sandbox)).json()[
+            "results"
+        ]
+        == []
+    )
     observations = all_resources(
         f"{sandbox.sandbox.fhir_base}/Observation", {"subject:identifier": f"{system}|{mrn}"}
     )
@@ -75,14 +82,16 @@ def no_score_anywhere(sandbox: BackgroundSandbox, api: str, mrn: str, system: st
         "hookInstance": str(uuid.uuid4()),
         "context": {"userId": "Practitioner/1", "patientId": mrn},
     }
-    assert httpx.post(f"{api}{SERVICE}", json=hook).json() == {"cards": []}
+    assert httpx.post(f"{api}{SERVICE}", json=hook, headers=cds_headers(sandbox, api)).json() == {
+        "cards": []
+    }
 
 
 def test_egfr_above_60_gets_no_score_and_the_record_says_why(sandbox: BackgroundSandbox) -> None:
     api = sandbox.sandbox.api_url
     before = httpx.get(f"{api}/health").json()["not_scored"]["out_of_domain"]
     mrn = send(sandbox, egfr=71.9, uacr_mg_g=30.0)
-    patient = outcome_of(api, mrn)
+    patient = outcome_of(sandbox, api, mrn)
     assert patient["last_outcome"]["out_of_domain"] == ["out_of_domain: egfr 71.9 >= 60"]
     assert patient["latest_result"] is None
     assert httpx.get(f"{api}/health").json()["not_scored"]["out_of_domain"] == before + 1
@@ -92,7 +101,7 @@ def test_egfr_above_60_gets_no_score_and_the_record_says_why(sandbox: Background
 def test_a_bounded_creatinine_that_decides_the_domain_is_named(sandbox: BackgroundSandbox) -> None:
     api = sandbox.sandbox.api_url
     mrn = send(sandbox, creatinine_mg_dl="<0.2", uacr_mg_g=30.0)
-    [reason] = outcome_of(api, mrn)["last_outcome"]["out_of_domain"]
+    [reason] = outcome_of(sandbox, api, mrn)["last_outcome"]["out_of_domain"]
     assert reason.startswith("egfr_from_bounded_value: creatinine <0.2 mg/dL gives egfr at least")
     no_score_anywhere(sandbox, api, mrn, "urn:ehrbridge:sandbox:mrn")
 
@@ -102,14 +111,16 @@ def test_a_synthea_history_is_scored_only_where_kfre_applies(sandbox: Background
     posted = httpx.post(
         f"{api}/fhir",
         content=STANTON.read_bytes(),
-        headers={"content-type": "application/fhir+json"},
+        headers={"content-type": "application/fhir+json", **auth(sandbox, "sender")},
         timeout=30,
     )
     assert posted.status_code == 200
 
     def all_scored() -> list[dict[str, Any]] | None:
         found: list[dict[str, Any]] = httpx.get(
-            f"{api}/api/results", params={"patient": STANTON_MRN, "limit": 100}
+            f"{api}/api/results",
+            params={"patient": STANTON_MRN, "limit": 100},
+            headers=auth(sandbox),
         ).json()["results"]
         return found if len(found) >= len(IN_DOMAIN_DAYS) else None
 

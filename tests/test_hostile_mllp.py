@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
+from auth_tokens import headers as auth
 from conftest import wait_for
 
 from ehrbridge.adapters.mllp_client import Ack, MllpClient, frame
@@ -58,7 +59,10 @@ def dead_letters(site: BackgroundSandbox, control_id: str) -> list[Record]:
 
 
 def patient_known(site: BackgroundSandbox, mrn: str) -> bool:
-    return httpx.get(f"{site.sandbox.api_url}/api/patients/{mrn}").status_code == 200
+    return (
+        httpx.get(f"{site.sandbox.api_url}/api/patients/{mrn}", headers=auth(site)).status_code
+        == 200
+    )
 
 
 def replace_obx(message: bytes, field: int, value: bytes) -> bytes:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from auth_tokens import headers as auth
 from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from test_message_types import message
@@ -40,7 +41,7 @@ def value(
 
 
 def metrics_page(site: BackgroundSandbox) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    response = httpx.get(f"{site.sandbox.api_url}/metrics")
+    response = httpx.get(f"{site.sandbox.api_url}/metrics", headers=auth(site))
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     return samples(response.text)
@@ -102,7 +103,7 @@ def test_known_traffic_gives_exact_counts(site: BackgroundSandbox, ehr: Syntheti
 def test_no_identifier_is_a_label_value(site: BackgroundSandbox, ehr: SyntheticEhr) -> None:
     message_bytes, control_id, mrn = renal_panel(ehr)
     assert send(site, message_bytes).code == "AA"
-    text = httpx.get(f"{site.sandbox.api_url}/metrics").text
+    text = httpx.get(f"{site.sandbox.api_url}/metrics", headers=auth(site)).text
     assert control_id not in text and mrn not in text
 
 
@@ -145,7 +146,8 @@ def test_a_process_without_ingest_serves_metrics_on_monitoring_port(
         await worker.start()
         try:
             async with httpx.AsyncClient() as client:
-                metrics = await client.get(f"http://127.0.0.1:{port}/metrics")
+                url = f"http://127.0.0.1:{port}/metrics"
+                metrics = await client.get(url, headers=auth(site, "viewer"))
                 ready = await client.get(f"http://127.0.0.1:{port}/health/ready")
         finally:
             await worker.stop()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from auth_tokens import headers as auth
 from conftest import wait_for
 
 from ehrbridge.adapters.mllp_client import MllpClient
@@ -238,8 +239,8 @@ def test_results_pages_have_a_total_links_and_percent_risks(tmp_path: Path) -> N
                 assert client.send(message).code == "AA"
         wait_for(lambda: runtime.results.count() == 3 or None, what="three results")
         api = f"{running.sandbox.api_url}/api/results"
-        first = httpx.get(api, params={"limit": 2}).json()
-        second = httpx.get(first["links"]["next"]).json()
+        first = httpx.get(api, params={"limit": 2}, headers=auth(running)).json()
+        second = httpx.get(first["links"]["next"], headers=auth(running)).json()
     assert first["total"] == second["total"] == 3
     assert len(first["results"]) == 2 and len(second["results"]) == 1
     assert first["links"]["prev"] is None and second["links"]["next"] is None

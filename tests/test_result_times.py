@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from auth_tokens import cds_headers
+from auth_tokens import headers as auth
 from conftest import wait_for
 
 from ehrbridge.adapters.inference_client import InferenceClient
@@ -210,13 +212,15 @@ def renal(mrn: str, at: datetime, egfr: float, uacr: float) -> bytes:
     )
 
 
-def card(api: str, mrn: str) -> dict[str, object]:
+def card(sandbox: BackgroundSandbox, api: str, mrn: str) -> dict[str, object]:
     body = {
         "hook": "patient-view",
         "hookInstance": str(uuid.uuid4()),
         "context": {"userId": "Practitioner/1", "patientId": mrn},
     }
-    [only] = httpx.post(f"{api}{SERVICE}", json=body, timeout=10).json()["cards"]
+    [only] = httpx.post(
+        f"{api}{SERVICE}", json=body, headers=cds_headers(sandbox, api), timeout=10
+    ).json()["cards"]
     assert isinstance(only, dict)
     return only
 
@@ -230,8 +234,13 @@ def test_a_future_dated_copy_of_a_critical_result_is_refused_and_the_card_stays_
     with MllpClient("127.0.0.1", port) as client:
         assert client.send(renal(mrn, january, 12.0, 2500.0)).code == "AA"
     results = f"{api}/api/results"
-    wait_for(lambda: httpx.get(results, params={"patient": mrn}).json()["results"], what="score")
-    critical = card(api, mrn)
+    wait_for(
+        lambda: httpx.get(results, params={"patient": mrn}, headers=auth(sandbox)).json()[
+            "results"
+        ],
+        what="score",
+    )
+    critical = card(sandbox, api, mrn)
     assert critical["indicator"] == "critical"
 
     future = renal(mrn, january, 12.0, 2500.0).replace(
@@ -248,15 +257,15 @@ def test_a_future_dated_copy_of_a_critical_result_is_refused_and_the_card_stays_
         if r.value == future  # the raw bytes, with the reason
     ]
     assert kept.headers["error.reason"] == "obx.future_dated"
-    assert card(api, mrn) == critical
-    patient = httpx.get(f"{api}/api/patients/{mrn}").json()
+    assert card(sandbox, api, mrn) == critical
+    patient = httpx.get(f"{api}/api/patients/{mrn}", headers=auth(sandbox)).json()
     assert all(f["effective"] < "2027" for facts in patient["facts"].values() for f in facts)
 
     february = datetime(2026, 2, 10, tzinfo=UTC)
     with MllpClient("127.0.0.1", port) as client:
         assert client.send(renal(mrn, february, 30.0, 300.0)).code == "AA"
     newer = wait_for(
-        lambda: (c := card(api, mrn))["uuid"] != critical["uuid"] and c,
+        lambda: (c := card(sandbox, api, mrn))["uuid"] != critical["uuid"] and c,
         what="the card to follow the genuine later result",
     )
     assert newer["indicator"] == "warning"
