@@ -95,7 +95,8 @@ def test_prometheus_scrapes_a_site_and_finds_the_exact_counts(
 
     with BackgroundSandbox(tmp_path, configure=configure, fhir_site=False) as site:
         target = site.sandbox.api_url.removeprefix("http://")
-        (data / "token").write_text("viewer-token-of-this-site\n")
+        viewer = site.sandbox.headers("viewer")["Authorization"].removeprefix("Bearer ")
+        (data / "token").write_text(viewer + "\n")  # Prometheus' bearer token file
         (data / "targets" / "site.json").write_text(json.dumps([{"targets": [target]}]))
         wait_for(
             lambda: query(url, f'up{{instance="{target}"}} == 1') or None,
