@@ -55,6 +55,7 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/openapi.json"),  # the API's description (no data): for /docs and clients
         ("GET", "/docs"),  # Swagger UI; its Authorize button takes a token
         ("GET", "/docs/oauth2-redirect"),
+        ("GET", "/redoc"),  # the same description, as ReDoc
     }
 )
 
