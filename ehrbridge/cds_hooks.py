@@ -40,6 +40,11 @@ after an earlier score gets no card either (no card rather than an info
 card: "no score" needs no interruption, and the reason is on the patient's
 record, ``/api/patients/{id}``). A result anchored in the future is never the
 "latest" a card shows.
+
+Request bodies (the hook and its feedback) are read up to
+``cds_hooks.max_body_bytes`` and no further: a larger one is answered 413
+with the same ``{"error": ...}`` body as the other refusals, as the FHIR
+routes answer theirs (``ehrbridge/_http.py``, ``read_limited``).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ehrbridge._http import BodyTooLarge, read_limited
 from ehrbridge.auth import AuthFailure, Principal
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig
@@ -102,6 +108,22 @@ class CdsService:
             if b is not None
         }
         self.feedback = 0
+        self.max_body_bytes = config.cds_hooks.max_body_bytes
+
+    async def read_json(self, request: Request) -> Any:
+        """The request body as JSON; CdsError 413 past the limit, 400 if it is not JSON."""
+        try:
+            raw = await read_limited(request, self.max_body_bytes)
+        except BodyTooLarge as over:
+            detail = (
+                f"the body ({over.size} bytes or more) exceeds this service's limit of "
+                f"{self.max_body_bytes} bytes (cds_hooks.max_body_bytes)"
+            )
+            raise CdsError(413, detail) from None
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise CdsError(400, "the request body is not JSON") from None
 
     def service_url(self, request: Request) -> str:
         """This service's URL as the EHR calls it: what the JWT's ``aud`` must be."""
@@ -293,16 +315,14 @@ def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) ->
     async def patient_view(request: Request) -> Response:
         try:
             await _caller(request, clients, service.service_url(request))
-            body = orjson.loads(await request.body())
+            body = await service.read_json(request)
             # In a thread: a store read, and possibly a FHIR read, must not stall the loop
             # that also serves MLLP.
             cards = await asyncio.to_thread(service.patient_view, body, str(request.base_url))
         except AuthFailure as failure:
             return _refusal(failure)
-        except orjson.JSONDecodeError:
-            return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
         except CdsError as error:
-            return JSONResponse({"error": error.message}, status_code=error.status)
+            return _error_response(error)
         return Response(orjson.dumps(cards), media_type="application/json")
 
     @app.post(f"/cds-services/{SERVICE_ID}/feedback", include_in_schema=False)
@@ -310,8 +330,11 @@ def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) ->
         url = service.service_url(request)
         try:
             await _caller(request, clients, url, f"{url}/feedback")
+            await service.read_json(request)
         except AuthFailure as failure:
             return _refusal(failure)
+        except CdsError as error:
+            return _error_response(error)
         service.feedback += 1
         return Response(status_code=200)
 
@@ -324,3 +347,9 @@ async def _caller(request: Request, clients: CdsClientAuth, *audiences: str) -> 
 
 def _refusal(failure: AuthFailure) -> Response:
     return JSONResponse({"error": failure.message}, failure.status, failure.headers)
+
+
+def _error_response(error: CdsError) -> JSONResponse:
+    # A 413 closes the connection: the rest of the body was never read.
+    headers = {"Connection": "close"} if error.status == 413 else None
+    return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)

@@ -51,13 +51,14 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ehrbridge import __version__
+from ehrbridge._http import BodyTooLarge, read_limited
 from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.smart_auth import read_secret
 from ehrbridge.auth import Authenticator, AuthFailure, Principal, bearer_token, token_digest
@@ -215,20 +216,12 @@ class FhirEndpoint:
                 415,
                 Issue("not-supported", f"content type {media!r} is not taken; send {FHIR_JSON}"),
             )
-        limit = self.config.http.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            await self._refuse_oversize(b"", int(declared))
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                await self._refuse_oversize(b"".join(chunks)[:_DLQ_PREFIX_BYTES], size)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return await read_limited(request, self.config.http.max_body_bytes, _DLQ_PREFIX_BYTES)
+        except BodyTooLarge as over:
+            await self._refuse_oversize(over.prefix, over.size)
 
-    async def _refuse_oversize(self, prefix: bytes, size: int) -> None:
+    async def _refuse_oversize(self, prefix: bytes, size: int) -> NoReturn:
         limit = self.config.http.max_body_bytes
         error = reject(
             "too-costly",
