@@ -462,6 +462,9 @@ class CdsHooks(Strict):
     details_url: str | None = None
     # In shadow mode clinicians see nothing unless this is true (e.g. a pilot ward).
     cards_in_shadow_mode: bool = False
+    # Hook and feedback request bodies above this are answered 413, unread. A
+    # patient-view request with its Patient prefetch is a few KB.
+    max_body_bytes: int = Field(1_048_576, ge=1024)
 
 
 class ApiRole(StrEnum):

@@ -33,12 +33,12 @@ import csv
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ehrbridge._yaml import LocatedYaml, parse_located
 from ehrbridge.mappings.schema import CodeMapEntry, CodeMapSource
+from ehrbridge.pipelines.bounded_cache import short_key_cache
 from ehrbridge.pipelines.errors import ConfigError
 
 USABLE = frozenset({"equivalent", "equal", "wider", "subsumes", "source-is-narrower-than-target"})
@@ -58,7 +58,8 @@ _CSV_COLUMNS = frozenset({*_CSV_REQUIRED, "target_system", "display"})
 _LOINC_ALIASES = {"ln": "LN", "loinc": "LN", "http://loinc.org": "LN"}
 
 
-@lru_cache(maxsize=1024)  # called for every OBX-3 coding; sites use a handful of systems
+# Called for every OBX-3 coding; sites use a handful of systems (short: OBX-3.3 or a URI).
+@short_key_cache(maxsize=1024)
 def normalise_system(system: str) -> str:
     """LOINC has three spellings (OBX-3.3 ``LN``/``LOINC``, FHIR ``http://loinc.org``)."""
     stripped = system.strip()

@@ -78,6 +78,7 @@ from dataclasses import field as dataclass_field
 from functools import lru_cache
 from typing import NoReturn
 
+from ehrbridge.pipelines.bounded_cache import short_key_cache
 from ehrbridge.pipelines.errors import Hl7Location, MessageRejected, MessageUnusable
 
 __all__ = [
@@ -348,7 +349,7 @@ _CHARSET_KEYS = {_charset_key(label): codec for label, codec in _CHARSETS.items(
 _PROBE = "MSH|^~\\&"  # what every charset a message can be read in must keep as it is
 
 
-@lru_cache(maxsize=128)
+@short_key_cache(maxsize=128, max_chars=64)  # MSH-18 is a short code; a long one is not kept
 def codec_for_charset(charset: str) -> str | None:
     """The Python codec name for an MSH-18 value, or None if unknown or not a charset."""
     key = _charset_key(charset)

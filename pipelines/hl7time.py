@@ -9,14 +9,17 @@ mapping names that time zone, we never guess it.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
-from functools import lru_cache
+
+from ehrbridge.pipelines.bounded_cache import short_key_cache
 
 
 class Hl7TimeError(ValueError):
     """The text is not an HL7 date/time."""
 
 
-@lru_cache(maxsize=4096)  # a message's results share a few times; datetimes are immutable
+# A message's results share a few times; datetimes are immutable. Short keys only: a
+# DTM is at most 24 characters, and a hostile 1 MB one must not be kept.
+@short_key_cache(maxsize=4096, max_chars=32)
 def parse_dtm(text: str, local: tzinfo = UTC) -> datetime:
     """Parse a DTM/TS value to an aware datetime (missing parts default to their minimum)."""
     value = text.strip()

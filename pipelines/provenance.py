@@ -37,7 +37,6 @@ with fhir.resources (R4B) and the npm ``fhir`` validator.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +44,7 @@ from urllib.parse import quote, urlencode
 
 from ehrbridge import __version__
 from ehrbridge.config import SiteConfig
+from ehrbridge.pipelines.bounded_cache import short_key_cache
 from ehrbridge.pipelines.observation import build_observation, fact_identifier_system
 from ehrbridge.pipelines.records import ModelInfo, Prediction
 
@@ -57,7 +57,7 @@ _NAMESPACE = uuid.UUID("6f1b3c57-8a0e-4c0a-9b1e-2d6a1f3e5c70")  # ehrbridge's uu
 
 # Cached: every result's transaction names the same two Devices, and uuid5 and
 # urlencode were half the cost of building one (write-back profile, 250 msg/s).
-@functools.lru_cache(maxsize=4096)
+@short_key_cache(maxsize=4096, max_chars=512)
 def full_url(*parts: str) -> str:
     """A stable ``urn:uuid:`` for a resource within a transaction."""
     return f"urn:uuid:{uuid.uuid5(_NAMESPACE, '|'.join(parts))}"
@@ -159,7 +159,7 @@ def _participant(code: str, display: str) -> dict[str, Any]:
     return {"coding": [{"system": PARTICIPANT_SYSTEM, "code": code, "display": display}]}
 
 
-@functools.lru_cache(maxsize=4096)
+@short_key_cache(maxsize=4096, max_chars=512)
 def conditional_search(system: str, value: str) -> str:
     return urlencode({"identifier": f"{system}|{value}"})
 
