@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from auth_tokens import cds_headers
 
 from ehrbridge.cds_hooks import SERVICE_ID
 from ehrbridge.config import SiteConfig
@@ -29,10 +30,15 @@ def small_cds_limit(config: SiteConfig) -> SiteConfig:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundSandbox]:
     data_dir = tmp_path_factory.mktemp("http-bodies")
     with BackgroundSandbox(data_dir, configure=small_cds_limit, fhir_site=False) as running:
-        yield running.sandbox.api_url
+        yield running
+
+
+def post(site: BackgroundSandbox, path: str, content: bytes | Iterator[bytes]) -> httpx.Response:
+    api = site.sandbox.api_url
+    return httpx.post(api + path, content=content, headers=cds_headers(site, api), timeout=30)
 
 
 def hook_body(pad: int = 0) -> bytes:
@@ -50,17 +56,16 @@ def streamed(size: int) -> Iterator[bytes]:  # no Content-Length: counted while 
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_a_body_over_the_cds_limit_is_413_with_a_reason(api: str, path: str) -> None:
-    declared = httpx.post(api + path, content=hook_body(LIMIT), timeout=30)
+def test_a_body_over_the_cds_limit_is_413_with_a_reason(site: BackgroundSandbox, path: str) -> None:
+    declared = post(site, path, hook_body(LIMIT))
     assert declared.status_code == 413
     assert "cds_hooks.max_body_bytes" in declared.json()["error"]
-    chunked = httpx.post(api + path, content=streamed(16 * LIMIT), timeout=30)
+    chunked = post(site, path, streamed(16 * LIMIT))
     assert chunked.status_code == 413
     assert len(chunked.content) < 1000
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_bodies_within_the_limit_are_still_answered(api: str, path: str) -> None:
-    response = httpx.post(api + path, content=hook_body(LIMIT - 1000), timeout=30)
-    assert response.status_code == 200
-    assert httpx.post(api + path, content=b"{not json", timeout=30).status_code == 400
+def test_bodies_within_the_limit_are_still_answered(site: BackgroundSandbox, path: str) -> None:
+    assert post(site, path, hook_body(LIMIT - 1000)).status_code == 200
+    assert post(site, path, b"{not json").status_code == 400
