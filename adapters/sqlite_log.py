@@ -119,6 +119,27 @@ class SqliteLog:
         )
         return int(row[0]) if row and row[0] is not None else -1
 
+    def purge(self, topic: str, older_than: float, through_offset: int | None = None) -> int:
+        """Delete a topic's records stored before ``older_than`` (epoch seconds).
+
+        ``through_offset``: only records at or below it -- a consumer group's
+        committed offset, so that nothing is deleted before it was processed.
+        """
+        limit = through_offset if through_offset is not None else self.end_offset(topic)
+        try:
+            with transaction(self._conn()) as conn:
+                cursor = conn.execute(
+                    "DELETE FROM records WHERE topic = ? AND ts < ? AND offset <= ?",
+                    (topic, older_than, limit),
+                )
+        except sqlite3.Error as exc:
+            raise UpstreamUnavailable(f"embedded log {self.path.name}: {exc}") from exc
+        return cursor.rowcount
+
+    def topics(self) -> list[str]:
+        rows = self._conn().execute("SELECT DISTINCT topic FROM records")
+        return sorted(row[0] for row in rows)
+
     def count(self, topic: str) -> int:
         row = self._conn().execute("SELECT count(*) FROM records WHERE topic = ?", (topic,))
         return int(row.fetchone()[0])

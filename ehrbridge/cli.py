@@ -11,6 +11,7 @@ commands:
   config check SITE.yaml                   validate a site file
   dlq list|show|replay --config SITE.yaml  inspect and replay dead letters
   cds-token [--audience URL]               a fresh CDS Hooks JWT of the sandbox's EHR
+  purge --config SITE.yaml                 delete what the site's retention policy expires
   mappings check|test|explain|unmapped     site mappings: lint, tests, explanations
   bench SCENARIO                           benchmarks (bench/)
 
@@ -90,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_run)
 
+    purge = sub.add_parser("purge", help="apply the site's retention policy once (for cron)")
+    purge.add_argument("--config", type=Path, required=True)
+    purge.set_defaults(func=_purge)
+
     config = sub.add_parser("config", help="site configuration tools")
     config_sub = config.add_subparsers(required=True, metavar="ACTION")
     check = config_sub.add_parser("check", help="validate a site YAML file")
@@ -128,6 +133,11 @@ def _add_sandbox_command(sub: Any) -> None:
     sandbox.add_argument("--rate", type=float, default=50.0, help="synthetic messages per second")
     sandbox.add_argument("--seed", type=int, default=7, help="seed of the synthetic patients")
     sandbox.add_argument("--fresh", action="store_true", help="delete the data dir first")
+    sandbox.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on the HTTP and MLLP listeners, with a local CA made in <data dir>/tls",
+    )
     for port in dataclasses.fields(Ports):
         flag = "--" + port.name.replace("_", "-") + "-port"
         sandbox.add_argument(
@@ -225,6 +235,24 @@ def _cds_token(args: argparse.Namespace) -> int:
             f"no sandbox EHR key in {tokens_dir(args.data_dir)}: run the sandbox first"
         )
     print(cds_token(args.data_dir, args.audience))
+    return 0
+
+
+def _purge(args: argparse.Namespace) -> int:
+    from ehrbridge.config import load_site_config
+    from ehrbridge.runtime import SiteRuntime
+
+    config = load_site_config(args.config)
+    runtime = SiteRuntime(config, roles=())  # opens the stores, starts nothing
+    try:
+        purger = runtime.purger()
+        if not purger.enabled:
+            print(f"{args.config}: no retention set; nothing purged")
+            return 0
+        counts = purger.purge()
+    finally:
+        asyncio.run(runtime.stop())
+    print(", ".join(f"{store} {count}" for store, count in counts.items()) + " removed")
     return 0
 
 

@@ -40,6 +40,7 @@ from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
 from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
+from ehrbridge.datadir import secure_data_dir
 from ehrbridge.monitoring import SiteMonitoring, tcp_check, url_check
 from ehrbridge.pipelines.contracts import Sink
 from ehrbridge.pipelines.errors import ConfigError, TransientError
@@ -54,6 +55,7 @@ from ehrbridge.pipelines.subscriptions import SubscriptionLedger
 from ehrbridge.pipelines.transport import Consumer, Log, Record, topic_name
 from ehrbridge.pipelines.worker import StageWorker
 from ehrbridge.pipelines.writeback import FHIR_TARGET, HL7V2_TARGET, WritebackStage
+from ehrbridge.retention import Purger
 
 if TYPE_CHECKING:
     from ehrbridge.fhir_api import FhirEndpoint
@@ -137,7 +139,9 @@ class SiteRuntime:
     def __init__(self, config: SiteConfig, roles: Iterable[Role] = ALL_ROLES) -> None:
         self.config = config
         self.roles = frozenset(roles)
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        secure_data_dir(config.data_dir)
+        if isinstance(config.transport, KafkaTransport) and config.transport.state_dir:
+            secure_data_dir(config.transport.state_dir, "transport.state_dir")
         self.log = open_log(config)
         self.changelog_state: ChangelogStateStore | None = None  # kafka transport only
         self.state = self._open_state()
@@ -297,6 +301,15 @@ class SiteRuntime:
         self._worker("writeback", [self.topic("predictions")], stage, None)
         forwarder = DelayedRetryForwarder(self.log, self.router, self.stop_event)
         self._thread("retry-forwarder", forwarder.run)
+        purger = self.purger()
+        if purger.enabled:  # where results are written: one purging process per site
+            self._thread("purge", lambda: purger.run(self.stop_event))
+
+    def purger(self) -> Purger:
+        """This site's retention purge (``retention:``) over its log and result store."""
+        config = self.config
+        tiers = len(config.retry.delayed_s)
+        return Purger(config.site, config.retention, self.log, self.results, tiers)
 
     def _check_writeback_targets(self) -> None:
         wb = self.config.writeback

@@ -183,6 +183,22 @@ class ResultStore:
                 return None
             offset += _PAGE
 
+    def purge(self, older_than: float) -> int:
+        """Delete results last updated before ``older_than`` (epoch seconds).
+
+        A live result still ``pending`` -- not yet accepted by the EHR -- is
+        kept whatever its age: a purge never removes what is not delivered.
+        """
+        try:
+            with transaction(self._connections.get()) as conn:
+                cursor = conn.execute(
+                    "DELETE FROM results WHERE updated_at < ? AND status != ?",
+                    (older_than, Delivery.PENDING.value),
+                )
+        except sqlite3.Error as exc:
+            raise UpstreamUnavailable(f"result store: {exc}") from exc
+        return cursor.rowcount
+
     def count(self, status: Delivery | None = None, *, patient_id: str | None = None) -> int:
         where = [("status = ?", status.value if status else None), ("patient_id = ?", patient_id)]
         chosen = [(clause, value) for clause, value in where if value is not None]

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl as ssl_module
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from ehrbridge.pipelines.ack import build_ack, read_header
 from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
+from ehrbridge.pipelines.hl7time import Hl7TimeError, parse_dtm
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"
@@ -103,6 +106,35 @@ class MllpPeer:
             text = message.replace(b"\r", b"\n").decode("utf-8", "replace").rstrip("\n")
             with self.record_to.open("a", encoding="utf-8") as out:
                 out.write(text + "\n\n")
+
+
+def purge_inbox(path: Path, older_than: datetime) -> int:
+    """Drop the filed messages whose MSH-7 is before ``older_than``; how many went.
+
+    The file is rewritten whole (0600, then renamed over the old one). A
+    message without a readable MSH-7 is kept: nothing is dropped on a guess.
+    """
+    if not path.exists():
+        return 0
+    blocks = [b for b in path.read_text(encoding="utf-8").split("\n\n") if b.strip()]
+    kept = [b for b in blocks if not _filed_before(b, older_than)]
+    if len(kept) == len(blocks):
+        return 0
+    fresh = path.with_name(path.name + ".purging")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("".join(block + "\n\n" for block in kept))
+    os.replace(fresh, path)
+    return len(blocks) - len(kept)
+
+
+def _filed_before(block: str, moment: datetime) -> bool:
+    msh = next((line for line in block.split("\n") if line.startswith("MSH")), "")
+    fields = msh.split(msh[3:4] or "|")
+    try:
+        return parse_dtm(fields[6]) < moment  # MSH-7: when the message was made
+    except (IndexError, Hl7TimeError):
+        return False
 
 
 def _ack(message: bytes, code: str) -> bytes:

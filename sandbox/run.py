@@ -26,13 +26,14 @@ import contextlib
 import logging
 import random
 import shutil
+import ssl
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,9 +42,19 @@ import httpx
 
 from ehrbridge._http import EmbeddedServer
 from ehrbridge.adapters.mllp_client import AsyncMllpClient
-from ehrbridge.config import ApiRole, SiteConfig, load_site_config
+from ehrbridge.adapters.tls import server_context
+from ehrbridge.config import (
+    ApiRole,
+    ClientTls,
+    ListenerTls,
+    MllpTls,
+    SiteConfig,
+    load_site_config,
+)
+from ehrbridge.datadir import secure_data_dir
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.runtime import SiteRuntime
+from ehrbridge.sandbox.certs import sandbox_certificates
 from ehrbridge.sandbox.credentials import (
     bearer,
     cds_token,
@@ -52,7 +63,7 @@ from ehrbridge.sandbox.credentials import (
     with_credentials,
 )
 from ehrbridge.sandbox.fhir_server import FhirStore, create_fhir_app
-from ehrbridge.sandbox.mllp_peer import MllpPeer
+from ehrbridge.sandbox.mllp_peer import MllpPeer, purge_inbox
 from ehrbridge.sandbox.model_server import create_model_app
 from ehrbridge.sandbox.ports import Ports
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
@@ -88,8 +99,11 @@ class Sandbox:
         *,
         fhir_site: bool = True,
         configure_fhir_site: Configure | None = None,
+        tls: bool = False,
     ) -> None:
         self.data_dir = data_dir
+        # --tls: a local CA and a server certificate, made on first use in <data dir>/tls.
+        self.tls = sandbox_certificates(secure_data_dir(data_dir)) if tls else None
         self.ports = ports or Ports()
         self.configure = configure
         self.configure_fhir_site = configure_fhir_site
@@ -106,7 +120,12 @@ class Sandbox:
             self.ports.fhir,
             field="--fhir-port",
         )
-        self.inbox = MllpPeer(port=self.ports.ehr_inbox, record_to=data_dir / "ehr-inbox.hl7")
+        self.inbox = MllpPeer(
+            port=self.ports.ehr_inbox,
+            record_to=data_dir / "ehr-inbox.hl7",
+            ssl=self._server_ssl(),
+        )
+        self._tasks: list[asyncio.Task[None]] = []
         self.runtime: SiteRuntime | None = None
         self.with_fhir_site = fhir_site
         self.fhir_runtime: SiteRuntime | None = None
@@ -122,6 +141,50 @@ class Sandbox:
         if self.with_fhir_site:
             self.fhir_runtime = SiteRuntime(self._fhir_site_config())
             await self.fhir_runtime.start()
+        if self.config.retention.inbox_days is not None:
+            self._tasks.append(asyncio.create_task(self._purge_inbox()))
+
+    async def _purge_inbox(self) -> None:
+        """retention.inbox_days on the results inbox, in the loop that files into it."""
+        retention = self.config.retention
+        assert retention.inbox_days is not None
+        while True:
+            older_than = datetime.now(UTC) - timedelta(days=retention.inbox_days)
+            if self.inbox.record_to is not None:
+                purge_inbox(self.inbox.record_to, older_than)
+            await asyncio.sleep(retention.purge_interval_s)
+
+    def _server_ssl(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        return server_context(self._listener_tls(), "sandbox.tls")
+
+    def _listener_tls(self) -> ListenerTls:
+        assert self.tls is not None
+        return ListenerTls(cert_file=self.tls.cert_file, key_file=self.tls.key_file)
+
+    def _with_tls(self, config: SiteConfig) -> SiteConfig:
+        """TLS on both listeners, and the ORU write-back to the inbox over TLS too."""
+        if self.tls is None:
+            return config
+        listener = self._listener_tls()
+        mllp_tls = MllpTls(cert_file=listener.cert_file, key_file=listener.key_file)
+        hl7v2 = config.writeback.hl7v2
+        if hl7v2 is not None:
+            hl7v2 = hl7v2.model_copy(update={"tls": ClientTls(ca_file=self.tls.ca_file)})
+        return config.model_copy(
+            update={
+                "mllp": config.mllp.model_copy(update={"tls": mllp_tls}),
+                "http": config.http.model_copy(update={"tls": listener}),
+                "writeback": config.writeback.model_copy(update={"hl7v2": hl7v2}),
+            }
+        )
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """What a client of the sandbox's listeners trusts (the synthetic EHR, tests)."""
+        if self.tls is None:
+            return None
+        return ssl.create_default_context(cafile=self.tls.ca_file)
 
     def _fhir_site_config(self) -> SiteConfig:
         config = load_site_config(sandbox_fhir_site_file())
@@ -147,6 +210,7 @@ class Sandbox:
             }
         )
         config = with_credentials(config, self.data_dir)
+        config = self._with_tls(config)
         # Last, so that tests can point any part elsewhere (a fake FHIR server, auth).
         return self.configure_fhir_site(config) if self.configure_fhir_site else config
 
@@ -154,7 +218,7 @@ class Sandbox:
         config = with_credentials(load_site_config(sandbox_site_file()), self.data_dir)
         if self.configure is not None:
             config = self.configure(config)
-        return config.model_copy(
+        config = config.model_copy(
             update={
                 "data_dir": self.data_dir,
                 "mllp": config.mllp.model_copy(update={"port": self.ports.mllp}),
@@ -163,6 +227,7 @@ class Sandbox:
                 "writeback": config.writeback.model_copy(update={"fhir_base": self.fhir_base}),
             }
         )
+        return self._with_tls(config)
 
     def headers(self, role: ApiRole | str = ApiRole.ADMIN) -> dict[str, str]:
         """``Authorization`` for the sandbox's API token of ``role``."""
@@ -187,8 +252,8 @@ class Sandbox:
 
     @property
     def api_url(self) -> str:
-        assert self.runtime is not None
-        return f"http://127.0.0.1:{self.runtime.http_port}"
+        assert self.runtime is not None and self.runtime.http is not None
+        return f"{self.runtime.http.scheme}://127.0.0.1:{self.runtime.http_port}"
 
     @property
     def mllp_port(self) -> int:
@@ -198,14 +263,14 @@ class Sandbox:
     @property
     def fhir_site_url(self) -> str:
         """The FHIR site's API: ``/fhir`` ingest, ``/cds-services``, ``/api/results``."""
-        assert self.fhir_runtime is not None
-        return f"http://127.0.0.1:{self.fhir_runtime.http_port}"
+        assert self.fhir_runtime is not None and self.fhir_runtime.http is not None
+        return f"{self.fhir_runtime.http.scheme}://127.0.0.1:{self.fhir_runtime.http_port}"
 
     async def send_synthetic_traffic(
         self, ehr: SyntheticEhr, rate: float, *, live_after_backfill: bool = True
     ) -> None:
         """Replay the synthetic history at ``rate`` msg/s, then keep sending new labs."""
-        client = AsyncMllpClient("127.0.0.1", self.mllp_port)
+        client = AsyncMllpClient("127.0.0.1", self.mllp_port, tls=self.client_ssl())
         interval = 1.0 / rate if rate > 0 else 0.0
         try:
             for _, message in ehr.stream():
@@ -225,6 +290,10 @@ class Sandbox:
         self.traffic.acks[ack.code] += 1
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.fhir_runtime is not None:
             await self.fhir_runtime.stop()
         if self.runtime is not None:
@@ -276,6 +345,13 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
             f"  CDS Hooks           {site}/cds-services",
             f"  ORU results inbox   127.0.0.1:{sandbox.inbox.port} -> "
             f"{sandbox.data_dir / 'ehr-inbox.hl7'}",
+        ]
+    if sandbox.tls is not None:
+        lines += [
+            f"TLS on (--tls): trust the sandbox's local CA {sandbox.tls.ca_file}",
+            f"  curl --cacert {sandbox.tls.ca_file} {sandbox.api_url}/api/results",
+            f"  MLLP: openssl s_client -CAfile {sandbox.tls.ca_file} "
+            f"-connect 127.0.0.1:{sandbox.mllp_port}",
         ]
     if traffic:
         lines.append("  synthetic EHR       sending ADT + renal ORU^R01 over MLLP (Ctrl-C stops)")
@@ -353,8 +429,10 @@ async def run_sandbox(args: argparse.Namespace) -> None:
     data_dir: Path = args.data_dir.resolve()
     if args.fresh and data_dir.exists():
         shutil.rmtree(data_dir)
+    if data_dir.exists():  # made 0755 by an older version; the sandbox owns it
+        data_dir.chmod(0o700)
     ports = Ports(**{port.name: getattr(args, f"{port.name}_port") for port in fields(Ports)})
-    sandbox = Sandbox(data_dir, ports)
+    sandbox = Sandbox(data_dir, ports, tls=args.tls)
     await sandbox.start()
     print(banner(sandbox, not args.no_traffic), flush=True)
     tasks = [asyncio.create_task(_report_progress(sandbox))]  # your own messages count too
@@ -412,6 +490,7 @@ class BackgroundSandbox:
         *,
         fhir_site: bool = True,
         configure_fhir_site: Configure | None = None,
+        tls: bool = False,
     ) -> None:
         self.sandbox = Sandbox(
             data_dir,
@@ -419,6 +498,7 @@ class BackgroundSandbox:
             configure,
             fhir_site=fhir_site,
             configure_fhir_site=configure_fhir_site,
+            tls=tls,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="sandbox")
