@@ -47,6 +47,8 @@ def tokens_dir(data_dir: Path) -> Path:
 def ensure_credentials(data_dir: Path) -> Path:
     """Create what is missing under ``<data_dir>/tokens``; return that directory."""
     folder = tokens_dir(data_dir)
+    # A data dir made here must be private (0700), or the site refuses to start on it.
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
     for role in ApiRole:

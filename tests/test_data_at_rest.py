@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from auth_tokens import localize
 from predictions import prediction
 from test_tls import LoopThread
 
@@ -42,6 +43,7 @@ def mode(path: Path) -> int:
 def site_file(tmp_path: Path, data_dir: Path, **extra: object) -> Path:
     config = yaml.safe_load(sandbox_site_file().read_text())
     config.update(data_dir=str(data_dir), **extra)
+    localize(config, tmp_path / "credentials")  # the API's token files
     config["mllp"]["port"] = free_port()
     config["http"]["port"] = free_port()
     path = tmp_path / "site.yaml"

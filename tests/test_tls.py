@@ -39,6 +39,7 @@ from ehrbridge.config import (
 )
 from ehrbridge.pipelines.errors import ConfigError, UpstreamUnavailable
 from ehrbridge.runtime import Role, SiteRuntime
+from ehrbridge.sandbox.credentials import ensure_credentials, with_credentials
 from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.run import sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
@@ -75,7 +76,8 @@ def loop() -> Iterator[LoopThread]:
 
 
 def tls_site(tmp_path: Path, certs: CertSet, subjects: list[str] | None = None) -> SiteConfig:
-    config = load_site_config(sandbox_site_file())
+    ensure_credentials(tmp_path / "data")  # the API's token files
+    config = with_credentials(load_site_config(sandbox_site_file()), tmp_path / "data")
     mllp_tls = MllpTls(
         cert_file=certs.server_cert,
         key_file=certs.server_key,
