@@ -13,7 +13,10 @@ from conftest import CORPUS, wait_for
 
 from ehrbridge.sandbox.run import BackgroundSandbox
 
-PATIENT = CORPUS / "fhir" / "synthea-ckd" / "Dirk_Kuhlman_1e503533-b8c2-42cb-a6d5-bbd7d70d07ad.json"
+# Stewart Stanton has visits inside KFRE's domain (eGFR < 60), so ORUs do reach the inbox.
+PATIENT = (
+    CORPUS / "fhir" / "synthea-ckd" / "Stewart_Stanton_e1c92057-888b-4d8a-a459-5c1c4eed82c7.json"
+)
 
 
 def test_fhir_paths_log_no_patient_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
