@@ -2,7 +2,7 @@
 
 One module per system and role (``mllp_source.py`` receives HL7v2 over MLLP,
 ``fhir_sink.py`` writes to a FHIR server, ...). Third-party exceptions are
-translated into ``ehrbridge.pipelines.errors`` at this boundary, so the rest
+translated into ``ehrbridge.core.errors`` at this boundary, so the rest
 of the pipeline only decides between retry and dead letter.
 
 The registry below is the explicit list of what a site config can name.

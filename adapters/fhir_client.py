@@ -24,7 +24,7 @@ import httpx
 from ehrbridge.adapters.fhir_sink import FHIR_JSON, check_response
 from ehrbridge.adapters.smart_auth import HttpxAuth, TokenSource
 from ehrbridge.config import RetryPolicy
-from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.retry import call_with_retry
 
 _RELATIVE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]+)?$")

@@ -41,8 +41,8 @@ import httpx
 import orjson
 
 from ehrbridge.adapters.smart_auth import HttpxAuth, TokenSource
-from ehrbridge.pipelines.contracts import BatchError, Envelope
-from ehrbridge.pipelines.errors import EhrbridgeError, RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.contracts import BatchError, Envelope
+from ehrbridge.core.errors import EhrbridgeError, RemoteRejected, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"

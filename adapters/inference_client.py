@@ -23,7 +23,7 @@ import orjson
 
 from ehrbridge.adapters.tls import httpx_verify
 from ehrbridge.config import ModelEndpoint
-from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.features import FeatureRecord
 
 

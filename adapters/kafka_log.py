@@ -53,7 +53,7 @@ from kafka.future import Future
 
 from ehrbridge.adapters.smart_auth import read_secret
 from ehrbridge.config import KafkaTransport, Retention
-from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines.transport import Consumer, Record
 
 log = logging.getLogger(__name__)

@@ -62,8 +62,8 @@ from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
 
 from ehrbridge.adapters.kafka_log import KafkaLog, read_partitions_to_end
+from ehrbridge.core.errors import ConfigError, UpstreamUnavailable
 from ehrbridge.pipelines._sqlite import transaction
-from ehrbridge.pipelines.errors import ConfigError, UpstreamUnavailable
 from ehrbridge.pipelines.state import PatientState, SqliteStateStore
 from ehrbridge.pipelines.transport import Record
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ehrbridge.pipelines.contracts import Deliver, Envelope
-from ehrbridge.pipelines.errors import EhrbridgeError
+from ehrbridge.core.contracts import Deliver, Envelope
+from ehrbridge.core.errors import EhrbridgeError
 
 
 @dataclass

@@ -14,7 +14,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.core.errors import UpstreamUnavailable
 
 START_BLOCK = b"\x0b"
 END_BLOCK = b"\x1c\x0d"

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from ehrbridge.adapters.mllp_client import Ack, MllpClient, frame
 from ehrbridge.adapters.tls import client_context
 from ehrbridge.config import Hl7v2Writeback
-from ehrbridge.pipelines.contracts import BatchError, Envelope
-from ehrbridge.pipelines.errors import EhrbridgeError, RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.contracts import BatchError, Envelope
+from ehrbridge.core.errors import EhrbridgeError, RemoteRejected, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 CONTROL_ID_HEADER = "hl7.control_id"

@@ -5,7 +5,7 @@ served in order -- a sender that pipelines several messages gets their ACKs
 in the same order -- and many connections are served concurrently.
 
 For every frame the listener calls ``deliver(envelope)`` and answers by its
-outcome (see ``pipelines/contracts.py``): AA once stored, AE or AR with MSA-3
+outcome (see ``core/contracts.py``): AA once stored, AE or AR with MSA-3
 and ERR naming the problem. Framing problems never stop the listener:
 
 * bytes over ``max_message_bytes``: the frame is skipped up to its end block,
@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass
 
 from ehrbridge.adapters.tls import CertificateReloader, server_context, subject_allowed
 from ehrbridge.config import MllpListen
+from ehrbridge.core.contracts import Deliver, Envelope, Kind
+from ehrbridge.core.errors import ConfigError, EhrbridgeError, UpstreamUnavailable
 from ehrbridge.pipelines.ack import (
     AckHeader,
     ack_code_for,
@@ -57,8 +59,6 @@ from ehrbridge.pipelines.ack import (
     empty_header,
     read_header,
 )
-from ehrbridge.pipelines.contracts import Deliver, Envelope, Kind
-from ehrbridge.pipelines.errors import ConfigError, EhrbridgeError, UpstreamUnavailable
 from ehrbridge.pipelines.ingest import INGEST_DETAIL_HEADER, INGEST_ERROR_HEADER
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class MllpStats:
 
 
 class MllpSource:
-    """The asyncio MLLP server (a :class:`~ehrbridge.pipelines.contracts.Source`)."""
+    """The asyncio MLLP server (a :class:`~ehrbridge.core.contracts.Source`)."""
 
     name = "mllp"
 

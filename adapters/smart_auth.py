@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ehrbridge.config import BearerAuth, FhirAuth, SmartBackendAuth
-from ehrbridge.pipelines.errors import ConfigError, UpstreamUnavailable
+from ehrbridge.core.errors import ConfigError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ fsync once for many messages.
 Each topic is a single partition here; offsets are one global sequence, so
 "after offset N" is well defined per topic. Consumer-group positions live in
 the same file and are committed by the worker only after its outputs are
-durable -- the at-least-once contract of ``pipelines/contracts.py``.
+durable -- the at-least-once contract of ``core/contracts.py``.
 
 Several threads and processes may share the file: every thread has its own
 connection, and an in-process condition variable wakes pollers early when an
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import orjson
 
+from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
-from ehrbridge.pipelines.errors import UpstreamUnavailable
 from ehrbridge.pipelines.transport import Consumer, Record
 
 _CROSS_PROCESS_POLL_S = 0.05

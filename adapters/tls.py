@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ehrbridge.config import ClientTls, ListenerTls
-from ehrbridge.pipelines.errors import ConfigError
+from ehrbridge.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

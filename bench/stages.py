@@ -27,7 +27,7 @@ from ehrbridge.bench.floor import kafka_floor
 from ehrbridge.bench.load import SenderSpec, build_messages
 from ehrbridge.bench.services import Services, kafka_bootstrap
 from ehrbridge.config import SiteConfig, load_site_config
-from ehrbridge.pipelines.contracts import Envelope, Kind
+from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules, extract
 from ehrbridge.pipelines.features import FeatureRecord, evaluate

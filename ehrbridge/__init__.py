@@ -2,7 +2,7 @@
 
 The public facade. Names listed in ``__all__`` are the supported API; every
 other module is internal and may change. Start reading at
-``ehrbridge.pipelines.contracts``.
+``ehrbridge.core.contracts``.
 
 Exceptions (all importable from here)::
 
@@ -18,12 +18,10 @@ Exceptions (all importable from here)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
 
 from ehrbridge.config import Mode, SiteConfig, load_site_config, parse_site_config
-from ehrbridge.pipelines.contracts import (
+from ehrbridge.core.contracts import (
     BatchError,
     Envelope,
     Failure,
@@ -32,7 +30,7 @@ from ehrbridge.pipelines.contracts import (
     Source,
     Stage,
 )
-from ehrbridge.pipelines.errors import (
+from ehrbridge.core.errors import (
     ConfigError,
     EhrbridgeError,
     MessageRejected,
@@ -42,6 +40,7 @@ from ehrbridge.pipelines.errors import (
     TransientError,
     UpstreamUnavailable,
 )
+from ehrbridge.core.version import __version__
 
 if TYPE_CHECKING:
     from ehrbridge.runtime import Role, SiteRuntime

@@ -19,7 +19,7 @@ from starlette.requests import Request
 
 from ehrbridge.adapters.tls import CertificateReloader
 from ehrbridge.config import ListenerTls
-from ehrbridge.pipelines.errors import ConfigError
+from ehrbridge.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
 from ehrbridge.config import ApiRole
+from ehrbridge.core.contracts import utcnow
 from ehrbridge.fhir_api import add_fhir_routes
 from ehrbridge.monitoring import add_monitoring_routes
-from ehrbridge.pipelines.contracts import utcnow
 
 if TYPE_CHECKING:
     from ehrbridge.runtime import SiteRuntime

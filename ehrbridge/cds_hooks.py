@@ -64,7 +64,7 @@ from ehrbridge._http import BodyTooLarge, read_limited
 from ehrbridge.auth import AuthFailure, Principal
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig
-from ehrbridge.pipelines.contracts import utcnow
+from ehrbridge.core.contracts import utcnow
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.patient_links import PatientLinks
 from ehrbridge.pipelines.results import ResultStore, StoredResult

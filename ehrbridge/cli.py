@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ehrbridge.pipelines.errors import ConfigError
+from ehrbridge.core.errors import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,8 +163,8 @@ def _add_send_command(sub: Any) -> None:
 
 def _send(args: argparse.Namespace) -> int:
     from ehrbridge.adapters.mllp_client import MllpClient
+    from ehrbridge.core.errors import UpstreamUnavailable
     from ehrbridge.mappings.messages import split_hl7
-    from ehrbridge.pipelines.errors import UpstreamUnavailable
 
     raw = sys.stdin.buffer.read() if str(args.file) == "-" else _read_file(args.file)
     messages = [_segments_with_cr(m) for m in split_hl7(raw)]

@@ -1,7 +1,7 @@
 """Site configuration: one YAML file per site deployment.
 
 Every model here forbids unknown fields, so a typo is an error that names the
-file, the line and the field (see ``ehrbridge._yaml``) instead of a setting
+file, the line and the field (see ``ehrbridge.core.located_yaml``) instead of a setting
 that silently does nothing. The annotated reference is ``docs/config.md``; the
 sandbox's own file, ``sandbox/site.yaml``, is a complete working example.
 """
@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from ehrbridge._yaml import load_located, parse_located, validate_located
+from ehrbridge.core.located_yaml import load_located, parse_located, validate_located
 
 # The mapping format lives with the mappings (mappings/schema.py); re-exported here.
 from ehrbridge.mappings.schema import (  # noqa: F401 - re-exports

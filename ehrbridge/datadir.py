@@ -21,7 +21,7 @@ import os
 import stat
 from pathlib import Path
 
-from ehrbridge.pipelines.errors import ConfigError
+from ehrbridge.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PRIVATE_UMASK = 0o077

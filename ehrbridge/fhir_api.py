@@ -63,8 +63,8 @@ from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.smart_auth import read_secret
 from ehrbridge.auth import Authenticator, AuthFailure, Principal, bearer_token, token_digest
 from ehrbridge.config import ApiRole, SiteConfig, Subscriptions
-from ehrbridge.pipelines.contracts import Envelope, Kind
-from ehrbridge.pipelines.errors import (
+from ehrbridge.core.contracts import Envelope, Kind
+from ehrbridge.core.errors import (
     EhrbridgeError,
     PermanentError,
     RemoteRejected,

@@ -27,7 +27,7 @@ import time
 
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.config import Retention
-from ehrbridge.pipelines.errors import TransientError
+from ehrbridge.core.errors import TransientError
 from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.transport import Log, topic_name
 

@@ -40,10 +40,10 @@ from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
 from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
+from ehrbridge.core.contracts import Sink
+from ehrbridge.core.errors import ConfigError, TransientError
 from ehrbridge.datadir import secure_data_dir
 from ehrbridge.monitoring import SiteMonitoring, tcp_check, url_check
-from ehrbridge.pipelines.contracts import Sink
-from ehrbridge.pipelines.errors import ConfigError, TransientError
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
 from ehrbridge.pipelines.patient_links import PatientLinks

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from ehrbridge.adapters.fhir_client import FhirReader
-from ehrbridge.pipelines.errors import EhrbridgeError, RemoteRejected
+from ehrbridge.core.errors import EhrbridgeError, RemoteRejected
 from ehrbridge.pipelines.subscriptions import (
     EVENT_TYPES,
     Gap,

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ehrbridge.pipelines.errors import ConfigError
+from ehrbridge.core.errors import ConfigError
 
 
 def add_mapping_commands(sub: Any) -> None:

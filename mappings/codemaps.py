@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ehrbridge._yaml import LocatedYaml, parse_located
+from ehrbridge.core.bounded_cache import short_key_cache
+from ehrbridge.core.errors import ConfigError
+from ehrbridge.core.located_yaml import LocatedYaml, parse_located
 from ehrbridge.mappings.schema import CodeMapEntry, CodeMapSource
-from ehrbridge.pipelines.bounded_cache import short_key_cache
-from ehrbridge.pipelines.errors import ConfigError
 
 USABLE = frozenset({"equivalent", "equal", "wider", "subsumes", "source-is-narrower-than-target"})
 NOT_SAFE = frozenset(

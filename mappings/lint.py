@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ehrbridge._yaml import LocatedYaml
+from ehrbridge.core.located_yaml import LocatedYaml
 from ehrbridge.mappings.codemaps import CodeTable, build_code_table
 from ehrbridge.mappings.schema import LAB_FEATURES, Mapping, UnitRule
 from ehrbridge.mappings.units import describe_factor, known_unit, same_unit

@@ -23,11 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ehrbridge._yaml import LocatedYaml, load_located, located_problems, validate_located
+from ehrbridge.core.errors import ConfigError
+from ehrbridge.core.located_yaml import (
+    LocatedYaml,
+    load_located,
+    located_problems,
+    validate_located,
+)
 from ehrbridge.mappings.codemaps import read_source
 from ehrbridge.mappings.lint import Diagnostic, Locator, lint_mapping
 from ehrbridge.mappings.schema import Mapping
-from ehrbridge.pipelines.errors import ConfigError
 
 if TYPE_CHECKING:
     from ehrbridge.config import SiteConfig

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
-from ehrbridge.pipelines.contracts import Kind
+from ehrbridge.core.contracts import Kind
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import Extraction, FactRules, Trace, extract
 from ehrbridge.pipelines.fhir_facts import extract_fhir

@@ -14,7 +14,7 @@ with a broken mapping:
    codes mapped twice, units that cannot be converted, features the model
    does not take, a mapping that can never produce a complete record ...).
 
-Errors of either pass raise :class:`~ehrbridge.pipelines.errors.ConfigError`;
+Errors of either pass raise :class:`~ehrbridge.core.errors.ConfigError`;
 ``ehrbridge mappings check`` prints all of them, and the warnings, instead.
 """
 

@@ -23,9 +23,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from ehrbridge.core.contracts import Kind
+from ehrbridge.core.errors import MessageRejected, MessageUnusable
 from ehrbridge.mappings.messages import Input, extract_input, kind_of
-from ehrbridge.pipelines.contracts import Kind
-from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.facts import FactRules, ObservationTrace, Trace
 from ehrbridge.pipelines.transport import Log, Record, topic_name
 

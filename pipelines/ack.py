@@ -25,6 +25,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from ehrbridge.core.errors import (
+    EhrbridgeError,
+    Hl7Location,
+    MessageRejected,
+    MessageUnusable,
+)
 from ehrbridge.pipelines.er7 import (
     Encoding,
     Message,
@@ -33,12 +39,6 @@ from ehrbridge.pipelines.er7 import (
     decode_with_codec,
     escape,
     read_encoding,
-)
-from ehrbridge.pipelines.errors import (
-    EhrbridgeError,
-    Hl7Location,
-    MessageRejected,
-    MessageUnusable,
 )
 from ehrbridge.pipelines.hl7time import format_dtm
 

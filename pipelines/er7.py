@@ -78,8 +78,8 @@ from dataclasses import field as dataclass_field
 from functools import lru_cache
 from typing import NoReturn
 
-from ehrbridge.pipelines.bounded_cache import short_key_cache
-from ehrbridge.pipelines.errors import Hl7Location, MessageRejected, MessageUnusable
+from ehrbridge.core.bounded_cache import short_key_cache
+from ehrbridge.core.errors import Hl7Location, MessageRejected, MessageUnusable
 
 __all__ = [
     "DEFAULT_ENCODING",

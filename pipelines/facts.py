@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
+from ehrbridge.core.contracts import utcnow
+from ehrbridge.core.errors import Hl7Location, MessageUnusable
 from ehrbridge.mappings.codemaps import CodeRule, normalise_system
 from ehrbridge.mappings.lint import Locator, code_table
 from ehrbridge.mappings.schema import (
@@ -57,9 +59,7 @@ from ehrbridge.mappings.schema import (
     UnitRule,
 )
 from ehrbridge.mappings.units import normalise_unit
-from ehrbridge.pipelines.contracts import utcnow
 from ehrbridge.pipelines.er7 import MAX_VALUE_CHARS, Message, Segment
-from ehrbridge.pipelines.errors import Hl7Location, MessageUnusable
 from ehrbridge.pipelines.hl7time import Hl7TimeError, parse_date, parse_dtm
 
 # ASCII digits only (re.ASCII): '\d' would also take other scripts' digits. Matched

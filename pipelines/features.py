@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
+from ehrbridge.core.contracts import utcnow
 from ehrbridge.mappings.ckd_epi import egfr_ckd_epi_2021
 from ehrbridge.mappings.schema import Mapping
-from ehrbridge.pipelines.contracts import utcnow
 from ehrbridge.pipelines.domain import OutOfDomain, check_domain
 from ehrbridge.pipelines.facts import IMPLAUSIBLE, Fact, PatientExtract
 from ehrbridge.pipelines.state import PatientState

@@ -42,10 +42,10 @@ from typing import Any
 
 import orjson
 
+from ehrbridge.core.contracts import utcnow
+from ehrbridge.core.errors import MessageRejected, MessageUnusable
 from ehrbridge.mappings.codemaps import CodeRule
 from ehrbridge.mappings.schema import CANONICAL_UNITS
-from ehrbridge.pipelines.contracts import utcnow
-from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.facts import (
     Demographics,
     Extraction,

@@ -39,7 +39,7 @@ from typing import Any
 
 import orjson
 
-from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable, PermanentError
+from ehrbridge.core.errors import MessageRejected, MessageUnusable, PermanentError
 from ehrbridge.pipelines.facts import Extraction, FactRules
 
 READ_TYPES = frozenset({"Patient", "Observation"})  # what pipelines/fhir_facts.py reads

@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 
-from ehrbridge.pipelines.errors import EhrbridgeError, UpstreamUnavailable
+from ehrbridge.core.errors import EhrbridgeError, UpstreamUnavailable
 from ehrbridge.pipelines.transport import Log, Record
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 
-from ehrbridge.pipelines.bounded_cache import short_key_cache
+from ehrbridge.core.bounded_cache import short_key_cache
 
 
 class Hl7TimeError(ValueError):

@@ -39,15 +39,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ehrbridge.config import SiteConfig
-from ehrbridge.pipelines.contracts import Envelope, Failure, Kind
-from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import (
+from ehrbridge.core.contracts import Envelope, Failure, Kind
+from ehrbridge.core.errors import (
     EhrbridgeError,
     MessageRejected,
     MessageUnusable,
     PermanentError,
     TransientError,
 )
+from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules, extract
 from ehrbridge.pipelines.fhir_ingest import Checker
 from ehrbridge.pipelines.groupcommit import GroupCommitter

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from ehrbridge.config import MessagePolicy
-from ehrbridge.pipelines.errors import Hl7Location, MessageRejected
+from ehrbridge.core.errors import Hl7Location, MessageRejected
 
 DEFAULTS = {"ORU^R01": MessagePolicy.ACCEPT, "ADT^*": MessagePolicy.ACCEPT}
 UNSUPPORTED_TYPE = 200  # HL7 table 0357

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ehrbridge.pipelines.errors import (
+from ehrbridge.core.errors import (
     EhrbridgeError,
     MessageRejected,
     PermanentError,

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ehrbridge import __version__
 from ehrbridge.config import SiteConfig
+from ehrbridge.core.version import __version__
 from ehrbridge.pipelines.domain import bounded_note
 from ehrbridge.pipelines.facts import Fact
 from ehrbridge.pipelines.records import Prediction

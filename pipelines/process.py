@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.config import SiteConfig
-from ehrbridge.pipelines.contracts import Envelope, Failure, Kind, Outcome
+from ehrbridge.core.contracts import Envelope, Failure, Kind, Outcome
+from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, PermanentError
 from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.drift import feature_values
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable, PermanentError
 from ehrbridge.pipelines.facts import (
     UNMAPPED,
     Extraction,

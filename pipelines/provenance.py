@@ -42,9 +42,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from ehrbridge import __version__
 from ehrbridge.config import SiteConfig
-from ehrbridge.pipelines.bounded_cache import short_key_cache
+from ehrbridge.core.bounded_cache import short_key_cache
+from ehrbridge.core.version import __version__
 from ehrbridge.pipelines.observation import build_observation, fact_identifier_system
 from ehrbridge.pipelines.records import ModelInfo, Prediction
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
+from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
-from ehrbridge.pipelines.errors import UpstreamUnavailable
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.records import Prediction
 

@@ -38,8 +38,8 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from ehrbridge.config import RetryPolicy
-from ehrbridge.pipelines.contracts import Envelope, Failure, Outcome, Sink, Stage
-from ehrbridge.pipelines.errors import TransientError
+from ehrbridge.core.contracts import Envelope, Failure, Outcome, Sink, Stage
+from ehrbridge.core.errors import TransientError
 from ehrbridge.pipelines.transport import (
     Log,
     Record,

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
-from ehrbridge.pipelines.errors import UpstreamUnavailable
 from ehrbridge.pipelines.facts import Demographics, Fact, PatientExtract, PersonName
 
 MAX_FACTS_PER_FEATURE = 64  # bounds state size; far more than any window needs

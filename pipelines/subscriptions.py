@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
-from ehrbridge.pipelines.errors import UpstreamUnavailable
 from ehrbridge.pipelines.fhir_ingest import FhirRejected, Issue
 
 log = logging.getLogger(__name__)

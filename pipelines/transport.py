@@ -63,8 +63,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from ehrbridge.pipelines.contracts import Envelope, Failure, envelope_from_headers, header_map
-from ehrbridge.pipelines.errors import RemoteRejected
+from ehrbridge.core.contracts import Envelope, Failure, envelope_from_headers, header_map
+from ehrbridge.core.errors import RemoteRejected
 
 TOPICS = ("raw", "predictions", "retry", "dlq")
 

@@ -20,8 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ehrbridge.pipelines.contracts import Envelope, Failure, Stage
-from ehrbridge.pipelines.errors import EhrbridgeError, MessageRejected, TransientError
+from ehrbridge.core.contracts import Envelope, Failure, Stage
+from ehrbridge.core.errors import EhrbridgeError, MessageRejected, TransientError
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics
 from ehrbridge.pipelines.retry import FailureRouter
 from ehrbridge.pipelines.transport import (

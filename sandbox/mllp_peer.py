@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from ehrbridge.core.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.ack import build_ack, read_header
-from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.hl7time import Hl7TimeError, parse_dtm
 
 START_BLOCK = b"\x0b"

@@ -54,8 +54,8 @@ from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.bench.common import free_port, port_open
 from ehrbridge.bench.pipeline import fhir_total, observations
 from ehrbridge.config import KafkaTransport, SiteConfig, load_site_config
+from ehrbridge.core.errors import EhrbridgeError
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import EhrbridgeError
 from ehrbridge.pipelines.facts import FactRules, extract
 from ehrbridge.pipelines.features import FeatureRecord, evaluate
 from ehrbridge.pipelines.records import ModelInfo, prediction_identifier

@@ -8,14 +8,14 @@ from hl7apy.core import Message as Hl7apyMessage
 from hl7apy.parser import parse_segments
 
 from ehrbridge.adapters.mllp_client import Ack
-from ehrbridge.pipelines.ack import AckCode, ack_code_for, build_ack, read_header
-from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import (
+from ehrbridge.core.errors import (
     Hl7Location,
     MessageRejected,
     MessageUnusable,
     UpstreamUnavailable,
 )
+from ehrbridge.pipelines.ack import AckCode, ack_code_for, build_ack, read_header
+from ehrbridge.pipelines.er7 import Message
 
 UNUSABLE = MessageUnusable(
     "PID-3 has no identifier with assigning authority A&B",

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from ehrbridge.core.bounded_cache import short_key_cache
 from ehrbridge.mappings.codemaps import normalise_system
-from ehrbridge.pipelines.bounded_cache import short_key_cache
 from ehrbridge.pipelines.er7 import codec_for_charset
 from ehrbridge.pipelines.hl7time import parse_dtm
 from ehrbridge.pipelines.provenance import conditional_search, full_url

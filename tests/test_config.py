@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ehrbridge.config import Mode, SiteConfig, load_site_config, normalise_unit, parse_site_config
-from ehrbridge.pipelines.errors import ConfigError
+from ehrbridge.core.errors import ConfigError
 
 SANDBOX = Path(__file__).resolve().parents[1] / "sandbox" / "site.yaml"
 

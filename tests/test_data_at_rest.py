@@ -24,7 +24,7 @@ from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.bench.common import free_port
 from ehrbridge.cli import main
 from ehrbridge.config import Retention, load_site_config
-from ehrbridge.pipelines.errors import ConfigError
+from ehrbridge.core.errors import ConfigError
 from ehrbridge.pipelines.results import Delivery, ResultStore
 from ehrbridge.pipelines.transport import Record
 from ehrbridge.retention import Purger

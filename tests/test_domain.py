@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from ehrbridge.config import Hl7v2Writeback, load_site_config, parse_site_config
+from ehrbridge.core.errors import ConfigError
 from ehrbridge.mappings.schema import MODELS, Mapping
 from ehrbridge.pipelines.domain import OutOfDomain, bounded_note
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import ConfigError
 from ehrbridge.pipelines.facts import Demographics, Fact, FactRules, PatientExtract, extract
 from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
 from ehrbridge.pipelines.observation import build_observation

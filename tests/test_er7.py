@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ehrbridge.core.errors import MessageRejected
 from ehrbridge.pipelines.er7 import (
     DEFAULT_ENCODING,
     Encoding,
@@ -20,7 +21,6 @@ from ehrbridge.pipelines.er7 import (
     split_segments,
     unescape,
 )
-from ehrbridge.pipelines.errors import MessageRejected
 
 ENC = DEFAULT_ENCODING
 MSH = "MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240102030405||ORU^R01^ORU_R01|CTRL42|P|2.5.1"

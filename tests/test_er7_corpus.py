@@ -94,8 +94,8 @@ from hl7apy.exceptions import InvalidEncodingChars
 from hl7apy.parser import parse_message
 from kafka_fixture import running_in_ci
 
+from ehrbridge.core.errors import MessageRejected
 from ehrbridge.pipelines.er7 import DEFAULT_ENCODING, Encoding, Message, Segment, parse_batch
-from ehrbridge.pipelines.errors import MessageRejected
 
 CORPUS = Path("/work/shared/corpus/hl7v2")
 ER7_SUFFIXES = {".hl7", ".txt", ".er7"}

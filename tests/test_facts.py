@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from ehrbridge.config import load_site_config, parse_site_config
+from ehrbridge.core.errors import MessageUnusable
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import MessageUnusable
 from ehrbridge.pipelines.facts import Extraction, FactRules, extract
 
 SITE = Path(__file__).resolve().parents[1] / "sandbox" / "site.yaml"

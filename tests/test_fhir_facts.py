@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from conftest import CORPUS
 
+from ehrbridge.core.errors import MessageRejected, MessageUnusable
 from ehrbridge.mappings.loader import resolve_site
-from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.facts import FactRules, Trace
 from ehrbridge.pipelines.features import FeatureRecord, assemble, evaluate
 from ehrbridge.pipelines.fhir_facts import extract_fhir

@@ -19,8 +19,8 @@ from conftest import all_resources, wait_for
 from fhir_validation import r4b
 
 from ehrbridge.config import SiteConfig
-from ehrbridge.pipelines.contracts import Envelope, Kind
-from ehrbridge.pipelines.errors import MessageUnusable
+from ehrbridge.core.contracts import Envelope, Kind
+from ehrbridge.core.errors import MessageUnusable
 from ehrbridge.runtime import SiteRuntime
 from ehrbridge.sandbox.run import BackgroundSandbox
 

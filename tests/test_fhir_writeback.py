@@ -32,8 +32,8 @@ from ehrbridge.config import (
     SmartBackendAuth,
     load_site_config,
 )
-from ehrbridge.pipelines.contracts import BatchError, Envelope, Failure, Kind
-from ehrbridge.pipelines.errors import ConfigError, RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.contracts import BatchError, Envelope, Failure, Kind
+from ehrbridge.core.errors import ConfigError, RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.provenance import result_transaction
 from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.results import Delivery, ResultStore

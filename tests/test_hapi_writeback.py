@@ -28,8 +28,8 @@ from predictions import prediction
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.bench.pipeline import fhir_total
 from ehrbridge.config import RetryPolicy, SiteConfig, load_site_config
-from ehrbridge.pipelines.contracts import Envelope, Failure, Kind
-from ehrbridge.pipelines.errors import RemoteRejected
+from ehrbridge.core.contracts import Envelope, Failure, Kind
+from ehrbridge.core.errors import RemoteRejected
 from ehrbridge.pipelines.provenance import provenance_id, result_transaction
 from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.results import Delivery, ResultStore

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ehrbridge.config import load_site_config
+from ehrbridge.core.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.er7 import (
     DEFAULT_ENCODING,
     MAX_FORMAT_REPEAT,
@@ -20,7 +21,6 @@ from ehrbridge.pipelines.er7 import (
     Message,
     unescape,
 )
-from ehrbridge.pipelines.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.facts import FactRules, Trace, extract, read_number
 from ehrbridge.pipelines.hl7time import Hl7TimeError, parse_date, parse_dtm
 

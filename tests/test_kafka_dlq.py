@@ -16,8 +16,8 @@ import yaml
 
 from ehrbridge.cli import main
 from ehrbridge.config import load_site_config
-from ehrbridge.pipelines.contracts import Envelope, Failure, Kind
-from ehrbridge.pipelines.errors import EhrbridgeError, MessageUnusable, UpstreamUnavailable
+from ehrbridge.core.contracts import Envelope, Failure, Kind
+from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, UpstreamUnavailable
 from ehrbridge.pipelines.transport import Log, dead_letter_record, topic_name
 from ehrbridge.runtime import open_log
 from ehrbridge.sandbox.run import sandbox_site_file

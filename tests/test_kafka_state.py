@@ -17,7 +17,7 @@ from kafka import TopicPartition
 from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.kafka_state import ChangelogStateStore
 from ehrbridge.config import KafkaTransport
-from ehrbridge.pipelines.errors import ConfigError
+from ehrbridge.core.errors import ConfigError
 from ehrbridge.pipelines.state import PatientState
 from ehrbridge.pipelines.transport import Record
 

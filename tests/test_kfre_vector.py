@@ -20,8 +20,8 @@ from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.config import Calibration, SiteConfig, parse_site_config
+from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.mappings.loader import SITES_DIR, load_mapping_file
-from ehrbridge.pipelines.contracts import Envelope, Kind
 from ehrbridge.pipelines.process import ProcessStage
 from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.state import SqliteStateStore

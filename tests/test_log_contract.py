@@ -22,7 +22,7 @@ from kafka import TopicPartition
 from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.config import KafkaTransport
-from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines.transport import Consumer, Log, Record
 
 NewLog = Callable[[], Log]  # a fresh client of the same log: a restart

@@ -14,12 +14,12 @@ from conftest import CORPUS, wait_for
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.cli import main
 from ehrbridge.config import SiteConfig
+from ehrbridge.core.contracts import Kind
+from ehrbridge.core.errors import MessageRejected
 from ehrbridge.mappings.explain import explain_input, field_name
 from ehrbridge.mappings.loader import SITES_DIR, SiteMapping, resolve_site
 from ehrbridge.mappings.messages import read_inputs
-from ehrbridge.pipelines.contracts import Kind
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import MessageRejected
 from ehrbridge.pipelines.facts import FactRules
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr

@@ -38,10 +38,10 @@ def test_example_site_mapping_is_clean(site: Path) -> None:
 
 def test_a_whole_synthea_history_replays_as_one_prediction_per_episode_as_in_the_pipeline() -> None:
     """`mappings test` must agree with ProcessStage: a Bundle is split into episodes."""
+    from ehrbridge.core.contracts import Kind
     from ehrbridge.mappings.loader import load_mapping_file
     from ehrbridge.mappings.messages import Input
     from ehrbridge.mappings.testing import replay
-    from ehrbridge.pipelines.contracts import Kind
     from ehrbridge.pipelines.features import FeatureRecord
 
     corpus = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "fhir" / "synthea-ckd"

@@ -15,8 +15,8 @@ import pytest
 from test_mllp import dead_letters, renal, send
 
 from ehrbridge.config import MessagePolicy, SiteConfig, parse_site_config
+from ehrbridge.core.errors import ConfigError
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import ConfigError
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 

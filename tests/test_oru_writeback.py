@@ -24,10 +24,10 @@ from predictions import prediction
 from ehrbridge.adapters.mllp_client import END_BLOCK, START_BLOCK
 from ehrbridge.adapters.mllp_sink import CONTROL_ID_HEADER, MllpSink
 from ehrbridge.config import Hl7v2Writeback, SiteConfig, load_site_config
+from ehrbridge.core.contracts import Envelope, Kind
+from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.ack import build_ack, read_header
-from ehrbridge.pipelines.contracts import Envelope, Kind
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.facts import FactRules, PersonName, extract
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.oru import build_oru, control_id

@@ -25,9 +25,9 @@ from conftest import wait_for
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.config import load_site_config, parse_site_config
-from ehrbridge.pipelines.contracts import Envelope, Failure, Kind
+from ehrbridge.core.contracts import Envelope, Failure, Kind
+from ehrbridge.core.errors import MessageUnusable
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.errors import MessageUnusable
 from ehrbridge.pipelines.facts import (
     Demographics,
     Fact,

@@ -19,8 +19,8 @@ from conftest import wait_for
 from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.config import KafkaTransport, RetryPolicy
-from ehrbridge.pipelines.contracts import Envelope, Failure, Kind
-from ehrbridge.pipelines.errors import UpstreamUnavailable
+from ehrbridge.core.contracts import Envelope, Failure, Kind
+from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines.retry import DelayedRetryForwarder, FailureRouter, split_due
 from ehrbridge.pipelines.transport import Consumer, Log, Record, topic_name
 

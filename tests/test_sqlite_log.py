@@ -110,7 +110,7 @@ def test_group_commit_batches_concurrent_appends(tmp_path: Path) -> None:
 
 
 def test_group_commit_reports_storage_failure(tmp_path: Path) -> None:
-    from ehrbridge.pipelines.errors import UpstreamUnavailable
+    from ehrbridge.core.errors import UpstreamUnavailable
 
     log = SqliteLog(tmp_path / "log.sqlite")
 

@@ -29,7 +29,7 @@ from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.smart_auth import StaticBearer
 from ehrbridge.config import BearerAuth, KnownSubscription, SiteConfig
-from ehrbridge.pipelines.errors import RemoteRejected
+from ehrbridge.core.errors import RemoteRejected
 from ehrbridge.pipelines.fhir_ingest import FhirRejected
 from ehrbridge.pipelines.subscriptions import UNREAD, SubscriptionLedger, parse_notification
 from ehrbridge.runtime import SiteRuntime

@@ -37,7 +37,7 @@ from ehrbridge.config import (
     SiteConfig,
     load_site_config,
 )
-from ehrbridge.pipelines.errors import ConfigError, UpstreamUnavailable
+from ehrbridge.core.errors import ConfigError, UpstreamUnavailable
 from ehrbridge.runtime import Role, SiteRuntime
 from ehrbridge.sandbox.credentials import ensure_credentials, with_credentials
 from ehrbridge.sandbox.mllp_peer import MllpPeer

@@ -15,8 +15,8 @@ import pytest
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.config import SiteConfig, parse_site_config
+from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.mappings.loader import SITES_DIR
-from ehrbridge.pipelines.contracts import Envelope, Kind
 from ehrbridge.pipelines.process import ProcessStage
 from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.state import SqliteStateStore

@@ -68,7 +68,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
-from ehrbridge.pipelines.errors import EhrbridgeError, PermanentError
+from ehrbridge.core.errors import EhrbridgeError, PermanentError
 
 
 class Kind(StrEnum):
