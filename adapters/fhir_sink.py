@@ -42,7 +42,12 @@ import orjson
 
 from ehrbridge.adapters.smart_auth import HttpxAuth, TokenSource
 from ehrbridge.core.contracts import BatchError, Envelope
-from ehrbridge.core.errors import EhrbridgeError, RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import (
+    EhrbridgeError,
+    PermanentError,
+    RemoteRejected,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
@@ -78,6 +83,11 @@ class FhirSink:
             raise BatchError(errors)
 
     def _write_chunk(self, chunk: list[tuple[int, Envelope]]) -> dict[int, EhrbridgeError]:
+        unreadable = _unreadable(chunk)
+        chunk = [(index, envelope) for index, envelope in chunk if index not in unreadable]
+        return unreadable | self._send_chunk(chunk) if chunk else unreadable
+
+    def _send_chunk(self, chunk: list[tuple[int, Envelope]]) -> dict[int, EhrbridgeError]:
         try:
             self.transaction([envelope for _, envelope in chunk])
             return {}
@@ -113,6 +123,11 @@ class FhirSink:
             raise UpstreamUnavailable("FHIR server timed out") from exc
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"FHIR server unreachable: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:  # an answer that cannot be read (bad content-encoding)
+            raise RemoteRejected(
+                f"FHIR server's answer could not be read: {type(exc).__name__}",
+                reason="fhir.bad_response",
+            ) from exc
         finally:
             self.requests += 1
         check_response(response, f"transaction of {len(results)} result(s)")
@@ -120,6 +135,26 @@ class FhirSink:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _unreadable(chunk: list[tuple[int, Envelope]]) -> dict[int, EhrbridgeError]:
+    """Items whose payload is not a transaction Bundle: refused alone, never sent."""
+    errors: dict[int, EhrbridgeError] = {}
+    for index, envelope in chunk:
+        try:
+            bundle = orjson.loads(envelope.payload)
+            entries = bundle["entry"] if isinstance(bundle, dict) else None
+            readable = isinstance(entries, list) and all(
+                isinstance(e, dict) and isinstance(e.get("request"), dict) for e in entries
+            )
+        except (orjson.JSONDecodeError, KeyError):
+            readable = False
+        if not readable:
+            errors[index] = PermanentError(
+                f"{envelope.describe()}: the record is not a FHIR transaction Bundle",
+                reason="fhir.bad_record",
+            )
+    return errors
 
 
 def merge_transactions(bundles: Sequence[dict[str, Any]]) -> dict[str, Any]:

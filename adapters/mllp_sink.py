@@ -32,7 +32,12 @@ from ehrbridge.adapters.mllp_client import Ack, MllpClient, frame
 from ehrbridge.adapters.tls import client_context
 from ehrbridge.config import Hl7v2Writeback
 from ehrbridge.core.contracts import BatchError, Envelope
-from ehrbridge.core.errors import EhrbridgeError, RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import (
+    EhrbridgeError,
+    PermanentError,
+    RemoteRejected,
+    UpstreamUnavailable,
+)
 
 log = logging.getLogger(__name__)
 CONTROL_ID_HEADER = "hl7.control_id"
@@ -56,7 +61,7 @@ class MllpSink:
         errors: dict[int, EhrbridgeError] = {}
         for index, envelope in enumerate(batch):
             try:
-                self.send(envelope.payload, envelope.headers[CONTROL_ID_HEADER])
+                self.send(envelope.payload, _control_id(envelope))
             except EhrbridgeError as error:
                 errors[index] = error
         if len(errors) == len(batch) == 1:
@@ -126,3 +131,14 @@ class MllpSink:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _control_id(envelope: Envelope) -> str:
+    """The MSH-10 the ACK must echo; a record without one cannot be matched to its ACK."""
+    control_id = envelope.headers.get(CONTROL_ID_HEADER)
+    if not control_id:
+        raise PermanentError(
+            f"{envelope.describe()}: no {CONTROL_ID_HEADER} header to match the ACK to",
+            reason="hl7.bad_record",
+        )
+    return control_id
