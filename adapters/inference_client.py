@@ -8,8 +8,11 @@ client degraded badly at 32 concurrent requests. Workers call it from their
 own threads and batch records, so one request serves many patients.
 
 HTTP failures are translated at this boundary: connection errors, timeouts,
-429 and 5xx become :class:`UpstreamUnavailable` (retried); other 4xx become
-:class:`RemoteRejected` (dead-lettered with the server's answer).
+429 and 5xx become :class:`UpstreamUnavailable` (retried); other 4xx, and
+answers that are not OIP v2 risks (no JSON, a missing output, the wrong row
+count, a risk outside 0..1), become :class:`RemoteRejected` (dead-lettered
+with the server's answer). ``tests/conformance/test_model_contract.py``
+holds it to the Model contract (``pipelines/contracts.py``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,11 @@ class InferenceClient:
             ) from exc
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"model server unreachable: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:  # an answer that cannot be read (bad content-encoding)
+            raise RemoteRejected(
+                f"model server answer could not be read: {type(exc).__name__}",
+                reason="model.bad_response",
+            ) from exc
         return _parse(response, len(records))
 
     def ready(self) -> bool:
@@ -118,6 +126,13 @@ def _parse(response: httpx.Response, expected: int) -> InferenceResult:
     if len(result.risk_2y) != expected or len(result.risk_5y) != expected:
         raise RemoteRejected(
             f"model server returned {len(result.risk_2y)} rows for {expected} inputs",
+            reason="model.bad_response",
+            status=status,
+        )
+    if not all(0.0 <= risk <= 1.0 for risk in (*result.risk_2y, *result.risk_5y)):
+        # A probability outside [0, 1] is a broken model; shown to a clinician it misleads.
+        raise RemoteRejected(
+            "model server returned risks that are not probabilities between 0 and 1",
             reason="model.bad_response",
             status=status,
         )
