@@ -100,7 +100,10 @@ class PartitionStore(SqliteStateStore):
 
     def checkpoint(self) -> int:
         """The first changelog offset not yet in this store (0: nothing restored yet)."""
-        row = self._conn().execute("SELECT next_offset FROM changelog_checkpoint").fetchone()
+        try:
+            row = self._conn().execute("SELECT next_offset FROM changelog_checkpoint").fetchone()
+        except sqlite3.Error as exc:  # the disk fails, or the file is not a database
+            raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
         return int(row[0]) if row else 0
 
     def get(self, patient_id: str) -> PatientState | None:

@@ -133,11 +133,14 @@ class SqliteStateStore:
         return self._connections.get()
 
     def get(self, patient_id: str) -> PatientState | None:
-        row = (
-            self._conn()
-            .execute("SELECT doc FROM patient_state WHERE patient_id = ?", (patient_id,))
-            .fetchone()
-        )
+        try:
+            row = (
+                self._conn()
+                .execute("SELECT doc FROM patient_state WHERE patient_id = ?", (patient_id,))
+                .fetchone()
+            )
+        except sqlite3.Error as exc:  # a disk that fails or a file that is not a database
+            raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
         return PatientState.from_json(row[0]) if row else None
 
     def put_many(self, states: Iterable[PatientState]) -> None:
