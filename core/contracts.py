@@ -49,14 +49,53 @@ Sink
     synchronous and returns only once the batch is durable at the
     destination. It raises TransientError (retry later), PermanentError
     (dead-letter the whole batch) or :class:`BatchError` naming the failing
-    items when it can tell them apart.
+    items when it can tell them apart. In full:
+
+    * a batch of one fails with its item's own error; in a larger batch the
+      items a BatchError does not name were written;
+    * a later write of a record supersedes an earlier one, also within one
+      batch, and writing a record again adds no new identity at the
+      destination (a FHIR conditional update, the same MSH-10), so
+      at-least-once delivery stays effectively once;
+    * transient failures lose nothing: writing the failed items again
+      delivers them; an item that cannot be encoded (not a transaction
+      Bundle, no MSH-10) is a PermanentError for that item alone;
+    * nothing else escapes ``write``: httpx, socket and JSON errors are
+      translated, the original kept as ``__cause__``;
+    * ``close`` may be called twice; a new sink (a restart) writes on; an
+      empty batch sends nothing.
 
 Log
     Between stages, records travel through a durable, partitioned log
     (``pipelines/transport.py``): embedded SQLite or Apache Kafka. Workers
     consume from it and commit offsets only after their outputs are durable.
+    One key's records keep their order; a group resumes after its last
+    commit; anything not committed (a crash, ``rewind``) comes again.
 
-In-memory implementations of Source and Sink ship in
+StateStore
+    Per-patient state documents by patient id (``pipelines/state.py``):
+    embedded SQLite, or per-partition SQLite backed by a compacted Kafka
+    changelog (``adapters/kafka_state.py``). ``get`` is None for a patient
+    never stored; ``put_many`` returns once the states are stored, the last
+    state of a patient in the call winning; putting the same state again
+    changes nothing. What was put survives a restart -- for the changelog
+    store once the worker has appended ``drain()``, even onto an empty disk.
+    A failing disk or broker is UpstreamUnavailable, on reads as on writes.
+
+Model
+    A model server client (``adapters/inference_client.py``, Open Inference
+    Protocol v2). ``infer(records)`` answers one risk per record and horizon
+    in the records' order, in one request, naming the model and version, and
+    the same records always give the same risks. 5xx, 429, timeouts and
+    connection failures are UpstreamUnavailable; a 4xx, or an answer that is
+    not the expected risks (no JSON, a missing output, the wrong row count,
+    a value outside 0..1) is RemoteRejected. ``ready()`` never raises.
+
+Every contract has a conformance suite that runs against each of its
+implementations: ``tests/conformance/test_<contract>_contract.py`` (the Log's
+is ``tests/test_log_contract.py``).
+
+In-memory implementations of Source, Sink and StateStore ship in
 ``ehrbridge.adapters.memory`` for tests and for trying a stage in a notebook.
 """
 
