@@ -18,7 +18,6 @@ holds it to the Model contract (``pipelines/contracts.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -28,14 +27,7 @@ from ehrbridge.adapters.tls import httpx_verify
 from ehrbridge.config import ModelEndpoint
 from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.features import FeatureRecord
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceResult:
-    model_name: str
-    model_version: str
-    risk_2y: list[float]
-    risk_5y: list[float]
+from ehrbridge.pipelines.model import InferenceResult
 
 
 class InferenceClient:

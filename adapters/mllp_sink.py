@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from ehrbridge.adapters.mllp_client import Ack, MllpClient, frame
 from ehrbridge.adapters.tls import client_context
 from ehrbridge.config import Hl7v2Writeback
-from ehrbridge.core.contracts import BatchError, Envelope
+from ehrbridge.core.contracts import CONTROL_ID_HEADER, BatchError, Envelope
 from ehrbridge.core.errors import (
     EhrbridgeError,
     PermanentError,
@@ -40,7 +40,6 @@ from ehrbridge.core.errors import (
 )
 
 log = logging.getLogger(__name__)
-CONTROL_ID_HEADER = "hl7.control_id"
 _ACCEPTED = frozenset({"AA", "CA"})
 _ERRORS = frozenset({"AE", "CE"})
 _REJECTS = frozenset({"AR", "CR"})

@@ -109,6 +109,10 @@ from typing import Protocol, runtime_checkable
 
 from ehrbridge.core.errors import EhrbridgeError, PermanentError
 
+# The MSH-10 a write-back stage gave an ORU^R01; the MLLP sink matches the ACK's
+# MSA-2 against it (HL7 v2.5.1 2.9.2: the ACK echoes the control id it answers).
+CONTROL_ID_HEADER = "hl7.control_id"
+
 
 class Kind(StrEnum):
     """What an envelope's payload is. Also the ``kind`` header on the log."""

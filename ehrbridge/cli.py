@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from ehrbridge.bench.cli import add_bench_command
     from ehrbridge.dlq import add_dlq_commands
-    from ehrbridge.mappings.cli import add_mapping_commands
+    from ehrbridge.workbench.cli import add_mapping_commands
 
     add_dlq_commands(sub)
     add_mapping_commands(sub)
@@ -164,7 +164,7 @@ def _add_send_command(sub: Any) -> None:
 def _send(args: argparse.Namespace) -> int:
     from ehrbridge.adapters.mllp_client import MllpClient
     from ehrbridge.core.errors import UpstreamUnavailable
-    from ehrbridge.mappings.messages import split_hl7
+    from ehrbridge.workbench.messages import split_hl7
 
     raw = sys.stdin.buffer.read() if str(args.file) == "-" else _read_file(args.file)
     messages = [_segments_with_cr(m) for m in split_hl7(raw)]

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from ehrbridge.core.charsets import codec_for_charset
 from ehrbridge.core.located_yaml import load_located, parse_located, validate_located
 
 # The mapping format lives with the mappings (mappings/schema.py); re-exported here.
@@ -37,7 +38,6 @@ from ehrbridge.mappings.schema import (  # noqa: F401 - re-exports
     ValuePolicy,
 )
 from ehrbridge.mappings.units import normalise_unit  # noqa: F401 - re-export
-from ehrbridge.pipelines.er7 import codec_for_charset
 
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 

@@ -39,7 +39,8 @@ from typing import Any
 from ehrbridge.core.bounded_cache import short_key_cache
 from ehrbridge.core.errors import ConfigError
 from ehrbridge.core.located_yaml import LocatedYaml, parse_located
-from ehrbridge.mappings.schema import CodeMapEntry, CodeMapSource
+from ehrbridge.mappings.diagnostics import Locator
+from ehrbridge.mappings.schema import CodeMapEntry, CodeMapSource, Mapping
 
 USABLE = frozenset({"equivalent", "equal", "wider", "subsumes", "source-is-narrower-than-target"})
 NOT_SAFE = frozenset(
@@ -414,3 +415,9 @@ def _add_translation(
     table.rules[key] = CodeRule(
         target.feature, target.concept, target.rule, target.rule_place, entry.where
     )
+
+
+def code_table(mapping: Mapping, locator: Locator) -> CodeTable:
+    """The mapping's codes and its code map as one lookup table; clashes name their line."""
+    codes = {f: [(c.system, c.code) for c in rule.codes] for f, rule in mapping.features.items()}
+    return build_code_table(codes, mapping.code_map, locator.place)

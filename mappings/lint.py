@@ -19,75 +19,14 @@ mappings check`` prints errors and warnings and exits non-zero on errors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from ehrbridge.core.located_yaml import LocatedYaml
-from ehrbridge.mappings.codemaps import CodeTable, build_code_table
+from ehrbridge.mappings.codemaps import code_table
+from ehrbridge.mappings.diagnostics import Diagnostic, Locator, PathKey
 from ehrbridge.mappings.schema import LAB_FEATURES, Mapping, UnitRule
 from ehrbridge.mappings.units import describe_factor, known_unit, same_unit
 
-PathKey = tuple[str | int, ...]
 _FACTOR_TOLERANCE = 0.01  # a stated factor within 1 % of the known one is the same factor
-
-
-@dataclass(frozen=True, slots=True)
-class Diagnostic:
-    severity: str  # "error" | "warning" | "note" (worth knowing, nothing wrong)
-    message: str
-    file: str | None = None
-    line: int | None = None
-    field: str = ""
-    check_only: bool = False  # about the mapping's upkeep (tests), not worth logging at start
-
-    @property
-    def is_error(self) -> bool:
-        return self.severity == "error"
-
-    def __str__(self) -> str:
-        where = ":".join(str(p) for p in (self.file, self.line) if p is not None)
-        parts = [p for p in (where, self.severity, self.field) if p]
-        return ": ".join(parts) + f": {self.message}"
-
-
-@dataclass(frozen=True, slots=True)
-class Locator:
-    """Turns a path inside the mapping into file:line (``prefix`` is where the mapping sits)."""
-
-    located: LocatedYaml | None = field(repr=False)
-    prefix: PathKey = ()
-
-    @property
-    def file(self) -> str | None:
-        return self.located.file if self.located is not None else None
-
-    def line(self, path: Sequence[str | int]) -> int | None:
-        if self.located is None:
-            return None
-        return self.located.line_of((*self.prefix, *path))
-
-    def dotted(self, path: Sequence[str | int]) -> str:
-        out = ""
-        for part in (*self.prefix, *path):
-            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-        return out
-
-    def place(self, path: Sequence[str | int]) -> str:
-        """``mapping.yaml:31`` ('' when the mapping was not read from a file)."""
-        if self.located is None:
-            return ""
-        line = self.line(path)
-        name = Path(self.located.file).name
-        return f"{name}:{line}" if line is not None else name
-
-    def diagnostic(self, severity: str, path: Sequence[str | int], message: str) -> Diagnostic:
-        return Diagnostic(severity, message, self.file, self.line(path), self.dotted(path))
-
-
-def code_table(mapping: Mapping, locator: Locator) -> CodeTable:
-    codes = {f: [(c.system, c.code) for c in rule.codes] for f, rule in mapping.features.items()}
-    return build_code_table(codes, mapping.code_map, locator.place)
 
 
 def lint_mapping(mapping: Mapping, locator: Locator) -> list[Diagnostic]:

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -31,11 +30,9 @@ from ehrbridge.core.located_yaml import (
     validate_located,
 )
 from ehrbridge.mappings.codemaps import read_source
-from ehrbridge.mappings.lint import Diagnostic, Locator, lint_mapping
+from ehrbridge.mappings.diagnostics import Diagnostic, Locator
+from ehrbridge.mappings.lint import lint_mapping
 from ehrbridge.mappings.schema import Mapping
-
-if TYPE_CHECKING:
-    from ehrbridge.config import SiteConfig
 
 log = logging.getLogger(__name__)
 SITES_DIR = Path(__file__).resolve().parent / "sites"
@@ -148,39 +145,6 @@ def load_mapping_file(path: Path | str, diagnostics: list[Diagnostic] | None = N
     if diagnostics is not None:
         context["diagnostics"] = diagnostics
     return validate_located(Mapping, located, **context)
-
-
-@dataclass(frozen=True, slots=True)
-class SiteMapping:
-    """A mapping found from what a user typed, and the site config around it if any."""
-
-    name: str
-    mapping: Mapping
-    path: Path  # the file the mapping was read from
-    config: SiteConfig | None = None
-
-
-def resolve_site(target: str | Path) -> SiteMapping:
-    """A site config file, a mapping file, a site folder, or an example site's name."""
-    path = Path(target)
-    if path.is_dir():
-        path = path / MAPPING_FILE
-    elif not path.exists() and (SITES_DIR / str(target) / MAPPING_FILE).is_file():
-        path = SITES_DIR / str(target) / MAPPING_FILE
-    if not path.is_file():
-        known = ", ".join(sorted(p.name for p in SITES_DIR.iterdir() if p.is_dir()))
-        raise ConfigError(
-            f"no site mapping at {target!r}: give a site config, a mapping file, a site folder "
-            f"or an example site ({known})"
-        )
-    if is_site_config(load_located(path)):
-        from ehrbridge.config import load_site_config
-
-        config = load_site_config(path)
-        source = Path(config.mapping.source) if config.mapping.source else path
-        return SiteMapping(config.site, config.mapping, source, config)
-    name = path.parent.name if path.name == MAPPING_FILE else path.stem
-    return SiteMapping(name, load_mapping_file(path), path)
 
 
 def is_site_config(located: LocatedYaml) -> bool:

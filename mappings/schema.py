@@ -44,7 +44,7 @@ from pydantic import (
 from ehrbridge.mappings.units import normalise_unit
 
 if TYPE_CHECKING:
-    from ehrbridge.mappings.lint import Locator
+    from ehrbridge.mappings.diagnostics import Locator
 
 # --------------------------------------------------------------------------- what models take
 

@@ -49,8 +49,8 @@ from typing import Any
 
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.core.errors import Hl7Location, MessageUnusable
-from ehrbridge.mappings.codemaps import CodeRule, normalise_system
-from ehrbridge.mappings.lint import Locator, code_table
+from ehrbridge.mappings.codemaps import CodeRule, code_table, normalise_system
+from ehrbridge.mappings.diagnostics import Locator
 from ehrbridge.mappings.schema import (
     CANONICAL_UNITS,
     CodeMapEntry,

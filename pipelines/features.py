@@ -281,7 +281,7 @@ def evaluate(
     """Merge one message's data for one patient; the record it triggers, if any.
 
     The one place the pipeline (``pipelines/process.py``) and the mapping
-    tests (``mappings/testing.py``) decide a prediction, so a passing mapping
+    tests (``workbench/testing.py``) decide a prediction, so a passing mapping
     test means the pipeline does the same. Only a :class:`FeatureRecord` is
     scored: one outside the model's domain becomes :class:`OutOfDomain`. The
     outcome is kept on the state (``last_outcome``), where the HTTP API shows it.

@@ -30,7 +30,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.config import SiteConfig
 from ehrbridge.core.contracts import Envelope, Failure, Kind, Outcome
 from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, PermanentError
@@ -49,6 +48,7 @@ from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
 from ehrbridge.pipelines.fhir_facts import extract_fhir
 from ehrbridge.pipelines.history import by_episode
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
+from ehrbridge.pipelines.model import Model
 from ehrbridge.pipelines.observation import interpretation_band
 from ehrbridge.pipelines.records import ModelInfo, Prediction, prediction_identifier
 from ehrbridge.pipelines.state import PatientState, StateStore
@@ -72,7 +72,7 @@ class ProcessStage:
         self,
         config: SiteConfig,
         state: StateStore,
-        model: InferenceClient,
+        model: Model,
         metrics: Metrics = NO_METRICS,
     ) -> None:
         self.config = config

@@ -37,9 +37,16 @@ from typing import Any
 
 import orjson
 
-from ehrbridge.adapters.mllp_sink import CONTROL_ID_HEADER
 from ehrbridge.config import Mode, SiteConfig
-from ehrbridge.core.contracts import BatchError, Envelope, Failure, Kind, Outcome, Sink
+from ehrbridge.core.contracts import (
+    CONTROL_ID_HEADER,
+    BatchError,
+    Envelope,
+    Failure,
+    Kind,
+    Outcome,
+    Sink,
+)
 from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, PermanentError
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
 from ehrbridge.pipelines.observation import build_observation

@@ -12,11 +12,11 @@ import pytest
 from conftest import CORPUS
 
 from ehrbridge.core.errors import MessageRejected, MessageUnusable
-from ehrbridge.mappings.loader import resolve_site
 from ehrbridge.pipelines.facts import FactRules, Trace
 from ehrbridge.pipelines.features import FeatureRecord, assemble, evaluate
 from ehrbridge.pipelines.fhir_facts import extract_fhir
 from ehrbridge.pipelines.state import PatientState
+from ehrbridge.workbench.site import resolve_site
 
 SYNTHEA = CORPUS / "fhir" / "synthea-ckd"
 BUNDLES = sorted(SYNTHEA.glob("*.json"))

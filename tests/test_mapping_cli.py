@@ -16,13 +16,14 @@ from ehrbridge.cli import main
 from ehrbridge.config import SiteConfig
 from ehrbridge.core.contracts import Kind
 from ehrbridge.core.errors import MessageRejected
-from ehrbridge.mappings.explain import explain_input, field_name
-from ehrbridge.mappings.loader import SITES_DIR, SiteMapping, resolve_site
-from ehrbridge.mappings.messages import read_inputs
+from ehrbridge.mappings.loader import SITES_DIR
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
+from ehrbridge.workbench.explain import explain_input, field_name
+from ehrbridge.workbench.messages import read_inputs
+from ehrbridge.workbench.site import SiteMapping, resolve_site
 
 EU_SI = SITES_DIR / "eu-si-local-codes"
 

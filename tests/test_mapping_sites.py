@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ehrbridge.mappings.loader import SITES_DIR, check_path
-from ehrbridge.mappings.testing import LoadedCase, collect_cases, run_case
+from ehrbridge.workbench.testing import LoadedCase, collect_cases, run_case
 
 CASES = list(collect_cases(SITES_DIR))
 SITES = sorted(p for p in SITES_DIR.iterdir() if p.is_dir())
@@ -40,9 +40,9 @@ def test_a_whole_synthea_history_replays_as_one_prediction_per_episode_as_in_the
     """`mappings test` must agree with ProcessStage: a Bundle is split into episodes."""
     from ehrbridge.core.contracts import Kind
     from ehrbridge.mappings.loader import load_mapping_file
-    from ehrbridge.mappings.messages import Input
-    from ehrbridge.mappings.testing import replay
     from ehrbridge.pipelines.features import FeatureRecord
+    from ehrbridge.workbench.messages import Input
+    from ehrbridge.workbench.testing import replay
 
     corpus = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "fhir" / "synthea-ckd"
     # The longest history, Stewart Stanton: 8 of its 16 episodes are in KFRE's domain (eGFR

@@ -11,12 +11,13 @@ import pytest
 from ehrbridge.config import load_site_config
 from ehrbridge.core.errors import ConfigError
 from ehrbridge.mappings.codemaps import read_concept_map, read_csv
-from ehrbridge.mappings.lint import Diagnostic
-from ehrbridge.mappings.loader import SITES_DIR, check_path, load_mapping_file, resolve_site
+from ehrbridge.mappings.diagnostics import Diagnostic
+from ehrbridge.mappings.loader import SITES_DIR, check_path, load_mapping_file
 from ehrbridge.mappings.schema import UnitRule
 from ehrbridge.mappings.units import known_unit, same_unit
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules, extract
+from ehrbridge.workbench.site import resolve_site
 
 BASE = """\
 version: t-1

@@ -15,7 +15,6 @@ from conftest import wait_for
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.cli import _parser, main
 from ehrbridge.config import load_site_config
-from ehrbridge.mappings.unmapped import CodeStats, UnmappedReport, render
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.sandbox.fhir_server import FhirStore, parse_search
 from ehrbridge.sandbox.run import (
@@ -27,6 +26,7 @@ from ehrbridge.sandbox.run import (
     sandbox_fhir_site_file,
     sandbox_site_file,
 )
+from ehrbridge.workbench.unmapped import CodeStats, UnmappedReport, render
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "oru-r01-sandbox.hl7"

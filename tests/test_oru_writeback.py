@@ -22,9 +22,9 @@ from oru_conformance import strict_errors
 from predictions import prediction
 
 from ehrbridge.adapters.mllp_client import END_BLOCK, START_BLOCK
-from ehrbridge.adapters.mllp_sink import CONTROL_ID_HEADER, MllpSink
+from ehrbridge.adapters.mllp_sink import MllpSink
 from ehrbridge.config import Hl7v2Writeback, SiteConfig, load_site_config
-from ehrbridge.core.contracts import Envelope, Kind
+from ehrbridge.core.contracts import CONTROL_ID_HEADER, Envelope, Kind
 from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.ack import build_ack, read_header
 from ehrbridge.pipelines.er7 import Message

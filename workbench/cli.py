@@ -73,7 +73,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from ehrbridge.mappings.testing import run_path
+    from ehrbridge.workbench.testing import run_path
 
     if not args.path.exists():
         raise ConfigError(f"{args.path}: no such file or folder")
@@ -90,8 +90,8 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from ehrbridge.mappings.explain import explain_file
-    from ehrbridge.mappings.loader import resolve_site
+    from ehrbridge.workbench.explain import explain_file
+    from ehrbridge.workbench.site import resolve_site
 
     if not args.message.is_file():
         raise ConfigError(f"{args.message}: no such file")
@@ -102,9 +102,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _unmapped(args: argparse.Namespace) -> int:
     from ehrbridge.config import load_site_config
-    from ehrbridge.mappings.unmapped import collect, render
     from ehrbridge.pipelines.facts import FactRules
     from ehrbridge.runtime import open_existing_log
+    from ehrbridge.workbench.unmapped import collect, render
 
     config = load_site_config(args.site)
     try:

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 from ehrbridge.core.contracts import Kind
 from ehrbridge.core.errors import MessageRejected, MessageUnusable
-from ehrbridge.mappings.messages import Input, extract_input, kind_of
 from ehrbridge.pipelines.facts import FactRules, ObservationTrace, Trace
 from ehrbridge.pipelines.transport import Log, Record, topic_name
+from ehrbridge.workbench.messages import Input, extract_input, kind_of
 
 _PAGE = 1000
 

@@ -44,12 +44,12 @@ from pydantic import Field, model_validator
 from ehrbridge.core.errors import ConfigError, MessageRejected, MessageUnusable
 from ehrbridge.core.located_yaml import load_located, validate_located
 from ehrbridge.mappings.loader import load_mapping_file
-from ehrbridge.mappings.messages import Input, extract_input, inputs_from_bytes, read_inputs
 from ehrbridge.mappings.schema import Mapping, Strict
 from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.facts import Fact, FactRules, Unused
 from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
 from ehrbridge.pipelines.state import PatientState
+from ehrbridge.workbench.messages import Input, extract_input, inputs_from_bytes, read_inputs
 
 Outcome = FeatureRecord | NotEnoughData | OutOfDomain
 

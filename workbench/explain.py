@@ -21,13 +21,13 @@ from pathlib import Path
 
 from ehrbridge.core.contracts import Kind
 from ehrbridge.core.errors import MessageRejected, MessageUnusable
-from ehrbridge.mappings.loader import SiteMapping
-from ehrbridge.mappings.messages import Input, extract_input, read_inputs
-from ehrbridge.mappings.testing import replay
 from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules, ObservationTrace, PatientTrace, Trace
 from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData
+from ehrbridge.workbench.messages import Input, extract_input, read_inputs
+from ehrbridge.workbench.site import SiteMapping
+from ehrbridge.workbench.testing import replay
 
 _OUTCOME_WORDS = {
     "used": "USED",
