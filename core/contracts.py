@@ -83,7 +83,8 @@ StateStore
     A failing disk or broker is UpstreamUnavailable, on reads as on writes.
 
 Model
-    A model server client (``adapters/inference_client.py``, Open Inference
+    The ``Model`` protocol the process stage takes (``pipelines/model.py``); a
+    model server client (``adapters/inference_client.py``, Open Inference
     Protocol v2). ``infer(records)`` answers one risk per record and horizon
     in the records' order, in one request, naming the model and version, and
     the same records always give the same risks. 5xx, 429, timeouts and

@@ -40,9 +40,9 @@ from predictions import prediction
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.memory import MemorySink
-from ehrbridge.adapters.mllp_sink import CONTROL_ID_HEADER, MllpSink
+from ehrbridge.adapters.mllp_sink import MllpSink
 from ehrbridge.config import Hl7v2Writeback, SiteConfig, load_site_config
-from ehrbridge.core.contracts import BatchError, Envelope, Kind, Sink
+from ehrbridge.core.contracts import CONTROL_ID_HEADER, BatchError, Envelope, Kind, Sink
 from ehrbridge.core.errors import (
     EhrbridgeError,
     PermanentError,
