@@ -1,7 +1,8 @@
 """Run ASGI apps (our API, and the sandbox's servers) inside an existing event loop.
 
-Also the one way a route reads a request body: :func:`read_limited`, which
-stops at the site's limit instead of reading whatever a client sends.
+The one way a route reads a request body, :func:`read_limited`, which stops at
+the site's limit instead of reading whatever a client sends, is in
+``adapters/fhir_http.py`` with the rest of the HTTP plumbing.
 """
 
 from __future__ import annotations
@@ -15,43 +16,12 @@ from collections.abc import Generator
 from typing import Any
 
 import uvicorn
-from starlette.requests import Request
 
 from ehrbridge.adapters.tls import CertificateReloader
 from ehrbridge.config import ListenerTls
 from ehrbridge.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-class BodyTooLarge(Exception):
-    """A request body over the route's limit (answer 413); nothing past it was read."""
-
-    def __init__(self, size: int, prefix: bytes) -> None:
-        super().__init__(f"body of {size} bytes or more")
-        self.size = size  # declared, or read so far
-        self.prefix = prefix  # its first bytes, for a dead-letter record
-
-
-async def read_limited(request: Request, limit: int, keep: int = 0) -> bytes:
-    """The body, counted as it streams in; BodyTooLarge as soon as it passes ``limit``.
-
-    A Content-Length over the limit is refused before anything is read;
-    without one (chunked), reading stops at the first chunk past it, so no
-    more than ``limit`` plus one chunk is ever held. ``keep``: how many of
-    the first bytes BodyTooLarge carries.
-    """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(int(declared), b"")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(size, b"".join(chunks)[:keep])
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class EmbeddedServer(uvicorn.Server):

@@ -44,7 +44,7 @@ record, ``/api/patients/{id}``). A result anchored in the future is never the
 Request bodies (the hook and its feedback) are read up to
 ``cds_hooks.max_body_bytes`` and no further: a larger one is answered 413
 with the same ``{"error": ...}`` body as the other refusals, as the FHIR
-routes answer theirs (``ehrbridge/_http.py``, ``read_limited``).
+routes answer theirs (``adapters/fhir_http.py``, ``read_limited``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ehrbridge._http import BodyTooLarge, read_limited
+from ehrbridge.adapters.fhir_http import BodyTooLarge, read_limited
 from ehrbridge.auth import AuthFailure, Principal
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig

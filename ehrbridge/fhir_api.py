@@ -49,7 +49,7 @@ import logging
 import re
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -58,8 +58,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ehrbridge import __version__
-from ehrbridge._http import BodyTooLarge, read_limited
 from ehrbridge.adapters.fhir_client import FhirReader
+from ehrbridge.adapters.fhir_http import (
+    FHIR_JSON,
+    BodyTooLarge,
+    FhirProblem,
+    Preferences,
+    check_media_type,
+    fhir_response,
+    information,
+    outcome_response,
+    read_limited,
+    status_text,
+)
 from ehrbridge.adapters.smart_auth import read_secret
 from ehrbridge.auth import Authenticator, AuthFailure, Principal, bearer_token, token_digest
 from ehrbridge.config import ApiRole, SiteConfig, Subscriptions
@@ -95,47 +106,12 @@ from ehrbridge.subscription_backfill import Backfill
 
 log = logging.getLogger(__name__)
 
-FHIR_JSON = "application/fhir+json"
-_MEDIA_TYPE = f"{FHIR_JSON}; charset=utf-8"
-_ACCEPTED_MEDIA = frozenset({FHIR_JSON, "application/json", "application/json+fhir", ""})
 _DLQ_PREFIX_BYTES = 65536  # what of an oversize body is kept in the dead-letter store
 _IN_LOOP_BYTES = 65536  # larger bodies are checked in a worker thread
 T = TypeVar("T")
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_STATUS_TEXT = {
-    200: "200 OK",
-    201: "201 Created",
-    400: "400 Bad Request",
-    422: "422 Unprocessable Entity",
-    503: "503 Service Unavailable",
-}
 NOTIFICATION_PATH = "/fhir/subscription-notification"
-
-
-class FhirProblem(Exception):
-    """An HTTP error answered with an OperationOutcome (before anything is parsed)."""
-
-    def __init__(self, status: int, issue: Issue, headers: dict[str, str] | None = None):
-        super().__init__(issue.diagnostics)
-        self.status = status
-        self.issue = issue
-        self.headers = headers or {}
-
-
-def fhir_response(status: int, content: Any, headers: dict[str, str] | None = None) -> Response:
-    body = content if isinstance(content, bytes) else orjson.dumps(content)
-    return Response(body, status_code=status, media_type=_MEDIA_TYPE, headers=headers)
-
-
-def outcome_response(
-    status: int, issues: Iterable[Issue], headers: dict[str, str] | None = None
-) -> Response:
-    return fhir_response(status, operation_outcome(issues), headers)
-
-
-def information(text: str) -> Issue:
-    return Issue("informational", text, severity="information")
 
 
 class FhirStats:
@@ -210,12 +186,7 @@ class FhirEndpoint:
 
     async def read_body(self, request: Request) -> bytes:
         """The body within ``http.max_body_bytes``; 413 and 415 as FHIR errors."""
-        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media not in _ACCEPTED_MEDIA:
-            raise FhirProblem(
-                415,
-                Issue("not-supported", f"content type {media!r} is not taken; send {FHIR_JSON}"),
-            )
+        check_media_type(request)
         try:
             return await read_limited(request, self.config.http.max_body_bytes, _DLQ_PREFIX_BYTES)
         except BodyTooLarge as over:
@@ -392,11 +363,11 @@ class FhirEndpoint:
             if entry.read:
                 status = 201 if entry.method == "POST" else 200
                 response = {
-                    "status": _STATUS_TEXT[status],
+                    "status": status_text(status),
                     "location": f"{base}/{entry.resource_type}/{entry.resource_id}",
                 }
             else:
-                response = {"status": _STATUS_TEXT[200]}
+                response = {"status": status_text(200)}
             entries.append({"response": response})
         return {"resourceType": "Bundle", "type": kind, "entry": entries}
 
@@ -692,23 +663,11 @@ def _base(request: Request) -> str:
     return f"{str(request.base_url).rstrip('/')}/fhir"
 
 
-def _prefer_return(request: Request) -> str:
-    for token in re.split(r"[,;]", request.headers.get("prefer", "")):
-        name, _, value = token.strip().partition("=")
-        if name == "return" and value.strip('"') in (
-            "minimal",
-            "representation",
-            "OperationOutcome",
-        ):
-            return value.strip('"')
-    return "representation"
-
-
 def _created(
     request: Request, status: int, location: str, payload: bytes, checked: Checked
 ) -> Response:
     headers = {"Location": location}
-    returns = _prefer_return(request)
+    returns = Preferences.of(request).returns
     if returns == "minimal":
         return Response(status_code=status, headers=headers)
     if returns == "OperationOutcome":
@@ -743,18 +702,18 @@ def _batch_response(
 ) -> dict[str, Any]:
     if isinstance(result, PermanentError):
         status = http_status(result)
-        return {"status": _STATUS_TEXT[status], "outcome": operation_outcome(issues_of(result))}
+        return {"status": status_text(status), "outcome": operation_outcome(issues_of(result))}
     if isinstance(stored, EhrbridgeError):
         issue = Issue("transient", "the entry could not be stored now; send it again")
-        return {"status": _STATUS_TEXT[503], "outcome": operation_outcome([issue])}
+        return {"status": status_text(503), "outcome": operation_outcome([issue])}
     if isinstance(stored, BaseException):
         raise stored
     entry = result.entries[0]
     if not entry.read:
-        return {"status": _STATUS_TEXT[200]}
+        return {"status": status_text(200)}
     status = 201 if entry.method == "POST" else 200
     return {
-        "status": _STATUS_TEXT[status],
+        "status": status_text(status),
         "location": f"{base}/{entry.resource_type}/{entry.resource_id}",
     }
 
