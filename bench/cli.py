@@ -65,6 +65,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown scenario(s) {sorted(unknown)}; choose from {SCENARIO_NAMES}")
         return 2
+    if args.naive and args.baselines:
+        from ehrbridge.bench import naive
+
+        if not naive.can_run():
+            print(f"error: {naive.MISSING_FHIR_RESOURCES}", file=sys.stderr)
+            return 2
     run_dir = Path(tempfile.mkdtemp(prefix="ehrbridge-bench-"))
     results: dict[str, Any] = {"machine": machine(), "scenarios": {}}
     try:

@@ -19,11 +19,15 @@ It reads the same sandbox messages (the sandbox site's codes and units) and
 computes the KFRE features from the message alone. ``create_naive_cds_app``
 is the naive CDS Hooks service: every chart opening searches the EHR for the
 patient's risk Observations and parses the Bundle with fhir.resources.
+
+fhir.resources is an optional dependency (``pip install 'ehrbridge[bench]'``;
+``scripts/bootstrap`` installs it): the product never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socketserver
 import threading
@@ -119,6 +123,17 @@ def hl7apy_ack(message: Any, code: str = "AA") -> bytes:
     ack.msa.msa_1 = code
     ack.msa.msa_2 = message.msh.msh_10.to_er7()
     return str(ack.to_er7()).encode()
+
+
+MISSING_FHIR_RESOURCES = (
+    "the naive baseline needs fhir.resources, an optional dependency: "
+    "pip install 'ehrbridge[bench]' (scripts/bootstrap installs it), or pass --no-naive"
+)
+
+
+def can_run() -> bool:
+    """Whether fhir.resources, which only the naive baseline uses, is installed."""
+    return importlib.util.find_spec("fhir.resources") is not None
 
 
 def fhir_resources_observation(features: dict[str, Any], risks: tuple[float, float]) -> str:
