@@ -61,10 +61,11 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
 
+from ehrbridge.adapters._sqlite import transaction
 from ehrbridge.adapters.kafka_log import KafkaLog, read_partitions_to_end
+from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.core.errors import ConfigError, UpstreamUnavailable
-from ehrbridge.pipelines._sqlite import transaction
-from ehrbridge.pipelines.state import PatientState, SqliteStateStore
+from ehrbridge.pipelines.state import PatientState
 from ehrbridge.pipelines.transport import Record
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import orjson
 
+from ehrbridge.adapters._sqlite import PerThreadConnection, transaction
 from ehrbridge.core.errors import UpstreamUnavailable
-from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
 from ehrbridge.pipelines.transport import Consumer, Record
 
 _CROSS_PROCESS_POLL_S = 0.05

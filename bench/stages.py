@@ -22,6 +22,7 @@ import orjson
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.prometheus_metrics import PrometheusMetrics
+from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.bench.common import ratio
 from ehrbridge.bench.floor import kafka_floor
 from ehrbridge.bench.load import SenderSpec, build_messages
@@ -36,7 +37,7 @@ from ehrbridge.pipelines.observation import build_observation
 from ehrbridge.pipelines.process import ProcessStage, site_prediction
 from ehrbridge.pipelines.provenance import result_transaction
 from ehrbridge.pipelines.records import ModelInfo, Prediction
-from ehrbridge.pipelines.state import PatientState, SqliteStateStore
+from ehrbridge.pipelines.state import PatientState
 from ehrbridge.sandbox.run import sandbox_site_file
 
 T = TypeVar("T")

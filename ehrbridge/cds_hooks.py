@@ -19,7 +19,7 @@ in order, from
 1. ``prefetch.patient`` (discovery asks for ``Patient/{{context.patientId}}``):
    its identifier with the site's system;
 2. the links learned from FHIR input (a Patient with both its id and the
-   site's identifier, ``pipelines/patient_links.py``);
+   site's identifier, ``adapters/patient_links.py``);
 3. a read of ``Patient/<id>`` from ``fhirServer`` with the request's
    ``fhirAuthorization`` -- only when ``fhirServer`` is the site's own
    configured FHIR base (no request makes us call an arbitrary URL);
@@ -61,12 +61,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from ehrbridge.adapters.fhir_http import BodyTooLarge, read_limited
+from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.auth import AuthFailure, Principal
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.pipelines.observation import percent
-from ehrbridge.pipelines.patient_links import PatientLinks
 from ehrbridge.pipelines.results import ResultStore, StoredResult
 from ehrbridge.pipelines.state import StateStore
 

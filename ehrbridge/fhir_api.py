@@ -71,7 +71,9 @@ from ehrbridge.adapters.fhir_http import (
     read_limited,
     status_text,
 )
+from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.adapters.smart_auth import read_secret
+from ehrbridge.adapters.subscription_ledger import SubscriptionLedger
 from ehrbridge.auth import Authenticator, AuthFailure, Principal, bearer_token, token_digest
 from ehrbridge.config import ApiRole, SiteConfig, Subscriptions
 from ehrbridge.core.contracts import Envelope, Kind
@@ -93,13 +95,11 @@ from ehrbridge.pipelines.fhir_ingest import (
     unprocessable,
 )
 from ehrbridge.pipelines.ingest import Ingest
-from ehrbridge.pipelines.patient_links import PatientLinks
 from ehrbridge.pipelines.subscriptions import (
     EVENT_TYPES,
     MISSED,
     Gap,
     Notification,
-    SubscriptionLedger,
     parse_notification,
 )
 from ehrbridge.subscription_backfill import Backfill

@@ -26,9 +26,9 @@ import threading
 import time
 
 from ehrbridge.adapters.sqlite_log import SqliteLog
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.config import Retention
 from ehrbridge.core.errors import TransientError
-from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.transport import Log, topic_name
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,12 @@ def work_topics(site: str, retry_tiers: int) -> dict[str, str]:
 
 class Purger:
     def __init__(
-        self, site: str, retention: Retention, log_: Log, results: ResultStore, retry_tiers: int
+        self,
+        site: str,
+        retention: Retention,
+        log_: Log,
+        results: SqliteResultStore,
+        retry_tiers: int,
     ) -> None:
         self.site = site
         self.retention = retention

@@ -34,8 +34,12 @@ from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.kafka_state import ChangelogStateStore
 from ehrbridge.adapters.mllp_sink import MllpSink
 from ehrbridge.adapters.mllp_source import MllpSource
+from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.adapters.smart_auth import token_source
 from ehrbridge.adapters.sqlite_log import SqliteLog
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
+from ehrbridge.adapters.sqlite_state import SqliteStateStore
+from ehrbridge.adapters.subscription_ledger import SubscriptionLedger
 from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
 from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
@@ -46,12 +50,8 @@ from ehrbridge.datadir import secure_data_dir
 from ehrbridge.monitoring import SiteMonitoring, tcp_check, url_check
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
-from ehrbridge.pipelines.patient_links import PatientLinks
 from ehrbridge.pipelines.process import ProcessStage
-from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.retry import DelayedRetryForwarder, FailureRouter, RetryingStage
-from ehrbridge.pipelines.state import SqliteStateStore
-from ehrbridge.pipelines.subscriptions import SubscriptionLedger
 from ehrbridge.pipelines.transport import Consumer, Log, Record, topic_name
 from ehrbridge.pipelines.worker import StageWorker
 from ehrbridge.pipelines.writeback import FHIR_TARGET, HL7V2_TARGET, WritebackStage
@@ -145,7 +145,7 @@ class SiteRuntime:
         self.log = open_log(config)
         self.changelog_state: ChangelogStateStore | None = None  # kafka transport only
         self.state = self._open_state()
-        self.results = ResultStore(config.data_dir / "results.sqlite")
+        self.results = SqliteResultStore(config.data_dir / "results.sqlite")
         self.patient_links = PatientLinks(config.data_dir / "patient_links.sqlite")
         self.router = FailureRouter(config.site, config.retry)
         self.stop_event = threading.Event()

@@ -25,14 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from ehrbridge.adapters.fhir_client import FhirReader
+from ehrbridge.adapters.subscription_ledger import SubscriptionLedger
 from ehrbridge.core.errors import EhrbridgeError, RemoteRejected
-from ehrbridge.pipelines.subscriptions import (
-    EVENT_TYPES,
-    Gap,
-    Notification,
-    SubscriptionLedger,
-    parse_notification,
-)
+from ehrbridge.pipelines.subscriptions import EVENT_TYPES, Gap, Notification, parse_notification
 
 log = logging.getLogger(__name__)
 

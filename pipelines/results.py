@@ -8,48 +8,14 @@ replay updates a row instead of adding one, exactly as the EHR does.
 
 from __future__ import annotations
 
-import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import orjson
-
-from ehrbridge.core.errors import UpstreamUnavailable
-from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.records import Prediction
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
-    identifier TEXT PRIMARY KEY,
-    patient_id TEXT NOT NULL,
-    anchor TEXT NOT NULL,
-    risk_2y REAL NOT NULL,
-    risk_5y REAL NOT NULL,
-    model TEXT NOT NULL,
-    status TEXT NOT NULL,
-    prediction BLOB NOT NULL,
-    observation BLOB NOT NULL,
-    updated_at REAL NOT NULL,
-    delivered_at REAL,
-    state_revision INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS results_by_patient ON results (patient_id, anchor);
-"""
-
-_PAGE = 16  # results read at a time when looking for the latest
-
-# Columns added after a store may have been created: (name, definition).
-_ADDED_COLUMNS = [("state_revision", "INTEGER NOT NULL DEFAULT 0")]
-
-_COLUMNS = (
-    "identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation, state_revision"
-)
 
 
 class Delivery(StrEnum):
@@ -86,142 +52,17 @@ class StoredResult:
         }
 
 
-class ResultStore:
-    def __init__(self, path: Path | str) -> None:
-        self._connections = PerThreadConnection(Path(path))
-        conn = self._connections.get()
-        conn.executescript(_SCHEMA)
-        present = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
-        for name, definition in _ADDED_COLUMNS:
-            if name not in present:
-                conn.execute(f"ALTER TABLE results ADD COLUMN {name} {definition}")
+class ResultStore(Protocol):
+    """What the write-back stage and the API need from the result store
+    (``adapters/sqlite_results.py`` keeps it in SQLite)."""
 
-    def upsert(self, items: Sequence[tuple[Prediction, dict[str, Any]]], status: Delivery) -> None:
-        now = time.time()
-        rows = [
-            (
-                p.identifier,
-                p.patient_id,
-                p.anchor.isoformat(),
-                p.risk_2y,
-                p.risk_5y,
-                f"{p.model.name} {p.model.version} {p.model.calibration}",
-                status.value,
-                p.to_json(),
-                orjson.dumps(obs),
-                now,
-                p.state_revision,
-            )
-            for p, obs in items
-        ]
-        self._write(
-            "INSERT INTO results (identifier, patient_id, anchor, risk_2y, risk_5y, model, status,"
-            " prediction, observation, updated_at, state_revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (identifier) DO UPDATE SET risk_2y = excluded.risk_2y,"
-            " risk_5y = excluded.risk_5y, model = excluded.model, prediction = excluded.prediction,"
-            " observation = excluded.observation, updated_at = excluded.updated_at,"
-            " state_revision = excluded.state_revision,"
-            # A delivered result stays delivered when a replay re-stores it.
-            " status = CASE WHEN results.status = 'delivered' AND excluded.status = 'pending'"
-            " THEN results.status ELSE excluded.status END"
-            # A result computed from older state never replaces a newer one.
-            " WHERE excluded.state_revision >= results.state_revision",
-            rows,
-        )
-
-    def mark_delivered(self, identifiers: Sequence[str]) -> None:
-        now = time.time()
-        self._write(
-            "UPDATE results SET status = 'delivered', delivered_at = ? WHERE identifier = ?",
-            [(now, i) for i in identifiers],
-        )
-
-    def _write(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        try:
-            with transaction(self._connections.get()) as conn:
-                conn.executemany(sql, rows)
-        except sqlite3.Error as exc:
-            raise UpstreamUnavailable(f"result store: {exc}") from exc
-
+    def upsert(
+        self, items: Sequence[tuple[Prediction, dict[str, Any]]], status: Delivery
+    ) -> None: ...
+    def mark_delivered(self, identifiers: Sequence[str]) -> None: ...
+    def get(self, identifier: str) -> StoredResult | None: ...
+    def latest(self, patient_id: str, not_after: datetime | None = None) -> StoredResult | None: ...
     def list(
         self, *, patient_id: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[StoredResult]:
-        where, args = ("WHERE patient_id = ?", [patient_id]) if patient_id else ("", [])
-        rows = self._connections.get().execute(
-            f"SELECT {_COLUMNS} FROM results {where}"
-            " ORDER BY anchor DESC, identifier LIMIT ? OFFSET ?",
-            [*args, limit, offset],
-        )
-        return [_result(row) for row in rows]
-
-    def get(self, identifier: str) -> StoredResult | None:
-        row = (
-            self._connections.get()
-            .execute(
-                f"SELECT {_COLUMNS} FROM results WHERE identifier = ?",
-                (identifier,),
-            )
-            .fetchone()
-        )
-        return _result(row) if row else None
-
-    def latest(self, patient_id: str, not_after: datetime | None = None) -> StoredResult | None:
-        """The patient's newest result; with ``not_after``, the newest anchored by then.
-
-        A result anchored in the future (stored before ingest refused future-dated
-        results) must not hide the real latest one, on a card or anywhere else.
-        """
-        offset = 0
-        while True:
-            page = self.list(patient_id=patient_id, limit=_PAGE, offset=offset)
-            for found in page:
-                if not_after is None or datetime.fromisoformat(found.anchor) <= not_after:
-                    return found
-            if len(page) < _PAGE:
-                return None
-            offset += _PAGE
-
-    def purge(self, older_than: float) -> int:
-        """Delete results last updated before ``older_than`` (epoch seconds).
-
-        A live result still ``pending`` -- not yet accepted by the EHR -- is
-        kept whatever its age: a purge never removes what is not delivered.
-        """
-        try:
-            with transaction(self._connections.get()) as conn:
-                cursor = conn.execute(
-                    "DELETE FROM results WHERE updated_at < ? AND status != ?",
-                    (older_than, Delivery.PENDING.value),
-                )
-        except sqlite3.Error as exc:
-            raise UpstreamUnavailable(f"result store: {exc}") from exc
-        return cursor.rowcount
-
-    def count(self, status: Delivery | None = None, *, patient_id: str | None = None) -> int:
-        where = [("status = ?", status.value if status else None), ("patient_id = ?", patient_id)]
-        chosen = [(clause, value) for clause, value in where if value is not None]
-        sql = "SELECT count(*) FROM results"
-        if chosen:
-            sql += " WHERE " + " AND ".join(clause for clause, _ in chosen)
-        row = self._connections.get().execute(sql, [v for _, v in chosen]).fetchone()
-        return int(row[0])
-
-    def close(self) -> None:
-        self._connections.close()
-
-
-def _result(row: tuple[Any, ...]) -> StoredResult:
-    identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation, revision = row
-    return StoredResult(
-        identifier,
-        patient_id,
-        anchor,
-        risk_2y,
-        risk_5y,
-        model,
-        status,
-        orjson.loads(observation),
-        revision,
-    )
+    ) -> list[StoredResult]: ...
+    def count(self, status: Delivery | None = None, *, patient_id: str | None = None) -> int: ...

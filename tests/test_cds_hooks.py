@@ -20,10 +20,11 @@ from conftest import CORPUS, wait_for
 from predictions import prediction
 
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.cds_hooks import SUMMARY_LIMIT, CdsService, shown
 from ehrbridge.config import Mode, SiteConfig, load_site_config
 from ehrbridge.pipelines.observation import build_observation, percent
-from ehrbridge.pipelines.results import Delivery, ResultStore
+from ehrbridge.pipelines.results import Delivery
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
@@ -209,7 +210,7 @@ def shadow_service(tmp_path: Path, *, cards_in_shadow: bool) -> tuple[CdsService
             )
         }
     )
-    store = ResultStore(tmp_path / f"results-{cards_in_shadow}.sqlite")
+    store = SqliteResultStore(tmp_path / f"results-{cards_in_shadow}.sqlite")
     result = prediction(config, "MRN-SHADOW")
     store.upsert([(result, build_observation(result, config))], Delivery.SHADOW)
     return CdsService(config, store), "MRN-SHADOW"

@@ -21,11 +21,12 @@ from test_tls import LoopThread
 from ehrbridge.adapters.kafka_log import topic_spec
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.sqlite_log import SqliteLog
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.bench.common import free_port
 from ehrbridge.cli import main
 from ehrbridge.config import Retention, load_site_config
 from ehrbridge.core.errors import ConfigError
-from ehrbridge.pipelines.results import Delivery, ResultStore
+from ehrbridge.pipelines.results import Delivery
 from ehrbridge.pipelines.transport import Record
 from ehrbridge.retention import Purger
 from ehrbridge.runtime import Role, SiteRuntime
@@ -129,7 +130,7 @@ def raw(site: str, n: int) -> list[Record]:
 
 def test_purge_keeps_a_raw_record_not_yet_processed(tmp_path: Path) -> None:
     log = SqliteLog(tmp_path / "log.sqlite")
-    results = ResultStore(tmp_path / "results.sqlite")
+    results = SqliteResultStore(tmp_path / "results.sqlite")
     log.append(raw("s", 3))
     log.append([Record("s.dlq", "P9", b"bad", {"error.reason": "x"})])
     offsets = [r.offset for r in log.read("s.raw")]
@@ -149,7 +150,7 @@ def test_purge_keeps_a_raw_record_not_yet_processed(tmp_path: Path) -> None:
 def test_purge_keeps_a_result_not_yet_delivered(tmp_path: Path) -> None:
     config = load_site_config(sandbox_site_file())
     log = SqliteLog(tmp_path / "log.sqlite")
-    results = ResultStore(tmp_path / "results.sqlite")
+    results = SqliteResultStore(tmp_path / "results.sqlite")
     delivered, pending, shadow = (prediction(config, f"MRN-{i}") for i in range(3))
     results.upsert([(delivered, {})], Delivery.PENDING)
     results.mark_delivered([delivered.identifier])

@@ -25,6 +25,7 @@ from smart_fake import AuthState, Client, GuardedFhir
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.smart_auth import SmartBackendServices, StaticBearer, token_source
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.config import (
     BearerAuth,
     Hl7v2Writeback,
@@ -36,7 +37,7 @@ from ehrbridge.core.contracts import BatchError, Envelope, Failure, Kind
 from ehrbridge.core.errors import ConfigError, RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.provenance import result_transaction
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.results import Delivery, ResultStore
+from ehrbridge.pipelines.results import Delivery
 from ehrbridge.pipelines.writeback import DELIVERED_HEADER, WritebackStage
 from ehrbridge.sandbox.fhir_server import create_fhir_app
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
@@ -183,7 +184,7 @@ def test_writeback_stage_sends_a_replayed_unchanged_result_nowhere(
     fhir: ThreadedServer, config: SiteConfig, tmp_path: Path
 ) -> None:
     sink = FhirSink(f"{fhir.base_url}/fhir")
-    store = ResultStore(tmp_path / "results.sqlite")
+    store = SqliteResultStore(tmp_path / "results.sqlite")
     stage = WritebackStage(config, store, {"fhir": sink})
     result = prediction(config)
     record = Envelope(config.site, result.source_id, result.to_json(), Kind.PREDICTION, "MRN-1")
@@ -209,7 +210,7 @@ def test_a_late_retry_of_an_older_result_of_the_episode_changes_nothing(
     fhir: ThreadedServer, config: SiteConfig, tmp_path: Path
 ) -> None:
     sink = FhirSink(f"{fhir.base_url}/fhir")
-    store = ResultStore(tmp_path / "results.sqlite")
+    store = SqliteResultStore(tmp_path / "results.sqlite")
     stage = WritebackStage(config, store, {"fhir": sink})
     older = prediction(config, uacr=300.0, risk_2y=0.11, revision=4)
     newer = prediction(config, uacr=420.0, risk_2y=0.22, revision=5)
@@ -228,7 +229,7 @@ def test_one_batch_writes_only_the_newest_result_of_an_episode(
     fhir: ThreadedServer, config: SiteConfig, tmp_path: Path, order: str
 ) -> None:
     sink = FhirSink(f"{fhir.base_url}/fhir")
-    stage = WritebackStage(config, ResultStore(tmp_path / "r.sqlite"), {"fhir": sink})
+    stage = WritebackStage(config, SqliteResultStore(tmp_path / "r.sqlite"), {"fhir": sink})
     older = _record(prediction(config, risk_2y=0.11, revision=4), config)
     newer = _record(prediction(config, risk_2y=0.22, revision=5), config)
     batch = [older, newer] if order == "older first" else [newer, older]
@@ -240,7 +241,7 @@ def test_one_batch_writes_only_the_newest_result_of_an_episode(
 def test_the_result_store_never_replaces_a_result_with_an_older_one(
     config: SiteConfig, tmp_path: Path
 ) -> None:
-    store = ResultStore(tmp_path / "r.sqlite")
+    store = SqliteResultStore(tmp_path / "r.sqlite")
     newer = prediction(config, risk_2y=0.22, revision=5)
     older = prediction(config, risk_2y=0.11, revision=4)
     store.upsert([(newer, {})], Delivery.SHADOW)
@@ -255,10 +256,10 @@ def test_a_result_store_from_before_revisions_is_upgraded_in_place(
     import sqlite3
 
     path = tmp_path / "r.sqlite"
-    ResultStore(path).upsert([(prediction(config), {})], Delivery.SHADOW)
+    SqliteResultStore(path).upsert([(prediction(config), {})], Delivery.SHADOW)
     with sqlite3.connect(path) as conn:  # the table as it was created before the column
         conn.execute("ALTER TABLE results DROP COLUMN state_revision")
-    store = ResultStore(path)
+    store = SqliteResultStore(path)
     [old] = store.list()
     assert old.state_revision == 0
     store.upsert([(prediction(config, risk_2y=0.3, revision=2), {})], Delivery.SHADOW)
@@ -283,7 +284,7 @@ def test_a_failed_result_keeps_the_targets_that_already_have_it(
     )
     sink = FhirSink(f"{fhir.base_url}/fhir")
     targets = {"fhir": sink, "hl7v2": Refusing()}
-    stage = WritebackStage(config, ResultStore(tmp_path / "r.sqlite"), targets)
+    stage = WritebackStage(config, SqliteResultStore(tmp_path / "r.sqlite"), targets)
     result = prediction(config)
     record = Envelope(config.site, result.source_id, result.to_json(), Kind.PREDICTION, "MRN-1")
     [failure] = stage.process([record])

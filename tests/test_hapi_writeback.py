@@ -26,13 +26,14 @@ from hapi_fixture import HapiServer
 from predictions import prediction
 
 from ehrbridge.adapters.fhir_sink import FhirSink
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.bench.pipeline import fhir_total
 from ehrbridge.config import RetryPolicy, SiteConfig, load_site_config
 from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import RemoteRejected
 from ehrbridge.pipelines.provenance import provenance_id, result_transaction
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.results import Delivery, ResultStore
+from ehrbridge.pipelines.results import Delivery
 from ehrbridge.pipelines.retry import RetryingSink
 from ehrbridge.pipelines.transport import dead_letter_record
 from ehrbridge.pipelines.writeback import WritebackStage
@@ -187,7 +188,9 @@ def test_a_correction_supersedes_the_result_and_an_older_one_never_returns(
     live = config.model_copy(
         update={"writeback": config.writeback.model_copy(update={"fhir_base": base, "hl7v2": None})}
     )
-    stage = WritebackStage(live, ResultStore(tmp_path / "results.sqlite"), {"fhir": FhirSink(base)})
+    stage = WritebackStage(
+        live, SqliteResultStore(tmp_path / "results.sqlite"), {"fhir": FhirSink(base)}
+    )
     mrn = fresh_mrn()
     first = prediction(live, mrn, risk_2y=0.11, revision=1)
     corrected = prediction(live, mrn, risk_2y=0.22, revision=2)
@@ -270,7 +273,9 @@ def test_a_422_is_permanent_and_the_dead_letter_keeps_the_operation_outcome(
             )
         }
     )
-    stage = WritebackStage(broken, ResultStore(tmp_path / "r.sqlite"), {"fhir": FhirSink(base)})
+    stage = WritebackStage(
+        broken, SqliteResultStore(tmp_path / "r.sqlite"), {"fhir": FhirSink(base)}
+    )
     [failure] = stage.process([record_for(prediction(broken, fresh_mrn()), broken)])
     assert isinstance(failure, Failure) and failure.permanent
     assert isinstance(failure.error, RemoteRejected) and failure.error.status == 422

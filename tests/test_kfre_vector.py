@@ -19,12 +19,12 @@ from conftest import all_resources, wait_for
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.config import Calibration, SiteConfig, parse_site_config
 from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.mappings.loader import SITES_DIR, load_mapping_file
 from ehrbridge.pipelines.process import ProcessStage
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.state import SqliteStateStore
 from ehrbridge.sandbox.model_server import create_model_app
 from ehrbridge.sandbox.run import BackgroundSandbox
 

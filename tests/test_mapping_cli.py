@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import CORPUS, wait_for
 
+from ehrbridge.adapters.hl7_reference import field_name
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.cli import main
 from ehrbridge.config import SiteConfig
@@ -21,7 +22,7 @@ from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
-from ehrbridge.workbench.explain import explain_input, field_name
+from ehrbridge.workbench.explain import explain_input
 from ehrbridge.workbench.messages import read_inputs
 from ehrbridge.workbench.site import SiteMapping, resolve_site
 

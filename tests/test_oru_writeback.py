@@ -23,6 +23,7 @@ from predictions import prediction
 
 from ehrbridge.adapters.mllp_client import END_BLOCK, START_BLOCK
 from ehrbridge.adapters.mllp_sink import MllpSink
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.config import Hl7v2Writeback, SiteConfig, load_site_config
 from ehrbridge.core.contracts import CONTROL_ID_HEADER, Envelope, Kind
 from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
@@ -32,7 +33,6 @@ from ehrbridge.pipelines.facts import FactRules, PersonName, extract
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.oru import build_oru, control_id
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.state import PatientState
 from ehrbridge.pipelines.writeback import WritebackStage
 from ehrbridge.sandbox.mllp_peer import Answer, MllpPeer
@@ -242,7 +242,9 @@ def test_an_updated_result_goes_out_corrected_and_a_replay_not_at_all(
             update={"writeback": config.writeback.model_copy(update={"hl7v2": target})}
         )
         sink = MllpSink(target)
-        stage = WritebackStage(site, ResultStore(tmp_path / "results.sqlite"), {"hl7v2": sink})
+        stage = WritebackStage(
+            site, SqliteResultStore(tmp_path / "results.sqlite"), {"hl7v2": sink}
+        )
         first, updated = prediction(site), prediction(site, risk_2y=0.4512)
         assert first.identifier == updated.identifier  # the same episode, more results
         for result in (first, updated, updated):

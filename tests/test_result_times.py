@@ -24,6 +24,8 @@ from conftest import wait_for
 
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
+from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.config import load_site_config, parse_site_config
 from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import MessageUnusable
@@ -38,8 +40,8 @@ from ehrbridge.pipelines.facts import (
 from ehrbridge.pipelines.features import FeatureRecord, evaluate
 from ehrbridge.pipelines.process import ProcessStage, site_prediction
 from ehrbridge.pipelines.records import ModelInfo
-from ehrbridge.pipelines.results import Delivery, ResultStore
-from ehrbridge.pipelines.state import PatientState, SqliteStateStore
+from ehrbridge.pipelines.results import Delivery
+from ehrbridge.pipelines.state import PatientState
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
@@ -174,7 +176,7 @@ def test_the_processing_stage_dead_letters_a_future_dated_record_from_an_older_l
 def test_the_result_store_never_calls_a_future_anchored_result_the_latest(
     tmp_path: Path,
 ) -> None:
-    store = ResultStore(tmp_path / "results.sqlite")
+    store = SqliteResultStore(tmp_path / "results.sqlite")
     model = ModelInfo("kfre-4var", "1", "north_american")
     demographics = Demographics(date(1960, 1, 1), "F", None)
     for when, ref in ((RECEIVED, "GOOD"), (datetime(3000, 1, 1, tzinfo=UTC), "BAD")):

@@ -28,10 +28,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.smart_auth import StaticBearer
+from ehrbridge.adapters.subscription_ledger import SubscriptionLedger
 from ehrbridge.config import BearerAuth, KnownSubscription, SiteConfig
 from ehrbridge.core.errors import RemoteRejected
 from ehrbridge.pipelines.fhir_ingest import FhirRejected
-from ehrbridge.pipelines.subscriptions import UNREAD, SubscriptionLedger, parse_notification
+from ehrbridge.pipelines.subscriptions import UNREAD, parse_notification
 from ehrbridge.runtime import SiteRuntime
 from ehrbridge.sandbox.fhir_server import create_fhir_app
 from ehrbridge.sandbox.run import BackgroundSandbox

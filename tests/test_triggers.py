@@ -14,12 +14,12 @@ import pytest
 
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.config import SiteConfig, parse_site_config
 from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.mappings.loader import SITES_DIR
 from ehrbridge.pipelines.process import ProcessStage
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.state import SqliteStateStore
 from ehrbridge.sandbox.model_server import create_model_app
 
 SITE = SITES_DIR / "us-lab-loinc"

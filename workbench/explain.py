@@ -16,9 +16,9 @@ reads them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import lru_cache
 from pathlib import Path
 
+from ehrbridge.adapters.hl7_reference import field_name
 from ehrbridge.core.contracts import Kind
 from ehrbridge.core.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.domain import OutOfDomain
@@ -181,27 +181,3 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-@lru_cache(maxsize=512)
-def field_name(path: str, version: str) -> str:
-    """``OBR-7`` → ``Observation date/time`` from hl7apy's tables ('' if unknown, e.g. Z)."""
-    segment, _, rest = path.partition("-")
-    number = "".join(ch for ch in rest.split("(")[0].split(".")[0] if ch.isdigit())
-    if not number or segment.startswith("Z"):
-        return ""
-    try:
-        from hl7apy import find_reference
-        from hl7apy.core import Field
-
-        reference = find_reference(f"{segment}_{number}", (Field,), _hl7apy_version(version))
-        long_name = str(reference["ref"][3])
-    except Exception:  # hl7apy knows no such field in this version: no name, not an error
-        return ""
-    text = long_name.replace("_", " ").capitalize()
-    return text.replace("date time", "date/time").replace("Date time", "Date/time")
-
-
-def _hl7apy_version(version: str) -> str:
-    supported = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.8")
-    return version if version in supported else "2.5"

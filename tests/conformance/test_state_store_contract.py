@@ -30,10 +30,11 @@ import pytest
 from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.kafka_state import ChangelogStateStore
 from ehrbridge.adapters.memory import MemoryStateStore
+from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.config import KafkaTransport
 from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines.facts import Fact, PersonName
-from ehrbridge.pipelines.state import PatientState, SqliteStateStore, StateStore
+from ehrbridge.pipelines.state import PatientState, StateStore
 
 
 class StoreBed(Protocol):

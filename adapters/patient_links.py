@@ -13,8 +13,8 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
+from ehrbridge.adapters._sqlite import PerThreadConnection, transaction
 from ehrbridge.core.errors import UpstreamUnavailable
-from ehrbridge.pipelines._sqlite import PerThreadConnection, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patient_links (
