@@ -41,7 +41,9 @@ from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.memory import MemorySource
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.mllp_source import MllpSource
+from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.adapters.sqlite_log import SqliteLog
+from ehrbridge.adapters.subscription_ledger import SubscriptionLedger
 from ehrbridge.auth import Authenticator
 from ehrbridge.config import SiteConfig, load_site_config
 from ehrbridge.core.contracts import Envelope, Kind
@@ -49,8 +51,6 @@ from ehrbridge.core.errors import PermanentError, UpstreamUnavailable
 from ehrbridge.fhir_api import NOTIFICATION_PATH, FhirEndpoint, add_fhir_routes
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
-from ehrbridge.pipelines.patient_links import PatientLinks
-from ehrbridge.pipelines.subscriptions import SubscriptionLedger
 from ehrbridge.pipelines.transport import Consumer, Record, topic_name
 from ehrbridge.sandbox.run import sandbox_fhir_site_file, sandbox_site_file
 
