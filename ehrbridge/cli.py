@@ -14,6 +14,7 @@ commands:
   purge --config SITE.yaml                 delete what the site's retention policy expires
   mappings check|test|explain|unmapped     site mappings: lint, tests, explanations
   bench SCENARIO                           benchmarks (bench/)
+  evaluate --site S --model M --out DIR    the model's performance at this site: report + JSON
 
 `ehrbridge COMMAND --help` describes each one.
 """
@@ -108,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     add_dlq_commands(sub)
     add_mapping_commands(sub)
     add_bench_command(sub)
+    from ehrbridge.evaluate import add_evaluate_command
+
+    add_evaluate_command(sub)
     return parser
 
 

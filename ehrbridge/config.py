@@ -584,6 +584,22 @@ class Monitoring(Strict):
     drift: DriftSettings = DriftSettings()
 
 
+class EvaluationSettings(Strict):
+    """``ehrbridge evaluate``: the outcome, local codes and audit groups (README "Evaluate")."""
+
+    outcome: Path | None = None  # outcome YAML; default: the one shipped for the model
+    code_map: Path | None = None  # CSV system,code,display: the site's own outcome codes
+    events: Path | None = None  # FHIR Bulk Data export (NDJSON) with outcomes; --events overrides
+    attributes: Path | None = None  # CSV patient_id,<attribute>,...: site-declared audit groups
+    subgroups: list[str] = Field(default_factory=lambda: ["sex", "age_band"])
+    reference_groups: dict[str, str] = Field(default_factory=dict)  # attribute -> group
+    # One prediction per patient (the first) by default: a patient's several predictions
+    # are not independent, and counting each would narrow every interval.
+    unit: Literal["patient-first", "patient-last", "prediction"] = "patient-first"
+
+    _resolve = field_validator("outcome", "code_map", "events", "attributes")(_relative_to_config)
+
+
 class SiteConfig(Strict):
     site: str
     mode: Mode = Mode.SHADOW
@@ -600,6 +616,7 @@ class SiteConfig(Strict):
     retry: RetryPolicy = RetryPolicy()
     retention: Retention = Retention()
     monitoring: Monitoring = Monitoring()
+    evaluation: EvaluationSettings = EvaluationSettings()
     strict_hl7: bool = False  # validate message structure with hl7apy (slow; for debugging)
     # HL7v2 message types (MSH-9) beyond ORU^R01 and ADT^*, which are accepted unless
     # listed here: accept, filter or reject. Unlisted types are rejected (HL7 original

@@ -1,0 +1,109 @@
+"""What ``ehrbridge evaluate`` reads: stored predictions, patient states, outcome exports.
+
+Read-only: the result and state stores are opened with SQLite's ``mode=ro``
+URI, so an evaluation running beside a live site can never write to them (and
+a missing store is an error, not a new empty file). A FHIR Bulk Data export is
+read the way ``$export`` writes it: one resource per line in files named by
+resource type (``Patient.ndjson``, ``Condition.2.ndjson``; Bulk Data IG 2.0
+"Bulk Data Output File Request"). Patients are read first, so every other
+resource's ``subject`` resolves to the identifier predictions carry.
+A line that is not a JSON object is counted, not fatal: exports are large and
+one bad line must not hide the rest.
+"""
+
+from __future__ import annotations
+
+import gzip
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import orjson
+
+from ehrbridge.core.errors import ConfigError
+
+
+def _open_ro(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such store (has this site run, or is data_dir right?)")
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
+def stored_predictions(results: Path, model: str) -> list[dict[str, Any]]:
+    """Every stored prediction of ``model`` (the JSON the pipeline wrote), oldest first."""
+    conn = _open_ro(results)
+    try:
+        rows = conn.execute(
+            "SELECT prediction FROM results WHERE model LIKE ? ORDER BY anchor, identifier",
+            (f"{model} %",),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [orjson.loads(row[0]) for row in rows]
+
+
+def last_outcomes(state: Path) -> dict[str, dict[str, Any] | None]:
+    """Each patient's last processing outcome (``PatientState.last_outcome``)."""
+    if not state.exists():
+        return {}
+    conn = _open_ro(state)
+    try:
+        rows = conn.execute("SELECT patient_id, doc FROM patient_state").fetchall()
+    finally:
+        conn.close()
+    return {pid: orjson.loads(doc).get("last_outcome") for pid, doc in rows}
+
+
+@dataclass
+class BulkExport:
+    """A directory of NDJSON files; iterate for ``(patient key, resource)`` pairs."""
+
+    directory: Path
+    patient_system: str | None = None  # the identifier system predictions use
+    bad_lines: int = 0
+    unlinked: int = 0  # resources whose subject is no exported Patient
+    keys: dict[str, str] = field(default_factory=dict)  # Patient.id -> patient key
+
+    def files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            raise ConfigError(f"{self.directory}: not a directory of NDJSON files")
+        found = [*self.directory.glob("*.ndjson"), *self.directory.glob("*.ndjson.gz")]
+        return sorted(found, key=lambda p: (not p.name.startswith("Patient"), p.name))
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        from ehrbridge.evaluation.outcomes import patient_key, subject_id
+
+        for path in self.files():
+            for resource in self._resources(path):
+                if resource.get("resourceType") == "Patient":
+                    key = patient_key(resource, self.patient_system)
+                    if key and resource.get("id"):
+                        self.keys[str(resource["id"])] = key
+                        yield key, resource
+                    continue
+                subject = subject_id(resource)
+                if subject is None or subject not in self.keys:
+                    self.unlinked += 1
+                    continue
+                yield self.keys[subject], resource
+
+    def _resources(self, path: Path) -> Iterator[dict[str, Any]]:
+        with _open_text(path) as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    value = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    value = None
+                if isinstance(value, dict):
+                    yield value
+                else:
+                    self.bad_lines += 1
+
+
+def _open_text(path: Path) -> BinaryIO:
+    # gzip's and io's readers are both binary files; typeshed names them apart.
+    return cast(BinaryIO, gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb"))

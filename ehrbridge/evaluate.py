@@ -1,0 +1,232 @@
+"""``ehrbridge evaluate``: how well a model works at this site, as a report and a JSON.
+
+    ehrbridge evaluate --site site.yaml --model kfre-4var --out report/ [--events DIR]
+
+Reads the site's stored predictions (shadow and live alike; the result store
+in ``data_dir``), links each to the outcome found in a FHIR Bulk Data export
+of the site's history (``--events`` or ``evaluation.events``), and writes
+``evaluation.json`` (every number), ``report.html`` (offline, figures inline)
+and ``links.json`` (each prediction's linkage, by prediction identifier; no
+patient identifiers). Without outcomes the report still shows the label-free
+view: score distribution, flag burden and coverage.
+
+Needs the ``evaluate`` extra: ``pip install 'ehrbridge[evaluate]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ehrbridge.config import SiteConfig, load_site_config
+from ehrbridge.core.errors import ConfigError
+from ehrbridge.core.located_yaml import load_located, validate_located
+
+
+def add_evaluate_command(sub: Any) -> None:
+    cmd = sub.add_parser(
+        "evaluate",
+        help="a model's discrimination, calibration, burden and fairness at this site",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument("--site", type=Path, required=True, help="the site YAML file")
+    cmd.add_argument("--model", required=True, help="the model to evaluate, e.g. kfre-4var")
+    cmd.add_argument("--out", type=Path, required=True, help="directory for the report")
+    cmd.add_argument("--events", type=Path, help="FHIR Bulk Data export (NDJSON) with outcomes")
+    cmd.add_argument(
+        "--as-of", type=_aware, help="evaluate as of this time (ISO 8601; default: now)"
+    )
+    cmd.set_defaults(func=run_evaluate)
+
+
+def _aware(text: str) -> datetime:
+    value = datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    _needs_extra()
+    from ehrbridge.evaluation.html import render
+
+    config = load_site_config(args.site)
+    if args.model != config.model.name:
+        raise ConfigError(
+            f"{args.site}: this site runs model {config.model.name!r}, not {args.model!r}"
+        )
+    evaluation, links = build(config, args.events, args.as_of or datetime.now(UTC))
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)  # it describes patients: private
+    _write(out / "evaluation.json", orjson.dumps(evaluation, option=orjson.OPT_INDENT_2))
+    _write(out / "links.json", orjson.dumps(links, option=orjson.OPT_INDENT_2))
+    _write(out / "report.html", render(evaluation).encode())
+    _print_summary(evaluation, out)
+    return 0
+
+
+def _needs_extra() -> None:
+    try:
+        import matplotlib  # noqa: F401
+        import sklearn  # noqa: F401
+        import statsmodels  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(
+            f"ehrbridge evaluate needs the evaluate extra ({error.name} is missing): "
+            "pip install 'ehrbridge[evaluate]'"
+        ) from None
+
+
+def _write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def build(
+    config: SiteConfig, events_dir: Path | None, as_of: datetime
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The evaluation JSON and the links, from the site's stores and an outcome export."""
+    from ehrbridge.adapters.evaluation_sources import last_outcomes, stored_predictions
+    from ehrbridge.evaluation.linkage import LinkBook, Linker
+    from ehrbridge.evaluation.report import EvaluationInput, evaluate, link_summary
+
+    settings = config.evaluation
+    spec = load_outcome(config)
+    attributes = _declared_attributes(settings.attributes)
+    stored = stored_predictions(config.data_dir / "results.sqlite", config.model.name)
+    predictions = [_ref(p, attributes) for p in stored]
+    linker = Linker(spec)
+    changed = _feed_events(linker, spec, events_dir or settings.events, config)
+    book = LinkBook()
+    book.refresh(linker, predictions, changed, as_of)
+    scored = {p.patient_id for p in predictions}
+    states = last_outcomes(config.data_dir / "state.sqlite")
+    inp = EvaluationInput(
+        site=config.site,
+        spec=spec,
+        predictions=predictions,
+        book=book,
+        bands=_bands(config),
+        as_of=as_of,
+        coverage={pid: None if pid in scored else _unscored(o) for pid, o in states.items()},
+        subgroups=[
+            *settings.subgroups,
+            *(a for a in _attribute_names(attributes) if a not in settings.subgroups),
+        ],
+        references=settings.reference_groups,
+        unit=settings.unit,
+    )
+    return evaluate(inp), link_summary(book.links)
+
+
+def load_outcome(config: SiteConfig) -> Any:
+    from ehrbridge.evaluation.outcomes import OutcomeSpec, builtin_outcome, read_code_map
+
+    path = config.evaluation.outcome or builtin_outcome(config.model.name)
+    if not path.exists():
+        raise ConfigError(
+            f"no outcome declared for model {config.model.name!r}: "
+            "set evaluation.outcome in the site file"
+        )
+    spec = validate_located(OutcomeSpec, load_located(path))
+    if spec.model != config.model.name:
+        raise ConfigError(
+            f"{path}: outcome is for model {spec.model!r}, the site runs {config.model.name!r}"
+        )
+    if config.evaluation.code_map:
+        try:
+            extra = read_code_map(config.evaluation.code_map.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{config.evaluation.code_map}: {error}") from None
+        spec = spec.with_codes(extra)
+    return spec
+
+
+def _feed_events(linker: Any, spec: Any, events_dir: Path | None, config: SiteConfig) -> set[str]:
+    from ehrbridge.adapters.evaluation_sources import BulkExport
+    from ehrbridge.evaluation.outcomes import Recogniser
+
+    if events_dir is None:
+        return set()
+    recogniser = Recogniser.of(spec)
+    export = BulkExport(events_dir, config.mapping.patient.fhir_system)
+    changed: set[str] = set()
+    for key, resource in export:
+        changed |= linker.add(recogniser.events(resource, key))
+    return changed
+
+
+def _ref(p: Mapping[str, Any], attributes: Mapping[str, Mapping[str, str]]) -> Any:
+    from ehrbridge.evaluation.linkage import PredictionRef
+    from ehrbridge.evaluation.metrics import age_band
+
+    features = p["features"]
+    male = features.get("male")
+    own = {
+        "sex": "unknown" if male is None else ("male" if male else "female"),
+        "age_band": age_band(features.get("age")),
+    }
+    return PredictionRef(
+        identifier=p["identifier"],
+        patient_id=p["patient_id"],
+        anchor=_aware(features["anchor"]),
+        risks={"risk_2y": p["risk_2y"], "risk_5y": p["risk_5y"]},
+        attributes={**own, **attributes.get(p["patient_id"], {})},
+    )
+
+
+def _bands(config: SiteConfig) -> list[Any]:
+    from ehrbridge.evaluation.report import Band
+
+    return [Band(b.horizon, b.at_least, b.code) for b in config.writeback.interpretation]
+
+
+def _unscored(outcome: Mapping[str, Any] | None) -> str:
+    """Why a patient has no score, from the last processing outcome kept on its state."""
+    if not outcome:
+        return "no prediction triggered"
+    if reasons := outcome.get("out_of_domain"):
+        return "outside the model's domain: " + "; ".join(sorted(reasons))
+    if missing := outcome.get("not_enough_data"):
+        return "missing input: " + ", ".join(sorted(missing))
+    return "scored, result not stored"
+
+
+def _declared_attributes(path: Path | None) -> dict[str, dict[str, str]]:
+    """Site-declared audit attributes: CSV with a patient_id column and one per attribute."""
+    if path is None:
+        return {}
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as error:
+        raise ConfigError(f"{path}: {error.strerror}") from None
+    if rows and "patient_id" not in rows[0]:
+        raise ConfigError(f"{path}: needs a patient_id column")
+    return {r["patient_id"]: {k: v for k, v in r.items() if k != "patient_id"} for r in rows}
+
+
+def _attribute_names(attributes: Mapping[str, Mapping[str, str]]) -> list[str]:
+    return sorted({k for row in attributes.values() for k in row})
+
+
+def _print_summary(evaluation: Mapping[str, Any], out: Path) -> None:
+    for horizon, r in evaluation["horizons"].items():
+        auroc = r["discrimination"]["auroc"]["value"]
+        slope = r["calibration"]["calibration_slope"]["value"]
+        shown = ", ".join(f"{k} {v}" for k, v in r["linkage"].items())
+        print(f"{horizon}: {shown}; AUROC {_fmt(auroc)}, calibration slope {_fmt(slope)}")
+    for finding in evaluation["findings"]:
+        print(f"finding ({finding['horizon']}): {finding['text']}")
+    print(f"report: {out / 'report.html'}  numbers: {out / 'evaluation.json'}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
