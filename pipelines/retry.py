@@ -38,8 +38,8 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from ehrbridge.config import RetryPolicy
-from ehrbridge.core.contracts import Envelope, Failure, Outcome, Sink, Stage
-from ehrbridge.core.errors import TransientError
+from ehrbridge.core.contracts import BatchError, Envelope, Failure, Outcome, Sink, Stage
+from ehrbridge.core.errors import EhrbridgeError, TransientError
 from ehrbridge.pipelines.transport import (
     Log,
     Record,
@@ -131,7 +131,15 @@ class RetryingStage:
 
 
 class RetryingSink:
-    """A sink whose ``write`` is retried in place on TransientError."""
+    """A sink whose failed items are written again in place, on TransientError.
+
+    It keeps the Sink contract itself (``core/contracts.py``): only the items
+    a :class:`BatchError` names as transient are written again -- the
+    others are at the destination already, or refused for good -- and what
+    still fails once the budget is spent is raised as the inner sink would:
+    the item's own error for a batch of one, else a BatchError with the
+    indices of the batch this wrapper was given.
+    """
 
     def __init__(self, sink: Sink, policy: RetryPolicy, stop: threading.Event | None = None):
         self.sink = sink
@@ -140,10 +148,71 @@ class RetryingSink:
         self.stop = stop
 
     def write(self, batch: Sequence[Envelope]) -> None:
-        call_with_retry(lambda: self.sink.write(batch), self.policy, f"sink {self.name}", self.stop)
+        pending = dict(enumerate(batch))
+        failed: dict[int, EhrbridgeError] = {}
+        try:
+            call_with_retry(
+                lambda: self._write_pending(pending, failed),
+                self.policy,
+                f"sink {self.name}",
+                self.stop,
+            )
+        except _StillFailing as still:
+            failed.update(still.errors)
+        except EhrbridgeError as error:  # the whole of what was pending failed alike
+            failed.update(dict.fromkeys(pending, error))
+        if len(failed) == len(batch) == 1:
+            raise failed[0]
+        if failed:
+            raise BatchError(failed)
+
+    def _write_pending(
+        self, pending: dict[int, Envelope], failed: dict[int, EhrbridgeError]
+    ) -> None:
+        """Write what is pending; drop what is done; raise if some may pass later."""
+        indices = list(pending)
+        try:
+            self.sink.write([pending[i] for i in indices])
+            named: dict[int, EhrbridgeError] = {}
+        except BatchError as error:
+            named = {indices[k]: e for k, e in error.errors.items()}
+        transient: dict[int, EhrbridgeError] = {
+            i: e for i, e in named.items() if isinstance(e, TransientError)
+        }
+        failed.update({i: e for i, e in named.items() if i not in transient})
+        again = _with_later_of_same_key(pending, transient)
+        for index in indices:
+            if index not in again:
+                del pending[index]
+        if transient:
+            raise _StillFailing(transient)
 
     def close(self) -> None:
         self.sink.close()
+
+
+def _with_later_of_same_key(
+    pending: dict[int, Envelope], transient: dict[int, EhrbridgeError]
+) -> set[int]:
+    """The failed items, and every later item of their keys, to write again in order.
+
+    A newer record of a key written before an older one's retry would be
+    superseded by it at the destination; written again after it, it wins.
+    """
+    first_failed: dict[str, int] = {}
+    for index in sorted(transient):
+        first_failed.setdefault(pending[index].key, index)
+    return set(transient) | {
+        i for i, e in pending.items() if e.key in first_failed and i > first_failed[e.key]
+    }
+
+
+class _StillFailing(TransientError):
+    """Some items of a batch failed transiently; ``errors`` by batch index."""
+
+    def __init__(self, errors: dict[int, EhrbridgeError]) -> None:
+        super().__init__(f"{len(errors)} item(s) still failing: {next(iter(errors.values()))}")
+        self.errors = errors
 
 
 class FailureRouter:

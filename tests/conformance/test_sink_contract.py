@@ -41,7 +41,7 @@ from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.memory import MemorySink
 from ehrbridge.adapters.mllp_sink import MllpSink
-from ehrbridge.config import Hl7v2Writeback, SiteConfig, load_site_config
+from ehrbridge.config import Hl7v2Writeback, RetryPolicy, SiteConfig, load_site_config
 from ehrbridge.core.contracts import CONTROL_ID_HEADER, BatchError, Envelope, Kind, Sink
 from ehrbridge.core.errors import (
     EhrbridgeError,
@@ -52,6 +52,7 @@ from ehrbridge.core.errors import (
 from ehrbridge.pipelines.oru import build_oru
 from ehrbridge.pipelines.provenance import result_transaction
 from ehrbridge.pipelines.records import Prediction
+from ehrbridge.pipelines.retry import RetryingSink
 from ehrbridge.sandbox.fhir_server import create_fhir_app
 from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.run import sandbox_site_file
@@ -328,13 +329,57 @@ class MllpBed:
         return Envelope(CONFIG.site, "bad", b"MSH|^~\\&|no control id header", Kind.HL7V2, "x")
 
 
+# ------------------------------------------------------------------- wrappers
+
+FAST = RetryPolicy(attempts=3, initial_backoff_s=0.001, max_backoff_s=0.005, delayed_s=[])
+
+
+class RetryingBed:
+    """A bed's sink inside :class:`RetryingSink`: a wrapper is a Sink and keeps the contract.
+
+    Its outages outlast the in-place budget (``attempts`` exchanges each);
+    shorter ones it rides out (the retry cases at the end of this module).
+    """
+
+    def __init__(self, inner: MemoryBed | FhirMockBed) -> None:
+        self.inner = inner
+
+    def sink(self) -> Sink:
+        return RetryingSink(self.inner.sink(), FAST)
+
+    def record(self, n: int, version: int = 0) -> Envelope:
+        return self.inner.record(n, version)
+
+    def delivered(self) -> dict[int, int]:
+        return self.inner.delivered()
+
+    def identities(self) -> set[str]:
+        return self.inner.identities()
+
+    def outage(self, exchanges: int) -> None:
+        self.inner.outage(exchanges * FAST.attempts)
+
+    def refusing(self, n: int) -> Envelope:
+        return self.inner.refusing(n)
+
+    def malformed(self) -> Envelope | None:
+        return self.inner.malformed()
+
+
 # ---------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(params=["memory", "fhir-standin", "fhir-mock", "hl7v2-mllp"])
+SINKS = ["memory", "fhir-standin", "fhir-mock", "hl7v2-mllp", "retrying-memory", "retrying-fhir"]
+
+
+@pytest.fixture(params=SINKS)
 def bed(request: pytest.FixtureRequest) -> Iterator[SinkBed]:
     if request.param == "memory":
         yield MemoryBed()
+    elif request.param == "retrying-memory":
+        yield RetryingBed(MemoryBed())
+    elif request.param == "retrying-fhir":
+        yield RetryingBed(FhirMockBed())
     elif request.param == "fhir-mock":
         yield FhirMockBed()
     elif request.param == "fhir-standin":
@@ -548,3 +593,72 @@ def test_fhir_a_refused_batch_is_sent_again_item_by_item_to_find_the_culprit() -
         sink.write(batch)
     assert list(caught.value.errors) == [1] and requests["POST"] == 1 + 3
     assert bed.delivered() == {0: 0, 2: 0}
+
+
+# ------------------------------------------------- RetryingSink inside its budget (memory)
+
+
+def retrying(memory: MemorySink) -> RetryingSink:
+    return RetryingSink(memory, FAST)
+
+
+def test_retrying_rides_out_an_outage_inside_its_budget() -> None:
+    bed = MemoryBed()
+    bed.outage(FAST.attempts - 1)
+    retrying(bed.target).write([bed.record(n) for n in range(3)])
+    assert bed.delivered() == {0: 0, 1: 0, 2: 0} and bed.target.calls == FAST.attempts
+
+
+def test_retrying_writes_again_only_the_items_that_failed_transiently() -> None:
+    bed = MemoryBed()
+    flaky = {"R1": 2}  # record 1 fails twice, then passes; record 3 is refused for good
+    bed.refused.add("R3")
+
+    def refusal(envelope: Envelope) -> EhrbridgeError | None:
+        if flaky.get(envelope.source_id):
+            flaky[envelope.source_id] -= 1
+            return UpstreamUnavailable("busy (test)")
+        return bed._refusal(envelope)
+
+    bed.target.refuse = refusal
+    with pytest.raises(BatchError) as caught:
+        retrying(bed.target).write([bed.record(n) for n in range(4)])
+    assert list(caught.value.errors) == [3]  # the batch's own index, not the retry's
+    assert isinstance(caught.value.errors[3], PermanentError)
+    assert [e.source_id for e in bed.target.written] == ["R0", "R2", "R1"]  # each once
+
+
+def test_retrying_never_lets_an_older_version_of_a_record_win() -> None:
+    bed = MemoryBed()
+    flaky = {b"0:1": 1}  # the older version fails once; the newer one passes at once
+
+    def refusal(envelope: Envelope) -> EhrbridgeError | None:
+        if flaky.get(envelope.payload):
+            flaky[envelope.payload] -= 1
+            return UpstreamUnavailable("busy (test)")
+        return None
+
+    bed.target.refuse = refusal
+    batch = [bed.record(0, version=1), bed.record(1), bed.record(0, version=2)]
+    retrying(bed.target).write(batch)
+    assert bed.delivered() == {0: 2, 1: 0}  # v2 written again after v1's retry
+    assert [e.payload for e in bed.target.written] == [b"1:0", b"0:2", b"0:1", b"0:2"]
+
+
+def test_retrying_never_retries_a_permanent_failure() -> None:
+    bed = MemoryBed()
+    bed.target.fail_next([PermanentError("no (test)")])
+    with pytest.raises(PermanentError):
+        retrying(bed.target).write([bed.record(0)])
+    assert bed.target.calls == 1
+
+
+def test_retrying_stops_at_once_when_shutting_down() -> None:
+    bed = MemoryBed()
+    bed.outage(10)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(BatchError) as caught:
+        RetryingSink(bed.target, FAST, stop).write([bed.record(0), bed.record(1)])
+    assert all(isinstance(e, TransientError) for e in caught.value.errors.values())
+    assert bed.target.calls == 1  # left uncommitted for the next owner, not retried
