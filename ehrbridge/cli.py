@@ -142,6 +142,18 @@ def _add_sandbox_command(sub: Any) -> None:
         action="store_true",
         help="TLS on the HTTP and MLLP listeners, with a local CA made in <data dir>/tls",
     )
+    sandbox.add_argument(
+        "--ehr",
+        choices=["stand-in", "hapi"],
+        default="stand-in",
+        help="the EHR's FHIR server: the quick in-process stand-in, or a real HAPI FHIR JPA "
+        "server (scripts/hapi start; scripts/sandbox --ehr hapi starts it)",
+    )
+    sandbox.add_argument(
+        "--ehr-url",
+        metavar="URL",
+        help="with --ehr hapi: the server's FHIR base (default: $HAPI_BASE_URL)",
+    )
     for port in dataclasses.fields(Ports):
         flag = "--" + port.name.replace("_", "-") + "-port"
         sandbox.add_argument(

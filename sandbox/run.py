@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import shutil
 import ssl
@@ -51,6 +52,7 @@ from ehrbridge.config import (
     SiteConfig,
     load_site_config,
 )
+from ehrbridge.core.errors import ConfigError
 from ehrbridge.datadir import secure_data_dir
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.runtime import SiteRuntime
@@ -62,7 +64,7 @@ from ehrbridge.sandbox.credentials import (
     tokens_dir,
     with_credentials,
 )
-from ehrbridge.sandbox.fhir_server import FhirStore, create_fhir_app
+from ehrbridge.sandbox.fhir import FhirStore, create_fhir_app
 from ehrbridge.sandbox.mllp_peer import MllpPeer, purge_inbox
 from ehrbridge.sandbox.model_server import create_model_app
 from ehrbridge.sandbox.ports import Ports
@@ -100,6 +102,7 @@ class Sandbox:
         fhir_site: bool = True,
         configure_fhir_site: Configure | None = None,
         tls: bool = False,
+        ehr_base: str | None = None,
     ) -> None:
         self.data_dir = data_dir
         # --tls: a local CA and a server certificate, made on first use in <data dir>/tls.
@@ -110,16 +113,21 @@ class Sandbox:
         self.model = EmbeddedServer(
             create_model_app(), "127.0.0.1", self.ports.model, field="--model-port"
         )
-        # The EHR stand-in keeps its resources in the data dir, as ehrbridge keeps its
-        # results there: after a restart both still agree on what was delivered.
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.fhir_store = FhirStore(data_dir / FHIR_JOURNAL)
-        self.fhir = EmbeddedServer(
-            create_fhir_app(store=self.fhir_store),
-            "127.0.0.1",
-            self.ports.fhir,
-            field="--fhir-port",
-        )
+        # ehr_base: a real FHIR server (--ehr hapi) takes the stand-in's place.
+        self.ehr_base = ehr_base.rstrip("/") if ehr_base else None
+        self.fhir_store: FhirStore | None = None
+        self.fhir: EmbeddedServer | None = None
+        if self.ehr_base is None:
+            # The EHR stand-in keeps its resources in the data dir, as ehrbridge keeps its
+            # results there: after a restart both still agree on what was delivered.
+            self.fhir_store = FhirStore(data_dir / FHIR_JOURNAL)
+            self.fhir = EmbeddedServer(
+                create_fhir_app(store=self.fhir_store),
+                "127.0.0.1",
+                self.ports.fhir,
+                field="--fhir-port",
+            )
         self.inbox = MllpPeer(
             port=self.ports.ehr_inbox,
             record_to=data_dir / "ehr-inbox.hl7",
@@ -132,9 +140,12 @@ class Sandbox:
         self.traffic = TrafficStats()
 
     async def start(self) -> None:
+        if self.fhir is None:
+            await self._check_ehr()  # before anything binds a port
         ensure_credentials(self.data_dir)
         await self.model.start()
-        await self.fhir.start()
+        if self.fhir is not None:
+            await self.fhir.start()
         await self.inbox.start()
         self.runtime = SiteRuntime(self._site_config())
         await self.runtime.start()
@@ -143,6 +154,20 @@ class Sandbox:
             await self.fhir_runtime.start()
         if self.config.retention.inbox_days is not None:
             self._tasks.append(asyncio.create_task(self._purge_inbox()))
+
+    async def _check_ehr(self) -> None:
+        """Fail at start, not at the first write-back, when the real EHR does not answer."""
+        assert self.ehr_base is not None
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                response = await client.get(f"{self.ehr_base}/metadata")
+                response.raise_for_status()
+        except httpx.HTTPError as error:
+            raise ConfigError(
+                f"the FHIR server at {self.ehr_base} does not answer "
+                f"({type(error).__name__}); start it with scripts/hapi start",
+                field="--ehr-url",
+            ) from None
 
     async def _purge_inbox(self) -> None:
         """retention.inbox_days on the results inbox, in the loop that files into it."""
@@ -248,6 +273,10 @@ class Sandbox:
 
     @property
     def fhir_base(self) -> str:
+        """The EHR's FHIR base: the stand-in's, or the real server's (``--ehr hapi``)."""
+        if self.ehr_base is not None:
+            return self.ehr_base
+        assert self.fhir is not None
         return f"http://127.0.0.1:{self.fhir.port}/fhir"
 
     @property
@@ -299,16 +328,25 @@ class Sandbox:
         if self.runtime is not None:
             await self.runtime.stop()
         await self.inbox.stop()
-        await self.fhir.stop()
-        self.fhir_store.close()
+        if self.fhir is not None:
+            await self.fhir.stop()
+        if self.fhir_store is not None:
+            self.fhir_store.close()
         await self.model.stop()
 
 
 async def count_observations(fhir_base: str) -> int:
-    async with httpx.AsyncClient(timeout=5) as client:
-        response = await client.get(f"{fhir_base}/Observation", params={"_count": 1})
-        total = response.json().get("total", 0)
-        return int(total)
+    """How many Observations the EHR holds.
+
+    HAPI leaves ``Bundle.total`` out of searchsets unless asked for an accurate
+    one, and answers a repeated search from a cache for up to a minute unless
+    told ``Cache-Control: no-cache`` (README, Write-back to a real FHIR server).
+    """
+    params = {"_summary": "count", "_total": "accurate"}
+    async with httpx.AsyncClient(timeout=30, headers={"Cache-Control": "no-cache"}) as client:
+        response = await client.get(f"{fhir_base}/Observation", params=params)
+        response.raise_for_status()
+        return int(response.json()["total"])
 
 
 def example_message_file() -> Path:
@@ -331,7 +369,7 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
         f"ehrbridge sandbox is running: site '{runtime.config.site}', "
         f"{runtime.config.mode.value} mode, {runtime.config.transport.kind} transport",
         f"  MLLP listener       127.0.0.1:{sandbox.mllp_port}   (send HL7v2 ADT / ORU^R01 here)",
-        f"  risk Observations   {sandbox.fhir_base}/Observation   <- the EHR stand-in; look here",
+        f"  risk Observations   {sandbox.fhir_base}/Observation   <- {_ehr_name(sandbox)}",
         f"  ehrbridge API       {sandbox.api_url}/api/results   (also /health, /api/dlq, /docs)",
         f"  Prometheus metrics  {sandbox.api_url}/metrics   (also /health/ready, /api/monitoring)",
         f"  KFRE model server   {sandbox.model_url}/v2/models/kfre-4var",
@@ -359,6 +397,12 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
         lines.append("  synthetic EHR       off (--no-traffic)")
     calls = [*_how_to_call(sandbox), *_send_your_own(sandbox), *_kept(sandbox)]
     return "\n".join([*lines, *calls]) + "\n"
+
+
+def _ehr_name(sandbox: Sandbox) -> str:
+    if sandbox.ehr_base is None:
+        return "the EHR stand-in; look here"
+    return "the real FHIR server (--ehr hapi); look here"
 
 
 def _send_your_own(sandbox: Sandbox) -> list[str]:
@@ -389,6 +433,13 @@ def _data_dir_env(sandbox: Sandbox) -> str:
 
 def _kept(sandbox: Sandbox) -> list[str]:
     """What outlives Ctrl-C, and a warning when the EHR lost what ehrbridge delivered."""
+    if sandbox.fhir_store is None:
+        return [
+            "",
+            f"Kept across restarts, in {_shown(sandbox.data_dir)}: ehrbridge's log, results, "
+            f"patient state and dead letters. The FHIR server at {sandbox.fhir_base} keeps its "
+            "own data (scripts/hapi reset empties HAPI's). --fresh starts ehrbridge over.",
+        ]
     lines = [
         "",
         f"Kept across restarts, in {_shown(sandbox.data_dir)}: ehrbridge's log, results, patient "
@@ -432,7 +483,7 @@ async def run_sandbox(args: argparse.Namespace) -> None:
     if data_dir.exists():  # made 0755 by an older version; the sandbox owns it
         data_dir.chmod(0o700)
     ports = Ports(**{port.name: getattr(args, f"{port.name}_port") for port in fields(Ports)})
-    sandbox = Sandbox(data_dir, ports, tls=args.tls)
+    sandbox = Sandbox(data_dir, ports, tls=args.tls, ehr_base=ehr_base_of(args))
     await sandbox.start()
     print(banner(sandbox, not args.no_traffic), flush=True)
     tasks = [asyncio.create_task(_report_progress(sandbox))]  # your own messages count too
@@ -447,6 +498,20 @@ async def run_sandbox(args: argparse.Namespace) -> None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await sandbox.stop()
+
+
+def ehr_base_of(args: argparse.Namespace) -> str | None:
+    """The real FHIR server's base for ``--ehr hapi`` (None: the stand-in)."""
+    if args.ehr == "stand-in":
+        return None
+    base: str | None = args.ehr_url or os.environ.get("HAPI_BASE_URL")
+    if not base:
+        raise ConfigError(
+            "--ehr hapi needs the server's FHIR base: start it with scripts/hapi start "
+            "(scripts/sandbox --ehr hapi does) and pass --ehr-url URL or set HAPI_BASE_URL",
+            field="--ehr",
+        )
+    return base
 
 
 async def _report_progress(sandbox: Sandbox, every_s: float = 5.0) -> None:
@@ -491,6 +556,7 @@ class BackgroundSandbox:
         fhir_site: bool = True,
         configure_fhir_site: Configure | None = None,
         tls: bool = False,
+        ehr_base: str | None = None,
     ) -> None:
         self.sandbox = Sandbox(
             data_dir,
@@ -499,6 +565,7 @@ class BackgroundSandbox:
             fhir_site=fhir_site,
             configure_fhir_site=configure_fhir_site,
             tls=tls,
+            ehr_base=ehr_base,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="sandbox")
