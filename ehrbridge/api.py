@@ -17,8 +17,9 @@ What a site operator or integration engineer looks at:
 * ``GET /api/patients/{id}``: what ehrbridge knows of one patient: the
   latest feature record or the reason there is none ("not enough data",
   or ``out_of_domain: egfr 71.9 >= 60``);
-* ``GET /api/dlq``: dead-lettered records: reason, stage, time, size (the raw
-  bytes are PHI and are shown only by ``ehrbridge dlq show`` on the host);
+* ``GET /api/dlq``: dead-lettered records: reason, stage, time, size; the raw
+  bytes, replay and message search are ``ehrbridge/operator_api.py``'s
+  (operator role), the audit trail too (admin role);
 * ``GET /api/fhir``: FHIR ingest counters, and each FHIR Subscription's
   status, last event number and gaps (missed notifications);
 * ``/fhir/...``: FHIR R4 ingest and Subscription notifications
@@ -28,8 +29,11 @@ What a site operator or integration engineer looks at:
 Every route but the public ones (``ehrbridge.auth.PUBLIC_ROUTES``: health,
 CDS discovery, the API description) needs a bearer token whose role the route
 names (``ehrbridge/auth.py``): ``viewer`` for results, patients and
-monitoring, ``operator`` for dead letters. It binds to localhost by default.
-Access logs are off because request paths carry patient ids.
+monitoring, ``operator`` for dead letters and stored messages, ``admin`` for
+the audit trail. Every read of patient data is written to the audit trail
+before its answer goes out (``ehrbridge/audit_http.py``). It binds to
+localhost by default. Access logs are off because request paths carry
+patient ids.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
 from ehrbridge import __version__
+from ehrbridge.audit import audit_note
+from ehrbridge.audit_http import AuditMiddleware
 from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
@@ -46,6 +52,7 @@ from ehrbridge.config import ApiRole
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.fhir_api import add_fhir_routes
 from ehrbridge.monitoring import add_monitoring_routes
+from ehrbridge.operator_api import add_audit_routes, add_operator_routes
 
 if TYPE_CHECKING:
     from ehrbridge.runtime import SiteRuntime
@@ -84,8 +91,10 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
         docs_url="/docs",
     )
     config = runtime.config
+    app.add_middleware(AuditMiddleware, trail=runtime.audit, routes=lambda: app.routes)
     viewer = [Depends(auth.require(ApiRole.VIEWER))]
     operator = [Depends(auth.require(ApiRole.OPERATOR))]
+    admin = [Depends(auth.require(ApiRole.ADMIN))]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -107,6 +116,7 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> dict[str, Any]:
         found = runtime.results.list(patient_id=patient, limit=limit, offset=offset)
+        audit_note(request.scope).patients.extend(r.patient_id for r in found)
         total = runtime.results.count(patient_id=patient)
         return {
             "site": config.site,
@@ -119,10 +129,11 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
         }
 
     @app.get("/api/results/{identifier}", responses=NOT_FOUND, dependencies=viewer)
-    def result(identifier: str) -> dict[str, Any]:
+    def result(request: Request, identifier: str) -> dict[str, Any]:
         stored = runtime.results.get(identifier)
         if stored is None:
             raise HTTPException(404, f"no result {identifier}")
+        audit_note(request.scope).patients.append(stored.patient_id)
         return {**stored.summary(), "observation": stored.observation}
 
     @app.get("/api/patients/{patient_id}", responses=NOT_FOUND, dependencies=viewer)
@@ -156,9 +167,12 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
 
     @app.get("/api/dlq", dependencies=operator)
     def dlq(
-        limit: int = Query(100, ge=1, le=1000), after: int = Query(-1, ge=-1, le=MAX_OFFSET)
+        request: Request,
+        limit: int = Query(100, ge=1, le=1000),
+        after: int = Query(-1, ge=-1, le=MAX_OFFSET),
     ) -> dict[str, Any]:
         records = runtime.log.read(runtime.topic("dlq"), after=after, limit=limit)
+        audit_note(request.scope).patients.extend(r.key for r in records)
         return {
             "records": [
                 {
@@ -174,6 +188,8 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
             ]
         }
 
+    add_operator_routes(app, runtime, operator)
+    add_audit_routes(app, runtime.audit, admin)
     add_monitoring_routes(app, runtime.monitoring, viewer)
     if runtime.fhir is not None:
         add_fhir_routes(app, runtime.fhir)

@@ -30,12 +30,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from fastapi import HTTPException, Security
+from fastapi import HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ehrbridge.adapters.jwks import JwksSource, JwksUnavailable, KeyNotFound
@@ -58,6 +58,11 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/redoc"),  # the same description, as ReDoc
     }
 )
+
+# Where a request's authenticated caller is kept in the ASGI scope (for the audit trail,
+# ehrbridge/audit_http.py): set as soon as the token is verified, before the role check,
+# so a refused (403) read is recorded with who tried it.
+PRINCIPAL_KEY = "ehrbridge.principal"
 
 # What each role may do: a role grants itself and the roles listed.
 GRANTS: dict[ApiRole, frozenset[ApiRole]] = {
@@ -278,8 +283,16 @@ class Authenticator:
             raise AuthFailure(401, "the token's issuer is not accepted (iss)")
         return issuer.verify(token, header)
 
-    def authorize(self, authorization: str | None, role: ApiRole) -> Principal:
+    def authorize(
+        self,
+        authorization: str | None,
+        role: ApiRole,
+        scope: MutableMapping[str, Any] | None = None,
+    ) -> Principal:
+        """The caller, if it holds ``role``; else AuthFailure. ``scope``: noted for the audit."""
         principal = self.authenticate(authorization)
+        if scope is not None:
+            scope[PRINCIPAL_KEY] = principal
         if not principal.may(role):
             raise AuthFailure(403, f"this needs the {role.value} role", "insufficient_scope")
         return principal
@@ -288,11 +301,12 @@ class Authenticator:
         """A FastAPI dependency: the caller, if it holds ``role``; else 401/403."""
 
         def caller(
+            request: Request,
             credentials: HTTPAuthorizationCredentials | None = _BEARER,
         ) -> Principal:
             header = f"Bearer {credentials.credentials}" if credentials else None
             try:
-                return self.authorize(header, role)
+                return self.authorize(header, role, request.scope)
             except AuthFailure as failure:
                 raise HTTPException(failure.status, failure.message, failure.headers) from None
 

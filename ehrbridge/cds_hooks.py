@@ -62,7 +62,8 @@ from fastapi.responses import JSONResponse, Response
 
 from ehrbridge.adapters.fhir_http import BodyTooLarge, read_limited
 from ehrbridge.adapters.patient_links import PatientLinks
-from ehrbridge.auth import AuthFailure, Principal
+from ehrbridge.audit import audit_note
+from ehrbridge.auth import PRINCIPAL_KEY, AuthFailure, Principal
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.core.contracts import utcnow
@@ -313,9 +314,13 @@ def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) ->
 
     @app.post(f"/cds-services/{SERVICE_ID}", include_in_schema=False)
     async def patient_view(request: Request) -> Response:
+        note = audit_note(request.scope)
         try:
-            await _caller(request, clients, service.service_url(request))
+            request.scope[PRINCIPAL_KEY] = await _caller(
+                request, clients, service.service_url(request)
+            )
             body = await service.read_json(request)
+            note.patients.append(str(_context(body)["patientId"]))
             # In a thread: a store read, and possibly a FHIR read, must not stall the loop
             # that also serves MLLP.
             cards = await asyncio.to_thread(service.patient_view, body, str(request.base_url))
@@ -323,6 +328,7 @@ def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) ->
             return _refusal(failure)
         except CdsError as error:
             return _error_response(error)
+        note.detail["cards"] = len(cards["cards"])
         return Response(orjson.dumps(cards), media_type="application/json")
 
     @app.post(f"/cds-services/{SERVICE_ID}/feedback", include_in_schema=False)

@@ -10,6 +10,7 @@ commands:
   run --config SITE.yaml                   run a site (all roles, or --role ...)
   config check SITE.yaml                   validate a site file
   dlq list|show|replay --config SITE.yaml  inspect and replay dead letters
+  audit list|verify --config SITE.yaml     who read which patient's data; check the chain
   cds-token [--audience URL]               a fresh CDS Hooks JWT of the sandbox's EHR
   purge --config SITE.yaml                 delete what the site's retention policy expires
   mappings check|test|explain|unmapped     site mappings: lint, tests, explanations
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ehrbridge.audit import AuditUnavailable
 from ehrbridge.core.errors import ConfigError
 
 
@@ -46,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error.detail}", file=sys.stderr)
         return 2
+    except AuditUnavailable as error:  # no read of patient data without its audit entry
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -102,11 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", type=Path)
     check.set_defaults(func=_config_check)
 
+    from ehrbridge.audit_cli import add_audit_commands
     from ehrbridge.bench.cli import add_bench_command
     from ehrbridge.dlq import add_dlq_commands
     from ehrbridge.workbench.cli import add_mapping_commands
 
     add_dlq_commands(sub)
+    add_audit_commands(sub)
     add_mapping_commands(sub)
     add_bench_command(sub)
     from ehrbridge.evaluate import add_evaluate_command

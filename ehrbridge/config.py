@@ -471,7 +471,7 @@ class ApiRole(StrEnum):
     """What a caller of the HTTP API may do (``ehrbridge/auth.py``)."""
 
     VIEWER = "viewer"  # results, patients, monitoring
-    OPERATOR = "operator"  # plus dead letters
+    OPERATOR = "operator"  # plus dead letters (raw bytes, replay) and message search
     ADMIN = "admin"  # plus the audit trail; may do what every other role may
     SENDER = "sender"  # an EHR or interface engine: FHIR ingest and notifications only
 
@@ -554,6 +554,9 @@ class Retention(Strict):
     dead_letter_days: float | None = Field(None, gt=0)  # dlq and dlq.replayed records
     results_days: float | None = Field(None, gt=0)  # the local result store
     inbox_days: float | None = Field(None, gt=0)  # sandbox: ehr-inbox.hl7 entries
+    # The audit trail, in whole months once all of a month is older. HIPAA keeps its
+    # required documentation 6 years (45 CFR 164.316(b)(2)): about 2200 days.
+    audit_days: float | None = Field(None, gt=0)
     purge_interval_s: float = Field(3600.0, gt=0)  # how often a running site purges
 
 

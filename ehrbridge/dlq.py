@@ -8,6 +8,11 @@ to the topic its stage reads (``raw`` for ingest/process, ``predictions``
 for write-back) and a marker on ``<site>.dlq.replayed`` remembers it, so
 ``list`` shows what was already replayed and a second replay skips it
 unless ``--again`` is given.
+
+The same selection and replay serve the HTTP API (``GET /api/dlq/{offset}``,
+``POST /api/dlq/replay``, operator role). ``show`` and ``replay`` are reads
+of PHI: each writes an entry to the site's audit trail (``ehrbridge/audit.py``)
+naming the OS account, the offsets and the patients' keys.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ehrbridge.audit import AuditEvent, AuditTrail, cli_caller
+from ehrbridge.config import SiteConfig
 from ehrbridge.pipelines.transport import Log, Record, topic_name
 
 _ROW = "{:>8}  {:<25} {:<10} {:<26} {:<22} {}"
@@ -58,11 +66,33 @@ def _when(text: str) -> datetime:
 
 
 def _open(path: str) -> tuple[Log, str]:
+    log, config = _open_site(path)
+    return log, config.site
+
+
+def _open_site(path: str) -> tuple[Log, SiteConfig]:
     from ehrbridge.config import load_site_config
     from ehrbridge.runtime import open_existing_log
 
     config = load_site_config(path)
-    return open_existing_log(config, path), config.site
+    return open_existing_log(config, path), config
+
+
+def _audit(config: SiteConfig, action: str, records: list[Record], outcome: str) -> None:
+    """An audit entry for a CLI read of dead letters (the raw bytes are PHI)."""
+    from ehrbridge.runtime import audit_dir
+
+    AuditTrail(audit_dir(config)).record(
+        AuditEvent(
+            who=cli_caller(),
+            via="cli",
+            action=action,
+            outcome=outcome,
+            patients=tuple(r.key for r in records if r.key),
+            source="cli",
+            detail={"offsets": [r.offset for r in records]},
+        )
+    )
 
 
 def iter_dead_letters(log: Log, site: str) -> Iterator[Record]:
@@ -85,25 +115,60 @@ def replayed_offsets(log: Log, site: str) -> set[int]:
     return done
 
 
-def selected(args: argparse.Namespace, log: Log, site: str) -> Iterator[Record]:
-    for record in iter_dead_letters(log, site):
-        if args.offset and record.offset not in args.offset:
-            continue
-        if args.reason and not _reason_matches(args.reason, record.headers.get("error.reason", "")):
-            continue
-        at = _dead_at(record)
-        if args.since and at < args.since:
-            continue
-        if args.until and at >= args.until:
-            continue
-        yield record
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters: by offset, reason code (or ``prefix*``), and time dead-lettered."""
+
+    offsets: frozenset[int] = frozenset()
+    reason: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Selection:
+        return cls(frozenset(args.offset or ()), args.reason, args.since, args.until)
+
+    def takes(self, record: Record) -> bool:
+        if self.offsets and record.offset not in self.offsets:
+            return False
+        if self.reason and not _reason_matches(self.reason, record.headers.get("error.reason", "")):
+            return False
+        at = dead_at(record)
+        return not ((self.since and at < self.since) or (self.until and at >= self.until))
+
+
+def selected(selection: Selection, log: Log, site: str) -> Iterator[Record]:
+    return (r for r in iter_dead_letters(log, site) if selection.takes(r))
+
+
+def dead_letter(log: Log, site: str, offset: int) -> Record | None:
+    return next((r for r in iter_dead_letters(log, site) if r.offset == offset), None)
+
+
+def replay(log: Log, site: str, selection: Selection, *, again: bool = False) -> list[Record]:
+    """Send the selected dead letters back to their stage's topic; the ones sent.
+
+    Already replayed ones are skipped unless ``again``.
+    """
+    done = set() if again else replayed_offsets(log, site)
+    chosen = [r for r in selected(selection, log, site) if r.offset not in done]
+    now = datetime.now(UTC).isoformat()
+    out: list[Record] = []
+    for record in chosen:
+        out.append(_replayed(record, site, now))
+        out.append(
+            Record(topic=topic_name(site, "dlq.replayed"), key=str(record.offset), value=b"")
+        )
+    if out:
+        log.append(out)
+    return chosen
 
 
 def _reason_matches(pattern: str, reason: str) -> bool:
     return reason.startswith(pattern[:-1]) if pattern.endswith("*") else reason == pattern
 
 
-def _dead_at(record: Record) -> datetime:
+def dead_at(record: Record) -> datetime:
     text = record.headers.get("error.at")
     return datetime.fromisoformat(text) if text else datetime.fromtimestamp(record.timestamp, UTC)
 
@@ -113,12 +178,12 @@ def _list(args: argparse.Namespace) -> int:
     done = replayed_offsets(log, site)
     print(_ROW.format("offset", "dead-lettered at", "stage", "reason", "message", "replayed"))
     count = 0
-    for record in selected(args, log, site):
+    for record in selected(Selection.of(args), log, site):
         h = record.headers
         print(
             _ROW.format(
                 record.offset,
-                _dead_at(record).isoformat(timespec="seconds"),
+                dead_at(record).isoformat(timespec="seconds"),
                 h.get("error.stage", ""),
                 h.get("error.reason", ""),
                 h.get("source_id", ""),
@@ -131,34 +196,30 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    log, site = _open(args.config)
-    for record in iter_dead_letters(log, site):
-        if record.offset == args.offset:
-            for key, value in sorted(record.headers.items()):
-                print(f"{key}: {value}")
-            print(f"bytes: {len(record.value)}\n")
-            text = record.value.decode("utf-8", errors="backslashreplace")
-            print(text.replace("\r\n", "\n").replace("\r", "\n"))
-            return 0
-    print(f"no dead letter at offset {args.offset}", file=sys.stderr)
-    return 1
+    log, config = _open_site(args.config)
+    record = dead_letter(log, config.site, args.offset)
+    if record is None:
+        print(f"no dead letter at offset {args.offset}", file=sys.stderr)
+        return 1
+    _audit(config, "cli dlq show", [record], "ok")  # before the bytes are shown
+    for key, value in sorted(record.headers.items()):
+        print(f"{key}: {value}")
+    print(f"bytes: {len(record.value)}\n")
+    text = record.value.decode("utf-8", errors="backslashreplace")
+    print(text.replace("\r\n", "\n").replace("\r", "\n"))
+    return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
-    log, site = _open(args.config)
-    done = set() if args.again else replayed_offsets(log, site)
-    chosen = [r for r in selected(args, log, site) if r.offset not in done]
+    log, config = _open_site(args.config)
+    selection = Selection.of(args)
     if args.dry_run:
-        print(f"would replay {len(chosen)} record(s)")
+        done = set() if args.again else replayed_offsets(log, config.site)
+        count = sum(1 for r in selected(selection, log, config.site) if r.offset not in done)
+        print(f"would replay {count} record(s)")
         return 0
-    now = datetime.now(UTC).isoformat()
-    out: list[Record] = []
-    for record in chosen:
-        out.append(_replayed(record, site, now))
-        out.append(
-            Record(topic=topic_name(site, "dlq.replayed"), key=str(record.offset), value=b"")
-        )
-    log.append(out)
+    chosen = replay(log, config.site, selection, again=args.again)
+    _audit(config, "cli dlq replay", chosen, "ok")
     print(f"replayed {len(chosen)} record(s)")
     return 0
 

@@ -8,7 +8,10 @@ One purge deletes, per store, what is older than its setting (days):
   age;
 * dead letters (``dead_letter_days``): ``dlq`` and ``dlq.replayed``;
 * the result store (``results_days``): a live result still ``pending`` (not
-  yet accepted by the EHR) stays.
+  yet accepted by the EHR) stays;
+* the audit trail (``audit_days``): whole months, once all of a month is
+  older (``ehrbridge/audit.py``); the newest file always stays, so the hash
+  chain goes on.
 
 On Kafka the log's part is the topics' ``retention.ms``, set from the same
 settings when ehrbridge creates them (``adapters/kafka_log.py:topic_spec``):
@@ -24,9 +27,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.adapters.sqlite_results import SqliteResultStore
+from ehrbridge.audit import AuditTrail
 from ehrbridge.config import Retention
 from ehrbridge.core.errors import TransientError
 from ehrbridge.pipelines.transport import Log, topic_name
@@ -54,8 +59,11 @@ class Purger:
         log_: Log,
         results: SqliteResultStore,
         retry_tiers: int,
+        *,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.site = site
+        self.audit = audit
         self.retention = retention
         self.log = log_
         self.results = results
@@ -64,17 +72,21 @@ class Purger:
     @property
     def enabled(self) -> bool:
         r = self.retention
-        return any(d is not None for d in (r.raw_days, r.dead_letter_days, r.results_days))
+        days = (r.raw_days, r.dead_letter_days, r.results_days, r.audit_days)
+        return any(d is not None for d in days)
 
     def purge(self, now: float | None = None) -> dict[str, int]:
         """One purge of every store; how many records each lost."""
         now = time.time() if now is None else now
-        counts = {"raw": 0, "dead_letters": 0, "results": 0}
+        counts = {"raw": 0, "dead_letters": 0, "results": 0, "audit": 0}
         if isinstance(self.log, SqliteLog):
             counts["raw"] = self._purge_work_topics(self.log, now)
             counts["dead_letters"] = self._purge_dead_letters(self.log, now)
         if self.retention.results_days is not None:
             counts["results"] = self.results.purge(now - self.retention.results_days * _DAY_S)
+        if self.retention.audit_days is not None and self.audit is not None:
+            cutoff = now - self.retention.audit_days * _DAY_S
+            counts["audit"] = self.audit.purge(datetime.fromtimestamp(cutoff, UTC))
         return counts
 
     def _purge_work_topics(self, log_: SqliteLog, now: float) -> int:

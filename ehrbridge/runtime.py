@@ -41,6 +41,7 @@ from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.adapters.subscription_ledger import SubscriptionLedger
 from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
+from ehrbridge.audit import AuditTrail
 from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
@@ -102,6 +103,11 @@ def open_existing_log(config: SiteConfig, source: Path | str) -> Log:
     return open_log(config)
 
 
+def audit_dir(config: SiteConfig) -> Path:
+    """Where the site's audit trail is kept: private, beside its other stores."""
+    return config.data_dir / "audit"
+
+
 async def start_when_ready(
     config: SiteConfig, roles: Iterable[Role], stop: asyncio.Event, max_delay_s: float = 30.0
 ) -> SiteRuntime | None:
@@ -147,6 +153,7 @@ class SiteRuntime:
         self.state = self._open_state()
         self.results = SqliteResultStore(config.data_dir / "results.sqlite")
         self.patient_links = PatientLinks(config.data_dir / "patient_links.sqlite")
+        self.audit = AuditTrail(audit_dir(config))  # who read which patient's data
         self.router = FailureRouter(config.site, config.retry)
         self.stop_event = threading.Event()
         self.workers: list[StageWorker] = []
@@ -309,7 +316,9 @@ class SiteRuntime:
         """This site's retention purge (``retention:``) over its log and result store."""
         config = self.config
         tiers = len(config.retry.delayed_s)
-        return Purger(config.site, config.retention, self.log, self.results, tiers)
+        return Purger(
+            config.site, config.retention, self.log, self.results, tiers, audit=self.audit
+        )
 
     def _check_writeback_targets(self) -> None:
         wb = self.config.writeback

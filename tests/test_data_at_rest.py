@@ -137,7 +137,7 @@ def test_purge_keeps_a_raw_record_not_yet_processed(tmp_path: Path) -> None:
     log.commit("s.process", "s.raw", offsets[1])  # the worker finished the first two
     purger = Purger("s", Retention(raw_days=30, dead_letter_days=90), log, results, 5)
 
-    assert purger.purge() == {"raw": 0, "dead_letters": 0, "results": 0}  # all too young
+    assert purger.purge() == {"raw": 0, "dead_letters": 0, "results": 0, "audit": 0}  # too young
     counts = purger.purge(now=time.time() + 31 * DAY)
     assert counts["raw"] == 2
     assert [r.value for r in log.read("s.raw")] == [b"MSG2"]  # unprocessed: kept at any age
@@ -178,7 +178,7 @@ def test_purge_command_applies_the_site_policy(
     with sqlite3.connect(data / "log.sqlite") as conn:  # written 40 days ago
         conn.execute("UPDATE records SET ts = ts - ?", (40 * DAY,))
     assert main(["purge", "--config", str(path)]) == 0
-    assert "raw 1, dead_letters 0, results 0 removed" in capsys.readouterr().out
+    assert "raw 1, dead_letters 0, results 0, audit 0 removed" in capsys.readouterr().out
     log = SqliteLog(data / "log.sqlite")
     assert [r.value for r in log.read("sandbox.raw")] == [b"MSG1"]
     log.close()
