@@ -18,14 +18,16 @@ import orjson
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
+from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.cli import main
 from ehrbridge.config import load_site_config
 from ehrbridge.pipelines.facts import Fact
 from ehrbridge.pipelines.features import FeatureRecord
 from ehrbridge.pipelines.process import site_prediction
 from ehrbridge.pipelines.records import ModelInfo
-from ehrbridge.pipelines.results import Delivery, ResultStore
-from ehrbridge.pipelines.state import PatientState, SqliteStateStore
+from ehrbridge.pipelines.results import Delivery
+from ehrbridge.pipelines.state import PatientState
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelInfo("kfre-4var", "1.0.0", "north_american")
@@ -81,7 +83,7 @@ def add_special_cases(cohort: list[Patient]) -> dict[str, int]:
 
 def store_predictions(data_dir: Path, cohort: list[Patient], factor: float = 1.0) -> None:
     config = load_site_config(REPO / "sandbox" / "site.yaml", data_dir=str(data_dir))
-    store = ResultStore(data_dir / "results.sqlite")
+    store = SqliteResultStore(data_dir / "results.sqlite")
     items = []
     for p in cohort:
         fact = Fact(
@@ -213,7 +215,7 @@ def test_a_calibrated_cohort_is_found_calibrated(
     # AUROC equals scikit-learn's on the arrays rebuilt from the written links.
     by_id = {p.key: p for p in people}
     labels = {row["prediction"]: row["status"] for row in links if row["horizon"] == "2y"}
-    stored = ResultStore(tmp_path / "data" / "results.sqlite").list(limit=10_000)
+    stored = SqliteResultStore(tmp_path / "data" / "results.sqlite").list(limit=10_000)
     y, p = [], []
     for s in stored:
         if labels[s.identifier] in ("event", "no_event"):
