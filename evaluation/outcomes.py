@@ -3,7 +3,7 @@
 KFRE predicts kidney failure: dialysis or a kidney transplant, or a sustained
 eGFR < 15 mL/min/1.73 m2 (two results at least 90 days apart), within 2 or 5
 years (Tangri et al., JAMA 2016). The outcome file
-(``evaluation/outcomes/kfre-4var.yaml``) says which codes mean the outcome,
+(``evaluation/outcome-files/kfre-4var.yaml``) says which codes mean the outcome,
 which lab rule does, and each horizon's length and risk field; a site adds its
 local codes in a code map (CSV: ``system,code,display``), named in the site
 file under ``evaluation.code_map``.
@@ -128,8 +128,8 @@ def read_code_map(text: str) -> list[OutcomeCode]:
 
 
 def builtin_outcome(model: str) -> Path:
-    """The outcome file shipped for a model (``evaluation/outcomes/<model>.yaml``)."""
-    return Path(__file__).with_name("outcomes") / f"{model}.yaml"
+    """The outcome file shipped for a model (``evaluation/outcome-files/<model>.yaml``)."""
+    return Path(__file__).with_name("outcome-files") / f"{model}.yaml"
 
 
 # --------------------------------------------------------------------------- events
