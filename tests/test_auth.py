@@ -31,10 +31,12 @@ from starlette.routing import Route
 
 from ehrbridge._http import ThreadedServer
 from ehrbridge.auth import PUBLIC_ROUTES
-from ehrbridge.config import CdsClient, KnownSubscription, SiteConfig
+from ehrbridge.config import CdsClient, JwtIssuer, KnownSubscription, SiteConfig
 from ehrbridge.sandbox.run import BackgroundSandbox
 
 ISSUER = "https://ehr.test"
+API_ISSUER = "https://idp.test/realms/hospital"  # an OpenID Connect issuer of API tokens
+API_AUDIENCE = "ehrbridge-api"
 ROLES = ("viewer", "operator", "admin", "sender")
 # The least role of each route; admin may do everything.
 NEEDS = {
@@ -140,7 +142,9 @@ def site(
         base = f"{ehr.server.base_url}/fhir"
         known = [KnownSubscription(reference="Subscription/known")]
         subs = config.subscriptions.model_copy(update={"fhir_base": base, "known": known})
-        return config.model_copy(update={"cds_hooks": cds, "subscriptions": subs})
+        issuer = JwtIssuer(issuer=API_ISSUER, audience=API_AUDIENCE, jwks_url=keys.url)
+        auth = config.auth.model_copy(update={"jwt": [*config.auth.jwt, issuer]})
+        return config.model_copy(update={"cds_hooks": cds, "subscriptions": subs, "auth": auth})
 
     with BackgroundSandbox(tmp_path_factory.mktemp("auth"), configure_fhir_site=secured) as run:
         yield run
@@ -257,6 +261,62 @@ def _hs256(claims: dict[str, Any], key: bytes) -> str:
     signing_input = f"{header}.{b64(json.dumps(claims).encode())}"
     signature = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(signature)}"
+
+
+def api_token(keys: Keys, key: Any = None, **claims: Any) -> str:
+    """An access token of the API's issuer (signed with ``key``, default the published one)."""
+    now = int(time.time())
+    payload = {"iss": API_ISSUER, "aud": API_AUDIENCE, "sub": "dr-jones", "iat": now,
+               "nbf": now, "exp": now + 300, "roles": ["viewer"], **claims}  # fmt: skip
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, key or keys.key, "ES256", headers={"kid": "k1"})
+
+
+def api_get(site: BackgroundSandbox, path: str, token: str) -> httpx.Response:
+    url = f"{site.sandbox.fhir_site_url}{path}"
+    return httpx.get(url, headers={"Authorization": f"Bearer {token}"})
+
+
+def test_api_jwts_are_verified_against_the_issuers_jwks_over_http(
+    site: BackgroundSandbox, keys: Keys
+) -> None:
+    fetched = keys.fetches
+    viewer = api_token(keys)
+    assert api_get(site, "/api/results", viewer).status_code == 200
+    assert api_get(site, "/api/dlq", viewer).status_code == 403  # a viewer is not an operator
+    operator = api_token(keys, roles="viewer operator")  # a scope-like string works too
+    assert api_get(site, "/api/dlq", operator).status_code == 200
+    assert api_get(site, "/api/results", api_token(keys, roles=[])).status_code == 403
+    assert keys.fetches >= 1 and keys.fetches - fetched <= 1  # over HTTP, then cached
+    runtime = site.sandbox.fhir_runtime
+    assert runtime is not None
+    [*_, entry] = runtime.audit.entries()  # the audit names the token's subject
+    assert (entry["who"], entry["via"]) == ("dr-jones", f"jwt {API_ISSUER}")
+
+
+def test_bad_api_jwts_are_401(site: BackgroundSandbox, keys: Keys) -> None:
+    now = int(time.time())
+    other_key = ec.generate_private_key(ec.SECP256R1())  # same kid, not the issuer's key
+    public_pem = keys.key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    claims = {"iss": API_ISSUER, "aud": API_AUDIENCE, "sub": "x", "exp": now + 60}
+    bad = {
+        "signed by another key": api_token(keys, other_key),
+        "expired": api_token(keys, exp=now - 120, iat=now - 400, nbf=now - 400),
+        "not valid yet (nbf)": api_token(keys, nbf=now + 600),
+        "wrong audience": api_token(keys, aud="some-other-api"),
+        "wrong issuer": api_token(keys, iss="https://idp.test/realms/elsewhere"),
+        "no exp": api_token(keys, exp=None),
+        "no sub": api_token(keys, sub=None),
+        "unsigned (alg none)": jwt.encode(claims, None, "none"),
+        "HS256 with the public key": _hs256({**claims, "roles": ["admin"]}, public_pem),
+    }
+    for case, token in bad.items():
+        answer = api_get(site, "/api/results", token)
+        assert answer.status_code == 401, (case, answer.text)
+        assert answer.headers["www-authenticate"].startswith("Bearer"), case
+        assert "results" not in answer.json(), case
 
 
 def notification(subscription: str) -> dict[str, Any]:
