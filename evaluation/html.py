@@ -70,8 +70,9 @@ def roc_figure(roc: Mapping[str, Any], auroc: Mapping[str, Any], title: str) -> 
 def distribution_figure(dist: Mapping[str, Any], title: str) -> str:
     def draw(ax: Axes) -> None:
         months = list(dist)
+        x = range(len(months))  # positions, labelled below: months are categories
         for key, style in (("p50", "-"), ("p25", ":"), ("p75", ":"), ("p90", "--")):
-            ax.plot(months, [dist[m][key] for m in months], style, marker=".", label=key)
+            ax.plot(x, [dist[m][key] for m in months], style, marker=".", label=key)
         ax.set(xlabel="month", ylabel="predicted risk", title=title)
         _thin_ticks(ax, months)
         ax.legend(fontsize=8)
@@ -81,10 +82,13 @@ def distribution_figure(dist: Mapping[str, Any], title: str) -> str:
 
 def flags_figure(flags: Mapping[str, Mapping[str, int]], title: str) -> str:
     def draw(ax: Axes) -> None:
+        every_day = sorted({d for days in flags.values() for d in days})
+        position = {d: i for i, d in enumerate(every_day)}
         for band, days in flags.items():
-            ax.plot(list(days), list(days.values()), marker=".", linewidth=1, label=band)
+            x = [position[d] for d in days]
+            ax.plot(x, list(days.values()), marker=".", linewidth=1, label=band)
         ax.set(xlabel="day", ylabel="flags per day", title=title)
-        _thin_ticks(ax, sorted({d for days in flags.values() for d in days}))
+        _thin_ticks(ax, every_day)
         ax.legend(fontsize=8)
 
     return _svg(draw)
