@@ -117,6 +117,11 @@ class FhirReader:
             raise UpstreamUnavailable("FHIR server timed out") from exc
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"FHIR server unreachable: {type(exc).__name__}") from exc
+        except httpx.HTTPError as exc:  # an answer that cannot be read (bad content-encoding)
+            raise RemoteRejected(
+                f"read {relative}: the answer could not be read ({type(exc).__name__})",
+                reason="fhir.bad_response",
+            ) from exc
         check_response(response, f"read {relative}")
         try:
             resource = response.json()

@@ -27,7 +27,7 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ from auth_tokens import auth_section, token_headers
 from fastapi import FastAPI
 
 from ehrbridge._http import ThreadedServer
+from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.memory import MemorySource
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.mllp_source import MllpSource
@@ -45,7 +46,7 @@ from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.adapters.subscription_ledger import SubscriptionLedger
 from ehrbridge.auth import Authenticator
-from ehrbridge.config import SiteConfig, load_site_config
+from ehrbridge.config import RetryPolicy, SiteConfig, load_site_config
 from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.core.errors import PermanentError, UpstreamUnavailable
 from ehrbridge.fhir_api import NOTIFICATION_PATH, FhirEndpoint, add_fhir_routes
@@ -294,6 +295,45 @@ NOT_A_NOTIFICATION = orjson.dumps(
 )
 
 
+EHR_BASE = "https://ehr.test/fhir"
+
+
+def id_only_notification(n: int, patient: int) -> bytes:
+    """Event ``n`` naming its Observation only; the subscriber reads it (and its Patient)."""
+    focus = {"reference": f"{EHR_BASE}/Observation/conf-{n}"}
+    status = {
+        "resourceType": "SubscriptionStatus",
+        "status": "active",
+        "type": "event-notification",
+        "subscription": {"reference": "Subscription/sandbox-labs"},
+        "eventsSinceSubscriptionStart": n,
+        "notificationEvent": [{"eventNumber": n, "focus": focus}],
+    }
+    bundle = {"resourceType": "Bundle", "type": "subscription-notification", "id": f"conf-{n}"}
+    return orjson.dumps({**bundle, "entry": [{"resource": status}]})
+
+
+class EhrDouble:
+    """The EHR's FHIR server for id-only reads, in a MockTransport handler."""
+
+    def __init__(self) -> None:
+        self.resources: dict[str, dict[str, Any]] = {}
+        self.faults: list[Callable[[], httpx.Response]] = []
+
+    def add(self, n: int, patient: int) -> None:
+        patient_entry, observation_entry = patient_and_egfr(n, patient)
+        observation = {**observation_entry["resource"]}
+        observation["subject"] = {"reference": f"Patient/p{patient}"}
+        self.resources[f"Observation/conf-{n}"] = observation
+        self.resources[f"Patient/p{patient}"] = {**patient_entry["resource"], "id": f"p{patient}"}
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.faults:
+            return self.faults.pop(0)()
+        found = self.resources.get(request.url.path.removeprefix("/fhir/"))
+        return httpx.Response(200, json=found) if found else httpx.Response(404)
+
+
 class FhirBed:
     """FHIR REST (``POST /fhir``) or Subscription notifications, on a real HTTP socket."""
 
@@ -301,14 +341,17 @@ class FhirBed:
     refused = frozenset({"400", "422"})
     retry = frozenset({"503"})
 
-    def __init__(self, tmp_path: Path, *, subscription: bool) -> None:
+    def __init__(self, tmp_path: Path, *, subscription: bool, id_only: bool = False) -> None:
         tokens = tmp_path / "tokens"
         config = load_site_config(
             sandbox_fhir_site_file(), data_dir=str(tmp_path / "data"), auth=auth_section(tokens)
         )
+        no_sweep = config.subscriptions.model_copy(update={"backfill": False})
+        config = config.model_copy(update={"subscriptions": no_sweep})
         self.tmp_path = tmp_path
         self.site = Site(config, tmp_path)
-        self.subscription = subscription
+        self.subscription = subscription or id_only
+        self.ehr = EhrDouble() if id_only else None
         self.headers = {"content-type": "application/fhir+json", **token_headers(tokens, "sender")}
         self.server = self._serve()
 
@@ -316,8 +359,18 @@ class FhirBed:
         config = self.site.config
         self.ledger = SubscriptionLedger(self.tmp_path / "subscriptions.sqlite")
         self.links = PatientLinks(self.tmp_path / "links.sqlite")
+        reader = None
+        if self.ehr is not None:
+            http = httpx.Client(transport=httpx.MockTransport(self.ehr))
+            once = RetryPolicy(attempts=1, delayed_s=[])  # the sender's resend is the retry
+            reader = FhirReader(EHR_BASE, client=http, policy=once)
         endpoint = FhirEndpoint(
-            config, self.site.ingest, self.links, self.ledger, Authenticator(config.auth)
+            config,
+            self.site.ingest,
+            self.links,
+            self.ledger,
+            Authenticator(config.auth),
+            reader=reader,
         )
         app = FastAPI()
         add_fhir_routes(app, endpoint)
@@ -333,6 +386,9 @@ class FhirBed:
         return str(response.status_code)
 
     def send(self, n: int, patient: int = 1) -> str:
+        if self.ehr is not None:
+            self.ehr.add(n, patient)
+            return self._post(id_only_notification(n, patient))
         return self._post((notification if self.subscription else collection)(n, patient))
 
     def send_unusable(self) -> tuple[str, bytes]:
@@ -353,7 +409,10 @@ class FhirBed:
         self.site.close()
 
 
-@pytest.fixture(params=["mllp", "fhir-rest", "fhir-subscription", "memory"])
+SOURCES = ["mllp", "fhir-rest", "fhir-subscription", "fhir-subscription-id-only", "memory"]
+
+
+@pytest.fixture(params=SOURCES)
 def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SourceBed]:
     tmp_path.chmod(0o700)  # a site's data lives in private directories only
     made: MllpBed | MemoryBed | FhirBed
@@ -362,7 +421,11 @@ def bed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SourceBed]:
     elif request.param == "memory":
         made = MemoryBed(tmp_path)
     else:
-        made = FhirBed(tmp_path, subscription=request.param == "fhir-subscription")
+        subscription, id_only = (
+            request.param.startswith("fhir-sub"),
+            request.param.endswith("id-only"),
+        )
+        made = FhirBed(tmp_path, subscription=subscription, id_only=id_only)
     yield made
     made.close()
 
@@ -419,3 +482,47 @@ def test_a_restarted_source_keeps_what_it_acknowledged_and_takes_more(bed: Sourc
     bed.restart()
     assert bed.send(2) in bed.accepted
     assert bed.site.numbers() == [1, 2]
+
+
+# ------------------------------------------- id-only notifications: reading from the EHR
+
+
+@pytest.fixture
+def id_only(tmp_path: Path) -> Iterator[FhirBed]:
+    tmp_path.chmod(0o700)
+    made = FhirBed(tmp_path, subscription=True, id_only=True)
+    yield made
+    made.close()
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_an_ehr_that_cannot_answer_now_makes_the_notification_a_retry(
+    id_only: FhirBed, status: int
+) -> None:
+    assert id_only.ehr is not None
+    id_only.ehr.faults.append(lambda: httpx.Response(status))
+    assert id_only.send(1) in id_only.retry
+    assert id_only.site.raw() == [] and id_only.site.dead_letters() == []
+    assert id_only.send(1) in id_only.accepted  # the EHR's resend, once it answers
+    assert id_only.site.numbers() == [1]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda: httpx.Response(404),
+        lambda: httpx.Response(200, content=b"<html>portal</html>"),
+        lambda: httpx.Response(200, json={"resourceType": "Patient", "id": "wrong-type"}),
+        lambda: httpx.Response(
+            200, stream=httpx.ByteStream(b"not gzip"), headers={"content-encoding": "gzip"}
+        ),
+    ],
+    ids=["404", "not-json", "wrong-type", "bad-gzip"],
+)
+def test_an_ehr_answer_that_will_not_change_is_noted_not_crashed_on(
+    id_only: FhirBed, answer: Callable[[], httpx.Response]
+) -> None:
+    assert id_only.ehr is not None
+    id_only.ehr.faults.append(answer)
+    assert id_only.send(1) == "200"  # the notification is taken; the resource is not there
+    assert id_only.site.raw() == []
