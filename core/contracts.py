@@ -33,6 +33,13 @@ Source
     When ``deliver`` raises PermanentError, the raw bytes and reason are already
     in the dead-letter store before the negative ack goes out.
 
+    Over HTTP (FHIR REST, Subscription notifications; ``ehrbridge/fhir_api.py``)
+    the same three outcomes are 2xx, 4xx with an OperationOutcome, and 503
+    with ``Retry-After``; an id-only notification whose read from the EHR fails
+    transiently is a 503 as well, so the EHR sends it again. One sender's
+    records are stored in the order sent; a resend is stored again with the
+    same bytes; a restarted source keeps everything it acknowledged.
+
 Stage
     A step (parse, map, assemble features, call the model, build a result).
     It takes a batch of envelopes and returns a list of :class:`Outcome` --
@@ -93,8 +100,7 @@ Model
     a value outside 0..1) is RemoteRejected. ``ready()`` never raises.
 
 Every contract has a conformance suite that runs against each of its
-implementations: ``tests/conformance/test_<contract>_contract.py`` (the Log's
-is ``tests/test_log_contract.py``).
+implementations: ``tests/conformance/test_<contract>_contract.py``.
 
 In-memory implementations of Source, Sink and StateStore ship in
 ``ehrbridge.adapters.memory`` for tests and for trying a stage in a notebook.
