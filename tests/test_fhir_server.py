@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -476,7 +477,9 @@ def test_paging_visits_every_resource_once_forwards_and_back(
     created = _create_many(client, 23, "pg")
     pages = _follow(client, f"{server.base_url}/fhir/Observation?_count=5")
     assert [len(ids_of(p)) for p in pages] == [5, 5, 5, 5, 3]
-    assert all(p["total"] == 23 for p in pages)
+    # As on HAPI: no total while more pages follow; the last page knows it.
+    assert ["total" in p for p in pages] == [False] * 4 + [True]
+    assert pages[-1]["total"] == 23
     seen = [i for p in pages for i in ids_of(p)]
     assert sorted(seen) == sorted(created)
     assert seen == created  # default order: creation order
@@ -492,6 +495,24 @@ def test_paging_visits_every_resource_once_forwards_and_back(
 
     backwards = _follow(client, link(pages[-1], "self") or "", relation="previous")
     assert [ids_of(p) for p in backwards] == [ids_of(p) for p in reversed(pages)]
+
+
+def test_bundle_total_is_stated_on_every_page_only_when_asked(
+    client: httpx.Client, server: ThreadedServer
+) -> None:
+    _create_many(client, 7, "tt")
+    criteria = {"identifier": ",".join(f"{OBS_SYSTEM}|tt{n:03d}" for n in range(7))}
+    base = f"{server.base_url}/fhir/Observation"
+    unasked = searchset(client, "/Observation", **criteria, _count=3)
+    assert "total" not in unasked  # HAPI leaves it out: more pages follow
+    accurate = _follow(
+        client, f"{base}?{urlencode({**criteria, '_count': 3, '_total': 'accurate'})}"
+    )
+    assert [p["total"] for p in accurate] == [7, 7, 7]
+    assert searchset(client, "/Observation", **criteria, _summary="count")["total"] == 7
+    assert searchset(client, "/Observation", **criteria, _count=0)["total"] == 7
+    assert searchset(client, "/Observation", **criteria, _count=50)["total"] == 7  # one page
+    assert "total" not in searchset(client, "/Observation", **criteria, _count=3, _total="none")
 
 
 def test_paging_is_stable_while_resources_change(
@@ -889,10 +910,11 @@ def test_delay_fault_outlasts_a_client_timeout(
 ) -> None:
     _inject(admin, {"delay_s": 0.6, "count": 1})
     criteria = {"identifier": f"{OBS_SYSTEM}|slow"}
+    resource = {**observation("slow", value=1.0), "id": "slow"}
     impatient = httpx.Client(base_url=f"{server.base_url}/fhir", timeout=0.1)
     with impatient, pytest.raises(httpx.ReadTimeout):
-        impatient.put("/Observation", params=criteria, json=observation("slow", value=1.0))
-    retried = client.put("/Observation", params=criteria, json=observation("slow", value=1.0))
+        impatient.put("/Observation/slow", json=resource)
+    retried = client.put("/Observation/slow", json=resource)
     assert retried.status_code in (200, 201)
 
     def delayed_write_landed() -> bool:
@@ -901,6 +923,39 @@ def test_delay_fault_outlasts_a_client_timeout(
 
     wait_for(delayed_write_landed)
     assert searchset(client, "/Observation", **criteria)["total"] == 1
+
+
+@pytest.mark.parametrize("interaction", ["conditional create", "conditional update"])
+def test_a_conditional_write_overtaken_by_an_identical_one_gets_409_as_on_hapi(
+    client: httpx.Client, admin: httpx.Client, server: ThreadedServer, interaction: str
+) -> None:
+    """HAPI searches, then inserts: of two overlapping conditional creates of one
+    identifier, the later insert fails with 409 (HAPI-2745). The stand-in answers
+    the same, so clients tested against it must retry 409 too."""
+    key = f"race-{interaction.split()[1]}"
+    criteria = {"identifier": f"{OBS_SYSTEM}|{key}"}
+
+    def write(own: httpx.Client) -> httpx.Response:
+        if interaction == "conditional create":
+            headers = {"If-None-Exist": urlencode(criteria)}
+            return own.post("/Observation", json=observation(key), headers=headers)
+        return own.put("/Observation", params=criteria, json=observation(key))
+
+    _inject(admin, {"delay_s": 0.5, "count": 1})  # the first write is received, then waits
+    answers: list[httpx.Response] = []
+    slow = threading.Thread(target=lambda: answers.append(write(_client_of(server))))
+    slow.start()
+    wait_for(lambda: admin.get("/_admin/faults").json()["remaining"] == 0)
+    assert write(client).status_code == 201  # overtakes it and creates the resource
+    slow.join()
+    diagnostics = outcome(answers[0], 409)
+    assert "HAPI-2745" in diagnostics
+    assert write(client).status_code == 200  # a retry, now in sequence, finds it
+    assert len(ids_of(searchset(client, "/Observation", **criteria))) == 1  # one resource
+
+
+def _client_of(server: ThreadedServer) -> httpx.Client:
+    return httpx.Client(base_url=f"{server.base_url}/fhir", timeout=10)
 
 
 def test_down_fault_refuses_everything_until_cleared(
@@ -953,10 +1008,12 @@ def test_concurrent_conditional_updates_make_one_resource(
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(statuses) == [200] * 59 + [201]
+    # One create; writers that overlapped it get HAPI's 409; every other write updates.
+    assert statuses.count(201) == 1 and set(statuses) <= {200, 201, 409}
     bundle = searchset(client, "/Observation", **criteria)
     assert bundle["total"] == 1
-    assert bundle["entry"][0]["resource"]["meta"]["versionId"] == "60"
+    versions = statuses.count(200) + 1
+    assert bundle["entry"][0]["resource"]["meta"]["versionId"] == str(versions)
 
 
 def test_store_is_thread_safe_and_its_clock_strictly_increases() -> None:

@@ -32,6 +32,13 @@ so following ``next`` visits every match exactly once even while resources are
 created or deleted between pages. ``_sort=[-]_lastUpdated|[-]_id`` pages by
 ``_offset``. ``link`` URLs are absolute.
 
+Copied from HAPI FHIR JPA, so that clients tested here are not tested more
+kindly than on a hospital's server (README, Write-back to a real FHIR server):
+a page with more pages after it has no ``Bundle.total`` unless
+``_total=accurate`` (or ``_summary=count``, ``_count=0``); a conditional create
+or update whose match another request created while it was in flight answers
+409, as HAPI's racing inserts do (HAPI-2745), so clients must retry 409.
+
 Validation is structural (JSON object, ``resourceType`` equals the URL type,
 ``id`` syntax; Observation ``status`` in the R4 value set and ``code``
 present). Syntax problems answer 400, content rules 422, oversized bodies 413,

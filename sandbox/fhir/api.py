@@ -30,7 +30,7 @@ from ehrbridge.sandbox.fhir.capability import capability_rest
 from ehrbridge.sandbox.fhir.errors import FhirProblem, bad_request, operation_outcome
 from ehrbridge.sandbox.fhir.faults import FhirFault, FhirFaults, FhirStats
 from ehrbridge.sandbox.fhir.instants import http_date
-from ehrbridge.sandbox.fhir.interactions import Interactions, Write, query_items
+from ehrbridge.sandbox.fhir.interactions import REQUEST_STARTED, Interactions, Write, query_items
 from ehrbridge.sandbox.fhir.spec import (
     FHIR_VERSION,
     SERVER_NAME,
@@ -85,6 +85,7 @@ class FhirApi:
     ) -> Response:
         """Count, apply injected faults, and turn FhirProblem into OperationOutcome."""
         self.stats.count(request.method, label or request.path_params.get("resource_type", "?"))
+        REQUEST_STARTED.set(self.store.clock_us() if write else None)  # this request's task only
         try:
             retry_after = self.faults.down()
             if retry_after is not None:

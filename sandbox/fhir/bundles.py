@@ -36,6 +36,8 @@ def _page_url(
         items.append(("_sort", query.sort))
     if query.summary_count:
         items.append(("_summary", "count"))
+    if query.accurate_total:
+        items.append(("_total", "accurate"))
     items.append(("_count", str(query.count)))
     if page is not None:
         items.append(page)
@@ -67,7 +69,11 @@ def searchset(
         for v in result.versions
         if v.body is not None
     ]
-    return new_bundle("searchset", entries, total=result.total, link=links)
+    # As HAPI: a page with more after it states no total unless asked (_total=accurate),
+    # so that clients built against the stand-in follow next links and never count on one.
+    known = result.next_page is None or query.wants_total
+    total = {"total": result.total} if known else {}
+    return new_bundle("searchset", entries, **total, link=links)
 
 
 def history_bundle(base: str, versions: list[StoredVersion]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl
@@ -34,6 +35,10 @@ class Write:
     @property
     def changes(self) -> bool:
         return self.kind in ("create", "update", "delete")
+
+
+# When the request being served arrived, on the store's clock (set by the HTTP face).
+REQUEST_STARTED: ContextVar[int | None] = ContextVar("fhir_request_started", default=None)
 
 
 class Interactions:
@@ -69,6 +74,27 @@ class Interactions:
         query.count = 2  # enough to tell one match from several
         return query, self.store.search(resource_type, query)
 
+    def refuse_race(self, match: StoredVersion, what: str) -> None:
+        """409 when ``match`` was created after this request arrived, as HAPI answers.
+
+        HAPI JPA searches, then inserts; two requests with the same conditional
+        create that overlap both find nothing, and the later insert breaks a
+        unique index: 409 (HAPI-2745). Clients must retry it. Here a request
+        is served atomically, so the overlap is judged by time: the match was
+        created by another request while this one was in flight.
+        """
+        started = REQUEST_STARTED.get()
+        if started is None:
+            return
+        created = self.store.history(match.resource_type, match.id)[0].last_updated_us
+        if created > started:
+            raise FhirProblem(
+                409,
+                "conflict",
+                f"{what}: another request created the matching {match.resource_type} while "
+                "this one was in flight; send it again (HAPI answers 409, HAPI-2745)",
+            )
+
     @staticmethod
     def _several(resource_type: str, what: str, total: int) -> FhirProblem:
         return FhirProblem(
@@ -86,6 +112,7 @@ class Interactions:
                 raise self._several(resource_type, "If-None-Exist", found.total)
             if found.total == 1:
                 existing = found.versions[0]
+                self.refuse_race(existing, "If-None-Exist")
                 return Write(
                     "matched",
                     resource_type,
@@ -146,6 +173,7 @@ class Interactions:
         if found.total > 1:
             raise self._several(resource_type, "conditional update", found.total)
         if found.total == 1:
+            self.refuse_race(found.versions[0], "conditional update")
             target = found.versions[0].id
             if body_id is not None and body_id != target:
                 raise bad_request(

@@ -14,7 +14,7 @@ _TOKEN_PARAMS = frozenset({"identifier", "code", "category", "status"})
 _REFERENCE_PARAMS = frozenset({"subject", "patient"})
 _SORTS = frozenset({"_lastUpdated", "-_lastUpdated", "_id", "-_id"})
 # Result parameters this server ignores without calling them unknown.
-_QUIET_PARAMS = frozenset({"_format", "_pretty", "_total", "_elements"})
+_QUIET_PARAMS = frozenset({"_format", "_pretty", "_elements"})
 _DATE_PREFIXES = frozenset({"eq", "ne", "gt", "ge", "lt", "le"})
 # Chained searches on the subject's identifier (what HAPI answers for a literal
 # reference). Here they match the Reference's own identifier, which every
@@ -35,8 +35,14 @@ class SearchQuery:
     offset: int = 0
     sort: str | None = None
     summary_count: bool = False
+    accurate_total: bool = False  # _total=accurate
     used: list[tuple[str, str]] = field(default_factory=list)  # echoed in Bundle.link
     ignored: list[str] = field(default_factory=list)
+
+    @property
+    def wants_total(self) -> bool:
+        """Whether every page states Bundle.total (HAPI: _total=accurate, or a count only)."""
+        return self.accurate_total or self.summary_count or self.count == 0
 
     @property
     def has_criteria(self) -> bool:
@@ -160,6 +166,10 @@ def _parse_result_param(
             )
     elif name == "_summary":
         query.summary_count = value == "count"
+    elif name == "_total":
+        # accurate asks for Bundle.total on every page; estimated and none are HAPI's
+        # default here (no total while more pages follow); others are ignored, as HAPI does.
+        query.accurate_total = value == "accurate"
     else:
         return name in _QUIET_PARAMS
     return True

@@ -46,6 +46,10 @@ class FhirStore:
             table = self._tables[resource_type] = TypeTable()
         return table
 
+    def clock_us(self) -> int:
+        """Now on the store's clock: never behind the last stamp it gave."""
+        return max(time.time_ns() // 1000, self._last_us)
+
     def _tick(self) -> int:
         now_us = time.time_ns() // 1000
         self._last_us = max(now_us, self._last_us + 1)
