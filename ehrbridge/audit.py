@@ -239,7 +239,8 @@ class AuditTrail:
         with self._locked():
             for path in self.files()[:-1]:
                 if _month_end(path) <= cutoff:
-                    removed += sum(1 for _ in path.open("rb"))
+                    with path.open("rb") as file:
+                        removed += sum(1 for _ in file)
                     path.unlink()
         return removed
 

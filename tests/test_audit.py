@@ -27,6 +27,7 @@ from auth_tokens import cds_headers, headers
 from conftest import wait_for
 from test_cds_hooks import hook, send_renal
 
+from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.audit import AuditEvent, AuditTrail
 from ehrbridge.audit_http import AUDITED, NOT_AUDITED
 from ehrbridge.auth import PUBLIC_ROUTES
@@ -34,9 +35,11 @@ from ehrbridge.cli import main
 from ehrbridge.config import load_site_config
 from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import MessageUnusable
+from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.transport import dead_letter_record, topic_name
 from ehrbridge.runtime import open_log
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
+from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 SERVICE = "/cds-services/kfre-patient-view"
 
@@ -168,6 +171,38 @@ def test_operator_reads_of_stored_messages_are_audited_and_show_raw_bytes(
         ("GET /api/messages/{offset}", 200, [scored]),
         ("GET /api/messages/{offset}", 403, []),
     ]
+
+
+def test_dead_letter_reads_and_replays_over_http_are_audited(sandbox: BackgroundSandbox) -> None:
+    api, operator = sandbox.sandbox.api_url, headers(sandbox, "operator")
+    message = SyntheticEhr(seed=3, patients=1).bad_messages()["unknown_unit"]
+    with MllpClient("127.0.0.1", sandbox.sandbox.mllp_port) as client:
+        assert client.send(message).code == "AE"
+    control_id = Message.parse(message).control_id
+    listing = wait_for(
+        lambda: [
+            r
+            for r in httpx.get(f"{api}/api/dlq", headers=operator).json()["records"]
+            if r["source_id"] == control_id
+        ],
+        what="the dead letter",
+    )
+    offset, before = listing[0]["offset"], last_seq(sandbox)
+    viewer = httpx.get(f"{api}/api/dlq/{offset}", headers=headers(sandbox, "viewer"))
+    assert viewer.status_code == 403 and "MSH" not in viewer.text  # raw bytes: operator only
+    shown = httpx.get(f"{api}/api/dlq/{offset}", headers=operator).json()
+    assert shown["raw"].startswith("MSH|") and shown["control_id"] == control_id
+    replay = {"offsets": [offset], "dry_run": True}
+    counted = httpx.post(f"{api}/api/dlq/replay", json=replay, headers=operator).json()
+    assert counted == {"dry_run": True, "replayed": [offset]}
+    patient = shown["patient"]
+    assert [(e["action"], e["outcome"], e["who"], e["patients"]) for e in
+            entries_after(sandbox, before)] == [
+        ("GET /api/dlq/{offset}", 403, "sandbox-viewer", []),
+        ("GET /api/dlq/{offset}", 200, "sandbox-operator", [patient]),
+        ("POST /api/dlq/replay", 200, "sandbox-operator", [patient]),
+    ]  # fmt: skip
+    assert entries_after(sandbox, before)[-1]["detail"] == {"offsets": [offset], "dry_run": True}
 
 
 def test_the_admin_exports_the_trail_and_no_one_else_may(
@@ -319,5 +354,9 @@ def test_cli_reads_are_audited(
     listing = capsys.readouterr().out
     assert listing.count("cli audit list") == 2  # the two listings before this one
     assert listing.splitlines()[-1] == "3 entries"
+    assert main(["dlq", "replay", "--config", site, "--offset", str(offset)]) == 0
+    assert main(["audit", "list", "--config", site, "--json", "--patient", "MRN-CLI"]) == 0
+    replayed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (replayed["action"], replayed["patients"]) == ("cli dlq replay", ["MRN-CLI"])
     assert main(["audit", "verify", "--config", site]) == 0
-    assert "4 entries from seq 1: intact" in capsys.readouterr().out
+    assert "6 entries from seq 1: intact" in capsys.readouterr().out
