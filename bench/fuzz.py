@@ -573,7 +573,7 @@ def valid_message_after(sandbox: BackgroundSandbox, timeout_s: float = 60.0) -> 
     if (ack.code, ack.control_id) != ("AA", f"AFTER-{mrn}"):
         return f"{ack.code} {ack.control_id!r}"
     url = f"{sandbox.sandbox.fhir_base}/Observation"
-    params = {"subject:identifier": f"urn:ehrbridge:sandbox:mrn|{mrn}"}
+    params = {"patient.identifier": f"urn:ehrbridge:sandbox:mrn|{mrn}"}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if httpx.get(url, params=params, timeout=10).json().get("entry"):

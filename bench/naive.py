@@ -291,7 +291,7 @@ def create_naive_cds_app(fhir_base: str, patient_system: str) -> Any:
         patient = body["context"]["patientId"]
         response = client.get(
             f"{fhir_base}/Observation",
-            params={"subject:identifier": f"{patient_system}|{patient}", "_count": 100},
+            params={"patient.identifier": f"{patient_system}|{patient}", "_count": 100},
         )
         bundle = Bundle.model_validate_json(response.content)
         resources: list[Any] = [e.resource for e in bundle.entry or []]

@@ -74,7 +74,7 @@ def no_score_anywhere(sandbox: BackgroundSandbox, api: str, mrn: str, system: st
         == []
     )
     observations = all_resources(
-        f"{sandbox.sandbox.fhir_base}/Observation", {"subject:identifier": f"{system}|{mrn}"}
+        f"{sandbox.sandbox.fhir_base}/Observation", {"patient.identifier": f"{system}|{mrn}"}
     )
     assert observations == []
     hook = {

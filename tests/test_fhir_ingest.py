@@ -247,7 +247,7 @@ def test_a_transaction_is_stored_whole_and_answered_entry_by_entry(
     observations = wait_for(
         lambda: all_resources(
             f"{sandbox.sandbox.fhir_base}/Observation",
-            {"subject:identifier": f"{MRN_SYSTEM}|MRN-TXN"},
+            {"patient.identifier": f"{MRN_SYSTEM}|MRN-TXN"},
         ),
         what="the risk Observation in the EHR stand-in",
     )
@@ -272,7 +272,7 @@ def test_a_transaction_about_two_patients_is_stored_once_per_patient(
         observations = wait_for(
             lambda mrn=mrn: all_resources(
                 f"{sandbox.sandbox.fhir_base}/Observation",
-                {"subject:identifier": f"{MRN_SYSTEM}|{mrn}"},
+                {"patient.identifier": f"{MRN_SYSTEM}|{mrn}"},
             ),
             what=f"the risk Observation of {mrn}",
         )
@@ -309,7 +309,7 @@ def test_a_batch_stores_and_refuses_entry_by_entry(sandbox: BackgroundSandbox) -
     wait_for(
         lambda: all_resources(
             f"{sandbox.sandbox.fhir_base}/Observation",
-            {"subject:identifier": f"{MRN_SYSTEM}|MRN-BATCH"},
+            {"patient.identifier": f"{MRN_SYSTEM}|MRN-BATCH"},
         ),
         what="the batch's risk Observation",
     )

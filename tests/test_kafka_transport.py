@@ -84,7 +84,7 @@ def test_an_oru_over_mllp_becomes_an_observation_through_kafka(
         observations = wait_for(
             lambda: all_resources(
                 f"{sandbox.sandbox.fhir_base}/Observation",
-                {"subject:identifier": f"urn:ehrbridge:sandbox:mrn|{mrn}"},
+                {"patient.identifier": f"urn:ehrbridge:sandbox:mrn|{mrn}"},
             ),
             60,
             "the risk Observation via Kafka",

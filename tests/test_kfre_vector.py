@@ -103,7 +103,7 @@ def test_the_vector_over_mllp_ends_as_an_observation_in_the_ehr(tmp_path: Path) 
         [observation] = wait_for(
             lambda: all_resources(
                 f"{running.sandbox.fhir_base}/Observation",
-                {"subject:identifier": "urn:ehrbridge:example:ukclj:mrn|U445566"},
+                {"patient.identifier": "urn:ehrbridge:example:ukclj:mrn|U445566"},
             ),
             what="the risk Observation",
         )

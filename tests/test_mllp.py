@@ -62,7 +62,7 @@ def send_raw(sandbox: BackgroundSandbox, data: bytes, *, half_close: bool = Fals
 def observations_for(sandbox: BackgroundSandbox, mrn: str) -> list[dict[str, Any]]:
     return all_resources(
         f"{sandbox.sandbox.fhir_base}/Observation",
-        {"subject:identifier": f"urn:ehrbridge:sandbox:mrn|{mrn}"},
+        {"patient.identifier": f"urn:ehrbridge:sandbox:mrn|{mrn}"},
     )
 
 

@@ -267,7 +267,7 @@ def event(
 def risk_observations(sandbox: BackgroundSandbox, mrn: str) -> list[dict[str, Any]]:
     return all_resources(
         f"{sandbox.sandbox.fhir_base}/Observation",
-        {"subject:identifier": f"{MRN_SYSTEM}|{mrn}", "code": "urn:ehrbridge:codes|kfre-4var"},
+        {"patient.identifier": f"{MRN_SYSTEM}|{mrn}", "code": "urn:ehrbridge:codes|kfre-4var"},
     )
 
 

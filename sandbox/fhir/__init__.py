@@ -19,9 +19,10 @@ EHR::
 Search parameters (any type; a resource without the element never matches):
 ``identifier``, ``code``, ``category``, ``status`` (token: ``system|code``,
 ``code``, ``|code``, ``system|``), ``subject`` and ``patient`` (reference:
-``Patient/1``, ``1``, absolute URL, ``:Patient`` type modifier, and
-``:identifier`` matching ``subject.identifier``; the chains ``subject.identifier``
-and ``patient.identifier`` match it too), ``_id``, ``_lastUpdated``
+``Patient/1``, ``1``, absolute URL, ``:Patient`` type modifier; the chains
+``subject.identifier`` and ``patient.identifier`` match the Reference's own
+``identifier``; the ``:identifier`` modifier is refused, 400, as HAPI JPA
+refuses it), ``_id``, ``_lastUpdated``
 (``eq ne gt ge lt le`` prefixes at any precision). Commas OR values, repeated
 parameters AND. Unknown parameters are ignored (left out of the ``self`` link)
 unless ``Prefer: handling=strict``; conditional criteria never ignore one.

@@ -29,12 +29,12 @@ def capability_rest() -> tuple[str, list[dict[str, Any]]]:
         {
             "name": "subject",
             "type": "reference",
-            "documentation": "also subject:identifier=system|value",
+            "documentation": "also the chain subject.identifier=system|value",
         },
         {
             "name": "patient",
             "type": "reference",
-            "documentation": "also patient:identifier=system|value",
+            "documentation": "also the chain patient.identifier=system|value",
         },
     ]
     resources = [

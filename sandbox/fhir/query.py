@@ -112,8 +112,12 @@ def _parse_filter(query: SearchQuery, name: str, modifier: str, value: str) -> N
         query.groups.append([_token_query_key(f"{reference}:identifier", v) for v in values])
     elif name in _REFERENCE_PARAMS:
         if modifier == "identifier":
-            query.groups.append([_token_query_key(f"{name}:identifier", v) for v in values])
-        elif not modifier or modifier in R4_RESOURCE_TYPES:
+            # As HAPI JPA, the server hospitals run most: it refuses the modifier.
+            raise bad_request(
+                f"{name}:identifier is not supported, as on HAPI FHIR JPA (HAPI-2498); "
+                f"search {name}.identifier=system|value"
+            )
+        if not modifier or modifier in R4_RESOURCE_TYPES:
             query.groups.append([_reference_query_key(name, modifier, v) for v in values])
         else:
             raise bad_request(
