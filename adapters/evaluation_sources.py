@@ -76,7 +76,7 @@ class BulkExport:
         from ehrbridge.evaluation.outcomes import patient_key, subject_id
 
         for path in self.files():
-            for resource in self._resources(path):
+            for resource in self.resources(path):
                 if resource.get("resourceType") == "Patient":
                     key = patient_key(resource, self.patient_system)
                     if key and resource.get("id"):
@@ -89,7 +89,7 @@ class BulkExport:
                     continue
                 yield self.keys[subject], resource
 
-    def _resources(self, path: Path) -> Iterator[dict[str, Any]]:
+    def resources(self, path: Path) -> Iterator[dict[str, Any]]:
         with _open_text(path) as lines:
             for line in lines:
                 if not line.strip():
@@ -107,3 +107,44 @@ class BulkExport:
 def _open_text(path: Path) -> BinaryIO:
     # gzip's and io's readers are both binary files; typeshed names them apart.
     return cast(BinaryIO, gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb"))
+
+
+def patient_bundles(directory: Path) -> tuple[list[tuple[str, bytes]], int]:
+    """A Bulk export regrouped as one collection Bundle per patient: Patient + Observations.
+
+    What the mapping reads of a FHIR patient (``pipelines/fhir_facts.py``); the
+    pipeline then replays each Bundle's history one episode at a time, in time
+    order. Bundles are ordered by their patient's first result, then id, so a
+    replay is the same every time. Returns the Bundles (id, JSON) and the
+    number of unreadable lines.
+    """
+    export = BulkExport(directory)
+    patients: dict[str, dict[str, Any]] = {}
+    observations: dict[str, list[dict[str, Any]]] = {}
+    for path in export.files():
+        for resource in export.resources(path):
+            kind = resource.get("resourceType")
+            if kind == "Patient" and resource.get("id"):
+                patients[str(resource["id"])] = resource
+            elif kind == "Observation":
+                from ehrbridge.evaluation.outcomes import subject_id
+
+                if subject := subject_id(resource):
+                    observations.setdefault(subject, []).append(resource)
+    bundles = [
+        (pid, _first_time(observations.get(pid, [])), _bundle(patient, observations.get(pid, [])))
+        for pid, patient in patients.items()
+    ]
+    bundles.sort(key=lambda b: (b[1], b[0]))
+    return [(pid, payload) for pid, _, payload in bundles], export.bad_lines
+
+
+def _first_time(observations: list[dict[str, Any]]) -> str:
+    times = [str(o.get("effectiveDateTime") or o.get("issued") or "") for o in observations]
+    return min((t for t in times if t), default="9999")
+
+
+def _bundle(patient: dict[str, Any], observations: list[dict[str, Any]]) -> bytes:
+    entries = [{"fullUrl": f"Patient/{patient['id']}", "resource": patient}]
+    entries += [{"resource": o} for o in observations]
+    return orjson.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries})

@@ -16,6 +16,7 @@ commands:
   mappings check|test|explain|unmapped     site mappings: lint, tests, explanations
   bench SCENARIO                           benchmarks (bench/)
   evaluate --site S --model M --out DIR    the model's performance at this site: report + JSON
+  backfill --site S --from PATH            score history (FHIR Bulk, HL7v2 batch) for evaluate
 
 `ehrbridge COMMAND --help` describes each one.
 """
@@ -116,9 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     add_audit_commands(sub)
     add_mapping_commands(sub)
     add_bench_command(sub)
+    from ehrbridge.backfill import add_backfill_command
     from ehrbridge.evaluate import add_evaluate_command
 
     add_evaluate_command(sub)
+    add_backfill_command(sub)
     return parser
 
 

@@ -1,6 +1,7 @@
 """``ehrbridge evaluate``: how well a model works at this site, as a report and a JSON.
 
     ehrbridge evaluate --site site.yaml --model kfre-4var --out report/ [--events DIR]
+                       [--source backfill]
 
 Reads the site's stored predictions (shadow and live alike; the result store
 in ``data_dir``), links each to the outcome found in a FHIR Bulk Data export
@@ -42,6 +43,13 @@ def add_evaluate_command(sub: Any) -> None:
     cmd.add_argument("--out", type=Path, required=True, help="directory for the report")
     cmd.add_argument("--events", type=Path, help="FHIR Bulk Data export (NDJSON) with outcomes")
     cmd.add_argument(
+        "--source",
+        choices=["site", "backfill"],
+        default="site",
+        help="the site's own predictions (shadow and live), or those `ehrbridge backfill` "
+        "made from history (default: site)",
+    )
+    cmd.add_argument(
         "--as-of", type=_aware, help="evaluate as of this time (ISO 8601; default: now)"
     )
     cmd.set_defaults(func=run_evaluate)
@@ -61,7 +69,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"{args.site}: this site runs model {config.model.name!r}, not {args.model!r}"
         )
-    evaluation, links = build(config, args.events, args.as_of or datetime.now(UTC))
+    stores = config.data_dir / "evaluation" if args.source == "backfill" else config.data_dir
+    evaluation, links = build(config, args.events, args.as_of or datetime.now(UTC), stores)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True, mode=0o700)  # it describes patients: private
     _write(out / "evaluation.json", orjson.dumps(evaluation, option=orjson.OPT_INDENT_2))
@@ -90,7 +99,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def build(
-    config: SiteConfig, events_dir: Path | None, as_of: datetime
+    config: SiteConfig, events_dir: Path | None, as_of: datetime, stores: Path | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The evaluation JSON and the links, from the site's stores and an outcome export."""
     from ehrbridge.adapters.evaluation_sources import last_outcomes, stored_predictions
@@ -100,14 +109,15 @@ def build(
     settings = config.evaluation
     spec = load_outcome(config)
     attributes = _declared_attributes(settings.attributes)
-    stored = stored_predictions(config.data_dir / "results.sqlite", config.model.name)
+    stores = stores or config.data_dir
+    stored = stored_predictions(stores / "results.sqlite", config.model.name)
     predictions = [_ref(p, attributes) for p in stored]
     linker = Linker(spec)
     changed = _feed_events(linker, spec, events_dir or settings.events, config)
     book = LinkBook()
     book.refresh(linker, predictions, changed, as_of)
     scored = {p.patient_id for p in predictions}
-    states = last_outcomes(config.data_dir / "state.sqlite")
+    states = last_outcomes(stores / "state.sqlite")
     inp = EvaluationInput(
         site=config.site,
         spec=spec,
