@@ -1,4 +1,6 @@
-"""Triggers and debounce in the processing stage, with the real model server.
+"""Triggers and debounce in the processing stage: a unit test over the memory state
+store and an OIP v2 model double (``httpx.MockTransport``); the model server itself has
+its conformance suite (tests/conformance/test_model_contract.py).
 
 The us-lab-loinc site debounces by visit number (PV1-19): chemistry and urine
 of visit V2002 arrive as two ORU messages. Whatever the batching and order,
@@ -10,17 +12,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from model_double import OipDouble
 
-from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.inference_client import InferenceClient
-from ehrbridge.adapters.sqlite_state import SqliteStateStore
+from ehrbridge.adapters.memory import MemoryStateStore
 from ehrbridge.config import SiteConfig, parse_site_config
 from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.mappings.loader import SITES_DIR
 from ehrbridge.pipelines.process import ProcessStage
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.sandbox.model_server import create_model_app
 
 SITE = SITES_DIR / "us-lab-loinc"
 VISIT_1 = (SITE / "oru-visit-2001.hl7").read_bytes()
@@ -29,22 +31,17 @@ URINE = (SITE / "oru-visit-2002-urine.hl7").read_bytes()
 PANEL = (SITE / "oru-bmp-uacr.hl7").read_bytes()
 
 
-@pytest.fixture(scope="module")
-def model_server() -> Iterator[ThreadedServer]:
-    with ThreadedServer(create_model_app()) as server:
-        yield server
-
-
 class Pipeline:
     """The processing stage of a us-lab-loinc site with its own state."""
 
-    def __init__(self, model_url: str, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path) -> None:
         config: SiteConfig = parse_site_config(
             f"site: us\ndata_dir: {data_dir}\nmapping: {{file: {SITE / 'mapping.yaml'}}}\n"
-            f"model: {{url: {model_url}}}\n"
+            "model: {url: 'https://model.test'}\n"
         )
-        self.state = SqliteStateStore(data_dir / "state.sqlite")
-        self.model = InferenceClient(config.model)
+        self.state = MemoryStateStore()
+        http = httpx.Client(transport=httpx.MockTransport(OipDouble()))
+        self.model = InferenceClient(config.model, client=http)
         self.stage = ProcessStage(config, self.state, self.model)
 
     def run(self, *messages: bytes, key: str | None = None) -> list[Prediction]:
@@ -62,8 +59,8 @@ class Pipeline:
 
 
 @pytest.fixture
-def pipeline(model_server: ThreadedServer, tmp_path: Path) -> Iterator[Pipeline]:
-    running = Pipeline(model_server.base_url, tmp_path)
+def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
+    running = Pipeline(tmp_path)
     yield running
     running.close()
 
@@ -80,9 +77,7 @@ def test_one_batch_gives_one_prediction_per_visit(pipeline: Pipeline) -> None:
     assert (last.egfr, last.uacr_mg_g) == (28, 410)  # the urine message's, not the chemistry's
 
 
-def test_separate_batches_update_one_identity_per_visit(
-    pipeline: Pipeline, model_server: ThreadedServer, tmp_path: Path
-) -> None:
+def test_separate_batches_update_one_identity_per_visit(pipeline: Pipeline, tmp_path: Path) -> None:
     first = pipeline.run(VISIT_1)
     chemistry = pipeline.run(CHEMISTRY)
     urine = pipeline.run(URINE)
@@ -91,7 +86,7 @@ def test_separate_batches_update_one_identity_per_visit(
     assert chemistry[0].identifier == urine[0].identifier  # one Observation, updated
     assert first[0].identifier != urine[0].identifier  # another visit, another Observation
     # The same as one batch would give: batching does not change the outcome.
-    other = Pipeline(model_server.base_url, tmp_path / "other")
+    other = Pipeline(tmp_path / "other")
     try:
         batched = other.run(VISIT_1, CHEMISTRY, URINE)
     finally:
@@ -101,12 +96,12 @@ def test_separate_batches_update_one_identity_per_visit(
 
 
 def test_the_result_does_not_depend_on_the_order_the_visit_arrives_in(
-    pipeline: Pipeline, model_server: ThreadedServer, tmp_path: Path
+    pipeline: Pipeline, tmp_path: Path
 ) -> None:
     pipeline.run(VISIT_1)
     pipeline.run(CHEMISTRY)
     in_order = pipeline.run(URINE)[0]
-    other = Pipeline(model_server.base_url, tmp_path / "reversed")
+    other = Pipeline(tmp_path / "reversed")
     try:
         other.run(VISIT_1)
         other.run(URINE)

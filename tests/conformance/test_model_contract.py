@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import httpx
 import orjson
 import pytest
+from model_double import OipDouble
 
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.inference_client import InferenceClient
@@ -110,34 +111,6 @@ class SandboxBed:
 
     def down(self) -> None:
         self.admin.post("/_admin/faults", json={"down_for_s": 30}).raise_for_status()
-
-
-class OipDouble:
-    """An OIP v2 server in a MockTransport handler: risk_2y = eGFR/1000, risk_5y = UACR/1e4.
-
-    Arbitrary on purpose: it checks the client's tensors and row order, not KFRE.
-    """
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.faults: list[Callable[[httpx.Request], httpx.Response]] = []
-        self.ready = True
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/health/ready"):
-            return httpx.Response(200 if self.ready else 503)
-        self.calls += 1
-        if self.faults:
-            return self.faults.pop(0)(request)
-        inputs = {t["name"]: t["data"] for t in orjson.loads(request.content)["inputs"]}
-        outputs = [
-            {"name": "risk_2y", "datatype": "FP64", "shape": [len(inputs["egfr"])],
-             "data": [e / 1000 for e in inputs["egfr"]]},
-            {"name": "risk_5y", "datatype": "FP64", "shape": [len(inputs["uacr"])],
-             "data": [u / 1e4 for u in inputs["uacr"]]},
-        ]  # fmt: skip
-        body = {"model_name": "kfre-4var", "model_version": "1.0.0", "outputs": outputs}
-        return httpx.Response(200, json=body)
 
 
 class MockBed:
