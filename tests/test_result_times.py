@@ -21,11 +21,12 @@ import yaml
 from auth_tokens import cds_headers
 from auth_tokens import headers as auth
 from conftest import wait_for
+from model_double import OipDouble
 
 from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.adapters.memory import MemoryStateStore
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.sqlite_results import SqliteResultStore
-from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.config import load_site_config, parse_site_config
 from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import MessageUnusable
@@ -153,24 +154,26 @@ def test_a_future_fact_already_in_state_is_never_the_latest_or_an_anchor() -> No
     assert result.anchor == RECEIVED and (result.egfr, result.uacr_mg_g) == (12.0, 2500.0)
 
 
-def test_the_processing_stage_dead_letters_a_future_dated_record_from_an_older_log(
-    tmp_path: Path,
-) -> None:
+def test_the_processing_stage_dead_letters_a_future_dated_record_from_an_older_log() -> None:
     raw = SyntheticEhr(patients=1).renal_oru_for(
         age=66, female=True, at=RECEIVED, egfr=12.0, uacr_mg_g=2500.0, mrn="MFUT"
     )
     raw = raw.replace(b"20260110120000+0000", b"30000101120000+0000")
     assert raw.count(b"30000101") >= 3  # OBR-7 and both OBX-14
     envelope = Envelope("sandbox", "C1", raw, Kind.HL7V2, "MFUT", received_at=RECEIVED)
-    model = InferenceClient(CONFIG.model)
+    double = OipDouble()
+    model = InferenceClient(
+        CONFIG.model, client=httpx.Client(transport=httpx.MockTransport(double))
+    )
     try:
-        stage = ProcessStage(CONFIG, SqliteStateStore(tmp_path / "state.sqlite"), model)
+        stage = ProcessStage(CONFIG, MemoryStateStore(), model)
         [outcome] = stage.process([envelope])
     finally:
         model.close()
     assert isinstance(outcome, Failure) and outcome.permanent
     assert outcome.error.reason == "obx.future_dated"
     assert stage.state.get("MFUT") is None  # it never reached the patient's state
+    assert double.calls == 0  # nor the model
 
 
 def test_the_result_store_never_calls_a_future_anchored_result_the_latest(
