@@ -180,7 +180,7 @@ class AuditTrail:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         if not self.directory.exists():
-            self.directory.mkdir(mode=0o700, parents=True)
+            self.directory.mkdir(mode=0o700)  # inside data_dir, which must exist already
             os.chmod(self.directory, 0o700)
         descriptor = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:

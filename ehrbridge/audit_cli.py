@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ehrbridge.audit import AuditEvent, AuditTrail, cli_caller, matching
+from ehrbridge.core.errors import ConfigError
 
 _ROW = "{:>6}  {:<27} {:<24} {:<40} {:<7} {:<15} {}"
 
@@ -44,10 +45,17 @@ def _when(text: str) -> datetime:
 
 
 def _trail(path: str) -> AuditTrail:
+    """The site's trail; an error naming where it looked when the site has no data there."""
     from ehrbridge.config import load_site_config
     from ehrbridge.runtime import audit_dir
 
-    return AuditTrail(audit_dir(load_site_config(path)))
+    config = load_site_config(path)
+    if not config.data_dir.is_dir():
+        raise ConfigError(
+            f"found no data for site '{config.site}': no data_dir {config.data_dir} "
+            f"(data_dir of {path}, or EHRBRIDGE_DATA_DIR). Has the site run?"
+        )
+    return AuditTrail(audit_dir(config))
 
 
 def _list(args: argparse.Namespace) -> int:

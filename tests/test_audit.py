@@ -360,3 +360,15 @@ def test_cli_reads_are_audited(
     assert (replayed["action"], replayed["patients"]) == ("cli dlq replay", ["MRN-CLI"])
     assert main(["audit", "verify", "--config", site]) == 0
     assert "6 entries from seq 1: intact" in capsys.readouterr().out
+
+
+def test_audit_list_of_a_site_that_never_ran_says_where_it_looked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load(sandbox_site_file().read_text())
+    data["data_dir"] = str(tmp_path / "nowhere")
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["audit", "list", "--config", str(path)]) == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()  # nothing created
