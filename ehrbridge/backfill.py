@@ -24,7 +24,6 @@ reached stops the run before the checkpoint moves (exit 1): rerun when it is bac
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import os
 import sys
@@ -194,11 +193,13 @@ class _BatchState:
 
     def get(self, patient_id: str) -> Any:
         held = self.held.get(patient_id)
-        return copy.deepcopy(held) if held is not None else self.inner.get(patient_id)
+        return held if held is not None else self.inner.get(patient_id)
 
     def put_many(self, states: Iterable[Any]) -> None:
+        # No copies: the SQLite store hands out a fresh object per get, so what the
+        # stage mutates is never the durable copy, and a dropped batch leaves it as it was.
         for state in states:
-            self.held[state.patient_id] = copy.deepcopy(state)
+            self.held[state.patient_id] = state
 
     def commit(self) -> None:
         self.inner.put_many(self.held.values())
