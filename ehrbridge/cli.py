@@ -162,6 +162,7 @@ def _add_sandbox_command(sub: Any) -> None:
     sandbox.add_argument(
         "--ehr-url",
         metavar="URL",
+        default=argparse.SUPPRESS,  # so that the help names $HAPI_BASE_URL, not None
         help="with --ehr hapi: the server's FHIR base (default: $HAPI_BASE_URL)",
     )
     for port in dataclasses.fields(Ports):

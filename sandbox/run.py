@@ -105,15 +105,17 @@ class Sandbox:
         ehr_base: str | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # Private (0700) from the start: a data dir made 0755 here would be refused by the
+        # site's own check a moment later (ehrbridge/datadir.py).
+        secure_data_dir(data_dir)
         # --tls: a local CA and a server certificate, made on first use in <data dir>/tls.
-        self.tls = sandbox_certificates(secure_data_dir(data_dir)) if tls else None
+        self.tls = sandbox_certificates(data_dir) if tls else None
         self.ports = ports or Ports()
         self.configure = configure
         self.configure_fhir_site = configure_fhir_site
         self.model = EmbeddedServer(
             create_model_app(), "127.0.0.1", self.ports.model, field="--model-port"
         )
-        data_dir.mkdir(parents=True, exist_ok=True)
         # ehr_base: a real FHIR server (--ehr hapi) takes the stand-in's place.
         self.ehr_base = ehr_base.rstrip("/") if ehr_base else None
         self.fhir_store: FhirStore | None = None
@@ -504,7 +506,7 @@ def ehr_base_of(args: argparse.Namespace) -> str | None:
     """The real FHIR server's base for ``--ehr hapi`` (None: the stand-in)."""
     if args.ehr == "stand-in":
         return None
-    base: str | None = args.ehr_url or os.environ.get("HAPI_BASE_URL")
+    base: str | None = getattr(args, "ehr_url", None) or os.environ.get("HAPI_BASE_URL")
     if not base:
         raise ConfigError(
             "--ehr hapi needs the server's FHIR base: start it with scripts/hapi start "
