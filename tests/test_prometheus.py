@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from test_message_types import message
 from test_metrics import renal_panel
 from test_mllp import send, send_raw
 
-from ehrbridge.config import MessagePolicy, SiteConfig
+from ehrbridge.config import FeedExpectation, MessagePolicy, SiteConfig
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
@@ -124,3 +125,56 @@ def test_prometheus_scrapes_a_site_and_finds_the_exact_counts(
         assert by_reason == {"hl7.missing_pid": "1", "hl7.no_msh": "1"}
         rules = httpx.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         assert sum(len(group["rules"]) for group in rules) == 11
+
+
+def test_a_feed_that_stops_raises_the_feed_silent_alert_in_prometheus(
+    prometheus: tuple[str, Path], tmp_path: Path, ehr: SyntheticEhr
+) -> None:
+    """A feed sends, then stops: Prometheus sees the silence grow and the shipped rule trip.
+
+    The site declares 60 messages an hour, so the rule's threshold is its floor, 10
+    minutes. The test does not wait 10 minutes: once the feed has stopped, the
+    site's metrics clock is moved 20 minutes on, as if the time had passed (the
+    silence is computed at scrape time from that clock). Prometheus then holds the
+    alert pending (its ``for: 5m`` is Prometheus' own; monitoring/alerts_test.yml
+    covers the firing). When the feed resumes, the alert goes away.
+    """
+    url, data = prometheus
+
+    def configure(config: SiteConfig) -> SiteConfig:
+        feeds = {"mllp": FeedExpectation(expected_per_hour=60)}
+        return config.model_copy(
+            update={"monitoring": config.monitoring.model_copy(update={"feeds": feeds})}
+        )
+
+    with BackgroundSandbox(tmp_path, configure=configure, fhir_site=False) as site:
+        target = site.sandbox.api_url.removeprefix("http://")
+        viewer = site.sandbox.headers("viewer")["Authorization"].removeprefix("Bearer ")
+        (data / "token").write_text(viewer + "\n")
+        (data / "targets" / "feed.json").write_text(json.dumps([{"targets": [target]}]))
+        silence = f'ehrbridge_feed_silence_seconds{{instance="{target}",source="mllp"}}'
+        alert = f'ALERTS{{alertname="EhrbridgeFeedSilent",instance="{target}",source="mllp"}}'
+        for _ in range(3):
+            assert send(site, renal_panel(ehr)[0]).code == "AA"
+        first = wait_for(lambda: query(url, silence), what="the silence metric in Prometheus")
+        expected = query(url, f'ehrbridge_feed_expected_messages{{instance="{target}"}}')
+        assert [float(r["value"][1]) for r in expected] == [60.0]
+
+        # The feed has stopped. Real time first: Prometheus sees the silence grow.
+        grown = wait_for(
+            lambda: [r for r in query(url, silence) if float(r["value"][1]) >= 2.0],
+            what="the silence growing",
+        )
+        assert float(grown[0]["value"][1]) > float(first[0]["value"][1])
+        assert query(url, alert) == []  # seconds of quiet are not an outage
+
+        assert site.sandbox.runtime is not None
+        metrics = site.sandbox.runtime.monitoring.metrics
+        metrics.clock = lambda: datetime.now(UTC) + timedelta(minutes=20)
+        pending = wait_for(lambda: query(url, alert), what="EhrbridgeFeedSilent pending")
+        assert pending[0]["metric"]["alertstate"] == "pending"
+        assert pending[0]["metric"]["site"] == site.sandbox.config.site
+        assert query(url, f"{silence} > 1200")
+
+        assert send(site, renal_panel(ehr)[0]).code == "AA"  # the feed resumes
+        wait_for(lambda: not query(url, alert), what="the alert cleared when the feed resumed")
