@@ -1,11 +1,13 @@
 """FHIR write-back against a real HAPI FHIR JPA server (``scripts/hapi``), not our stand-in.
 
-HAPI is what many hospitals run and what others copy; where it differs from
-``sandbox/fhir_server.py`` the stand-in was kinder than reality:
+HAPI is what many hospitals run and what others copy; where it differed from
+the stand-in (``sandbox/fhir/``) the stand-in was kinder than reality:
 ``Observation?subject:identifier=`` is refused (HAPI-2498), concurrent
 conditional creates of one identifier answer 409, ``Bundle.total`` is left out
 of searchset pages unless ``_total=accurate``, paging links are opaque, and
-with request validation on an invalid resource is answered 422.
+with request validation on an invalid resource is answered 422. The stand-in
+now copies the first three (tests/test_fhir_server.py); these tests keep the
+real server as the judge.
 
 Every test uses patients of its own (a fresh MRN), so they can share one
 long-lived server and its database across runs.
