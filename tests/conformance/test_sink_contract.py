@@ -27,6 +27,7 @@ on real sockets; the MockTransport bed is the unit-level double.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -46,6 +47,7 @@ from ehrbridge.core.contracts import CONTROL_ID_HEADER, BatchError, Envelope, Ki
 from ehrbridge.core.errors import (
     EhrbridgeError,
     PermanentError,
+    RemoteRejected,
     TransientError,
     UpstreamUnavailable,
 )
@@ -662,3 +664,97 @@ def test_retrying_stops_at_once_when_shutting_down() -> None:
         RetryingSink(bed.target, FAST, stop).write([bed.record(0), bed.record(1)])
     assert all(isinstance(e, TransientError) for e in caught.value.errors.values())
     assert bed.target.calls == 1  # left uncommitted for the next owner, not retried
+
+
+# ------------------------------------------- MLLP error translation (a misbehaving peer)
+
+
+class ScriptedPeer:
+    """A TCP peer that answers each frame with ``reply(control_id)`` (None: nothing, then
+    it closes the connection); real sockets, so the sink's own socket errors are met."""
+
+    def __init__(self, reply: Callable[[str], bytes | None]) -> None:
+        self.reply = reply
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\x1c\r" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                control_id = data.split(b"\r", 1)[0].split(b"|")[9].decode() if data else ""
+                answer = self.reply(control_id)
+                if answer is not None:
+                    conn.sendall(answer)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def framed_ack(code: str, control_id: str) -> bytes:
+    ack = f"MSH|^~\\&|EHR|H|EHRBRIDGE|S|20260101||ACK|A1|P|2.5.1\rMSA|{code}|{control_id}\r"
+    return b"\x0b" + ack.encode() + b"\x1c\r"
+
+
+MLLP_TRANSIENT = {
+    "closes-without-answer": lambda cid: None,
+    "garbage-frame": lambda cid: b"\x0bnot an ACK at all\x1c\r",
+    "unframed-bytes": lambda cid: b"HTTP/1.1 400 Bad Request\r\n\r\n",
+    "ack-for-another-message": lambda cid: framed_ack("AA", "SOMEONE-ELSE"),
+    "ack-cut-off": lambda cid: framed_ack("AA", cid)[:20],
+    "application-reject": lambda cid: framed_ack("AR", cid),  # default on_reject: retry
+}
+MLLP_PERMANENT = {
+    "application-error": lambda cid: framed_ack("AE", cid),  # default on_error: dead-letter
+    "unknown-code": lambda cid: framed_ack("ZZ", cid),
+}
+
+
+def mllp_sink_to(port: int) -> MllpSink:
+    target = Hl7v2Writeback(host="127.0.0.1", port=port, ack_timeout_s=0.3, resends=1)
+    return MllpSink(target)
+
+
+@pytest.mark.parametrize("name", MLLP_TRANSIENT)
+def test_mllp_answers_that_may_pass_are_transient(name: str) -> None:
+    peer = ScriptedPeer(MLLP_TRANSIENT[name])
+    sink = mllp_sink_to(peer.port)
+    try:
+        with pytest.raises(TransientError):
+            sink.write([MllpBed().record(0)])
+    finally:
+        sink.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("name", MLLP_PERMANENT)
+def test_mllp_answers_that_will_not_change_are_permanent(name: str) -> None:
+    peer = ScriptedPeer(MLLP_PERMANENT[name])
+    sink = mllp_sink_to(peer.port)
+    try:
+        with pytest.raises(PermanentError) as caught:
+            sink.write([MllpBed().record(0)])
+        assert isinstance(caught.value, RemoteRejected) and caught.value.body  # the ACK kept
+    finally:
+        sink.close()
+        peer.close()
+
+
+def test_mllp_a_peer_nobody_listens_on_is_transient() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sink = mllp_sink_to(port)
+    with pytest.raises(UpstreamUnavailable):
+        sink.write([MllpBed().record(0)])
+    sink.close()
