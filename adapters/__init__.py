@@ -5,26 +5,35 @@ One module per system and role (``mllp_source.py`` receives HL7v2 over MLLP,
 translated into ``ehrbridge.core.errors`` at this boundary, so the rest
 of the pipeline only decides between retry and dead letter.
 
-The registry below is the explicit list of what a site config can name.
+Importing this package imports no adapter: a process loads only the ones its
+roles build, so a processing-only process on the embedded log never loads
+kafka-python. ``REGISTRY`` is the explicit list of what a site config names,
+resolved by :func:`load` when the runtime builds it.
 """
 
 from __future__ import annotations
 
-from ehrbridge.adapters.fhir_sink import FhirSink
-from ehrbridge.adapters.inference_client import InferenceClient
-from ehrbridge.adapters.kafka_log import KafkaLog
-from ehrbridge.adapters.memory import MemorySink, MemorySource
-from ehrbridge.adapters.mllp_client import AsyncMllpClient, MllpClient
-from ehrbridge.adapters.mllp_sink import MllpSink
-from ehrbridge.adapters.mllp_source import MllpSource
-from ehrbridge.adapters.sqlite_log import SqliteLog
+from importlib import import_module
+from typing import Any
 
-REGISTRY: dict[str, dict[str, type]] = {
-    "source": {"mllp": MllpSource, "memory": MemorySource},
-    "sink": {"fhir": FhirSink, "hl7v2-mllp": MllpSink, "memory": MemorySink},
-    "log": {"embedded": SqliteLog, "kafka": KafkaLog},  # `transport.kind` in the site config
-    "model": {"oip-v2": InferenceClient},
-    "client": {"mllp": MllpClient, "mllp-async": AsyncMllpClient},
+REGISTRY: dict[str, dict[str, str]] = {
+    # `transport.kind` in the site config names the durable log and the state store.
+    "log": {"embedded": "sqlite_log:SqliteLog", "kafka": "kafka_log:KafkaLog"},
+    "state": {
+        "embedded": "sqlite_state:SqliteStateStore",
+        "kafka": "kafka_state:ChangelogStateStore",
+    },
+    # The `writeback:` sections a live site fills in: `fhir_base`, `hl7v2`.
+    "sink": {"fhir": "fhir_sink:FhirSink", "hl7v2": "mllp_sink:MllpSink"},
+    # `model:` speaks the Open Inference Protocol v2, the one protocol there is today.
+    "model": {"oip-v2": "inference_client:InferenceClient"},
 }
 
-__all__ = ["REGISTRY"]
+
+def load(kind: str, name: str) -> Any:
+    """The adapter class ``REGISTRY[kind][name]``, imported now (KeyError if unknown)."""
+    module, _, attr = REGISTRY[kind][name].partition(":")
+    return getattr(import_module(f"{__name__}.{module}"), attr)
+
+
+__all__ = ["REGISTRY", "load"]

@@ -16,7 +16,10 @@ What a site operator or integration engineer looks at:
 * ``GET /api/results/{identifier}``: one result's FHIR Observation;
 * ``GET /api/patients/{id}``: what ehrbridge knows of one patient: the
   latest feature record or the reason there is none ("not enough data",
-  or ``out_of_domain: egfr 71.9 >= 60``);
+  or ``out_of_domain: egfr 71.9 >= 60``). Only where this process can read
+  patient state: on the embedded log always (one SQLite file per site), on
+  Kafka only in a process that also runs the processing role (the state is
+  its changelog-backed store); elsewhere the route does not exist (404);
 * ``GET /api/dlq``: dead-lettered records: reason, stage, time, size; the raw
   bytes, replay and message search are ``ehrbridge/operator_api.py``'s
   (operator role), the audit trail too (admin role);
@@ -38,37 +41,48 @@ patient ids.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
-from ehrbridge import __version__
-from ehrbridge.audit import audit_note
+from ehrbridge.adapters.patient_links import PatientLinks
+from ehrbridge.audit import AuditTrail, audit_note
 from ehrbridge.audit_http import AuditMiddleware
 from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
-from ehrbridge.config import ApiRole
+from ehrbridge.config import ApiRole, SiteConfig
 from ehrbridge.core.contracts import utcnow
-from ehrbridge.fhir_api import add_fhir_routes
-from ehrbridge.monitoring import add_monitoring_routes
+from ehrbridge.core.version import __version__
+from ehrbridge.fhir_api import FhirEndpoint, add_fhir_routes
+from ehrbridge.monitoring import SiteMonitoring, add_monitoring_routes
 from ehrbridge.operator_api import add_audit_routes, add_operator_routes
-
-if TYPE_CHECKING:
-    from ehrbridge.runtime import SiteRuntime
+from ehrbridge.pipelines.results import ResultStore
+from ehrbridge.pipelines.state import StateStore
+from ehrbridge.pipelines.transport import Log, topic_name
 
 # Paging positions are SQLite INTEGERs (64-bit); a larger one is a 422, not a 500.
 MAX_OFFSET = 2**62
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such item here"}}
 
 
-def _ingest_counts(runtime: SiteRuntime) -> dict[str, Any]:
-    counts: dict[str, Any] = {}
-    if runtime.mllp is not None:
-        counts["mllp"] = runtime.mllp.stats.snapshot()
-    if runtime.ingest is not None:
-        counts["filtered"] = dict(sorted(runtime.ingest.message_types.filtered.items()))
-    return counts
+@dataclass(frozen=True, slots=True)
+class ApiParts:
+    """What the API answers from. A route whose part this process lacks is not served."""
+
+    config: SiteConfig
+    auth: Authenticator
+    cds_clients: CdsClientAuth
+    monitoring: SiteMonitoring
+    results: ResultStore
+    log: Log  # dead letters and raw messages for the operator routes
+    audit: AuditTrail  # who read which patient's data
+    patient_links: PatientLinks
+    state: StateStore | None = None  # patient state, where this process can read it
+    fhir: FhirEndpoint | None = None  # the FHIR ingest endpoint
+    counts: Callable[[], dict[str, Any]] = dict  # role counters for /health
 
 
 def page_links(request: Request, total: int, limit: int, offset: int) -> dict[str, str | None]:
@@ -84,17 +98,17 @@ def page_links(request: Request, total: int, limit: int, offset: int) -> dict[st
     }
 
 
-def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClientAuth) -> FastAPI:
+def create_api(parts: ApiParts) -> FastAPI:
     app = FastAPI(
         title="ehrbridge",
         version=__version__,
         docs_url="/docs",
     )
-    config = runtime.config
-    app.add_middleware(AuditMiddleware, trail=runtime.audit, routes=lambda: app.routes)
-    viewer = [Depends(auth.require(ApiRole.VIEWER))]
-    operator = [Depends(auth.require(ApiRole.OPERATOR))]
-    admin = [Depends(auth.require(ApiRole.ADMIN))]
+    config, results_store = parts.config, parts.results
+    app.add_middleware(AuditMiddleware, trail=parts.audit, routes=lambda: app.routes)
+    viewer = [Depends(parts.auth.require(ApiRole.VIEWER))]
+    operator = [Depends(parts.auth.require(ApiRole.OPERATOR))]
+    admin = [Depends(parts.auth.require(ApiRole.ADMIN))]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -103,9 +117,8 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
             "site": config.site,
             "mode": config.mode.value,
             "version": __version__,
-            "results": runtime.results.count(),
-            "not_scored": _not_scored(runtime),
-            **_ingest_counts(runtime),
+            "results": results_store.count(),
+            **parts.counts(),
         }
 
     @app.get("/api/results", dependencies=viewer)
@@ -115,9 +128,9 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> dict[str, Any]:
-        found = runtime.results.list(patient_id=patient, limit=limit, offset=offset)
+        found = results_store.list(patient_id=patient, limit=limit, offset=offset)
         audit_note(request.scope).patients.extend(r.patient_id for r in found)
-        total = runtime.results.count(patient_id=patient)
+        total = results_store.count(patient_id=patient)
         return {
             "site": config.site,
             "mode": config.mode.value,
@@ -130,33 +143,16 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
 
     @app.get("/api/results/{identifier}", responses=NOT_FOUND, dependencies=viewer)
     def result(request: Request, identifier: str) -> dict[str, Any]:
-        stored = runtime.results.get(identifier)
+        stored = results_store.get(identifier)
         if stored is None:
             raise HTTPException(404, f"no result {identifier}")
         audit_note(request.scope).patients.append(stored.patient_id)
         return {**stored.summary(), "observation": stored.observation}
 
-    @app.get("/api/patients/{patient_id}", responses=NOT_FOUND, dependencies=viewer)
-    def patient(patient_id: str) -> dict[str, Any]:
-        state = runtime.state.get(patient_id)
-        if state is None:
-            raise HTTPException(404, "no data for this patient")
-        latest = runtime.results.latest(
-            patient_id, utcnow() + config.mapping.values.future_tolerance
-        )
-        return {
-            "patient_id": patient_id,
-            "birth_date": state.birth_date.isoformat() if state.birth_date else None,
-            "sex": state.sex,
-            "facts": {k: [f.to_json() for f in v] for k, v in state.facts.items()},
-            "last_outcome": state.last_outcome,
-            "latest_result": latest.summary() if latest else None,
-        }
-
     @app.get("/api/fhir", responses=NOT_FOUND, dependencies=viewer)
     def fhir_status() -> dict[str, Any]:
         """FHIR ingest counters and every Subscription's state and event-number gaps."""
-        endpoint = runtime.fhir
+        endpoint = parts.fhir
         if endpoint is None:
             raise HTTPException(404, "this process does not run the ingest role")
         return {
@@ -171,7 +167,7 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
         limit: int = Query(100, ge=1, le=1000),
         after: int = Query(-1, ge=-1, le=MAX_OFFSET),
     ) -> dict[str, Any]:
-        records = runtime.log.read(runtime.topic("dlq"), after=after, limit=limit)
+        records = parts.log.read(topic_name(config.site, "dlq"), after=after, limit=limit)
         audit_note(request.scope).patients.extend(r.key for r in records)
         return {
             "records": [
@@ -188,24 +184,37 @@ def create_api(runtime: SiteRuntime, auth: Authenticator, cds_clients: CdsClient
             ]
         }
 
-    add_operator_routes(app, runtime, operator)
-    add_audit_routes(app, runtime.audit, admin)
-    add_monitoring_routes(app, runtime.monitoring, viewer)
-    if runtime.fhir is not None:
-        add_fhir_routes(app, runtime.fhir)
+    add_operator_routes(app, parts.log, config.site, operator)
+    add_audit_routes(app, parts.audit, admin)
+    add_monitoring_routes(app, parts.monitoring, viewer)
+    if parts.state is not None:
+        _add_patient_route(app, parts.config, parts.state, results_store, viewer)
+    if parts.fhir is not None:
+        add_fhir_routes(app, parts.fhir)
     if config.cds_hooks.enabled:
-        service = CdsService(config, runtime.results, runtime.patient_links, state=runtime.state)
-        add_cds_routes(app, service, cds_clients)
+        service = CdsService(config, results_store, parts.patient_links, state=parts.state)
+        add_cds_routes(app, service, parts.cds_clients)
     return app
 
 
-def _not_scored(runtime: SiteRuntime) -> dict[str, int] | None:
-    """Records the model was not asked about since start, by why (processing role only).
-
-    ``out_of_domain``: outside the model's validated domain (pipelines/domain.py);
-    each patient's own reason is on ``/api/patients/{id}``.
-    """
-    stage = runtime.process_stage
-    if stage is None:
-        return None
-    return {"not_enough_data": stage.not_enough_data, "out_of_domain": stage.out_of_domain}
+def _add_patient_route(
+    app: FastAPI,
+    config: SiteConfig,
+    states: StateStore,
+    results_store: ResultStore,
+    viewer: list[Any],
+) -> None:
+    @app.get("/api/patients/{patient_id}", responses=NOT_FOUND, dependencies=viewer)
+    def patient(patient_id: str) -> dict[str, Any]:
+        state = states.get(patient_id)
+        if state is None:
+            raise HTTPException(404, "no data for this patient")
+        latest = results_store.latest(patient_id, utcnow() + config.mapping.values.future_tolerance)
+        return {
+            "patient_id": patient_id,
+            "birth_date": state.birth_date.isoformat() if state.birth_date else None,
+            "sex": state.sex,
+            "facts": {k: [f.to_json() for f in v] for k, v in state.facts.items()},
+            "last_outcome": state.last_outcome,
+            "latest_result": latest.summary() if latest else None,
+        }

@@ -47,7 +47,7 @@ def _when(text: str) -> datetime:
 def _trail(path: str) -> AuditTrail:
     """The site's trail; an error naming where it looked when the site has no data there."""
     from ehrbridge.config import load_site_config
-    from ehrbridge.runtime import audit_dir
+    from ehrbridge.stores import audit_dir
 
     config = load_site_config(path)
     if not config.data_dir.is_dir():

@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=rest,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from ehrbridge import __version__
+    from ehrbridge.core.version import __version__
 
     parser.add_argument("--version", action="version", version=f"ehrbridge {__version__}")
     parser.add_argument(
@@ -231,7 +231,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ehrbridge.config import load_site_config
-    from ehrbridge.runtime import ALL_ROLES, Role, start_when_ready
+    from ehrbridge.runtime import ALL_ROLES, Role, signal_event, start_when_ready
 
     config = load_site_config(args.config)
     roles = {Role(r) for r in args.role} if args.role else ALL_ROLES
@@ -288,21 +288,6 @@ def _sandbox(args: argparse.Namespace) -> int:
 
     asyncio.run(run_sandbox(args))
     return 0
-
-
-def signal_event() -> asyncio.Event:
-    """An event set by SIGINT or SIGTERM (in the running loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
-async def wait_for_signal() -> None:
-    """Block until SIGINT or SIGTERM."""
-    await signal_event().wait()
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def _open(path: str) -> tuple[Log, str]:
 
 def _open_site(path: str) -> tuple[Log, SiteConfig]:
     from ehrbridge.config import load_site_config
-    from ehrbridge.runtime import open_existing_log
+    from ehrbridge.stores import open_existing_log
 
     config = load_site_config(path)
     return open_existing_log(config, path), config
@@ -80,7 +80,7 @@ def _open_site(path: str) -> tuple[Log, SiteConfig]:
 
 def _audit(config: SiteConfig, action: str, records: list[Record], outcome: str) -> None:
     """An audit entry for a CLI read of dead letters (the raw bytes are PHI)."""
-    from ehrbridge.runtime import audit_dir
+    from ehrbridge.stores import audit_dir
 
     AuditTrail(audit_dir(config)).record(
         AuditEvent(

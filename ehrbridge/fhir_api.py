@@ -57,7 +57,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from ehrbridge import __version__
 from ehrbridge.adapters.fhir_client import FhirReader
 from ehrbridge.adapters.fhir_http import (
     FHIR_JSON,
@@ -83,6 +82,7 @@ from ehrbridge.core.errors import (
     RemoteRejected,
     TransientError,
 )
+from ehrbridge.core.version import __version__
 from ehrbridge.pipelines.fhir_ingest import (
     READ_TYPES,
     Checked,

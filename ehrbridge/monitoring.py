@@ -33,19 +33,19 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Response
 from fastapi.params import Depends
 
-from ehrbridge import __version__
 from ehrbridge._http import EmbeddedServer
 from ehrbridge.adapters.prometheus_metrics import CONTENT_TYPE, PrometheusMetrics
+from ehrbridge.core.version import __version__
 
 if TYPE_CHECKING:
-    from ehrbridge.runtime import SiteRuntime
+    from ehrbridge.config import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +101,12 @@ def url_check(url: str) -> Check:
 class SiteMonitoring:
     """The metrics, readiness checks and state-saving timer of one site runtime."""
 
-    def __init__(self, runtime: SiteRuntime) -> None:
-        self.runtime = runtime
-        self.config = runtime.config
-        self.metrics = PrometheusMetrics(runtime.config)
+    def __init__(self, config: SiteConfig, roles: Iterable[str]) -> None:
+        self.config = config
+        self.roles = frozenset(roles)
+        self.metrics = PrometheusMetrics(config)
         self.metrics.load()
-        self.readiness = Readiness({}, runtime.config.monitoring.ready_cache_s)
+        self.readiness = Readiness({}, config.monitoring.ready_cache_s)
         self.server: EmbeddedServer | None = None
         self._saver: asyncio.Task[None] | None = None
 
@@ -118,7 +118,7 @@ class SiteMonitoring:
         self._saver = asyncio.create_task(self._save_periodically())
         port = self.config.monitoring.port
         if serve_http and port is not None:
-            app = create_monitoring_api(self.runtime)
+            app = create_monitoring_api(self)
             self.server = EmbeddedServer(app, self.config.http.host, port, field="monitoring.port")
             await self.server.start()
             log.info("monitoring for site %s on port %d", self.config.site, self.server.port)
@@ -175,21 +175,20 @@ def add_monitoring_routes(
         return {"site": monitoring.config.site, "models": metrics.drift_json()}
 
 
-def create_monitoring_api(runtime: SiteRuntime) -> FastAPI:
+def create_monitoring_api(monitoring: SiteMonitoring) -> FastAPI:
     """The HTTP API of a process without the ingest role: health and monitoring only."""
     app = FastAPI(title="ehrbridge monitoring", version=__version__)
-    config = runtime.config
+    config = monitoring.config
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        roles = ",".join(sorted(runtime.roles))
+        roles = ",".join(sorted(monitoring.roles))
         return {"status": "ok", "site": config.site, "mode": config.mode.value, "roles": roles}
 
-    assert runtime.monitoring is not None
     from ehrbridge.auth import Authenticator
     from ehrbridge.config import ApiRole
 
     auth = Authenticator(config.auth)  # a missing secret stops the start here
     viewer = [Depends(auth.require(ApiRole.VIEWER))]
-    add_monitoring_routes(app, runtime.monitoring, viewer)
+    add_monitoring_routes(app, monitoring, viewer)
     return app

@@ -34,12 +34,10 @@ from pydantic.json_schema import SkipJsonSchema
 
 from ehrbridge.audit import AuditTrail, audit_note, matching
 from ehrbridge.dlq import Selection, dead_at, dead_letter, replay, replayed_offsets, selected
-from ehrbridge.pipelines.transport import Record
+from ehrbridge.pipelines.transport import Log, Record, topic_name
 
 if TYPE_CHECKING:
     from fastapi.params import Depends
-
-    from ehrbridge.runtime import SiteRuntime
 
 MAX_OFFSET = 2**62
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such item here"}}
@@ -97,24 +95,21 @@ def _message(record: Record, raw: bool = False) -> dict[str, Any]:
     return found
 
 
-def add_operator_routes(app: FastAPI, runtime: SiteRuntime, operator: Sequence[Depends]) -> None:
-    _add_dead_letter_routes(app, runtime, operator)
-    _add_message_routes(app, runtime, operator)
+def add_operator_routes(app: FastAPI, log: Log, site: str, operator: Sequence[Depends]) -> None:
+    _add_dead_letter_routes(app, log, site, operator)
+    _add_message_routes(app, log, site, operator)
 
 
-def _add_dead_letter_routes(
-    app: FastAPI, runtime: SiteRuntime, operator: Sequence[Depends]
-) -> None:
-    site = runtime.config.site
+def _add_dead_letter_routes(app: FastAPI, log: Log, site: str, operator: Sequence[Depends]) -> None:
 
     @app.get("/api/dlq/{offset}", responses=NOT_FOUND, dependencies=list(operator))
     def dead_letter_detail(request: Request, offset: int = _OFFSET) -> dict[str, Any]:
         """One dead letter with its raw bytes (PHI: operator role, audited)."""
-        record = dead_letter(runtime.log, site, offset)
+        record = dead_letter(log, site, offset)
         if record is None:
             raise HTTPException(404, f"no dead letter at offset {offset}")
         audit_note(request.scope).patients.append(record.key)
-        replayed = offset in replayed_offsets(runtime.log, site)
+        replayed = offset in replayed_offsets(log, site)
         return {
             **_message(record, raw=True),
             "reason": record.headers.get("error.reason"),
@@ -131,18 +126,18 @@ def _add_dead_letter_routes(
             frozenset(body.offsets or ()), body.reason, _utc(body.since), _utc(body.until)
         )
         if body.dry_run:
-            done = set() if body.again else replayed_offsets(runtime.log, site)
-            chosen = [r for r in selected(selection, runtime.log, site) if r.offset not in done]
+            done = set() if body.again else replayed_offsets(log, site)
+            chosen = [r for r in selected(selection, log, site) if r.offset not in done]
         else:
-            chosen = replay(runtime.log, site, selection, again=body.again)
+            chosen = replay(log, site, selection, again=body.again)
         note = audit_note(request.scope)
         note.patients.extend(r.key for r in chosen)
         note.detail.update(offsets=[r.offset for r in chosen], dry_run=body.dry_run)
         return {"dry_run": body.dry_run, "replayed": [r.offset for r in chosen]}
 
 
-def _add_message_routes(app: FastAPI, runtime: SiteRuntime, operator: Sequence[Depends]) -> None:
-    raw_topic = runtime.topic("raw")
+def _add_message_routes(app: FastAPI, log: Log, site: str, operator: Sequence[Depends]) -> None:
+    raw_topic = topic_name(site, "raw")
 
     @app.get("/api/messages", dependencies=list(operator))
     def messages(
@@ -160,7 +155,7 @@ def _add_message_routes(app: FastAPI, runtime: SiteRuntime, operator: Sequence[D
         found: list[Record] = []
         position, scanned = after, 0
         while scanned < scan and len(found) < limit:
-            batch = runtime.log.read(raw_topic, after=position, limit=min(500, scan - scanned))
+            batch = log.read(raw_topic, after=position, limit=min(500, scan - scanned))
             if not batch:
                 break
             for record in batch:
@@ -179,7 +174,7 @@ def _add_message_routes(app: FastAPI, runtime: SiteRuntime, operator: Sequence[D
     @app.get("/api/messages/{offset}", responses=NOT_FOUND, dependencies=list(operator))
     def message(request: Request, offset: int = _OFFSET) -> dict[str, Any]:
         """One stored inbound message with its raw bytes (PHI: operator role, audited)."""
-        batch = runtime.log.read(raw_topic, after=offset - 1, limit=1)
+        batch = log.read(raw_topic, after=offset - 1, limit=1)
         if not batch or batch[0].offset != offset:
             raise HTTPException(404, f"no stored message at offset {offset}")
         audit_note(request.scope).patients.append(batch[0].key)

@@ -11,34 +11,31 @@ and runs the roles asked of it:
 
 All roles in one process is the default (and the sandbox). Each role can
 also run in its own processes (``ehrbridge run --role``), scaled out on the
-Kafka transport.
+Kafka transport. A process builds only what its roles use: the stores open on
+first use, and the adapters the site config names (``transport.kind``, the
+write-back targets) come from ``ehrbridge.adapters.REGISTRY``, imported then.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import signal
 import threading
 from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from ehrbridge._http import EmbeddedServer
-from ehrbridge.adapters import REGISTRY
+from ehrbridge.adapters import load
 from ehrbridge.adapters.fhir_client import FhirReader
-from ehrbridge.adapters.fhir_sink import FhirSink
-from ehrbridge.adapters.inference_client import InferenceClient
-from ehrbridge.adapters.kafka_log import KafkaLog
-from ehrbridge.adapters.kafka_state import ChangelogStateStore
-from ehrbridge.adapters.mllp_sink import MllpSink
 from ehrbridge.adapters.mllp_source import MllpSource
 from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.adapters.smart_auth import token_source
-from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.adapters.sqlite_results import SqliteResultStore
-from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.adapters.subscription_ledger import SubscriptionLedger
 from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
 from ehrbridge.audit import AuditTrail
@@ -46,19 +43,24 @@ from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
 from ehrbridge.core.contracts import Sink
-from ehrbridge.core.errors import ConfigError, TransientError
+from ehrbridge.core.errors import TransientError
 from ehrbridge.datadir import secure_data_dir
 from ehrbridge.monitoring import SiteMonitoring, tcp_check, url_check
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
 from ehrbridge.pipelines.process import ProcessStage
 from ehrbridge.pipelines.retry import DelayedRetryForwarder, FailureRouter, RetryingStage
-from ehrbridge.pipelines.transport import Consumer, Log, Record, topic_name
+from ehrbridge.pipelines.state import StateStore
+from ehrbridge.pipelines.transport import Consumer, Record, topic_name
 from ehrbridge.pipelines.worker import StageWorker
 from ehrbridge.pipelines.writeback import FHIR_TARGET, HL7V2_TARGET, WritebackStage
 from ehrbridge.retention import Purger
+from ehrbridge.stores import audit_dir, open_log
 
 if TYPE_CHECKING:
+    from ehrbridge.adapters.kafka_log import KafkaLog
+    from ehrbridge.adapters.kafka_state import ChangelogStateStore
+    from ehrbridge.api import ApiParts
     from ehrbridge.fhir_api import FhirEndpoint
 
 log = logging.getLogger(__name__)
@@ -73,39 +75,19 @@ class Role(StrEnum):
 ALL_ROLES = frozenset(Role)
 
 
-def open_log(config: SiteConfig) -> Log:
-    """The durable log the site config names (``transport.kind``)."""
-    transport = config.transport
-    if isinstance(transport, KafkaTransport):
-        kafka_class: type[KafkaLog] = REGISTRY["log"]["kafka"]
-        return kafka_class(
-            transport, client_id=f"ehrbridge-{config.site}", retention=config.retention
-        )
-    log_class: type[SqliteLog] = REGISTRY["log"]["embedded"]
-    return log_class(config.data_dir / "log.sqlite")
+def signal_event() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (in the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
-def open_existing_log(config: SiteConfig, source: Path | str) -> Log:
-    """The site's log for a command that reads what a running site stored.
-
-    It never creates one: an empty new store would answer "0 dead letters"
-    for a site whose data is elsewhere. The error says where it looked.
-    """
-    if config.transport.kind == "embedded":
-        log_file = config.data_dir / "log.sqlite"
-        if not log_file.is_file():
-            raise ConfigError(
-                f"found no data for site '{config.site}': no log at {log_file} "
-                f"(data_dir of {source}, or EHRBRIDGE_DATA_DIR). Has the site run with this "
-                "data_dir? The sandbox keeps its data in its --data-dir "
-                "(default .ehrbridge-sandbox, next to sandbox/site.yaml's folder)."
-            )
-    return open_log(config)
-
-
-def audit_dir(config: SiteConfig) -> Path:
-    """Where the site's audit trail is kept: private, beside its other stores."""
-    return config.data_dir / "audit"
+async def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    await signal_event().wait()
 
 
 async def start_when_ready(
@@ -150,9 +132,6 @@ class SiteRuntime:
             secure_data_dir(config.transport.state_dir, "transport.state_dir")
         self.log = open_log(config)
         self.changelog_state: ChangelogStateStore | None = None  # kafka transport only
-        self.state = self._open_state()
-        self.results = SqliteResultStore(config.data_dir / "results.sqlite")
-        self.patient_links = PatientLinks(config.data_dir / "patient_links.sqlite")
         self.audit = AuditTrail(audit_dir(config))  # who read which patient's data
         self.router = FailureRouter(config.site, config.retry)
         self.stop_event = threading.Event()
@@ -168,22 +147,54 @@ class SiteRuntime:
         self.authenticator: Authenticator | None = None  # API credentials (ingest role)
         self.writeback_targets: dict[str, Sink] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.monitoring = SiteMonitoring(self)
+        self.monitoring = SiteMonitoring(config, self.roles)
         self.monitoring.add_check("log", self._log_answers)
 
-    def _open_state(self) -> SqliteStateStore | ChangelogStateStore:
-        """Per-patient state: on Kafka, the processing role's changelog-backed store."""
+    def _opened(self, store: Any) -> Any:
+        self._closers.append(store.close)
+        return store
+
+    @functools.cached_property
+    def results(self) -> SqliteResultStore:
+        """Written by the write-back role; read by the API, CDS Hooks and the purge."""
+        return cast(SqliteResultStore, self._opened(SqliteResultStore(self._data("results"))))
+
+    @functools.cached_property
+    def patient_links(self) -> PatientLinks:
+        """Identifiers FHIR ingest has seen together; read by CDS Hooks (ingest role)."""
+        return cast(PatientLinks, self._opened(PatientLinks(self._data("patient_links"))))
+
+    @functools.cached_property
+    def state(self) -> StateStore:
+        """Per-patient state as the processing role keeps it (``transport.kind``).
+
+        Embedded: one SQLite file that every process of the site shares. Kafka:
+        the processing role's store, one file per partition restored from the
+        compacted changelog as partitions are assigned.
+        """
         transport = self.config.transport
-        if isinstance(self.log, KafkaLog) and Role.PROCESS in self.roles:
-            assert isinstance(transport, KafkaTransport)
-            self.changelog_state = ChangelogStateStore(
-                transport.state_dir or self.config.data_dir / "state-kafka",
-                self.log,
-                self.topic("state-changelog"),
-                input_topic=self.topic("raw"),
-            )
-            return self.changelog_state
-        return SqliteStateStore(self.config.data_dir / "state.sqlite")
+        store_class = load("state", transport.kind)
+        if not isinstance(transport, KafkaTransport):
+            return cast(StateStore, self._opened(store_class(self._data("state"))))
+        state_dir = transport.state_dir or self.config.data_dir / "state-kafka"
+        changelog = store_class(
+            state_dir, self.log, self.topic("state-changelog"), input_topic=self.topic("raw")
+        )
+        self.changelog_state = changelog
+        return cast(StateStore, self._opened(changelog))
+
+    def readable_state(self) -> StateStore | None:
+        """The patient state this process can answer from; None if it has none.
+
+        On Kafka an ingest-only process keeps no state (the processing role's
+        partitions live elsewhere), so it serves no ``/api/patients``.
+        """
+        if self.config.transport.kind == "kafka" and Role.PROCESS not in self.roles:
+            return None
+        return self.state
+
+    def _data(self, name: str) -> Path:
+        return self.config.data_dir / f"{name}.sqlite"
 
     def topic(self, name: str) -> str:
         return topic_name(self.config.site, name)
@@ -220,11 +231,29 @@ class SiteRuntime:
         metrics.mllp_stats = self.mllp.stats.snapshot
         await self.mllp.start(ingest.deliver)
         http = self.config.http
-        app = create_api(self, auth, self._cds_clients())
+        app = create_api(self.api_parts(auth))
         self.http = EmbeddedServer(app, http.host, http.port, field="http.port", tls=http.tls)
         await self.http.start()
         if self.certificate_reloaders:
             self._tasks.append(asyncio.create_task(self._watch_certificates()))
+
+    def api_parts(self, auth: Authenticator) -> ApiParts:
+        """What this process's API answers from: only what its roles keep."""
+        from ehrbridge.api import ApiParts
+
+        return ApiParts(
+            config=self.config,
+            auth=auth,
+            cds_clients=self._cds_clients(),
+            monitoring=self.monitoring,
+            results=self.results,
+            log=self.log,
+            audit=self.audit,
+            patient_links=self.patient_links,
+            state=self.readable_state(),
+            fhir=self.fhir,
+            counts=self._health_counts,
+        )
 
     @property
     def certificate_reloaders(self) -> list[CertificateReloader]:
@@ -270,24 +299,20 @@ class SiteRuntime:
         return FhirEndpoint(self.config, ingest, self.patient_links, ledger, callers, reader=reader)
 
     def _start_processing(self) -> None:
-        model = InferenceClient(self.config.model)
-        self._closers.append(model.close)
+        model = self._opened(load("model", "oip-v2")(self.config.model))
         self.monitoring.add_check(
             "model", lambda: None if model.ready() else f"not ready at {self.config.model.url}"
         )
-        if isinstance(self.log, KafkaLog):
-            self._start_kafka_processing(self.log, model)
-            return
         stage = ProcessStage(self.config, self.state, model, self.monitoring.metrics)
         self.process_stage = stage
-        self._worker("process", [self.topic("raw")], stage, self.topic("predictions"))
+        if self.changelog_state is None:
+            self._worker("process", [self.topic("raw")], stage, self.topic("predictions"))
+            return
+        self._start_changelog_worker(stage, self.changelog_state)
 
-    def _start_kafka_processing(self, kafka: KafkaLog, model: InferenceClient) -> None:
+    def _start_changelog_worker(self, stage: ProcessStage, state: ChangelogStateStore) -> None:
         """Per-partition state, restored from the changelog whenever partitions arrive."""
-        state = self.changelog_state
-        assert state is not None
-        stage = ProcessStage(self.config, state, model, self.monitoring.metrics)
-        self.process_stage = stage
+        kafka = cast("KafkaLog", self.log)
         consumer = kafka.consumer(self.topic("process"), [self.topic("raw")], state.restore)
         self._worker(
             "process",
@@ -329,11 +354,27 @@ class SiteRuntime:
 
     def _log_answers(self) -> str | None:
         """Readiness: the durable log answers a cheap read (Kafka: the raw topic's metadata)."""
-        if isinstance(self.log, KafkaLog):
-            return None if self.log.partitions_of(self.topic("raw")) else "no raw topic metadata"
-        assert isinstance(self.log, SqliteLog)
-        self.log.end_offset(self.topic("raw"))
+        if self.config.transport.kind == "kafka":
+            kafka = cast("KafkaLog", self.log)
+            return None if kafka.partitions_of(self.topic("raw")) else "no raw topic metadata"
+        self.log.read(self.topic("raw"), after=-1, limit=1)
         return None
+
+    def _health_counts(self) -> dict[str, Any]:
+        """What /health adds per role: not scored (processing), MLLP and filtered (ingest)."""
+        counts: dict[str, Any] = {"not_scored": None}
+        if self.process_stage is not None:
+            stage = self.process_stage
+            # out_of_domain: outside the model's validated domain (pipelines/domain.py).
+            counts["not_scored"] = {
+                "not_enough_data": stage.not_enough_data,
+                "out_of_domain": stage.out_of_domain,
+            }
+        if self.mllp is not None:
+            counts["mllp"] = self.mllp.stats.snapshot()
+        if self.ingest is not None:
+            counts["filtered"] = dict(sorted(self.ingest.message_types.filtered.items()))
+        return counts
 
     def _writeback_targets(self) -> dict[str, Sink]:
         """FHIR transactions and/or HL7v2 ORU over MLLP, as the site config names them."""
@@ -344,7 +385,7 @@ class SiteRuntime:
             auth = token_source(wb.auth, wb.fhir_base, timeout_s=wb.timeout_s, verify=verify)
             if auth is not None:
                 self._closers.append(auth.close)
-            targets[FHIR_TARGET] = FhirSink(
+            targets[FHIR_TARGET] = load("sink", FHIR_TARGET)(
                 wb.fhir_base,
                 timeout_s=wb.timeout_s,
                 auth=auth,
@@ -352,7 +393,7 @@ class SiteRuntime:
                 verify=verify,
             )
         if wb.hl7v2 is not None:
-            targets[HL7V2_TARGET] = MllpSink(wb.hl7v2)
+            targets[HL7V2_TARGET] = load("sink", HL7V2_TARGET)(wb.hl7v2)
         self._closers.extend(sink.close for sink in targets.values())
         return targets
 
@@ -418,9 +459,6 @@ class SiteRuntime:
         for close in self._closers:
             close()
         self.log.close()
-        self.state.close()
-        self.results.close()
-        self.patient_links.close()
         log.info("site %s stopped", self.config.site)
 
     def _join(self) -> None:

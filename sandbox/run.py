@@ -477,7 +477,7 @@ def _how_to_call(sandbox: Sandbox) -> list[str]:
 
 
 async def run_sandbox(args: argparse.Namespace) -> None:
-    from ehrbridge.cli import wait_for_signal
+    from ehrbridge.runtime import wait_for_signal
 
     data_dir: Path = args.data_dir.resolve()
     if args.fresh and data_dir.exists():

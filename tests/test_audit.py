@@ -37,9 +37,9 @@ from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import MessageUnusable
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.transport import dead_letter_record, topic_name
-from ehrbridge.runtime import open_log
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
+from ehrbridge.stores import open_log
 
 SERVICE = "/cds-services/kfre-patient-view"
 

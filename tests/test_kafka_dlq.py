@@ -19,8 +19,8 @@ from ehrbridge.config import load_site_config
 from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, UpstreamUnavailable
 from ehrbridge.pipelines.transport import Log, dead_letter_record, topic_name
-from ehrbridge.runtime import open_log
 from ehrbridge.sandbox.run import sandbox_site_file
+from ehrbridge.stores import open_log
 
 pytestmark = pytest.mark.kafka
 

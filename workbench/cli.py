@@ -103,7 +103,7 @@ def _explain(args: argparse.Namespace) -> int:
 def _unmapped(args: argparse.Namespace) -> int:
     from ehrbridge.config import load_site_config
     from ehrbridge.pipelines.facts import FactRules
-    from ehrbridge.runtime import open_existing_log
+    from ehrbridge.stores import open_existing_log
     from ehrbridge.workbench.unmapped import collect, render
 
     config = load_site_config(args.site)
