@@ -21,6 +21,7 @@ stays ignorant of retries, and the worker only routes outcomes.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -93,6 +94,17 @@ def call_with_retry(
     return retrying(fn)
 
 
+def backoff(policy: RetryPolicy, attempt: int) -> float:
+    """Seconds to wait after ``attempt`` failed: exponential, capped, with full jitter.
+
+    Full jitter (a uniform draw below the exponential cap, as tenacity's
+    ``wait_random_exponential`` in :func:`call_with_retry`) keeps workers that
+    failed together on one outage from retrying together when it ends.
+    """
+    cap = min(policy.max_backoff_s, policy.initial_backoff_s * 2 ** (attempt - 1))
+    return random.uniform(0, cap)
+
+
 class RetryingStage:
     """Re-runs a stage for the envelopes that failed transiently, in place."""
 
@@ -126,8 +138,7 @@ class RetryingStage:
         return self.stop is not None and self.stop.is_set()
 
     def _sleep(self, attempt: int) -> None:
-        delay = min(self.policy.max_backoff_s, self.policy.initial_backoff_s * 2 ** (attempt - 1))
-        (self.stop.wait if self.stop is not None else time.sleep)(delay)
+        (self.stop.wait if self.stop is not None else time.sleep)(backoff(self.policy, attempt))
 
 
 class RetryingSink:

@@ -64,7 +64,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from ehrbridge.core.contracts import Envelope, Failure, envelope_from_headers, header_map
-from ehrbridge.core.errors import RemoteRejected
+from ehrbridge.core.errors import EhrbridgeError, RemoteRejected
 
 TOPICS = ("raw", "predictions", "retry", "dlq")
 
@@ -133,15 +133,19 @@ def from_record(record: Record) -> Envelope:
 
 def dead_letter_record(failure: Failure, topic: str) -> Record:
     """The DLQ form of a failure: original bytes, provenance, and the reason."""
-    error = failure.error
+    return to_record(failure.envelope, topic, dead_letter_headers(failure.error, failure.stage))
+
+
+def dead_letter_headers(error: EhrbridgeError, stage: str) -> dict[str, str]:
+    """What every dead letter says about its failure; the one place they are written."""
     headers = {
         "error.reason": error.reason,
         "error.detail": error.detail,
         "error.class": type(error).__name__,
-        "error.stage": failure.stage,
+        "error.stage": stage,
         "error.at": datetime.now(UTC).isoformat(),
     }
     if isinstance(error, RemoteRejected) and error.body:
         # The remote's own answer (a FHIR OperationOutcome) names the offending element.
         headers["error.response"] = error.body.decode("utf-8", errors="replace")
-    return to_record(failure.envelope, topic, headers)
+    return headers

@@ -28,6 +28,7 @@ from ehrbridge.pipelines.transport import (
     Consumer,
     Log,
     Record,
+    dead_letter_headers,
     dead_letter_record,
     from_record,
     to_record,
@@ -110,7 +111,7 @@ class StageWorker:
             try:
                 envelope = from_record(record)
             except (KeyError, ValueError) as exc:
-                outputs.append(_unreadable(record, self.router.dlq, exc))
+                outputs.append(_unreadable(record, self.router.dlq, exc, self.stage.name))
                 continue
             origin[id(envelope)] = record.topic
             envelopes.append(envelope)
@@ -135,17 +136,13 @@ def _log_failure(failure: Failure) -> None:
     )
 
 
-def _unreadable(record: Record, dlq: str, exc: Exception) -> Record:
+def _unreadable(record: Record, dlq: str, exc: Exception, stage: str) -> Record:
     """A record whose provenance headers are broken still reaches the DLQ intact."""
     error: EhrbridgeError = MessageRejected(
         f"record headers unreadable: {exc!r}", reason="record.headers"
     )
-    return Record(
-        topic=dlq,
-        key=record.key,
-        value=record.value,
-        headers={**record.headers, "error.reason": error.reason, "error.detail": error.detail},
-    )
+    headers = {**record.headers, **dead_letter_headers(error, stage)}
+    return Record(topic=dlq, key=record.key, value=record.value, headers=headers)
 
 
 __all__ = ["StageWorker", "dead_letter_record"]
