@@ -15,7 +15,7 @@ from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
-pytest_plugins = ["kafka_fixture", "hapi_fixture"]
+pytest_plugins = ["kafka_fixture", "hapi_fixture", "model_servers_fixture"]
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 T = TypeVar("T")
