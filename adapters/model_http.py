@@ -14,7 +14,7 @@ does the rest the same way for all of them:
 * **Capped answers** -- a body above ``max_response_bytes`` is refused unread.
 
 Third-party errors are translated here, at the boundary, into the project's
-exception tree (``ehrbridge.pipelines.errors``)::
+exception tree (``ehrbridge.core.errors``)::
 
     UpstreamUnavailable (retried)   connection refused/reset, timeout, 408, 425,
                                     429, 5xx
@@ -39,7 +39,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ehrbridge.adapters.smart_auth import read_secret
-from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 
 __all__ = [
     "FeatureBatch",

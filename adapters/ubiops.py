@@ -30,7 +30,7 @@ from ehrbridge.adapters.model_http import (
     ModelAnswer,
     ModelEndpointSettings,
 )
-from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 
 __all__ = ["UbiOpsClient"]
 

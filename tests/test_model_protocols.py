@@ -27,7 +27,7 @@ from ehrbridge.adapters.model_http import (
 )
 from ehrbridge.adapters.oip_v2 import OipV2Client
 from ehrbridge.adapters.ubiops import UbiOpsClient
-from ehrbridge.pipelines.errors import ConfigError, RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import ConfigError, RemoteRejected, UpstreamUnavailable
 
 Handler = Callable[[httpx.Request], httpx.Response]
 BATCH = FeatureBatch(("age", "egfr"), [[61.0, 22.5], [45.0, 48.0], [80.0, 12.0]])

@@ -25,7 +25,7 @@ from ehrbridge.adapters.mlflow_scoring import MlflowScoringClient
 from ehrbridge.adapters.model_http import FeatureBatch, ModelEndpointSettings
 from ehrbridge.adapters.oip_v2 import OipV2Client
 from ehrbridge.bench.model_servers import FEATURES, MODEL_NAME, adapter_for, probabilities
-from ehrbridge.pipelines.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.sandbox.model_server import create_model_app
 
 AGREEMENT = 1e-9
