@@ -41,7 +41,11 @@ def add_evaluate_command(sub: Any) -> None:
     cmd.add_argument("--site", type=Path, required=True, help="the site YAML file")
     cmd.add_argument("--model", required=True, help="the model to evaluate, e.g. kfre-4var")
     cmd.add_argument("--out", type=Path, required=True, help="directory for the report")
-    cmd.add_argument("--events", type=Path, help="FHIR Bulk Data export (NDJSON) with outcomes")
+    cmd.add_argument(
+        "--events",
+        type=Path,
+        help="outcomes: a FHIR Bulk Data export (NDJSON directory) or an HL7v2 batch file",
+    )
     cmd.add_argument(
         "--source",
         choices=["site", "backfill"],
@@ -166,10 +170,28 @@ def _feed_events(linker: Any, spec: Any, events_dir: Path | None, config: SiteCo
     if events_dir is None:
         return set()
     recogniser = Recogniser.of(spec)
+    if events_dir.is_file():  # an HL7v2 batch (ADT/DFT/ORU): DG1, PR1, PID-29, OBX
+        return _feed_hl7(linker, recogniser, events_dir, config)
     export = BulkExport(events_dir, config.mapping.patient.fhir_system)
     changed: set[str] = set()
     for key, resource in export:
         changed |= linker.add(recogniser.events(resource, key))
+    return changed
+
+
+def _feed_hl7(linker: Any, recogniser: Any, path: Path, config: SiteConfig) -> set[str]:
+    from ehrbridge.hl7_outcomes import Hl7OutcomeReader
+    from ehrbridge.pipelines.facts import FactRules
+    from ehrbridge.workbench.messages import split_hl7
+
+    reader = Hl7OutcomeReader(recogniser, FactRules(config.mapping))
+    try:
+        messages = split_hl7(path.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"{path}: {error.strerror}") from None
+    changed: set[str] = linker.add(reader.events(messages))
+    if reader.unreadable:
+        print(f"{path}: {reader.unreadable} messages could not be read and were skipped")
     return changed
 
 
