@@ -67,6 +67,8 @@ from ehrbridge.auth import PRINCIPAL_KEY, AuthFailure, Principal
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.core.contracts import utcnow
+from ehrbridge.pipelines.ingest import innermost_frame
+from ehrbridge.pipelines.jsonshape import items, obj
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.results import ResultStore, StoredResult
 from ehrbridge.pipelines.state import StateStore
@@ -187,7 +189,8 @@ class CdsService:
     def _from_patient(self, patient: Any) -> str | None:
         if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
             return None
-        for identifier in patient.get("identifier") or ():
+        identifiers = patient.get("identifier")
+        for identifier in identifiers if isinstance(identifiers, list) else ():
             if isinstance(identifier, dict) and identifier.get("system") == self.system:
                 value = identifier.get("value")
                 if isinstance(value, str) and value.strip():
@@ -278,8 +281,8 @@ def _context(body: Any) -> dict[str, Any]:
 
 
 def _interpretation(observation: dict[str, Any]) -> tuple[str, str]:
-    for concept in observation.get("interpretation") or ():
-        for coding in concept.get("coding") or ():
+    for concept in items(observation.get("interpretation")):
+        for coding in items(concept.get("coding")):
             return str(coding.get("code", "")), str(concept.get("text") or coding.get("code", ""))
     return "", ""
 
@@ -292,10 +295,10 @@ def _detail(
     result: StoredResult, observation: dict[str, Any], risks: tuple[float, float], meaning: str
 ) -> str:
     inputs = "\n".join(
-        f"- {item.get('display', '')}" for item in observation.get("derivedFrom") or ()
+        f"- {item.get('display', '')}" for item in items(observation.get("derivedFrom"))
     )
-    method = (observation.get("method") or {}).get("text", result.model)
-    notes = "".join(f"**Note:** {n.get('text', '')}\n\n" for n in observation.get("note") or ())
+    method = obj(observation.get("method")).get("text", result.model)
+    notes = "".join(f"**Note:** {n.get('text', '')}\n\n" for n in items(observation.get("note")))
     return (
         f"**2-year risk:** {risks[0]:.2f}%  \n**5-year risk:** {risks[1]:.2f}%  \n"
         f"**Interpretation:** {meaning or 'not classified'}\n\n{notes}"
@@ -328,6 +331,11 @@ def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) ->
             return _refusal(failure)
         except CdsError as error:
             return _error_response(error)
+        except Exception as bug:  # the EHR still gets the contract's JSON, and no card
+            log.error(
+                "CDS Hooks: internal error %s at %s", type(bug).__name__, innermost_frame(bug)
+            )
+            return _error_response(CdsError(500, "internal error; no card"))
         note.detail["cards"] = len(cards["cards"])
         return Response(orjson.dumps(cards), media_type="application/json")
 

@@ -87,6 +87,7 @@ from ehrbridge.pipelines.fhir_ingest import (
     READ_TYPES,
     Checked,
     Checker,
+    FhirUnprocessable,
     Issue,
     http_status,
     issues_of,
@@ -94,7 +95,8 @@ from ehrbridge.pipelines.fhir_ingest import (
     reject,
     unprocessable,
 )
-from ehrbridge.pipelines.ingest import Ingest
+from ehrbridge.pipelines.ingest import Ingest, innermost_frame
+from ehrbridge.pipelines.jsonshape import obj
 from ehrbridge.pipelines.subscriptions import (
     EVENT_TYPES,
     MISSED,
@@ -260,6 +262,8 @@ class FhirEndpoint:
                 [Issue("transient", "the input could not be stored now; send it again")],
                 {"Retry-After": "5"},
             )
+        except Exception as bug:  # after the checks (their bugs are dead-lettered): still FHIR
+            return outcome_response(500, _internal(bug).issues)
 
     async def _authorized(self, request: Request, role: ApiRole) -> Principal:
         # Off the loop: a JWT's first use may fetch its issuer's JWK Set.
@@ -300,7 +304,7 @@ class FhirEndpoint:
         self, request: Request, payload: bytes, resource_type: str, put_id: str | None
     ) -> Response:
         try:
-            checked = await _off_loop(self._check_single, payload, resource_type, put_id)
+            checked = await _checked(self._check_single, payload, resource_type, put_id)
         except PermanentError as error:
             return await self._refused(payload, _record_id(payload), error)
         await self._store(checked, payload, "fhir-rest")
@@ -329,7 +333,7 @@ class FhirEndpoint:
     async def bundle(self, request: Request) -> Response:
         payload = await self.read_body(request)
         try:
-            checked = await _off_loop(self._check_bundle_post, payload)
+            checked = await _checked(self._check_bundle_post, payload)
             if isinstance(checked, list):
                 return await self._batch(request, checked)
         except PermanentError as error:
@@ -401,7 +405,7 @@ class FhirEndpoint:
         allowed = await self._notifier(request)
         payload = await self.read_body(request)
         try:
-            notification = await _off_loop(_notification_of, payload)
+            notification = await _checked(_notification_of, payload)
         except PermanentError as error:
             self.stats.notifications["non-conformant"] += 1
             return await self._refused(payload, _record_id(payload), error)
@@ -423,6 +427,10 @@ class FhirEndpoint:
             warnings, stored = await self._event(notification)
         except PermanentError as error:
             return await self._refused(payload, source_id, error)
+        except EhrbridgeError:
+            raise  # transient: 503, sent again
+        except Exception as bug:
+            return await self._refused(payload, source_id, _internal(bug))
         gaps = await self._record(notification)
         text = f"{notification.content} notification: {stored}"
         return outcome_response(200, [information(text), *warnings, *_gap_issues(gaps)])
@@ -564,8 +572,8 @@ class FhirEndpoint:
         for _, resource in resources:
             if resource.get("resourceType") != "Observation":
                 continue
-            subject = resource.get("subject") or {}
-            if (subject.get("identifier") or {}).get("system") == system:
+            subject = obj(resource.get("subject"))
+            if obj(subject.get("identifier")).get("system") == system:
                 continue
             reference = str(subject.get("reference") or "")
             relative = "/".join(reference.rstrip("/").split("/")[-2:])
@@ -640,6 +648,39 @@ async def _off_loop(check: Callable[..., T], payload: bytes, *args: Any) -> T:
     if len(payload) > _IN_LOOP_BYTES:
         return await asyncio.to_thread(check, payload, *args)
     return check(payload, *args)
+
+
+class FhirInternalError(FhirUnprocessable):
+    """A bug met while checking input: 500, and the input kept (reason ``internal``)."""
+
+    status = 500
+
+
+async def _checked(check: Callable[..., T], payload: bytes, *args: Any) -> T:
+    """``check``'s result; a bug in it is a :class:`FhirInternalError`, never a bare 500.
+
+    So that, as on MLLP, the sender gets a well-formed answer and the input a
+    dead letter an operator can replay once the bug is fixed.
+    """
+    try:
+        return await _off_loop(check, payload, *args)
+    except EhrbridgeError:
+        raise
+    except Exception as bug:
+        raise _internal(bug) from bug
+
+
+def _internal(bug: Exception) -> FhirInternalError:
+    """Logged by type and place only: an exception's text may quote the input (PHI)."""
+    where = innermost_frame(bug)
+    log.error("FHIR input: internal error %s at %s", type(bug).__name__, where)
+    issue = Issue(
+        "exception",
+        f"internal error ({type(bug).__name__} at {where}); the input is kept for replay",
+        status=500,
+        reason="internal",
+    )
+    return FhirInternalError([issue], reason="internal")
 
 
 def _notification_of(payload: bytes) -> Notification:

@@ -66,6 +66,7 @@ from ehrbridge.pipelines.facts import (
     time_problem,
     withdrawal,
 )
+from ehrbridge.pipelines.jsonshape import items, obj
 
 STATUS_LETTERS = {
     "final": "F",
@@ -160,7 +161,7 @@ def _entries(doc: dict[str, Any]) -> Iterator[tuple[int, str, dict[str, Any]]]:
     if doc["resourceType"] != "Bundle":
         yield 0, "", doc
         return
-    for position, entry in enumerate(doc.get("entry") or (), start=1):
+    for position, entry in enumerate(items(doc.get("entry")), start=1):
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(resource, dict):
             yield position, str(entry.get("fullUrl") or ""), resource
@@ -184,7 +185,7 @@ def _collect(doc: dict[str, Any], trace: Trace | None) -> _Resources:
 
 
 def _as_of(doc: dict[str, Any]) -> datetime | None:
-    stamp = doc.get("timestamp") or (doc.get("meta") or {}).get("lastUpdated")
+    stamp = doc.get("timestamp") or obj(doc.get("meta")).get("lastUpdated")
     if not isinstance(stamp, str):
         return None
     try:
@@ -257,7 +258,7 @@ class _Reader:
         return patient_id
 
     def _subject(self, observation: dict[str, Any], found: _Resources) -> str | None:
-        subject = observation.get("subject") or {}
+        subject = obj(observation.get("subject"))
         direct = _identifier([subject.get("identifier")], self.system)
         if direct is not None:
             if direct not in self.patients:
@@ -282,7 +283,7 @@ class _Reader:
         self, position: int, full_url: str, obs: dict[str, Any], found: _Resources
     ) -> None:
         ref = f"Observation/{obs['id']}" if obs.get("id") else full_url or f"entry/{position}"
-        codings = [c for c in (obs.get("code") or {}).get("coding") or () if isinstance(c, dict)]
+        codings = [c for c in items(obj(obs.get("code")).get("coding")) if isinstance(c, dict)]
         rule, coding = self._match(codings)
         note = self._note(ref, position, obs, coding) if self.trace is not None else None
         patient_id = self._subject(obs, found)
@@ -309,7 +310,7 @@ class _Reader:
         self, ref: str, position: int, obs: dict[str, Any], coding: dict[str, Any]
     ) -> ObservationTrace:
         assert self.trace is not None
-        quantity = obs.get("valueQuantity") or {}
+        quantity = obj(obs.get("valueQuantity"))
         note = ObservationTrace(
             ref=ref,
             position=f"entry {position}" if position else "resource",
@@ -334,7 +335,7 @@ class _Reader:
         rule, coding = matched
         system, code = str(coding.get("system", "")), str(coding.get("code", ""))
         display = str(coding.get("display", ""))
-        quantity = obs.get("valueQuantity") or {}
+        quantity = obj(obs.get("valueQuantity"))
         if rule is None:
             reason = self.rules.unmapped_reason(system, code)
             value = str(quantity.get("value", "")) if quantity else _other_value(obs)
@@ -353,7 +354,7 @@ class _Reader:
         elif status not in self.rules.statuses:
             hit.unused(f"result status {status} ({obs.get('status')}) not used")
         elif not quantity:
-            absent = (obs.get("dataAbsentReason") or {}).get("text") or "no valueQuantity"
+            absent = obj(obs.get("dataAbsentReason")).get("text") or "no valueQuantity"
             hit.unused(f"no value ({absent})")
         else:
             self._fact(obs, hit, quantity)
@@ -482,7 +483,7 @@ class _Reader:
     def _episode(self, obs: dict[str, Any]) -> str:
         if self.rules.debounce is None:
             return ""
-        return str((obs.get("encounter") or {}).get("reference") or "")
+        return str(obj(obs.get("encounter")).get("reference") or "")
 
 
 def _element(obs: dict[str, Any], element: str) -> Any:
@@ -494,7 +495,7 @@ def _element(obs: dict[str, Any], element: str) -> Any:
 
 
 def _identifier(identifiers: Any, system: str) -> str | None:
-    for identifier in identifiers or ():
+    for identifier in items(identifiers):
         if isinstance(identifier, dict) and identifier.get("system") == system:
             value = identifier.get("value")
             if isinstance(value, str) and value.strip():
@@ -516,7 +517,7 @@ def _patient_name(names: Any) -> PersonName | None:
     chosen = next((n for n in usable if n.get("use") == "official"), usable[0] if usable else None)
     if chosen is None:
         return None
-    given = [g for g in chosen.get("given") or [] if isinstance(g, str)] + ["", ""]
+    given = [g for g in items(chosen.get("given")) if isinstance(g, str)] + ["", ""]
     family = chosen.get("family")
     return person_name(family if isinstance(family, str) else "", given[0], given[1])
 

@@ -41,6 +41,7 @@ import orjson
 
 from ehrbridge.core.errors import MessageRejected, MessageUnusable, PermanentError
 from ehrbridge.pipelines.facts import Extraction, FactRules
+from ehrbridge.pipelines.jsonshape import items
 
 READ_TYPES = frozenset({"Patient", "Observation"})  # what pipelines/fhir_facts.py reads
 BUNDLE_TYPES_IN = frozenset({"transaction", "batch", "collection"})
@@ -61,6 +62,12 @@ OBSERVATION_STATUSES = frozenset(
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _URN_REFERENCE = re.compile(rb'"reference"\s*:\s*"(urn:(?:uuid|oid):[^"\\]+)"')
 _MAX_ISSUES = 20  # an OperationOutcome lists this many problems at most
+# JSON nesting refused at the door. orjson reads 1,024 levels but writes only 254,
+# and refused input, batch entries and notifications are written back (dead
+# letters, records): deeper input would fail after it was taken. FHIR itself
+# nests a few levels (a Bundle's Observation's valueQuantity is 5; Questionnaire
+# items rarely go past 10).
+MAX_DEPTH = 254
 
 
 # --------------------------------------------------------------------------- errors
@@ -203,6 +210,7 @@ def parse(payload: bytes) -> dict[str, Any]:
         raise reject(
             "structure", "the JSON is not an object, so not a FHIR resource", "fhir.not_a_resource"
         )
+    _refuse_too_deep(doc)
     kind = doc.get("resourceType")
     if not isinstance(kind, str) or not kind:
         raise reject(
@@ -219,6 +227,23 @@ def parse(payload: bytes) -> dict[str, Any]:
             "resourceType",
         )
     return doc
+
+
+def _refuse_too_deep(doc: dict[str, Any]) -> None:
+    """FhirRejected if ``doc`` nests deeper than :data:`MAX_DEPTH` (linear, in C).
+
+    Writing it is the probe: orjson stops at its limit, which is ours, in
+    about a millisecond per megabyte, where a walk in Python costs as much as
+    the parse.
+    """
+    try:
+        orjson.dumps(doc)
+    except orjson.JSONEncodeError:
+        raise reject(
+            "too-costly",
+            f"the JSON nests deeper than {MAX_DEPTH} levels; no FHIR resource does",
+            "fhir.too_deep",
+        ) from None
 
 
 # --------------------------------------------------------------------------- the checks
@@ -358,7 +383,7 @@ class Checker:
     @staticmethod
     def _bundle_type(doc: dict[str, Any], allowed: frozenset[str]) -> str:
         bundle_type = doc.get("type")
-        if bundle_type not in allowed:
+        if not isinstance(bundle_type, str) or bundle_type not in allowed:  # a list: unhashable
             raise reject(
                 "not-supported" if isinstance(bundle_type, str) else "required",
                 f"Bundle.type {bundle_type!r} is not taken here; send a transaction, batch or "
@@ -559,7 +584,7 @@ class Checker:
         for resource in _resources(checked.doc):
             if resource.get("resourceType") != "Patient" or not resource.get("id"):
                 continue
-            for identifier in resource.get("identifier") or ():
+            for identifier in items(resource.get("identifier")):
                 if isinstance(identifier, dict) and identifier.get("system") == self.patient_system:
                     value = identifier.get("value")
                     if isinstance(value, str) and value.strip():
@@ -644,7 +669,7 @@ def _resources(doc: dict[str, Any]) -> Iterable[dict[str, Any]]:
     if doc.get("resourceType") != "Bundle":
         yield doc
         return
-    for entry in doc.get("entry") or ():
+    for entry in items(doc.get("entry")):
         if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
             yield entry["resource"]
 

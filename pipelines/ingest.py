@@ -179,7 +179,7 @@ def internal_error(envelope: Envelope, exc: BaseException) -> MessageUnusable:
     The exception's text is left out of the log and the detail: it may quote
     the message (``invalid literal for int(): ...``), which is PHI.
     """
-    where = _innermost_frame(exc)
+    where = innermost_frame(exc)
     log.error("%s: internal error %s at %s", envelope.describe(), type(exc).__name__, where)
     return MessageUnusable(
         f"internal error ({type(exc).__name__} at {where})",
@@ -188,7 +188,7 @@ def internal_error(envelope: Envelope, exc: BaseException) -> MessageUnusable:
     )
 
 
-def _innermost_frame(exc: BaseException) -> str:
+def innermost_frame(exc: BaseException) -> str:
     tb = exc.__traceback__
     if tb is None:
         return "?"

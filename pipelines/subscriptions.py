@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ehrbridge.pipelines.fhir_ingest import FhirRejected, Issue
+from ehrbridge.pipelines.jsonshape import items, obj
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _collect_entries(notification: Notification, entries: list[Any]) -> None:
 
 
 def _from_parameters(parameters: dict[str, Any]) -> Notification:
-    params = [p for p in parameters.get("parameter") or () if isinstance(p, dict)]
+    params = [p for p in items(parameters.get("parameter")) if isinstance(p, dict)]
     where = "Bundle.entry[0].resource.parameter"
 
     def value(name: str, *keys: str) -> Any:
@@ -172,9 +173,9 @@ def _from_parameters(parameters: dict[str, Any]) -> Notification:
                         return param[key]
         return None
 
-    subscription = (value("subscription", "valueReference") or {}).get("reference")
+    subscription = obj(value("subscription", "valueReference")).get("reference")
     events = [
-        _event_from_parts(p.get("part") or [], f"{where}.part")
+        _event_from_parts(items(p.get("part")), f"{where}.part")
         for p in params
         if p.get("name") == "notification-event"
     ]
@@ -204,9 +205,9 @@ def _event_from_parts(parts: list[Any], where: str) -> NotificationEvent:
         elif name == "timestamp":
             timestamp = part.get("valueInstant")
         elif name == "focus":
-            focus = (part.get("valueReference") or {}).get("reference")
+            focus = obj(part.get("valueReference")).get("reference")
         elif name == "additional-context":
-            reference = (part.get("valueReference") or {}).get("reference")
+            reference = obj(part.get("valueReference")).get("reference")
             if reference:
                 context.append(str(reference))
     return NotificationEvent(
@@ -223,13 +224,13 @@ def _event_from_parts(parts: list[Any], where: str) -> NotificationEvent:
 def _from_subscription_status(status: dict[str, Any]) -> Notification:
     where = "Bundle.entry[0].resource"
     events = []
-    for index, raw in enumerate(status.get("notificationEvent") or ()):
+    for index, raw in enumerate(items(status.get("notificationEvent"))):
         if not isinstance(raw, dict):
             continue
-        focus = (raw.get("focus") or {}).get("reference")
+        focus = obj(raw.get("focus")).get("reference")
         context = tuple(
             str(c.get("reference"))
-            for c in raw.get("additionalContext") or ()
+            for c in items(raw.get("additionalContext"))
             if isinstance(c, dict) and c.get("reference")
         )
         number = _integer(
@@ -241,7 +242,7 @@ def _from_subscription_status(status: dict[str, Any]) -> Notification:
             )
         )
     return _notification(
-        subscription=(status.get("subscription") or {}).get("reference"),
+        subscription=obj(status.get("subscription")).get("reference"),
         topic=status.get("topic"),
         status=status.get("status"),
         kind=status.get("type"),
