@@ -25,7 +25,8 @@ REGISTRY: dict[str, dict[str, str]] = {
     },
     # The `writeback:` sections a live site fills in: `fhir_base`, `hl7v2`.
     "sink": {"fhir": "fhir_sink:FhirSink", "hl7v2": "mllp_sink:MllpSink"},
-    # `model:` speaks the Open Inference Protocol v2, the one protocol there is today.
+    # `model:` is called over the Open Inference Protocol v2 today; the other protocol
+    # adapters (mlflow_scoring.py, kserve_v1.py, ubiops.py) join when the config names them.
     "model": {"oip-v2": "inference_client:InferenceClient"},
 }
 
