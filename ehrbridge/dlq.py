@@ -80,8 +80,11 @@ def _open_site(path: str) -> tuple[Log, SiteConfig]:
 
 def _audit(config: SiteConfig, action: str, records: list[Record], outcome: str) -> None:
     """An audit entry for a CLI read of dead letters (the raw bytes are PHI)."""
+    from ehrbridge.datadir import secure_data_dir
     from ehrbridge.stores import audit_dir
 
+    # On Kafka the log is on the broker: this host may have no data dir yet. Made private.
+    secure_data_dir(config.data_dir)
     AuditTrail(audit_dir(config)).record(
         AuditEvent(
             who=cli_caller(),
