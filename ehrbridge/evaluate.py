@@ -137,7 +137,47 @@ def build(
         references=settings.reference_groups,
         unit=settings.unit,
     )
-    return evaluate(inp), link_summary(book.links)
+    evaluation = evaluate(inp)
+    evaluation["drift"] = psi_by_month(stored)
+    return evaluation, link_summary(book.links)
+
+
+def psi_by_month(stored: list[dict[str, Any]], min_count: int = 30) -> dict[str, Any]:
+    """PSI of each input and the 5-year risk per month against the first month.
+
+    The monitoring's bins and thresholds (``pipelines/drift.py``: KDIGO and KFRE
+    cut points; 0.1 worth a look, 0.2 drift), so the report and the console
+    agree. A month with fewer than ``min_count`` predictions gets no PSI.
+    """
+    from collections import defaultdict
+
+    from ehrbridge.pipelines.drift import BINS, PSI_ALARM, PSI_WARN, bin_index, psi
+
+    counts: dict[str, dict[str, list[int]]] = defaultdict(
+        lambda: {name: [0] * (len(edges) + 1) for name, edges in BINS.items()}
+    )
+    for p in stored:
+        features = p["features"]
+        values = {**features, "male": 1.0 if features.get("male") else 0.0, "risk_5y": p["risk_5y"]}
+        binned = counts[features["anchor"][:7]]
+        for name, edges in BINS.items():
+            if isinstance(values.get(name), int | float):
+                binned[name][bin_index(edges, float(values[name]))] += 1
+    months = sorted(counts)
+    series: dict[str, dict[str, float | None]] = {name: {} for name in BINS}
+    if months and sum(counts[months[0]]["risk_5y"]) >= min_count:
+        reference = counts[months[0]]
+        for month in months:
+            for name in BINS:
+                enough = sum(counts[month][name]) >= min_count
+                series[name][month] = psi(reference[name], counts[month][name]) if enough else None
+    return {
+        "reference_month": months[0] if months else None,
+        "warn": PSI_WARN,
+        "alarm": PSI_ALARM,
+        "min_count": min_count,
+        "psi": series,
+    }
 
 
 def load_outcome(config: SiteConfig) -> Any:

@@ -94,6 +94,23 @@ def flags_figure(flags: Mapping[str, Mapping[str, int]], title: str) -> str:
     return _svg(draw)
 
 
+def drift_figure(drift: Mapping[str, Any]) -> str:
+    """PSI of each input per month against the reference month, with the 0.1/0.2 guides."""
+    months = sorted({m for series in drift["psi"].values() for m in series})
+
+    def draw(ax: Axes) -> None:
+        x = range(len(months))
+        for name, series in drift["psi"].items():
+            ax.plot(x, [series.get(m) for m in months], marker=".", linewidth=1, label=name)
+        ax.axhline(drift["warn"], color="orange", linestyle=":", linewidth=1)
+        ax.axhline(drift["alarm"], color="red", linestyle=":", linewidth=1)
+        ax.set(xlabel="month", ylabel="PSI", title=f"PSI against {drift['reference_month']}")
+        _thin_ticks(ax, months)
+        ax.legend(fontsize=7)
+
+    return _svg(draw)
+
+
 def forest_figure(audit: Mapping[str, Any], title: str) -> str:
     """Observed/expected per subgroup with its 95 % CI; hidden groups are not drawn."""
     rows = [
@@ -149,6 +166,9 @@ def render(evaluation: Mapping[str, Any]) -> str:
         _findings(evaluation["findings"]),
         _coverage(evaluation.get("coverage")),
     ]
+    drift = evaluation.get("drift")
+    if drift and any(drift["psi"].get(name) for name in drift["psi"]):
+        parts.append(f"<h2>Drift</h2><div class=figs>{drift_figure(drift)}</div>")
     for horizon, result in evaluation["horizons"].items():
         parts.append(_horizon(horizon, result))
     parts.append("</html>")

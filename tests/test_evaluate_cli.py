@@ -256,7 +256,8 @@ def test_report_is_self_contained_with_every_figure(
         "Subgroups, 2y &gt;= 0.1 (H)",
     ):
         assert title in html, title
-    assert html.count("<svg") == 2 * 4 + 3  # per horizon 4 figures; 3 bands' forest plots
+    # Drift; per horizon 4 figures; 3 bands' forest plots.
+    assert html.count("<svg") == 1 + 2 * 4 + 3
     assert "<script" not in html and 'src="http' not in html and 'href="http' not in html
     assert (tmp_path / "report" / "evaluation.json").stat().st_mode & 0o077 == 0
     band = evaluation["horizons"]["2y"]["thresholds"][0]
@@ -324,3 +325,37 @@ def test_wrong_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )
     assert code == 2
     assert "runs model 'kfre-4var'" in capsys.readouterr().err
+
+
+def test_psi_by_month_finds_a_shifted_input_and_spares_a_stable_one() -> None:
+    from ehrbridge.evaluate import psi_by_month
+
+    def month(name: str, egfrs: list[float]) -> list[dict]:
+        return [
+            {
+                "features": {
+                    "anchor": f"{name}-15T00:00:00+00:00",
+                    "age": 50 + i % 30,
+                    "male": i % 2 == 0,
+                    "egfr": e,
+                    "uacr_mg_g": 300.0,
+                },
+                "risk_5y": 0.2,
+            }
+            for i, e in enumerate(egfrs)
+        ]
+
+    spread = [float(e) for e in range(16, 60)] * 3  # 132 values over G3a-G4
+    stored = [
+        *month("2025-01", spread),
+        *month("2025-02", spread[::-1]),
+        *month("2025-03", [12.0] * 132),  # an assay or unit change: all G5
+        *month("2025-04", spread[:10]),
+    ]  # too few to judge
+    drift = psi_by_month(stored)
+    egfr = drift["psi"]["egfr"]
+    assert drift["reference_month"] == "2025-01"
+    assert egfr["2025-01"] == pytest.approx(0) and egfr["2025-02"] == pytest.approx(0)
+    assert egfr["2025-03"] > drift["alarm"]
+    assert egfr["2025-04"] is None
+    assert drift["psi"]["uacr_mg_g"]["2025-03"] == pytest.approx(0)
