@@ -14,7 +14,7 @@ LINES = [
     # An import of the monitoring module is start-up, not a per-message cost.
     f"{SITE};_find_and_load (<frozen importlib._bootstrap>:1);<module> "
     "(ehrbridge/monitoring.py:1) 50",
-    f"{SENDER}; spawn_main(tracker_fd=5)\";send (bench/load.py:9) 40",
+    f'{SENDER}; spawn_main(tracker_fd=5)";send (bench/load.py:9) 40',
 ]
 
 
