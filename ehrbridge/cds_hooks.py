@@ -150,11 +150,17 @@ class CdsService:
             ]
         }
 
-    def patient_view(self, body: Any, base_url: str) -> dict[str, Any]:
+    def patient_view(
+        self, body: Any, base_url: str, read: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The cards for the hook; ``read`` gets the site's own patient id, once resolved
+        (the audit trail names both it and the EHR's ``patientId``)."""
         context = _context(body)
         if self.config.mode is Mode.SHADOW and not self.config.cds_hooks.cards_in_shadow_mode:
             return {"cards": []}
         patient_id = self._patient_id(body, str(context["patientId"]))
+        if patient_id and read is not None:
+            read.append(patient_id)
         not_after = utcnow() + self.config.mapping.values.future_tolerance
         if not patient_id:
             return {"cards": []}
@@ -326,7 +332,9 @@ def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) ->
             note.patients.append(str(_context(body)["patientId"]))
             # In a thread: a store read, and possibly a FHIR read, must not stall the loop
             # that also serves MLLP.
-            cards = await asyncio.to_thread(service.patient_view, body, str(request.base_url))
+            cards = await asyncio.to_thread(
+                service.patient_view, body, str(request.base_url), note.patients
+            )
         except AuthFailure as failure:
             return _refusal(failure)
         except CdsError as error:

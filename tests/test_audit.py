@@ -137,6 +137,21 @@ def test_a_cds_hooks_call_is_recorded_with_the_ehr_and_the_patient(
     assert (refused["who"], refused["outcome"]) == ("-", 401)
 
 
+def test_a_cds_call_by_the_ehrs_patient_id_names_the_sites_patient_id_too(
+    sandbox: BackgroundSandbox, scored: str
+) -> None:
+    """So that "who looked at MRN X?" finds CDS views made under the EHR's own id."""
+    api, before = sandbox.sandbox.api_url, last_seq(sandbox)
+    system = sandbox.sandbox.config.mapping.patient.fhir_system
+    patient = {"resourceType": "Patient", "id": "ehr-7", "identifier": [
+        {"system": system, "value": scored}]}  # fmt: skip
+    body = hook("ehr-7", prefetch={"patient": patient})
+    answer = httpx.post(f"{api}{SERVICE}", json=body, headers=cds_headers(sandbox, api))
+    assert answer.status_code == 200 and answer.json()["cards"]
+    [entry] = entries_after(sandbox, before)
+    assert entry["patients"] == ["ehr-7", scored]
+
+
 def test_public_routes_and_reads_without_patient_data_leave_no_entry(
     sandbox: BackgroundSandbox,
 ) -> None:
