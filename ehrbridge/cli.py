@@ -31,10 +31,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ehrbridge.audit import AuditUnavailable
 from ehrbridge.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -185,7 +188,29 @@ def _add_send_command(sub: Any) -> None:
     send.add_argument("file", type=Path, help="an .hl7 file, or - for standard input")
     send.add_argument("--host", default="127.0.0.1", help="MLLP listener host")
     send.add_argument("--port", type=int, default=2575, help="MLLP listener port")
+    send.add_argument(
+        "--tls", action="store_true", help="MLLP over TLS, the server verified (system CAs)"
+    )
+    send.add_argument(
+        "--ca-file", type=Path, help="MLLP over TLS, the server verified against this PEM CA"
+    )
+    send.add_argument("--cert-file", type=Path, help="client certificate, for mTLS")
+    send.add_argument("--key-file", type=Path, help="the client certificate's key")
     send.set_defaults(func=_send)
+
+
+def _send_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """--tls or --ca-file: a verifying client context (adapters/tls.py), else plain TCP."""
+    from ehrbridge.adapters.tls import client_context
+    from ehrbridge.config import ClientTls
+
+    wanted = args.tls or args.ca_file or args.cert_file or args.key_file
+    if not wanted:
+        return None
+    if (args.cert_file is None) != (args.key_file is None):
+        raise ConfigError("give both --cert-file and --key-file, or neither")
+    tls = ClientTls(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    return client_context(tls, "--ca-file")
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -199,7 +224,7 @@ def _send(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.file}: no HL7v2 message in it (it should start with MSH)")
     codes = []
     try:
-        with MllpClient(args.host, args.port) as client:
+        with MllpClient(args.host, args.port, tls=_send_tls(args)) as client:
             for message in messages:
                 ack = client.send(message)
                 codes.append(ack.code)

@@ -413,6 +413,8 @@ def _send_your_own(sandbox: Sandbox) -> list[str]:
     cli = _shown(Path(sys.executable).parent / "ehrbridge")
     example = example_message_file().read_text().splitlines()
     port = "" if sandbox.mllp_port == Ports.mllp else f" --port {sandbox.mllp_port}"
+    if sandbox.tls is not None:  # --tls: the listener takes TLS only
+        port += f" --ca-file {_shown(sandbox.tls.ca_file)}"
     return [
         "",
         f"Send your own HL7v2 to port {sandbox.mllp_port}. PID-3 needs an identifier "

@@ -183,3 +183,25 @@ def test_a_bundle_over_https_comes_back_as_orus_over_tls(sandbox: TlsSandbox) ->
     # The results inbox listens with TLS only, so the ORUs filed there came over TLS.
     with socket.create_connection(("127.0.0.1", sandbox.ports.ehr_inbox), timeout=10) as plain:
         assert b"MSA|" not in mllp_exchange(plain, example_oru("PLAIN-0002"))
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_the_banners_send_command_gets_aa_over_tls(sandbox: TlsSandbox) -> None:
+    """The banner's `ehrbridge send` line carries --ca-file; without it there is no ACK."""
+    [line] = [x for x in sandbox.banner.splitlines() if " send examples/oru-r01-sandbox.hl7" in x]
+    command = line.split("(prints the ACK)")[0].split()
+    assert command[-2:] == ["--ca-file", str(sandbox.ca_file)]
+    sent = run(command)
+    assert sent.returncode == 0 and sent.stdout.startswith("AA MY-0001"), sent
+
+    plain = run(command[:-2])
+    assert plain.returncode == 1 and "AA" not in plain.stdout, plain
+    untrusted = [*command[:-2], "--tls"]  # the system CAs do not know the sandbox's CA
+    refused = run(untrusted)
+    assert refused.returncode == 1 and refused.stdout == "", refused
+    assert "certificate verify failed" in refused.stderr
