@@ -42,14 +42,19 @@ from ehrbridge.audit import AuditTrail
 from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import KafkaTransport, Mode, SiteConfig
-from ehrbridge.core.contracts import Sink
+from ehrbridge.core.contracts import Sink, Stage
 from ehrbridge.core.errors import TransientError
 from ehrbridge.datadir import secure_data_dir
 from ehrbridge.monitoring import SiteMonitoring, tcp_check, url_check
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
 from ehrbridge.pipelines.process import ProcessStage
-from ehrbridge.pipelines.retry import DelayedRetryForwarder, FailureRouter, RetryingStage
+from ehrbridge.pipelines.retry import (
+    DelayedRetryForwarder,
+    FailureRouter,
+    RetryingSink,
+    RetryingStage,
+)
 from ehrbridge.pipelines.state import StateStore
 from ehrbridge.pipelines.transport import Consumer, Record, topic_name
 from ehrbridge.pipelines.worker import StageWorker
@@ -330,7 +335,9 @@ class SiteRuntime:
             self.config, self.results, self.writeback_targets, self.monitoring.metrics
         )
         self._check_writeback_targets()
-        self._worker("writeback", [self.topic("predictions")], stage, None)
+        # In-place retries sit around each sink (RetryingSink), where the call is; a
+        # RetryingStage around the stage as well would multiply the attempts.
+        self._worker("writeback", [self.topic("predictions")], stage, None, retry_in_place=False)
         forwarder = DelayedRetryForwarder(self.log, self.router, self.stop_event)
         self._thread("retry-forwarder", forwarder.run)
         purger = self.purger()
@@ -395,23 +402,27 @@ class SiteRuntime:
         if wb.hl7v2 is not None:
             targets[HL7V2_TARGET] = load("sink", HL7V2_TARGET)(wb.hl7v2)
         self._closers.extend(sink.close for sink in targets.values())
-        return targets
+        retry, stop = self.config.retry, self.stop_event
+        return {name: RetryingSink(sink, retry, stop) for name, sink in targets.items()}
 
     def _worker(
         self,
         group: str,
         topics: list[str],
-        stage: ProcessStage | WritebackStage,
+        stage: Stage,
         output: str | None,
         *,
         consumer: Consumer | None = None,
         side_outputs: Callable[[], list[Record]] | None = None,
+        retry_in_place: bool = True,
     ) -> None:
+        if retry_in_place:
+            stage = RetryingStage(stage, self.config.retry, self.stop_event)
         worker = StageWorker(
             log_=self.log,
             group=self.topic(group),  # consumer groups are per site, like topics
             topics=topics,
-            stage=RetryingStage(stage, self.config.retry, self.stop_event),
+            stage=stage,
             output_topic=output,
             router=self.router,
             stop=self.stop_event,

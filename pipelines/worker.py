@@ -3,7 +3,8 @@
 The loop that makes the delivery guarantee concrete:
 
 1. poll a batch of records;
-2. run the stage (wrapped in :class:`~ehrbridge.pipelines.retry.RetryingStage`);
+2. run the stage (wrapped in :class:`~ehrbridge.pipelines.retry.RetryingStage`, or, for
+   write-back, with each sink in :class:`~ehrbridge.pipelines.retry.RetryingSink`);
 3. append, in one durable write, the stage's outputs to the next topic and
    its failures to a retry tier or the dead-letter topic;
 4. only then commit the consumed offsets.

@@ -1,0 +1,74 @@
+"""Write-back: the stage builds the requests, each target's sink is wrapped by the
+retry wrapper (RetryingSink, in place), and what still fails goes on as data to
+the delayed-retry tiers or the dead-letter topic (FailureRouter), keeping which
+targets already have the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from predictions import prediction
+
+from ehrbridge.adapters.memory import MemorySink
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
+from ehrbridge.config import Hl7v2Writeback, Mode, RetryPolicy, SiteConfig, load_site_config
+from ehrbridge.core.contracts import Envelope, Failure, Kind
+from ehrbridge.core.errors import UpstreamUnavailable
+from ehrbridge.pipelines.records import Prediction
+from ehrbridge.pipelines.results import Delivery
+from ehrbridge.pipelines.retry import TIER_HEADER, FailureRouter, RetryingSink
+from ehrbridge.pipelines.transport import topic_name
+from ehrbridge.pipelines.writeback import DELIVERED_HEADER, WritebackStage
+from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
+
+QUICK = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+ORU_TARGET = Hl7v2Writeback(host="127.0.0.1", port=1, receiving_application="EHR")
+
+
+def live_config() -> SiteConfig:
+    config = load_site_config(sandbox_site_file())
+    writeback = config.writeback.model_copy(update={"hl7v2": ORU_TARGET})
+    return config.model_copy(update={"mode": Mode.LIVE, "writeback": writeback})
+
+
+def record_for(result: Prediction, config: SiteConfig) -> Envelope:
+    return Envelope(config.site, result.source_id, result.to_json(), Kind.PREDICTION, "p")
+
+
+def down(times: int) -> list[UpstreamUnavailable]:
+    return [UpstreamUnavailable("EHR down (test)") for _ in range(times)]
+
+
+def test_a_target_down_for_less_than_the_budget_is_ridden_out_in_place(tmp_path: Path) -> None:
+    config = live_config()
+    ehr = MemorySink("fhir")
+    ehr.fail_next(down(QUICK.attempts - 1))
+    results = SqliteResultStore(tmp_path / "results.sqlite")
+    stage = WritebackStage(config, results, {"fhir": RetryingSink(ehr, QUICK)})
+    assert stage.process([record_for(prediction(config), config)]) == []
+    assert len(ehr.written) == 1 and ehr.calls == QUICK.attempts
+    assert results.count(Delivery.DELIVERED) == 1
+
+
+def test_a_longer_outage_is_parked_on_a_delayed_tier_keeping_the_targets_that_have_it(
+    tmp_path: Path,
+) -> None:
+    config = live_config()
+    fhir, oru = MemorySink("fhir"), MemorySink("hl7v2")
+    oru.fail_next(down(QUICK.attempts))
+    targets = {"fhir": RetryingSink(fhir, QUICK), "hl7v2": RetryingSink(oru, QUICK)}
+    stage = WritebackStage(config, SqliteResultStore(tmp_path / "r.sqlite"), targets)
+    [failure] = stage.process([record_for(prediction(config), config)])
+    assert isinstance(failure, Failure) and not failure.permanent
+    assert failure.envelope.headers[DELIVERED_HEADER] == "fhir"  # not sent twice later
+    assert len(fhir.written) == 1 and oru.calls == QUICK.attempts  # in place, then no more
+    parked = FailureRouter(config.site, config.retry).route(failure, "predictions")
+    assert parked.topic == topic_name(config.site, "retry.1") and parked.headers[TIER_HEADER] == "1"
+
+
+def test_a_live_site_wraps_each_write_back_target_in_the_retry_wrapper(tmp_path: Path) -> None:
+    with BackgroundSandbox(tmp_path / "run", fhir_site=False) as running:
+        runtime = running.sandbox.runtime
+        assert runtime is not None and runtime.writeback_targets
+        assert all(isinstance(t, RetryingSink) for t in runtime.writeback_targets.values())
