@@ -28,13 +28,23 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
 
-from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.audit import AuditTrail
 from ehrbridge.config import Retention
 from ehrbridge.core.errors import TransientError
 from ehrbridge.pipelines.transport import Log, topic_name
+
+
+@runtime_checkable
+class PurgeableLog(Protocol):
+    """A log that deletes records itself (the embedded one). Kafka's topics are
+    purged by the broker's own retention (``retention.ms``, set at topic creation)."""
+
+    def committed(self, group: str, topic: str) -> int: ...
+    def purge(self, topic: str, older_than: float, through_offset: int | None = None) -> int: ...
+
 
 log = logging.getLogger(__name__)
 _DAY_S = 86_400.0
@@ -79,7 +89,7 @@ class Purger:
         """One purge of every store; how many records each lost."""
         now = time.time() if now is None else now
         counts = {"raw": 0, "dead_letters": 0, "results": 0, "audit": 0}
-        if isinstance(self.log, SqliteLog):
+        if isinstance(self.log, PurgeableLog):
             counts["raw"] = self._purge_work_topics(self.log, now)
             counts["dead_letters"] = self._purge_dead_letters(self.log, now)
         if self.retention.results_days is not None:
@@ -89,7 +99,7 @@ class Purger:
             counts["audit"] = self.audit.purge(datetime.fromtimestamp(cutoff, UTC))
         return counts
 
-    def _purge_work_topics(self, log_: SqliteLog, now: float) -> int:
+    def _purge_work_topics(self, log_: PurgeableLog, now: float) -> int:
         days = self.retention.raw_days
         if days is None:
             return 0
@@ -100,7 +110,7 @@ class Purger:
             deleted += log_.purge(topic, cutoff, through_offset=log_.committed(group, topic))
         return deleted
 
-    def _purge_dead_letters(self, log_: SqliteLog, now: float) -> int:
+    def _purge_dead_letters(self, log_: PurgeableLog, now: float) -> int:
         days = self.retention.dead_letter_days
         if days is None:
             return 0
