@@ -12,7 +12,7 @@ HTTP failures are translated at this boundary: connection errors, timeouts,
 answers that are not OIP v2 risks (no JSON, a missing output, the wrong row
 count, a risk outside 0..1), become :class:`RemoteRejected` (dead-lettered
 with the server's answer). ``tests/conformance/test_model_contract.py``
-holds it to the Model contract (``pipelines/contracts.py``).
+holds it to the Model contract (``core/contracts.py``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ acknowledged, exactly as a real source would answer its sender.
 ``MemorySink`` keeps what it is given and can be told to fail -- the whole
 next writes (``fail_next``) or single items (``refuse``) -- so retry and
 dead-letter wrappers can be exercised without a network. It keeps the
-Sink contract (``pipelines/contracts.py``) as the network sinks do: a batch
+Sink contract (``core/contracts.py``) as the network sinks do: a batch
 of one fails with its item's own error, a larger batch with a
 :class:`BatchError` naming only the refused items, the rest written.
 ``MemoryStateStore`` keeps patient state documents in a dict, serialised as

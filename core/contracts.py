@@ -80,9 +80,10 @@ Log
     commit; anything not committed (a crash, ``rewind``) comes again.
 
 StateStore
-    Per-patient state documents by patient id (``pipelines/state.py``):
-    embedded SQLite, or per-partition SQLite backed by a compacted Kafka
-    changelog (``adapters/kafka_state.py``). ``get`` is None for a patient
+    Per-patient state documents by patient id (the protocol in
+    ``pipelines/state.py``): embedded SQLite (``adapters/sqlite_state.py``), or
+    per-partition SQLite backed by a compacted Kafka changelog
+    (``adapters/kafka_state.py``). ``get`` is None for a patient
     never stored; ``put_many`` returns once the states are stored, the last
     state of a patient in the call winning; putting the same state again
     changes nothing. What was put survives a restart -- for the changelog

@@ -1,7 +1,7 @@
 """One contract, every model client: the OIP v2 client against the sandbox's model server
 (real HTTP on a real socket) and against an httpx.MockTransport double.
 
-The Model contract (``pipelines/contracts.py``), case by case:
+The Model contract (``core/contracts.py``), case by case:
 
 * ``infer(records)`` answers one risk per record per horizon, **in the order
   of the records**, in one request for the whole batch, and names the

@@ -1,6 +1,6 @@
 """One contract, every Sink: memory, FHIR (the stand-in, and httpx.MockTransport), HL7v2-MLLP.
 
-The Sink contract (``pipelines/contracts.py``), case by case:
+The Sink contract (``core/contracts.py``), case by case:
 
 * ``write`` returns only once every item is at the destination;
 * a later write of the same record supersedes the earlier one, also inside

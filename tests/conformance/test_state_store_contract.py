@@ -1,6 +1,6 @@
 """One contract, every StateStore: SQLite, the Kafka changelog-backed store, and memory.
 
-The StateStore contract (``pipelines/contracts.py``), case by case:
+The StateStore contract (``core/contracts.py``), case by case:
 
 * ``get`` of a patient never stored is None; ``put_many`` then ``get``
   gives back an equal state (demographics, facts, outcome, revision);
