@@ -1,6 +1,6 @@
 """``ehrbridge bench SCENARIO``: run a benchmark scenario, print its table, write its JSON.
 
-    ehrbridge bench ingest|e2e|stages|scale|cds|fhir-bundle|all
+    ehrbridge bench ingest|e2e|stages|scale|cds|fhir-bundle|backfill|all
         [--rate R] [--seconds S] [--json FILE] [--transport embedded|kafka]
         [--senders N] [--max] [--smoke] [--no-baselines | --no-naive | --no-floor]
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from ehrbridge.bench.common import table, write_json
 
-SCENARIO_NAMES = ["ingest", "e2e", "stages", "scale", "cds", "fhir-bundle"]
+SCENARIO_NAMES = ["ingest", "e2e", "stages", "scale", "cds", "fhir-bundle", "backfill"]
 
 
 def add_bench_command(sub: Any) -> None:

@@ -8,6 +8,7 @@ and consume of the same bytes) and ``ratios``, plus ``table``: the rows that
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -20,7 +21,7 @@ from typing import Any
 import httpx
 import orjson
 
-from ehrbridge.bench.common import ratio
+from ehrbridge.bench.common import free_port, ratio
 from ehrbridge.bench.floor import kafka_floor
 from ehrbridge.bench.httpload import Request, http_load
 from ehrbridge.bench.pipeline import SiteUnderTest, site_under_test
@@ -575,6 +576,67 @@ def _one_bundle(
     return row
 
 
+# ---------------------------------------------------------------- backfill --
+
+BACKFILL_TARGET_PER_S = 5000  # issue 16: history needs no MLLP or ACK
+
+
+def backfill(opts: Options) -> dict[str, Any]:
+    """Renal ORU^R01 history replayed by `ehrbridge backfill` (stage + model server)."""
+    from ehrbridge.adapters.evaluation_sources import stored_predictions
+    from ehrbridge.backfill import run_backfill
+    from ehrbridge.bench.load import SenderSpec, build_messages
+
+    count = int(opts.pick(20000, 500))
+    spec = SenderSpec(0, 1, 0, 0.0, 0.0, count, "BF")
+    history = opts.run_dir / "backfill-history.hl7"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    history.write_bytes(b"\n".join(payload for _, payload in build_messages(spec)))
+    with Services(opts.run_dir / "backfill") as services:
+        services.start_servers("model")
+        # No FHIR server: a port nothing listens on, since backfill writes nothing back.
+        services.ports["fhir"] = free_port()
+        site = services.write_site_config(updates={"mode": "shadow"})
+        cpu, wall = time.process_time(), time.perf_counter()
+        args = argparse.Namespace(site=site, source=history, batch=500, max_inputs=None)
+        code = run_backfill(args)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        stored = stored_predictions(
+            services.run_dir / "data-site" / "evaluation" / "results.sqlite", "kfre-4var"
+        )
+    if code != 0:
+        raise RuntimeError(f"backfill exited {code}")
+    result: dict[str, Any] = {
+        "params": _params(opts, messages=count, batch=500),
+        "messages": count,
+        "predictions": len(stored),
+        "seconds": round(wall, 2),
+        "cpu_s": round(cpu, 2),  # this process only; the model server is another
+        "messages_per_s": round(count / wall),
+        "messages_per_cpu_s": round(count / cpu) if cpu else None,
+        "target_per_s": BACKFILL_TARGET_PER_S,
+    }
+    result["vs_target"] = ratio(result["messages_per_s"], BACKFILL_TARGET_PER_S)
+    headers = ["messages", "predictions", "wall s", "msg/s", "CPU s", "msg/CPU-s",
+               "target msg/s", "msg/s / target"]  # fmt: skip
+    result["table"] = (
+        headers,
+        [
+            [
+                count,
+                len(stored),
+                result["seconds"],
+                result["messages_per_s"],
+                result["cpu_s"],
+                result["messages_per_cpu_s"],
+                BACKFILL_TARGET_PER_S,
+                result["vs_target"],
+            ]
+        ],
+    )
+    return result
+
+
 # -------------------------------------------------------------------- util --
 
 
@@ -594,4 +656,5 @@ SCENARIOS: dict[str, Callable[[Options], dict[str, Any]]] = {
     "scale": scale,
     "cds": cds,
     "fhir-bundle": fhir_bundle,
+    "backfill": backfill,
 }

@@ -199,3 +199,14 @@ def test_hl7v2_batches_are_replayed_in_msh7_order() -> None:
     batch = b"FHS|^~\\&\rBHS|^~\\&\r" + late + early + b"BTS|2\rFTS|1\r"
     order = [i.payload.split(b"|")[9] for i in hl7_inputs(batch)]
     assert order == [b"A", b"B"]
+
+
+def test_the_backfill_benchmark_runs_and_reports_its_rate(tmp_path: Path) -> None:
+    from ehrbridge.bench.scenarios import SCENARIOS, Options
+
+    result = SCENARIOS["backfill"](Options(smoke=True, run_dir=tmp_path))
+    assert result["messages"] == 500
+    assert result["predictions"] == 500  # every synthetic ORU is inside KFRE's domain
+    assert result["messages_per_s"] > 0 and result["target_per_s"] == 5000
+    headers, rows = result["table"]
+    assert len(rows) == 1 and len(rows[0]) == len(headers)
