@@ -12,8 +12,11 @@ and against the sandbox's own model server: the same cases, both must pass.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,7 +27,13 @@ from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.mlflow_scoring import MlflowScoringClient
 from ehrbridge.adapters.model_http import FeatureBatch, ModelEndpointSettings
 from ehrbridge.adapters.oip_v2 import OipV2Client
-from ehrbridge.bench.model_servers import FEATURES, MODEL_NAME, adapter_for, probabilities
+from ehrbridge.bench.model_servers import (
+    FEATURES,
+    MODEL_NAME,
+    REPO_ROOT,
+    adapter_for,
+    probabilities,
+)
 from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
 from ehrbridge.sandbox.model_server import create_model_app
 
@@ -177,3 +186,26 @@ def test_sandbox_model_server_conforms(sandbox_target: OipTarget, case: Case) ->
 def test_mlserver_conforms(real_model_servers: RealModelServers, case: Case) -> None:
     with httpx.Client(timeout=30) as http:
         case(_mlserver_target(real_model_servers), http)
+
+
+# ------------------------------------------------------------------- the scripts
+
+
+@pytest.mark.parametrize("script", ["mlflow", "mlserver"])
+def test_scripts_report_a_stopped_server_and_stop_idempotently(script: str, tmp_path: Path) -> None:
+    env = {**os.environ, f"EHRBRIDGE_{script.upper()}_DATA": str(tmp_path / "data")}
+    path = str(REPO_ROOT / "scripts" / script)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [path, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    status = run("status")
+    assert (status.returncode, status.stdout) == (3, "")
+    assert "not running" in status.stderr
+    assert run("stop").returncode == 0
+    assert run("stop").returncode == 0
+    missing = run("start", str(tmp_path / "no-such-model"))
+    assert missing.returncode != 0 and missing.stdout == ""
+    assert run("bogus").returncode == 2
