@@ -50,6 +50,7 @@ from ehrbridge.config import RetryPolicy, SiteConfig, load_site_config
 from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.core.errors import PermanentError, UpstreamUnavailable
 from ehrbridge.fhir_api import NOTIFICATION_PATH, FhirEndpoint, add_fhir_routes
+from ehrbridge.pipelines.fhir_ingest import Checker
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import Ingest
 from ehrbridge.pipelines.transport import Consumer, Record, topic_name
@@ -88,6 +89,7 @@ class SourceBed(Protocol):
     accepted: frozenset[str]  # answers meaning "stored"
     refused: frozenset[str]  # answers meaning "never send this again"
     retry: frozenset[str]  # answers meaning "send it again later"
+    bug: frozenset[str]  # answers to input ehrbridge failed on (kept for a replay)
 
     def send(self, n: int, patient: int = 1) -> str:
         """Send usable message ``n`` about patient ``patient``; the answer's code."""
@@ -165,6 +167,7 @@ class MllpBed:
     accepted = frozenset({"AA"})
     refused = frozenset({"AE", "AR"})
     retry = frozenset({"AR"})
+    bug = frozenset({"AE"})
 
     def __init__(self, tmp_path: Path) -> None:
         config = load_site_config(sandbox_site_file(), data_dir=str(tmp_path / "data"))
@@ -204,6 +207,7 @@ class MemoryBed:
     accepted = frozenset({"acked"})
     refused = frozenset({"nacked-permanent"})
     retry = frozenset({"nacked-transient"})
+    bug = frozenset({"nacked-permanent"})
 
     def __init__(self, tmp_path: Path) -> None:
         config = load_site_config(sandbox_site_file(), data_dir=str(tmp_path / "data"))
@@ -340,6 +344,7 @@ class FhirBed:
     accepted = frozenset({"200", "201"})
     refused = frozenset({"400", "422"})
     retry = frozenset({"503"})
+    bug = frozenset({"500"})  # with an OperationOutcome; the input is in the dead-letter store
 
     def __init__(self, tmp_path: Path, *, subscription: bool, id_only: bool = False) -> None:
         tokens = tmp_path / "tokens"
@@ -526,3 +531,18 @@ def test_an_ehr_answer_that_will_not_change_is_noted_not_crashed_on(
     id_only.ehr.faults.append(answer)
     assert id_only.send(1) == "200"  # the notification is taken; the resource is not there
     assert id_only.site.raw() == []
+
+
+def test_a_bug_while_checking_input_is_kept_and_the_source_serves_on(
+    bed: SourceBed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise ZeroDivisionError("a bug (test)")
+
+    monkeypatch.setattr(Ingest, "validate", broken)  # HL7v2 and memory sources
+    monkeypatch.setattr(Checker, "check_bundle", broken)  # FHIR REST and notifications
+    assert bed.send(1) in bed.bug
+    [kept] = bed.site.dead_letters()
+    assert kept.headers.get("error.reason") == "internal" and b"conf-1" in kept.value
+    monkeypatch.undo()  # the fix is deployed; the source still serves
+    assert bed.send(2) in bed.accepted
