@@ -359,3 +359,32 @@ def test_psi_by_month_finds_a_shifted_input_and_spares_a_stable_one() -> None:
     assert egfr["2025-03"] > drift["alarm"]
     assert egfr["2025-04"] is None
     assert drift["psi"]["uacr_mg_g"]["2025-03"] == pytest.approx(0)
+
+
+def test_a_bad_outcome_file_is_refused_naming_file_line_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outcome = tmp_path / "outcome.yaml"
+    outcome.write_text(
+        "model: kfre-4var\noutcome: kidney_failure\n"
+        "horizons: {2y: {days: 730, risk: risk_2y}}\ncodes: []\nhorizon_days: 730\n"
+    )
+    site = site_file(tmp_path)
+    site.write_text(site.read_text() + "\nevaluation:\n  outcome: outcome.yaml\n")
+    (tmp_path / "data").mkdir(mode=0o700)
+    store_predictions(tmp_path / "data", make_cohort(5, seed=1))
+    code = main(
+        ["evaluate", "--site", str(site), "--model", "kfre-4var", "--out", str(tmp_path / "r")]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "outcome.yaml" in err and ":5" in err and "horizon_days" in err, err
+    codes = tmp_path / "codes.csv"
+    codes.write_text("code_system,value\nx,y\n")
+    site.write_text(site.read_text().replace("outcome: outcome.yaml", "code_map: codes.csv"))
+    assert (
+        main(
+            ["evaluate", "--site", str(site), "--model", "kfre-4var", "--out", str(tmp_path / "r")]
+        )
+        == 2
+    )
+    assert "codes.csv" in capsys.readouterr().err
