@@ -182,6 +182,24 @@ def notification() -> dict[str, Any]:
     }
 
 
+def id_only_notification() -> dict[str, Any]:
+    """The same event, id-only: the site reads the focus from the EHR (the sandbox's)."""
+    doc = notification()
+    doc["entry"][1].pop("resource")
+    doc["entry"][1]["fullUrl"] = "Observation/o-33914-3"
+    return doc
+
+
+def handshake() -> dict[str, Any]:
+    doc = notification()
+    status = doc["entry"][0]["resource"]
+    status["parameter"] = status["parameter"][:5]
+    status["parameter"][3]["valueCode"] = "handshake"
+    status["parameter"][4]["valueString"] = "0"
+    doc["entry"] = doc["entry"][:1]
+    return doc
+
+
 def hook_request() -> dict[str, Any]:
     return {
         "hook": "patient-view",
@@ -211,6 +229,8 @@ ROUTES = [
     Route("POST", "/fhir/Patient", lambda: patient("FUZZ-2")),
     Route("PUT", "/fhir/Patient/p-FUZZ-2", lambda: patient("FUZZ-2")),
     Route("POST", "/fhir/subscription-notification", notification),
+    Route("POST", "/fhir/subscription-notification", id_only_notification),
+    Route("POST", "/fhir/subscription-notification", handshake),
     Route("POST", HOOK, hook_request),
     Route("POST", f"{HOOK}/feedback", lambda: {"feedback": [{"card": "x", "outcome": "accepted"}]}),
 ]
@@ -440,7 +460,8 @@ def check_contract(request: Request, response: httpx.Response) -> None:
             assert answer["resourceType"] == "OperationOutcome", answer
             assert answer["issue"] and all(i["severity"] == "error" for i in answer["issue"])
         else:
-            assert answer == orjson.loads(request.body) or answer["resourceType"] in (
+            # Prefer: return=representation (the default) echoes the body as sent.
+            assert response.content == request.body or answer["resourceType"] in (
                 "OperationOutcome",
                 "Bundle",
             )
