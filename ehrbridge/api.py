@@ -4,6 +4,7 @@ What a site operator or integration engineer looks at:
 
 * ``GET /health/live``, ``GET /health/ready``, ``GET /metrics``,
   ``GET /api/monitoring/{feeds,drift}``: ``ehrbridge/monitoring.py``;
+  ``GET /api/evaluation[/{model}]``: ``ehrbridge/evaluation_api.py``;
 * ``GET /health``: liveness plus the site's mode and counts: results, records
   not scored (not enough data, or outside the model's domain) where this
   process runs the processing role, and in the ingest role the MLLP
@@ -56,6 +57,7 @@ from ehrbridge.cds_hooks import CdsService, add_cds_routes
 from ehrbridge.config import ApiRole, SiteConfig
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.core.version import __version__
+from ehrbridge.evaluation_api import add_evaluation_routes
 from ehrbridge.fhir_api import FhirEndpoint, add_fhir_routes
 from ehrbridge.monitoring import SiteMonitoring, add_monitoring_routes
 from ehrbridge.operator_api import add_audit_routes, add_operator_routes
@@ -187,6 +189,7 @@ def create_api(parts: ApiParts) -> FastAPI:
     add_operator_routes(app, parts.log, config.site, operator)
     add_audit_routes(app, parts.audit, admin)
     add_monitoring_routes(app, parts.monitoring, viewer)
+    add_evaluation_routes(app, config, viewer)
     if parts.state is not None:
         _add_patient_route(app, parts.config, parts.state, results_store, viewer)
     if parts.fhir is not None:

@@ -80,8 +80,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _write(out / "evaluation.json", orjson.dumps(evaluation, option=orjson.OPT_INDENT_2))
     _write(out / "links.json", orjson.dumps(links, option=orjson.OPT_INDENT_2))
     _write(out / "report.html", render(evaluation).encode())
+    _keep_for_the_console(config, args.source, evaluation)
     _print_summary(evaluation, out)
     return 0
+
+
+def _keep_for_the_console(config: SiteConfig, source: str, evaluation: Any) -> None:
+    """A copy in the data dir, served at /api/evaluation/<model> (ehrbridge/evaluation_api.py)."""
+    from ehrbridge.datadir import secure_data_dir
+    from ehrbridge.evaluation_api import saved_path
+
+    path = saved_path(config.data_dir, config.model.name, source)
+    secure_data_dir(path.parent, "data_dir/evaluation")
+    _write(path, orjson.dumps(evaluation))
 
 
 def _needs_extra() -> None:

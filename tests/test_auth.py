@@ -47,6 +47,8 @@ NEEDS = {
     ("GET", "/metrics"): "viewer",
     ("GET", "/api/monitoring/feeds"): "viewer",
     ("GET", "/api/monitoring/drift"): "viewer",
+    ("GET", "/api/evaluation"): "viewer",
+    ("GET", "/api/evaluation/{model}"): "viewer",
     ("GET", "/api/dlq"): "operator",
     ("GET", "/api/dlq/{offset}"): "operator",
     ("POST", "/api/dlq/replay"): "operator",
