@@ -587,6 +587,18 @@ class Monitoring(Strict):
     drift: DriftSettings = DriftSettings()
 
 
+class PromotionCriteria(Strict):
+    """Evidence a model needs before it goes live here; each left out is not judged."""
+
+    min_days: int | None = Field(None, ge=1)  # days between the first and last prediction
+    min_scored_patients: int | None = Field(None, ge=1)
+    max_missing_input_rate: float | None = Field(None, ge=0, le=1)  # of patients seen
+    max_flags_per_day: float | None = Field(None, ge=0)  # at every band
+    min_auroc_lower_ci: float | None = Field(None, ge=0, le=1)  # each horizon
+    calibration_slope: tuple[float, float] | None = None  # [low, high], each horizon
+    max_abs_calibration_in_the_large: float | None = Field(None, ge=0)
+
+
 class EvaluationSettings(Strict):
     """``ehrbridge evaluate``: the outcome, local codes and audit groups (README "Evaluate")."""
 
@@ -599,6 +611,7 @@ class EvaluationSettings(Strict):
     # One prediction per patient (the first) by default: a patient's several predictions
     # are not independent, and counting each would narrow every interval.
     unit: Literal["patient-first", "patient-last", "prediction"] = "patient-first"
+    promotion: PromotionCriteria | None = None  # judged by evaluate: pass/fail/inconclusive
 
     _resolve = field_validator("outcome", "code_map", "events", "attributes")(_relative_to_config)
 

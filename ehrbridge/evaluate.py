@@ -150,6 +150,14 @@ def build(
     )
     evaluation = evaluate(inp)
     evaluation["drift"] = psi_by_month(stored)
+    if settings.promotion is not None:
+        from ehrbridge.evaluation.gates import judge, overall
+
+        verdicts = judge(settings.promotion.model_dump(), evaluation)
+        evaluation["promotion"] = {
+            "overall": overall(verdicts),
+            "criteria": [v.to_json() for v in verdicts],
+        }
     return evaluation, link_summary(book.links)
 
 
@@ -308,6 +316,10 @@ def _print_summary(evaluation: Mapping[str, Any], out: Path) -> None:
         print(f"{horizon}: {shown}; AUROC {_fmt(auroc)}, calibration slope {_fmt(slope)}")
     for finding in evaluation["findings"]:
         print(f"finding ({finding['horizon']}): {finding['text']}")
+    if promotion := evaluation.get("promotion"):
+        for v in promotion["criteria"]:
+            print(f"promotion criterion {v['criterion']}: {v['status']} ({v['evidence']})")
+        print(f"promotion: {promotion['overall']}")
     print(f"report: {out / 'report.html'}  numbers: {out / 'evaluation.json'}")
 
 

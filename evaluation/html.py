@@ -164,6 +164,7 @@ def render(evaluation: Mapping[str, Any]) -> str:
         f"{e(evaluation['as_of'])}; {evaluation['predictions']} predictions, "
         f"{evaluation['patients']} patients; metrics over {e(evaluation['unit'])}.</p>",
         _findings(evaluation["findings"]),
+        _promotion(evaluation.get("promotion")),
         _coverage(evaluation.get("coverage")),
     ]
     drift = evaluation.get("drift")
@@ -183,6 +184,14 @@ def _findings(items: list[Mapping[str, str]]) -> str:
         for f in items
     )
     return f"<h2>Findings</h2>{rows}"
+
+
+def _promotion(promotion: Mapping[str, Any] | None) -> str:
+    if not promotion:
+        return ""
+    rows = [[v["criterion"], v["status"], v["evidence"]] for v in promotion["criteria"]]
+    title = f"<h2>Promotion criteria: {html.escape(promotion['overall'])}</h2>"
+    return title + _table(["criterion", "verdict", "evidence"], rows)
 
 
 def _coverage(cov: Mapping[str, Any] | None) -> str:

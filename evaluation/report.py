@@ -96,10 +96,16 @@ def evaluate(inp: EvaluationInput) -> dict[str, Any]:
         "unit": inp.unit,
         "predictions": len(inp.predictions),
         "patients": len({p.patient_id for p in inp.predictions}),
+        "first_prediction": _day(min((p.anchor for p in inp.predictions), default=None)),
+        "last_prediction": _day(max((p.anchor for p in inp.predictions), default=None)),
         "coverage": metrics.coverage(inp.coverage) if inp.coverage else None,
         "horizons": horizons,
         "findings": [f for h in horizons.values() for f in h["findings"]],
     }
+
+
+def _day(moment: datetime | None) -> str | None:
+    return moment.date().isoformat() if moment else None
 
 
 def _horizon(inp: EvaluationInput, horizon: str) -> dict[str, Any]:

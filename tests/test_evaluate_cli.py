@@ -152,8 +152,26 @@ def write_export(directory: Path, cohort: list[Patient]) -> None:
         (directory / f"{name}.ndjson").write_bytes(lines + b"\n{not json\n")
 
 
-def site_file(tmp: Path) -> Path:
-    text = (REPO / "sandbox" / "site.yaml").read_text()
+CRITERIA = """
+evaluation:
+  promotion:
+    min_days: 30
+    min_scored_patients: 1000
+    max_flags_per_day: 100
+    min_auroc_lower_ci: 0.6
+    calibration_slope: [0.8, 1.2]
+    max_abs_calibration_in_the_large: 0.2
+"""
+
+
+COVERAGE_CRITERIA = """
+evaluation:
+  promotion: {max_missing_input_rate: 0.01, min_auroc_lower_ci: 0.6, min_scored_patients: 40}
+"""
+
+
+def site_file(tmp: Path, extra: str = "") -> Path:
+    text = (REPO / "sandbox" / "site.yaml").read_text() + extra
     text = text.replace("data_dir: ../.ehrbridge-sandbox", f"data_dir: {tmp / 'data'}")
     path = tmp / "site.yaml"
     path.write_text(text)
@@ -171,7 +189,7 @@ def run(
         [
             "evaluate",
             "--site",
-            str(site_file(tmp)),
+            str(site_file(tmp, CRITERIA)),
             "--model",
             "kfre-4var",
             "--out",
@@ -212,6 +230,9 @@ def test_a_calibrated_cohort_is_found_calibrated(
         assert citl["low"] <= 0.0 <= citl["high"], (horizon, citl)
     assert evaluation["horizons"]["2y"]["linkage"]["pending"] == expected["pending"]
     assert not [f for f in evaluation["findings"] if f["kind"] == "miscalibrated"]
+    verdicts = {v["criterion"]: v["status"] for v in evaluation["promotion"]["criteria"]}
+    assert evaluation["promotion"]["overall"] == "pass", evaluation["promotion"]
+    assert len(verdicts) == 6 and "promotion: pass" in printed
     # AUROC equals scikit-learn's on the arrays rebuilt from the written links.
     by_id = {p.key: p for p in people}
     labels = {row["prediction"]: row["status"] for row in links if row["horizon"] == "2y"}
@@ -237,6 +258,11 @@ def test_doubled_risks_are_reported_as_over_prediction(
     oe = evaluation["horizons"]["2y"]["calibration"]["observed_expected"]
     assert oe["high"] < 0.8
     assert "over-predicts" in printed
+    verdicts = {v["criterion"]: v["status"] for v in evaluation["promotion"]["criteria"]}
+    assert evaluation["promotion"]["overall"] == "fail"
+    assert verdicts["max_abs_calibration_in_the_large"] == "fail"
+    assert verdicts["calibration_slope"] == "fail"
+    assert verdicts["min_scored_patients"] == "pass"  # the volume is there; the risks are not
     html = (tmp_path / "report" / "report.html").read_text()
     assert "over-predicts" in html
 
@@ -288,7 +314,7 @@ def test_coverage_counts_unscored_patients_by_reason(tmp_path: Path) -> None:
             [
                 "evaluate",
                 "--site",
-                str(site_file(tmp_path)),
+                str(site_file(tmp_path, COVERAGE_CRITERIA)),
                 "--model",
                 "kfre-4var",
                 "--out",
@@ -309,6 +335,11 @@ def test_coverage_counts_unscored_patients_by_reason(tmp_path: Path) -> None:
     evaluation = orjson.loads((out / "evaluation.json").read_bytes())
     assert evaluation["horizons"]["2y"]["labelled"] == 0
     assert evaluation["horizons"]["2y"]["label_free"]["score_distribution_by_month"]
+    verdicts = {v["criterion"]: v for v in evaluation["promotion"]["criteria"]}
+    assert verdicts["max_missing_input_rate"]["status"] == "fail"  # 1 of 43: 2.3 % > 1 %
+    assert "1/43" in verdicts["max_missing_input_rate"]["evidence"]
+    assert verdicts["min_auroc_lower_ci"]["status"] == "inconclusive"  # no outcomes yet
+    assert verdicts["min_scored_patients"]["status"] == "pass"
 
 
 def test_wrong_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
