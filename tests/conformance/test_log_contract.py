@@ -138,8 +138,12 @@ def test_poll_returns_a_record_appended_while_it_waits(new_log: NewLog, topic: s
     log.append([rec(topic, 0)])
     consumer = log.consumer("g", [topic])
     assert values(poll_until(consumer, 1)) == [b"v0"]
-    threading.Timer(0.2, lambda: log.append([rec(topic, 1)])).start()
+    late = threading.Timer(0.2, lambda: log.append([rec(topic, 1)]))
+    late.start()
     assert values(poll_until(consumer, 1)) == [b"v1"]
+    # The record is visible before the writer's COMMIT returns; closing the log
+    # under a thread still inside it is a use after close (it crashed SQLite).
+    late.join()
     consumer.close()
 
 
