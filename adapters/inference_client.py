@@ -25,7 +25,7 @@ import orjson
 
 from ehrbridge.adapters.tls import httpx_verify
 from ehrbridge.config import ModelEndpoint
-from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.core.errors import ConfigError, RemoteRejected, UpstreamUnavailable
 from ehrbridge.pipelines.features import FeatureRecord
 from ehrbridge.pipelines.model import InferenceResult
 
@@ -37,10 +37,14 @@ class InferenceClient:
         verify = httpx_verify(endpoint.tls, "model.tls")
         self._client = client or httpx.Client(timeout=endpoint.timeout_s, verify=verify)
         self._url = f"{endpoint.url.rstrip('/')}/v2/models/{endpoint.name}/infer"
+        if endpoint.calibration is None:
+            # KFRE's calibrations differ by up to 3.5 points: never let the server pick one.
+            raise ConfigError("required for KFRE; state the site's", field="model.calibration")
+        self._calibration = endpoint.calibration.value
 
     def infer(self, records: Sequence[FeatureRecord], request_id: str = "") -> InferenceResult:
         """Risks for each record, in order. One HTTP request for the whole batch."""
-        body = orjson.dumps(_request(records, self.endpoint.calibration.value, request_id))
+        body = orjson.dumps(_request(records, self._calibration, request_id))
         try:
             response = self._client.post(
                 self._url, content=body, headers={"content-type": "application/json"}

@@ -24,7 +24,13 @@ from pydantic import (
 )
 
 from ehrbridge.core.charsets import codec_for_charset
-from ehrbridge.core.located_yaml import load_located, parse_located, validate_located
+from ehrbridge.core.errors import ConfigError
+from ehrbridge.core.located_yaml import (
+    LocatedYaml,
+    load_located,
+    parse_located,
+    validate_located,
+)
 
 # The mapping format lives with the mappings (mappings/schema.py); re-exported here.
 from ehrbridge.mappings.schema import (  # noqa: F401 - re-exports
@@ -236,7 +242,9 @@ Transport = Annotated[EmbeddedTransport | KafkaTransport, Field(discriminator="k
 class ModelEndpoint(Strict):
     url: str = Field(..., min_length=1)  # Open Inference Protocol v2 base URL
     name: str = "kfre-4var"
-    calibration: Calibration = Calibration.NORTH_AMERICAN
+    # No default: required when the mapping's model has several published calibrations
+    # (KFRE), checked by load_site_config / parse_site_config (_check_calibration).
+    calibration: Calibration | None = None
     timeout_s: float = Field(2.0, gt=0)
     batch_size: int = Field(64, ge=1)
     tls: ClientTls | None = None  # a custom CA bundle or client certificate for https URLs
@@ -662,12 +670,33 @@ class SiteConfig(Strict):
         return self.writeback.identifier_system or f"urn:ehrbridge:{self.site}:prediction"
 
 
+def _check_calibration(config: SiteConfig, located: LocatedYaml) -> SiteConfig:
+    """A model with several published calibrations runs only with the site's stated one.
+
+    KFRE's North American and non-North-American baselines differ by up to 3.5
+    percentage points; a European site left on a default would be wrong for most
+    panels with nothing to warn anyone. So there is no default to be left on.
+    """
+    spec = config.mapping.spec
+    if not spec.calibrations or config.model.calibration is not None:
+        return config
+    choices = " or ".join(spec.calibrations)
+    raise ConfigError(
+        f"required for {spec.name}: state the calibration for this site's patients "
+        f"({choices}; non_north_american outside the US and Canada). There is no default: "
+        "the wrong one shifts risks by up to 3.5 percentage points",
+        file=located.file,
+        line=located.line_of(("model", "calibration")),
+        field="model.calibration",
+    )
+
+
 def load_site_config(path: Path | str, **overrides: object) -> SiteConfig:
     """Load and validate a site YAML file. Raises ConfigError naming file:line:field."""
     located = load_located(path)
     if overrides and isinstance(located.data, dict):
         located.data = {**located.data, **overrides}
-    config = validate_located(SiteConfig, located)
+    config = _check_calibration(validate_located(SiteConfig, located), located)
     if not config.data_dir.is_absolute():
         base = Path(path).resolve().parent
         env_dir = os.environ.get("EHRBRIDGE_DATA_DIR")
@@ -678,4 +707,5 @@ def load_site_config(path: Path | str, **overrides: object) -> SiteConfig:
 
 def parse_site_config(text: str, file: str = "<string>") -> SiteConfig:
     """Validate YAML text (tests, and configs that arrive over an API)."""
-    return validate_located(SiteConfig, parse_located(text, file))
+    located = parse_located(text, file)
+    return _check_calibration(validate_located(SiteConfig, located), located)

@@ -128,6 +128,9 @@ class ModelSpec:
     derivations: dict[str, str]  # input -> lab feature it can be derived from
     # Where the model was developed and validated; outside it there is no score.
     applicability: tuple[str, ...] = ()
+    # Published calibrations (baseline risks) a site must choose between: with more
+    # than one there is no safe default, so `model.calibration` is required.
+    calibrations: tuple[str, ...] = ()
 
     def takes(self, feature: str) -> bool:
         return feature in self.lab_inputs or feature in self.derivations.values()
@@ -141,6 +144,8 @@ MODELS: dict[str, ModelSpec] = {
         derivations={"egfr": "creatinine"},
         # Tangri et al. 2011/2016: adults with CKD G3-G5 (eGFR < 60 mL/min/1.73 m2).
         applicability=("age >= 18", "egfr < 60"),
+        # Tangri 2016: the non-North-American baseline is lower by up to 3.5 points.
+        calibrations=("north_american", "non_north_american"),
     ),
 }
 

@@ -185,7 +185,8 @@ class ProcessStage:
             unique = {id(p.envelope): p.envelope for p in chunk}
             return [Failure(env, error, self.name) for env in unique.values()]
         self._model_request(None, started)
-        model = ModelInfo(result.model_name, result.model_version, self.config.model.calibration)
+        calibration = self.config.model.calibration or ""  # "" for a model that has none
+        model = ModelInfo(result.model_name, result.model_version, calibration)
         outcomes: list[Outcome] = []
         for item, risk_2y, risk_5y in zip(chunk, result.risk_2y, result.risk_5y, strict=True):
             prediction = self._prediction(item, model, risk_2y, risk_5y)

@@ -4,7 +4,7 @@ Stage tests that are about triggers, state or batching -- not the model --
 use it instead of starting the sandbox model server::
 
     http = httpx.Client(transport=httpx.MockTransport(OipDouble()))
-    model = InferenceClient(ModelEndpoint(url="https://model.test"), client=http)
+    model = InferenceClient(ModelEndpoint(url="https://model.test", calibration=NA), client=http)
 
 The model server itself is held to the Model contract by
 ``tests/conformance/test_model_contract.py`` over real HTTP.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,30 @@ def test_config_is_immutable() -> None:
     config: SiteConfig = load_site_config(SANDBOX)
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error type
         config.site = "other"  # type: ignore[misc]
+
+
+def test_a_kfre_site_without_its_calibration_is_refused_by_config_check(tmp_path: Path) -> None:
+    """No default: the European site left on North American numbers is impossible."""
+    text = sandbox_text().replace("  calibration: north_american\n", "")
+    path = tmp_path / "site.yaml"
+    path.write_text(text)
+    model_line = 1 + text.splitlines().index("model:")
+    with pytest.raises(ConfigError) as caught:
+        load_site_config(path)
+    error = caught.value
+    assert (error.file, error.line, error.field) == (str(path), model_line, "model.calibration")
+    assert "north_american or non_north_american" in str(error)
+    checked = subprocess.run(
+        [str(Path(sys.executable).with_name("ehrbridge")), "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode != 0
+    assert f"{path}:{model_line}: model.calibration: required for kfre-4var" in checked.stderr
+
+
+def test_a_stated_calibration_is_kept() -> None:
+    text = sandbox_text().replace("calibration: north_american", "calibration: non_north_american")
+    assert parse_site_config(text).model.calibration == "non_north_american"

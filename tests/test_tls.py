@@ -28,6 +28,7 @@ from ehrbridge.adapters.kafka_log import KafkaLog, security_settings
 from ehrbridge.adapters.mllp_client import MllpClient, frame
 from ehrbridge.adapters.mllp_sink import MllpSink
 from ehrbridge.config import (
+    Calibration,
     ClientTls,
     Hl7v2Writeback,
     KafkaSasl,
@@ -393,8 +394,11 @@ def test_model_calls_verify_the_server_against_the_configured_ca(
     from ehrbridge.config import ModelEndpoint
 
     url = f"https://127.0.0.1:{site.http_port}"
-    assert InferenceClient(ModelEndpoint(url=url)).ready() is False  # verification failed
-    trusted = ModelEndpoint(url=url, tls=ClientTls(ca_file=certs.ca))
+    untrusted = ModelEndpoint(url=url, calibration=Calibration.NORTH_AMERICAN)
+    assert InferenceClient(untrusted).ready() is False  # verification failed
+    trusted = ModelEndpoint(
+        url=url, calibration=Calibration.NORTH_AMERICAN, tls=ClientTls(ca_file=certs.ca)
+    )
     client = InferenceClient(trusted)
     response = client._client.get(f"{url}/health")
     assert response.status_code == 200

@@ -37,7 +37,7 @@ class Pipeline:
     def __init__(self, data_dir: Path) -> None:
         config: SiteConfig = parse_site_config(
             f"site: us\ndata_dir: {data_dir}\nmapping: {{file: {SITE / 'mapping.yaml'}}}\n"
-            "model: {url: 'https://model.test'}\n"
+            "model: {url: 'https://model.test', calibration: north_american}\n"
         )
         self.state = MemoryStateStore()
         http = httpx.Client(transport=httpx.MockTransport(OipDouble()))

@@ -34,6 +34,7 @@ from model_double import OipDouble
 
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.config import Calibration as SiteCalibration
 from ehrbridge.config import ModelEndpoint
 from ehrbridge.core.errors import (
     EhrbridgeError,
@@ -44,6 +45,8 @@ from ehrbridge.core.errors import (
 from ehrbridge.pipelines.features import FeatureRecord
 from ehrbridge.sandbox.kfre import Calibration, kfre_4var
 from ehrbridge.sandbox.model_server import create_model_app
+
+NA = SiteCalibration.NORTH_AMERICAN
 
 # (age, male, eGFR, UACR mg/g), low to high risk, deliberately not sorted by risk.
 PATIENTS = [(70.0, False, 50.0, 35.0), (57.28, False, 15.0, 1762.0), (65.0, True, 19.0, 30.0)]
@@ -91,7 +94,9 @@ class SandboxBed:
         self.opened: list[InferenceClient] = []
 
     def client(self, timeout_s: float = 5.0) -> InferenceClient:
-        self.opened.append(InferenceClient(ModelEndpoint(url=self.url, timeout_s=timeout_s)))
+        self.opened.append(
+            InferenceClient(ModelEndpoint(url=self.url, timeout_s=timeout_s, calibration=NA))
+        )
         return self.opened[-1]
 
     def expected(self) -> tuple[list[float], list[float]]:
@@ -119,7 +124,7 @@ class MockBed:
 
     def client(self, timeout_s: float = 5.0) -> InferenceClient:
         http = httpx.Client(transport=httpx.MockTransport(self.double))
-        endpoint = ModelEndpoint(url="https://model.test", timeout_s=timeout_s)
+        endpoint = ModelEndpoint(url="https://model.test", timeout_s=timeout_s, calibration=NA)
         return InferenceClient(endpoint, client=http)
 
     def expected(self) -> tuple[list[float], list[float]]:
@@ -236,7 +241,9 @@ def test_a_server_nobody_listens_on_is_transient() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    client = InferenceClient(ModelEndpoint(url=f"http://127.0.0.1:{port}", timeout_s=1.0))
+    client = InferenceClient(
+        ModelEndpoint(url=f"http://127.0.0.1:{port}", timeout_s=1.0, calibration=NA)
+    )
     with pytest.raises(UpstreamUnavailable, match="unreachable"):
         client.infer(RECORDS)
     assert client.ready() is False
