@@ -22,13 +22,14 @@ from typing import Any, BinaryIO, cast
 
 import orjson
 
+from ehrbridge.adapters._sqlite import connect_readonly
 from ehrbridge.core.errors import ConfigError
 
 
 def _open_ro(path: Path) -> sqlite3.Connection:
     if not path.exists():
         raise ConfigError(f"{path}: no such store (has this site run, or is data_dir right?)")
-    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    return connect_readonly(path)
 
 
 def stored_predictions(results: Path, model: str) -> list[dict[str, Any]]:

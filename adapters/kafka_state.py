@@ -49,7 +49,6 @@ from __future__ import annotations
 import fcntl
 import itertools
 import logging
-import sqlite3
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
@@ -61,7 +60,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
 
-from ehrbridge.adapters._sqlite import transaction
+from ehrbridge.adapters._sqlite import DB_ERRORS, transaction
 from ehrbridge.adapters.kafka_log import KafkaLog, read_partitions_to_end
 from ehrbridge.adapters.sqlite_state import SqliteStateStore
 from ehrbridge.core.errors import ConfigError, UpstreamUnavailable
@@ -103,7 +102,7 @@ class PartitionStore(SqliteStateStore):
         """The first changelog offset not yet in this store (0: nothing restored yet)."""
         try:
             row = self._conn().execute("SELECT next_offset FROM changelog_checkpoint").fetchone()
-        except sqlite3.Error as exc:  # the disk fails, or the file is not a database
+        except DB_ERRORS as exc:  # the disk fails, or the file is not a database
             raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
         return int(row[0]) if row else 0
 
@@ -154,7 +153,7 @@ class PartitionStore(SqliteStateStore):
                     " SET next_offset = max(next_offset, excluded.next_offset)",
                     (next_offset,),
                 )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
 
 

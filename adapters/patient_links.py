@@ -9,11 +9,10 @@ so the hook can find the patient without a prefetch or a FHIR read.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
-from ehrbridge.adapters._sqlite import PerThreadConnection, transaction
+from ehrbridge.adapters._sqlite import DB_ERRORS, PerThreadConnection, transaction
 from ehrbridge.core.errors import UpstreamUnavailable
 
 _SCHEMA = """
@@ -36,7 +35,7 @@ class PatientLinks:
         try:
             with transaction(self._connections.get()) as conn:
                 conn.executemany("INSERT OR REPLACE INTO patient_links VALUES (?, ?)", rows)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"patient links: {exc}") from exc
 
     def patient_for(self, fhir_id: str) -> str | None:

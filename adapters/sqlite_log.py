@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from ehrbridge.adapters._sqlite import PerThreadConnection, transaction
+from ehrbridge.adapters._sqlite import DB_ERRORS, PerThreadConnection, transaction
 from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines.transport import Consumer, Record
 
@@ -73,7 +73,7 @@ class SqliteLog:
                     "INSERT INTO records (topic, key, value, headers, ts) VALUES (?,?,?,?,?)",
                     rows,
                 )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"embedded log {self.path.name}: {exc}") from exc
         with self._appended:
             self._appended.notify_all()
@@ -108,7 +108,7 @@ class SqliteLog:
                 " SET committed = max(committed, excluded.committed)",
                 (group, topic, offset),
             )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"embedded log {self.path.name}: {exc}") from exc
 
     def end_offset(self, topic: str) -> int:
@@ -132,7 +132,7 @@ class SqliteLog:
                     "DELETE FROM records WHERE topic = ? AND ts < ? AND offset <= ?",
                     (topic, older_than, limit),
                 )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"embedded log {self.path.name}: {exc}") from exc
         return cursor.rowcount
 

@@ -6,7 +6,6 @@ adding one, exactly as the EHR does (``pipelines/results.py`` has the protocol).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -15,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ehrbridge.adapters._sqlite import PerThreadConnection, transaction
+from ehrbridge.adapters._sqlite import DB_ERRORS, PerThreadConnection, transaction
 from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.results import Delivery, StoredResult
@@ -106,7 +105,7 @@ class SqliteResultStore:
         try:
             with transaction(self._connections.get()) as conn:
                 conn.executemany(sql, rows)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"result store: {exc}") from exc
 
     def list(
@@ -159,7 +158,7 @@ class SqliteResultStore:
                     "DELETE FROM results WHERE updated_at < ? AND status != ?",
                     (older_than, Delivery.PENDING.value),
                 )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"result store: {exc}") from exc
         return cursor.rowcount
 

@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ehrbridge.adapters._sqlite import PerThreadConnection, transaction
+from ehrbridge.adapters._sqlite import DB_ERRORS, PerThreadConnection, transaction
 from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines.state import PatientState
 
@@ -35,7 +35,7 @@ class SqliteStateStore:
                 .execute("SELECT doc FROM patient_state WHERE patient_id = ?", (patient_id,))
                 .fetchone()
             )
-        except sqlite3.Error as exc:  # a disk that fails or a file that is not a database
+        except DB_ERRORS as exc:  # a disk that fails or a file that is not a database
             raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
         return PatientState.from_json(row[0]) if row else None
 
@@ -51,7 +51,7 @@ class SqliteStateStore:
                     "ON CONFLICT (patient_id) DO UPDATE SET doc = excluded.doc",
                     rows,
                 )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"state store {self.path.name}: {exc}") from exc
 
     def patient_ids(self, limit: int = 1000) -> list[str]:

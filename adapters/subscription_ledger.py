@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ehrbridge.adapters._sqlite import PerThreadConnection, transaction
+from ehrbridge.adapters._sqlite import DB_ERRORS, PerThreadConnection, transaction
 from ehrbridge.core.errors import UpstreamUnavailable
 from ehrbridge.pipelines.subscriptions import MISSED, UNREAD, Gap, Notification
 
@@ -75,7 +75,7 @@ class SubscriptionLedger:
                 self._store(conn, notification, last, numbers, gaps)
                 if unread:
                     self._keep_unread(conn, notification.subscription, numbers)
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise UpstreamUnavailable(f"subscription ledger: {exc}") from exc
         for gap in gaps:
             log.warning(

@@ -149,11 +149,13 @@ def run_backfill(args: argparse.Namespace) -> int:
     from ehrbridge.adapters.sqlite_state import SqliteStateStore
     from ehrbridge.datadir import secure_data_dir
     from ehrbridge.pipelines.process import ProcessStage
+    from ehrbridge.stores import unlock_stores
 
     config = load_site_config(args.site)
     inputs, bad_lines = read_history(args.source)
     where = evaluation_dir(config)
     secure_data_dir(where, "data_dir/evaluation")
+    unlock_stores(config)
     print_ = fingerprint(inputs)
     checkpoint = where / CHECKPOINT
     done = _load_checkpoint(checkpoint, args.source, print_)

@@ -624,6 +624,25 @@ class EvaluationSettings(Strict):
     _resolve = field_validator("outcome", "code_map", "events", "attributes")(_relative_to_config)
 
 
+class StorageEncryption(Strict):
+    """Encrypt the site's SQLite stores with SQLCipher (the ``encryption`` extra).
+
+    The key comes from the environment or a file, never the YAML. Turn it on
+    before a site first runs: files written unencrypted are refused, not converted.
+    """
+
+    key_env: str | None = None  # name of the environment variable holding the key
+    key_file: Path | None = None  # or a file holding it (relative to this YAML; keep it 0600)
+
+    _resolve = field_validator("key_file")(_relative_to_config)
+
+    @model_validator(mode="after")
+    def one_source(self) -> Self:
+        if (self.key_env is None) == (self.key_file is None):
+            raise ValueError("give exactly one of 'key_env' or 'key_file'")
+        return self
+
+
 class SiteConfig(Strict):
     site: str
     mode: Mode = Mode.SHADOW
@@ -639,6 +658,7 @@ class SiteConfig(Strict):
     auth: ApiAuth = ApiAuth()
     retry: RetryPolicy = RetryPolicy()
     retention: Retention = Retention()
+    encryption: StorageEncryption | None = None  # SQLCipher for the SQLite stores
     monitoring: Monitoring = Monitoring()
     evaluation: EvaluationSettings = EvaluationSettings()
     strict_hl7: bool = False  # validate message structure with hl7apy (slow; for debugging)

@@ -67,12 +67,14 @@ def _aware(text: str) -> datetime:
 def run_evaluate(args: argparse.Namespace) -> int:
     _needs_extra()
     from ehrbridge.evaluation.html import render
+    from ehrbridge.stores import unlock_stores
 
     config = load_site_config(args.site)
     if args.model != config.model.name:
         raise ConfigError(
             f"{args.site}: this site runs model {config.model.name!r}, not {args.model!r}"
         )
+    unlock_stores(config)
     stores = config.data_dir / "evaluation" if args.source == "backfill" else config.data_dir
     evaluation, links = build(config, args.events, args.as_of or datetime.now(UTC), stores)
     out: Path = args.out

@@ -60,7 +60,7 @@ from ehrbridge.pipelines.transport import Consumer, Record, topic_name
 from ehrbridge.pipelines.worker import StageWorker
 from ehrbridge.pipelines.writeback import FHIR_TARGET, HL7V2_TARGET, WritebackStage
 from ehrbridge.retention import Purger
-from ehrbridge.stores import audit_dir, open_log
+from ehrbridge.stores import audit_dir, open_log, unlock_stores
 
 if TYPE_CHECKING:
     from ehrbridge.adapters.kafka_log import KafkaLog
@@ -135,6 +135,7 @@ class SiteRuntime:
         secure_data_dir(config.data_dir)
         if isinstance(config.transport, KafkaTransport) and config.transport.state_dir:
             secure_data_dir(config.transport.state_dir, "transport.state_dir")
+        unlock_stores(config)
         self.log = open_log(config)
         self.changelog_state: ChangelogStateStore | None = None  # kafka transport only
         self.audit = AuditTrail(audit_dir(config))  # who read which patient's data

@@ -10,9 +10,30 @@ from pathlib import Path
 from typing import cast
 
 from ehrbridge.adapters import load
+from ehrbridge.adapters._sqlite import EncryptionUnavailable, encrypt_under
+from ehrbridge.adapters.smart_auth import read_secret
 from ehrbridge.config import KafkaTransport, SiteConfig
 from ehrbridge.core.errors import ConfigError
 from ehrbridge.pipelines.transport import Log
+
+
+def unlock_stores(config: SiteConfig) -> None:
+    """Register the site's storage key, so its SQLite files open encrypted.
+
+    Every path to a site's stores passes here first: the runtime, the commands
+    that read a site's data, backfill and evaluate.
+    """
+    encryption = config.encryption
+    if encryption is None:
+        return
+    where = "encryption.key_env" if encryption.key_env else "encryption.key_file"
+    secret = read_secret(encryption.key_env, encryption.key_file, "the storage key", where)
+    try:
+        encrypt_under(config.data_dir, secret)
+        if isinstance(config.transport, KafkaTransport) and config.transport.state_dir:
+            encrypt_under(config.transport.state_dir, secret)
+    except EncryptionUnavailable as exc:
+        raise ConfigError(str(exc), field=where) from exc
 
 
 def open_log(config: SiteConfig) -> Log:
@@ -31,6 +52,7 @@ def open_existing_log(config: SiteConfig, source: Path | str) -> Log:
     It never creates one: an empty new store would answer "0 dead letters"
     for a site whose data is elsewhere. The error says where it looked.
     """
+    unlock_stores(config)
     if config.transport.kind == "embedded":
         log_file = config.data_dir / "log.sqlite"
         if not log_file.is_file():
