@@ -5,6 +5,7 @@ What a site operator or integration engineer looks at:
 * ``GET /health/live``, ``GET /health/ready``, ``GET /metrics``,
   ``GET /api/monitoring/{feeds,drift}``: ``ehrbridge/monitoring.py``;
   ``GET /api/evaluation[/{model}]``: ``ehrbridge/evaluation_api.py``;
+  ``GET|POST /api/models/{model}/mode``: promote/demote, ``ehrbridge/promotion_api.py``;
 * ``GET /health``: liveness plus the site's mode and counts: results, records
   not scored (not enough data, or outside the model's domain) where this
   process runs the processing role, and in the ingest role the MLLP
@@ -64,6 +65,8 @@ from ehrbridge.operator_api import add_audit_routes, add_operator_routes
 from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.state import StateStore
 from ehrbridge.pipelines.transport import Log, topic_name
+from ehrbridge.promotion import ModeSwitch
+from ehrbridge.promotion_api import add_promotion_routes
 
 # Paging positions are SQLite INTEGERs (64-bit); a larger one is a 422, not a 500.
 MAX_OFFSET = 2**62
@@ -107,6 +110,7 @@ def create_api(parts: ApiParts) -> FastAPI:
         docs_url="/docs",
     )
     config, results_store = parts.config, parts.results
+    mode = ModeSwitch(config)  # the mode in force: promote/demote switch it while running
     app.add_middleware(AuditMiddleware, trail=parts.audit, routes=lambda: app.routes)
     viewer = [Depends(parts.auth.require(ApiRole.VIEWER))]
     operator = [Depends(parts.auth.require(ApiRole.OPERATOR))]
@@ -117,7 +121,7 @@ def create_api(parts: ApiParts) -> FastAPI:
         return {
             "status": "ok",
             "site": config.site,
-            "mode": config.mode.value,
+            "mode": mode().value,
             "version": __version__,
             "results": results_store.count(),
             **parts.counts(),
@@ -135,7 +139,7 @@ def create_api(parts: ApiParts) -> FastAPI:
         total = results_store.count(patient_id=patient)
         return {
             "site": config.site,
-            "mode": config.mode.value,
+            "mode": mode().value,
             "total": total,
             "offset": offset,
             "limit": limit,
@@ -190,12 +194,15 @@ def create_api(parts: ApiParts) -> FastAPI:
     add_audit_routes(app, parts.audit, admin)
     add_monitoring_routes(app, parts.monitoring, viewer)
     add_evaluation_routes(app, config, viewer)
+    add_promotion_routes(app, (config, parts.log, results_store, parts.state), viewer, admin)
     if parts.state is not None:
         _add_patient_route(app, parts.config, parts.state, results_store, viewer)
     if parts.fhir is not None:
         add_fhir_routes(app, parts.fhir)
     if config.cds_hooks.enabled:
-        service = CdsService(config, results_store, parts.patient_links, state=parts.state)
+        service = CdsService(
+            config, results_store, parts.patient_links, state=parts.state, mode=mode
+        )
         add_cds_routes(app, service, parts.cds_clients)
     return app
 

@@ -44,6 +44,10 @@ AUDITED: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/api/messages/{offset}"),  # one stored message with its raw bytes
         ("GET", "/api/audit"),  # the audit trail itself names patients
         ("POST", f"/cds-services/{SERVICE_ID}"),  # a card: risk, eGFR, UACR, dates
+        # Promote/demote: every attempt (a 403 too); the decision itself, with its
+        # evidence, is a second entry (ehrbridge/promotion.py). At promotion it may
+        # send shadow results through write-back, as a replay does.
+        ("POST", "/api/models/{model}/mode"),
     }
 )
 # Routes that need a token but answer nothing about any one patient.
@@ -52,6 +56,9 @@ NOT_AUDITED: dict[tuple[str, str], str] = {
     ("GET", "/api/monitoring/feeds"): "message counts per feed and hour",
     ("GET", "/api/monitoring/drift"): "feature distributions per day",
     ("GET", "/api/fhir"): "ingest counters, Subscription event numbers",
+    ("GET", "/api/models/{model}/mode"): "the model's mode and the last decision",
+    ("GET", "/api/evaluation"): "which evaluations exist: model, source, counts",
+    ("GET", "/api/evaluation/{model}"): "aggregates of the last evaluate: no patient id",
     ("GET", "/fhir/{resource_type}"): "not served (405): ehrbridge is not a FHIR server",
     ("GET", "/fhir/{resource_type}/{resource_id}"): "not served (405)",
     ("POST", "/fhir"): "ingest (a write by the EHR), kept in the log",

@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -98,8 +99,10 @@ class CdsService:
         *,
         timeout_s: float = 2.0,
         state: StateStore | None = None,
+        mode: Callable[[], Mode] | None = None,
     ) -> None:
         self.config = config
+        self.mode = mode or (lambda: config.mode)  # promote/demote switch it while running
         self.results = results
         self.links = links
         self.state = state
@@ -156,7 +159,7 @@ class CdsService:
         """The cards for the hook; ``read`` gets the site's own patient id, once resolved
         (the audit trail names both it and the EHR's ``patientId``)."""
         context = _context(body)
-        if self.config.mode is Mode.SHADOW and not self.config.cds_hooks.cards_in_shadow_mode:
+        if self.mode() is Mode.SHADOW and not self.config.cds_hooks.cards_in_shadow_mode:
             return {"cards": []}
         patient_id = self._patient_id(body, str(context["patientId"]))
         if patient_id and read is not None:

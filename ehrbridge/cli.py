@@ -17,6 +17,8 @@ commands:
   bench SCENARIO                           benchmarks (bench/)
   evaluate --site S --model M --out DIR    the model's performance at this site: report + JSON
   backfill --site S --from PATH            score history (FHIR Bulk, HL7v2 batch) for evaluate
+  promote --site S [--override --reason R] judge the criteria, then switch the model to live
+  demote --site S --reason R               switch the model back to shadow
 
 `ehrbridge COMMAND --help` describes each one.
 """
@@ -122,9 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     add_bench_command(sub)
     from ehrbridge.backfill import add_backfill_command
     from ehrbridge.evaluate import add_evaluate_command
+    from ehrbridge.promotion_cli import add_promotion_commands
 
     add_evaluate_command(sub)
     add_backfill_command(sub)
+    add_promotion_commands(sub)
     return parser
 
 

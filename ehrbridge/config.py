@@ -605,6 +605,10 @@ class PromotionCriteria(Strict):
     min_auroc_lower_ci: float | None = Field(None, ge=0, le=1)  # each horizon
     calibration_slope: tuple[float, float] | None = None  # [low, high], each horizon
     max_abs_calibration_in_the_large: float | None = Field(None, ge=0)
+    # At promotion, the shadow period's results: "none" are written to the EHR (default:
+    # they were never reviewed as live results and may be stale), or each patient's
+    # "latest", if still the latest, inside the model's domain and not future-dated.
+    shadow_results: Literal["none", "latest"] = "none"
 
 
 class EvaluationSettings(Strict):

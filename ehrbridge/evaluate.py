@@ -79,22 +79,30 @@ def run_evaluate(args: argparse.Namespace) -> int:
     evaluation, links = build(config, args.events, args.as_of or datetime.now(UTC), stores)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True, mode=0o700)  # it describes patients: private
-    _write(out / "evaluation.json", orjson.dumps(evaluation, option=orjson.OPT_INDENT_2))
+    document = orjson.dumps(evaluation, option=orjson.OPT_INDENT_2)
+    _write(out / "evaluation.json", document)
     _write(out / "links.json", orjson.dumps(links, option=orjson.OPT_INDENT_2))
     _write(out / "report.html", render(evaluation).encode())
-    _keep_for_the_console(config, args.source, evaluation)
+    _keep_for_the_console(config, args.source, document, out)
     _print_summary(evaluation, out)
     return 0
 
 
-def _keep_for_the_console(config: SiteConfig, source: str, evaluation: Any) -> None:
-    """A copy in the data dir, served at /api/evaluation/<model> (ehrbridge/evaluation_api.py)."""
+def _keep_for_the_console(config: SiteConfig, source: str, document: bytes, out: Path) -> None:
+    """A copy in the data dir, served at /api/evaluation/<model> (ehrbridge/evaluation_api.py).
+
+    Byte for byte the ``evaluation.json`` written to ``--out``, so the SHA-256 a
+    promotion decision records (ehrbridge/promotion.py) is that file's; beside it
+    the report's path, which the decision records too.
+    """
     from ehrbridge.datadir import secure_data_dir
     from ehrbridge.evaluation_api import saved_path
 
     path = saved_path(config.data_dir, config.model.name, source)
     secure_data_dir(path.parent, "data_dir/evaluation")
-    _write(path, orjson.dumps(evaluation))
+    _write(path, document)
+    report = {"report": str((out / "report.html").resolve()), "out": str(out.resolve())}
+    _write(path.with_suffix(".report.json"), orjson.dumps(report))
 
 
 def _needs_extra() -> None:

@@ -59,6 +59,7 @@ from ehrbridge.pipelines.state import StateStore
 from ehrbridge.pipelines.transport import Consumer, Record, topic_name
 from ehrbridge.pipelines.worker import StageWorker
 from ehrbridge.pipelines.writeback import FHIR_TARGET, HL7V2_TARGET, WritebackStage
+from ehrbridge.promotion import ModeSwitch, mode_path
 from ehrbridge.retention import Purger
 from ehrbridge.stores import audit_dir, open_log, unlock_stores
 
@@ -330,12 +331,18 @@ class SiteRuntime:
         )
 
     def _start_writeback(self) -> None:
-        if self.config.mode is Mode.LIVE:
+        # Targets are built whenever configured, in shadow too: a promotion switches the
+        # running stage to live (ehrbridge/promotion.py) without a restart.
+        wb = self.config.writeback
+        if wb.fhir_base or wb.hl7v2 is not None:
             self.writeback_targets = self._writeback_targets()
+        mode = ModeSwitch(self.config)
+        self._say_which_mode(mode())
         stage = WritebackStage(
-            self.config, self.results, self.writeback_targets, self.monitoring.metrics
+            self.config, self.results, self.writeback_targets, self.monitoring.metrics, mode
         )
-        self._check_writeback_targets()
+        if mode() is Mode.LIVE:  # a shadow site's readiness does not hang on the EHR
+            self._check_writeback_targets()
         # In-place retries sit around each sink (RetryingSink), where the call is; a
         # RetryingStage around the stage as well would multiply the attempts.
         self._worker("writeback", [self.topic("predictions")], stage, None, retry_in_place=False)
@@ -344,6 +351,16 @@ class SiteRuntime:
         purger = self.purger()
         if purger.enabled:  # where results are written: one purging process per site
             self._thread("purge", lambda: purger.run(self.stop_event))
+
+    def _say_which_mode(self, mode: Mode) -> None:
+        if mode is not self.config.mode:
+            log.warning(
+                "model %s runs %s by its last promote/demote decision (%s); the site file says %s",
+                self.config.model.name,
+                mode.value,
+                mode_path(self.config.data_dir, self.config.model.name),
+                self.config.mode.value,
+            )
 
     def purger(self) -> Purger:
         """This site's retention purge (``retention:``) over its log and result store."""

@@ -2,7 +2,8 @@
 
 Every prediction is kept in the local result store -- what ``GET /api/results``
 and the CDS Hooks service read. In **shadow** mode that is all: nothing is
-written to the EHR until the site is promoted. In **live** mode each result
+written to the EHR until the site is promoted (``ehrbridge promote``; the
+mode is read per batch, so the switch needs no restart). In **live** mode each result
 also goes to every configured target:
 
 * ``fhir`` (``writeback.fhir_base``): one transaction per result -- the risk
@@ -31,7 +32,7 @@ the store or in the EHR.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -81,19 +82,25 @@ class WritebackStage:
         results: ResultStore,
         targets: Mapping[str, Sink] | None = None,
         metrics: Metrics = NO_METRICS,
+        mode: Callable[[], Mode] | None = None,
     ) -> None:
         self.metrics = metrics
         targets = dict(targets or {})
-        if config.mode is Mode.LIVE and not targets:
+        self.mode = mode or (lambda: config.mode)
+        if self.mode() is Mode.LIVE and not targets:
             raise ValueError("live mode needs at least one write-back target")
         unknown = set(targets) - {FHIR_TARGET, HL7V2_TARGET}
         if unknown:
             raise ValueError(f"unknown write-back targets: {sorted(unknown)}")
         self.config = config
         self.results = results
-        self.targets = targets if config.mode is Mode.LIVE else {}
+        self.all_targets = targets
+        self.targets: Mapping[str, Sink] = {}
 
     def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
+        # The mode is read once per batch (ehrbridge/promotion.py switches it while the
+        # site runs): a batch is wholly shadow or wholly live, never half of each.
+        self.targets = self.all_targets if self.mode() is Mode.LIVE else {}
         failures: list[Outcome] = []
         parsed: list[tuple[Envelope, Prediction]] = []
         for envelope in batch:

@@ -1,0 +1,104 @@
+"""``POST /api/models/{model}/mode`` (admin): promote a model to live, or demote it to shadow.
+
+What ``ehrbridge promote`` and ``ehrbridge demote`` call on the running site
+(``ehrbridge/promotion.py`` has the decision, its record and the switch).
+The body: ``{"mode": "live"|"shadow", "reason": ..., "override": false,
+"source": "site"|"backfill"}``. The answer is the decision with each
+criterion's verdict: 200 when the mode switched, 409 when it was refused
+(criteria not passed, no reason, no write-back target), 404 for another
+site's model, 503 when the audit trail cannot be written (nothing switches).
+``GET /api/models/{model}/mode`` (viewer) says which mode is in force and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.params import Depends
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ehrbridge.audit import AuditUnavailable
+from ehrbridge.auth import PRINCIPAL_KEY, Principal
+from ehrbridge.config import Mode, SiteConfig
+from ehrbridge.pipelines.results import ResultStore
+from ehrbridge.pipelines.state import StateStore
+from ehrbridge.pipelines.transport import Log
+from ehrbridge.promotion import (
+    DEMOTE,
+    PROMOTE,
+    Caller,
+    decide,
+    mode_path,
+    read_mode_file,
+    shadow_results_at_promotion,
+)
+
+NOT_HERE: dict[int | str, dict[str, Any]] = {404: {"description": "Not this site's model"}}
+DECIDED: dict[int | str, dict[str, Any]] = {
+    **NOT_HERE,
+    409: {"description": "Refused: criteria not passed, no reason, or no write-back target"},
+    503: {"description": "The audit trail cannot be written: nothing switched"},
+}
+
+
+class ModeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Mode
+    reason: str | None = Field(None, min_length=1, max_length=2000)
+    override: bool = False  # go live although the criteria did not pass (needs a reason)
+    source: Literal["site", "backfill"] = "site"  # which evaluation is judged
+
+
+def add_promotion_routes(
+    app: FastAPI,
+    parts: tuple[SiteConfig, Log, ResultStore, StateStore | None],
+    viewer: Sequence[Depends],
+    admin: Sequence[Depends],
+) -> None:
+    config, log, results, state = parts
+    model_name = config.model.name
+
+    def this_model(model: str) -> None:
+        if model != model_name:
+            raise HTTPException(404, f"this site runs model {model_name!r}, not {model!r}")
+
+    @app.get("/api/models/{model}/mode", dependencies=list(viewer), responses=NOT_HERE)
+    def current_mode(model: str) -> dict[str, Any]:
+        this_model(model)
+        decided = read_mode_file(mode_path(config.data_dir, model_name))
+        mode = decided["mode"] if decided else config.mode.value
+        return {
+            "model": model_name,
+            "mode": mode,
+            "site_file_mode": config.mode.value,
+            "decision": decided,
+        }
+
+    @app.post("/api/models/{model}/mode", dependencies=list(admin), responses=DECIDED)
+    def switch_mode(model: str, body: ModeRequest, request: Request) -> JSONResponse:
+        this_model(model)
+        principal: Principal = request.scope[PRINCIPAL_KEY]
+        caller = Caller(
+            who=principal.name,
+            via=principal.via,
+            roles=tuple(sorted(r.value for r in principal.roles)),
+            source=request.client.host if request.client else "",
+        )
+        action = PROMOTE if body.mode is Mode.LIVE else DEMOTE
+        try:
+            decision = decide(
+                config,
+                caller,
+                action,
+                reason=body.reason,
+                override=body.override,
+                source=body.source,
+                on_live=lambda: shadow_results_at_promotion(config, log, results, state),
+            )
+        except AuditUnavailable as error:
+            raise HTTPException(503, str(error)) from None
+        status = 409 if decision.outcome == "refused" else 200
+        return JSONResponse(decision.to_json(), status_code=status)
