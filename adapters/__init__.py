@@ -25,9 +25,19 @@ REGISTRY: dict[str, dict[str, str]] = {
     },
     # The `writeback:` sections a live site fills in: `fhir_base`, `hl7v2`.
     "sink": {"fhir": "fhir_sink:FhirSink", "hl7v2": "mllp_sink:MllpSink"},
-    # `model:` is called over the Open Inference Protocol v2 today; the other protocol
-    # adapters (mlflow_scoring.py, kserve_v1.py, ubiops.py) join when the config names them.
-    "model": {"oip-v2": "inference_client:InferenceClient"},
+    # `model:` without a model file: the KFRE inputs over the Open Inference Protocol v2.
+    # With one (`model.file` / `model.definition`): DeclaredModel, over the protocol
+    # client its `endpoint.protocol` names.
+    "model": {
+        "oip-v2": "inference_client:InferenceClient",
+        "declared": "declared_model:DeclaredModel",
+    },
+    "model_protocol": {
+        "oip-v2": "oip_v2:OipV2Client",
+        "mlflow": "mlflow_scoring:MlflowScoringClient",
+        "kserve-v1": "kserve_v1:KserveV1Client",
+        "ubiops": "ubiops:UbiOpsClient",
+    },
 }
 
 

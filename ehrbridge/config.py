@@ -12,7 +12,7 @@ import os
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,7 @@ from ehrbridge.core.located_yaml import (
     parse_located,
     validate_located,
 )
+from ehrbridge.mappings.model_file import ModelFile, load_model_file
 
 # The mapping format lives with the mappings (mappings/schema.py); re-exported here.
 from ehrbridge.mappings.schema import (  # noqa: F401 - re-exports
@@ -240,14 +241,59 @@ Transport = Annotated[EmbeddedTransport | KafkaTransport, Field(discriminator="k
 
 
 class ModelEndpoint(Strict):
-    url: str = Field(..., min_length=1)  # Open Inference Protocol v2 base URL
+    """The site's model: an OIP v2 endpoint taking the KFRE inputs, or a model file.
+
+    With ``file`` (a ``models/<name>.yaml``, relative to the site file) or an
+    inline ``definition``, the model's identity, inputs, domain, protocol and
+    outputs come from it; ``url`` and ``name`` default to its endpoint's and
+    its own, and ``url`` here points the same file at this site's server.
+    """
+
+    url: str = Field(..., min_length=1)  # base URL of the model server
     name: str = "kfre-4var"
+    file: Path | None = None  # a model file (mappings/model_file.py)
+    definition: ModelFile | None = None  # the model file's content, inline (or loaded)
     # No default: required when the mapping's model has several published calibrations
     # (KFRE), checked by load_site_config / parse_site_config (_check_calibration).
     calibration: Calibration | None = None
     timeout_s: float = Field(2.0, gt=0)
     batch_size: int = Field(64, ge=1)
     tls: ClientTls | None = None  # a custom CA bundle or client certificate for https URLs
+
+    @model_validator(mode="before")
+    @classmethod
+    def from_model_file(cls, data: Any, info: ValidationInfo) -> Any:
+        """Load ``file`` (relative to the site file); take url and name from the model."""
+        if not isinstance(data, dict) or (data.get("file") is None and not data.get("definition")):
+            return data
+        data = dict(data)
+        if data.get("file") is not None:
+            if data.get("definition") is not None:
+                raise ValueError("give 'file' or 'definition', not both")
+            data["file"] = _relative_to_config(Path(str(data["file"])), info)
+            data["definition"] = load_model_file(data["file"])
+        declared = _declared(data["definition"])
+        for key, value in declared.items():
+            if value is not None:
+                data.setdefault(key, value)
+        if data.get("name") != declared["name"]:
+            raise ValueError(
+                f"name {data.get('name')!r}: the model file names it {declared['name']!r}"
+            )
+        return data
+
+
+def _declared(definition: object) -> dict[str, Any]:
+    """The name and URL a model file (loaded, or inline and not yet validated) declares."""
+    if isinstance(definition, ModelFile):
+        return {"name": definition.model.name, "url": definition.endpoint.url}
+    if not isinstance(definition, dict):
+        return {"name": None, "url": None}
+    model, endpoint = definition.get("model"), definition.get("endpoint")
+    return {
+        "name": model.get("name") if isinstance(model, dict) else None,
+        "url": endpoint.get("url") if isinstance(endpoint, dict) else None,
+    }
 
 
 class InterpretationBand(Strict):
@@ -701,12 +747,17 @@ def _check_calibration(config: SiteConfig, located: LocatedYaml) -> SiteConfig:
     percentage points; a European site left on a default would be wrong for most
     panels with nothing to warn anyone. So there is no default to be left on.
     """
-    spec = config.mapping.spec
-    if not spec.calibrations or config.model.calibration is not None:
+    definition = config.model.definition
+    if definition is not None:
+        name = definition.model.name
+        calibrations = tuple(definition.calibrations.choices) if definition.calibrations else ()
+    else:
+        name, calibrations = config.mapping.spec.name, config.mapping.spec.calibrations
+    if not calibrations or config.model.calibration is not None:
         return config
-    choices = " or ".join(spec.calibrations)
+    choices = " or ".join(calibrations)
     raise ConfigError(
-        f"required for {spec.name}: state the calibration for this site's patients "
+        f"required for {name}: state the calibration for this site's patients "
         f"({choices}; non_north_american outside the US and Canada). There is no default: "
         "the wrong one shifts risks by up to 3.5 percentage points",
         file=located.file,
@@ -715,12 +766,25 @@ def _check_calibration(config: SiteConfig, located: LocatedYaml) -> SiteConfig:
     )
 
 
+def _with_model_domain(config: SiteConfig) -> SiteConfig:
+    """A model file's domain (applicability and input ranges) unless the mapping sets one."""
+    definition = config.model.definition
+    if definition is None or config.mapping.applicability is not None:
+        return config
+    mapping = config.mapping.model_copy(update={"applicability": list(definition.domain)})
+    return config.model_copy(update={"mapping": mapping})
+
+
+def _checked(config: SiteConfig, located: LocatedYaml) -> SiteConfig:
+    return _with_model_domain(_check_calibration(config, located))
+
+
 def load_site_config(path: Path | str, **overrides: object) -> SiteConfig:
     """Load and validate a site YAML file. Raises ConfigError naming file:line:field."""
     located = load_located(path)
     if overrides and isinstance(located.data, dict):
         located.data = {**located.data, **overrides}
-    config = _check_calibration(validate_located(SiteConfig, located), located)
+    config = _checked(validate_located(SiteConfig, located), located)
     if not config.data_dir.is_absolute():
         base = Path(path).resolve().parent
         env_dir = os.environ.get("EHRBRIDGE_DATA_DIR")
@@ -732,4 +796,4 @@ def load_site_config(path: Path | str, **overrides: object) -> SiteConfig:
 def parse_site_config(text: str, file: str = "<string>") -> SiteConfig:
     """Validate YAML text (tests, and configs that arrive over an API)."""
     located = parse_located(text, file)
-    return _check_calibration(validate_located(SiteConfig, located), located)
+    return _checked(validate_located(SiteConfig, located), located)

@@ -306,7 +306,8 @@ class SiteRuntime:
         return FhirEndpoint(self.config, ingest, self.patient_links, ledger, callers, reader=reader)
 
     def _start_processing(self) -> None:
-        model = self._opened(load("model", "oip-v2")(self.config.model))
+        kind = "oip-v2" if self.config.model.definition is None else "declared"
+        model = self._opened(load("model", kind)(self.config.model))
         self.monitoring.add_check(
             "model", lambda: None if model.ready() else f"not ready at {self.config.model.url}"
         )
