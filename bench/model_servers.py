@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,11 +84,20 @@ def synthetic_cohort(rows: int, seed: int) -> tuple[Any, Any]:
     return np.column_stack([age, egfr, ln_uacr, albumin, bicarbonate]), outcome.astype(int)
 
 
-def train_and_save(workdir: Path, seed: int = 20261207) -> TrainedModel:
-    """Train a classifier here and lay it out for both servers under ``workdir``."""
+def train_and_save(
+    workdir: Path,
+    seed: int = 20261207,
+    *,
+    columns: tuple[str, ...] = FEATURES,
+    cohort: Callable[[int, int], tuple[Any, Any]] = synthetic_cohort,
+) -> TrainedModel:
+    """Train a classifier here and lay it out for both servers under ``workdir``.
+
+    ``cohort(rows, seed)`` makes the synthetic features (in ``columns`` order) and outcome.
+    """
     from sklearn.ensemble import RandomForestClassifier
 
-    features, outcome = synthetic_cohort(2000, seed)
+    features, outcome = cohort(2000, seed)
     estimator = RandomForestClassifier(n_estimators=40, max_depth=6, random_state=seed)
     estimator.fit(features[:1500], outcome[:1500])
     held_out = features[1500:]
@@ -102,7 +112,7 @@ def train_and_save(workdir: Path, seed: int = 20261207) -> TrainedModel:
             _SAVE_MLFLOW_MODEL,
             str(estimator_file),
             str(mlflow_dir),
-            ",".join(FEATURES),
+            ",".join(columns),
         ],
         timeout_s=600,
     )

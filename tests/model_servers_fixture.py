@@ -94,3 +94,57 @@ def _stop(names: list[str], workdir: Path) -> None:
             run_script(SCRIPTS[name], ["stop"], timeout_s=120, data_dir=workdir / f"{name}-data")
         except ModelServerError as exc:
             warnings.warn(f"scripts/{name} stop failed: {exc}", stacklevel=2)
+
+
+# The columns of a feature record a model file can send (mappings/model_file.py).
+RECORD_COLUMNS = ("age", "male", "egfr", "uacr")
+
+
+def record_cohort(rows: int, seed: int) -> tuple[Any, Any]:
+    """Synthetic feature records (age, male, eGFR, UACR mg/g) and a kidney-failure outcome."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(18, 95, rows)
+    male = (rng.random(rows) < 0.55).astype(float)
+    egfr = rng.uniform(8, 59, rows)
+    uacr = np.exp(rng.normal(4.5, 1.6, rows))
+    logit = -0.03 * (age - 60) + 0.3 * male - 0.09 * (egfr - 30) + 0.6 * (np.log(uacr) - 4.5)
+    outcome = rng.random(rows) < 1 / (1 + np.exp(-logit))
+    return np.column_stack([age, male, egfr, uacr]), outcome.astype(int)
+
+
+@dataclass(frozen=True)
+class RecordModel:
+    model: TrainedModel
+    url: str  # `mlflow models serve` of a classifier taking feature-record columns
+
+
+@pytest.fixture(scope="session")
+def record_model_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordModel]:
+    """A classifier on feature-record columns, served by the real ``mlflow models serve``."""
+    workdir = tmp_path_factory.mktemp("record-model")
+    data_dir = workdir / "mlflow-data"
+    try:
+        if running_in_ci():
+            run_script(MLFLOW_SCRIPT, ["install"], timeout_s=1800)
+        else:
+            run_script(MLFLOW_SCRIPT, ["installed"], timeout_s=30)
+        model = train_and_save(workdir, columns=RECORD_COLUMNS, cohort=record_cohort)
+        url = run_script(
+            MLFLOW_SCRIPT, ["start", str(model.mlflow_dir)], timeout_s=600, data_dir=data_dir
+        )
+    except ModelServerError as exc:
+        _stop_in(data_dir)  # a start that failed half way
+        _unavailable(f"mlflow unavailable: {exc}")
+    try:
+        yield RecordModel(model, url)
+    finally:
+        _stop_in(data_dir)
+
+
+def _stop_in(data_dir: Path) -> None:
+    try:
+        run_script(MLFLOW_SCRIPT, ["stop"], timeout_s=120, data_dir=data_dir)
+    except ModelServerError as exc:
+        warnings.warn(f"scripts/mlflow stop failed: {exc}", stacklevel=2)

@@ -15,6 +15,7 @@ import orjson
 import pytest
 import yaml
 from conftest import all_resources, wait_for
+from model_servers_fixture import RecordModel
 
 from ehrbridge.adapters import load
 from ehrbridge.adapters.declared_model import DeclaredModel
@@ -29,6 +30,7 @@ from ehrbridge.core.errors import ConfigError
 from ehrbridge.mappings.loader import SITES_DIR
 from ehrbridge.mappings.model_file import load_model_file
 from ehrbridge.pipelines.process import ProcessStage
+from ehrbridge.pipelines.records import Prediction
 from ehrbridge.sandbox.run import BackgroundSandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,3 +209,33 @@ def test_a_model_file_outside_the_package_runs_from_mllp_to_observation(tmp_path
     assert component(observation, "kfre-risk-2y") == pytest.approx(RISK_2Y, abs=0.005)
     assert component(observation, "kfre-risk-5y") == pytest.approx(RISK_5Y, abs=0.005)
     assert "ckd-risk-local" in orjson.dumps(observation).decode()
+
+
+@pytest.mark.modelservers
+def test_a_model_file_with_protocol_mlflow_scores_on_the_real_mlflow_server(
+    record_model_mlflow: RecordModel,
+) -> None:
+    """A classifier trained here, served by `mlflow models serve`, named by YAML alone."""
+    answer = {"from": "predictions", "index": 1, "unit": "1", "valid": {"min": 0, "max": 1}}
+    definition = yaml.safe_load(
+        model_text(
+            endpoint={"protocol": "mlflow", "url": record_model_mlflow.url, "timeout_s": 60},
+            # One classifier, one probability: both horizons carry it until outputs are free.
+            outputs=[{"name": "risk_2y", **answer}, {"name": "risk_5y", **answer}],
+        )
+    )
+    del definition["calibrations"]  # a trained classifier has no published calibrations
+    config = parse_site_config(site_text({"definition": definition}))
+    model = load("model", "declared")(config.model)
+    try:
+        envelope = Envelope("declared", "SI-0001", VECTOR, Kind.HL7V2, "SI-0001")
+        [outcome] = ProcessStage(config, MemoryStateStore(), model).process([envelope])
+    finally:
+        model.close()
+    assert isinstance(outcome, Envelope) and outcome.kind is Kind.PREDICTION
+    prediction = Prediction.from_json(outcome.payload)
+    f = prediction.features
+    row = [[f.age, 1.0 if f.male else 0.0, f.egfr, f.uacr_mg_g]]
+    expected = float(record_model_mlflow.model.estimator.predict_proba(row)[0][1])
+    assert prediction.risk_2y == pytest.approx(expected, abs=1e-9)
+    assert (prediction.model.name, prediction.model.version) == ("ckd-risk-local", "2016")
