@@ -237,7 +237,8 @@ class CdsService:
             "uuid": str(uuid.uuid5(_NAMESPACE, result.identifier)),
             "summary": _clip(summary),
             "indicator": indicator(code),
-            "detail": _detail(result, observation, (risk_2y, risk_5y), meaning),
+            "detail": _detail(result, observation, (risk_2y, risk_5y), meaning)
+            + self._about_the_model(),
             "source": {
                 "label": f"ehrbridge: KFRE model {name} {version}".strip(),
                 "topic": {
@@ -254,6 +255,17 @@ class CdsService:
                 }
             ],
         }
+
+    def _about_the_model(self) -> str:
+        """What the model is for and whom it is valid for: the model file's words, if any."""
+        definition = self.config.model.definition
+        if definition is None:
+            return _KFRE_ABOUT
+        identity = definition.model
+        return (
+            f"{identity.intended_use.rstrip('.')}. **Valid for:** "
+            f"{identity.intended_population.rstrip('.')}. Source: {identity.citation}"
+        )
 
     def _details_url(self, result: StoredResult, base_url: str) -> str:
         template = self.config.cds_hooks.details_url
@@ -312,9 +324,14 @@ def _detail(
         f"**2-year risk:** {risks[0]:.2f}%  \n**5-year risk:** {risks[1]:.2f}%  \n"
         f"**Interpretation:** {meaning or 'not classified'}\n\n{notes}"
         f"Computed for results up to {result.anchor[:10]} by {method}, from:\n\n{inputs}\n\n"
-        "The Kidney Failure Risk Equation estimates the risk of needing dialysis or a kidney "
-        "transplant; it applies to adults with CKD stage 3-5."
     )
+
+
+# A site without a model file runs KFRE 4-variable (Tangri 2011/2016).
+_KFRE_ABOUT = (
+    "The Kidney Failure Risk Equation estimates the risk of needing dialysis or a kidney "
+    "transplant; it applies to adults with CKD stage 3-5."
+)
 
 
 def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) -> None:

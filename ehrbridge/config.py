@@ -753,9 +753,17 @@ def _check_calibration(config: SiteConfig, located: LocatedYaml) -> SiteConfig:
         calibrations = tuple(definition.calibrations.choices) if definition.calibrations else ()
     else:
         name, calibrations = config.mapping.spec.name, config.mapping.spec.calibrations
-    if not calibrations or config.model.calibration is not None:
-        return config
+    stated = config.model.calibration
     choices = " or ".join(calibrations)
+    if stated is not None and calibrations and stated not in calibrations:
+        raise ConfigError(
+            f"{stated} is not a calibration of {name} ({choices})",
+            file=located.file,
+            line=located.line_of(("model", "calibration")),
+            field="model.calibration",
+        )
+    if not calibrations or stated is not None:
+        return config
     raise ConfigError(
         f"required for {name}: state the calibration for this site's patients "
         f"({choices}; non_north_american outside the US and Canada). There is no default: "

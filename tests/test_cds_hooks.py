@@ -22,7 +22,7 @@ from predictions import prediction
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.cds_hooks import SUMMARY_LIMIT, CdsService, shown
-from ehrbridge.config import Mode, SiteConfig, load_site_config
+from ehrbridge.config import Mode, ModelEndpoint, SiteConfig, load_site_config
 from ehrbridge.pipelines.observation import build_observation, percent
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
@@ -225,3 +225,20 @@ def test_shadow_mode_shows_clinicians_nothing_unless_asked(tmp_path: Path) -> No
     assert result is not None
     assert card["indicator"] == expected_indicator(pilot.config, result.risk_2y, result.risk_5y)
     assert card["links"][0]["url"] == f"http://x/api/results/{result.identifier}"
+
+
+KFRE_4_FILE = Path(__file__).resolve().parents[1] / "models" / "kfre-4.yaml"
+
+
+def test_a_card_states_the_model_files_intended_population(tmp_path: Path) -> None:
+    """With a model file, the card says whom the number is valid for in the file's words."""
+    config = load_site_config(sandbox_site_file())
+    model = config.model.model_dump(mode="json") | {"file": str(KFRE_4_FILE)}
+    model.pop("definition")
+    config = config.model_copy(update={"model": ModelEndpoint.model_validate(model)})
+    store = SqliteResultStore(tmp_path / "results.sqlite")
+    result = prediction(config, "MRN-CARD")
+    store.upsert([(result, build_observation(result, config))], Delivery.DELIVERED)
+    [card] = CdsService(config, store).patient_view(hook("MRN-CARD"), "http://x/")["cards"]
+    assert "**Valid for:** Adults (18 or older) with CKD G3-G5" in card["detail"]
+    assert "doi:10.1001/jama.2011.451" in card["detail"]

@@ -107,6 +107,17 @@ def test_a_site_naming_a_model_file_without_its_calibration_is_refused(tmp_path:
     assert "required for ckd-risk-local" in str(caught.value)
 
 
+def test_a_calibration_the_model_file_does_not_list_is_refused(tmp_path: Path) -> None:
+    calibrations = {"parameter": "calibration", "choices": ["north_american", "pooled"]}
+    (tmp_path / "m.yaml").write_text(model_text(calibrations=calibrations))
+    site = tmp_path / "site.yaml"
+    site.write_text(site_text({"file": "m.yaml", "calibration": "non_north_american"}))
+    with pytest.raises(ConfigError) as caught:
+        load_site_config(site)
+    assert caught.value.field == "model.calibration"
+    assert "non_north_american is not a calibration of ckd-risk-local" in str(caught.value)
+
+
 def test_a_site_takes_name_url_and_domain_from_its_model_file(tmp_path: Path) -> None:
     (tmp_path / "m.yaml").write_text(model_text())
     site = tmp_path / "site.yaml"
