@@ -1,5 +1,7 @@
 """One contract, every model client: the OIP v2 client against the sandbox's model server
-(real HTTP on a real socket) and against an httpx.MockTransport double.
+(real HTTP on a real socket) and against an httpx.MockTransport double, and the shipped
+model file (models/kfre-4.yaml, DeclaredModel over adapters/oip_v2.py) against the same
+server.
 
 The Model contract (``core/contracts.py``), case by case:
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -33,6 +36,7 @@ import pytest
 from model_double import OipDouble
 
 from ehrbridge._http import ThreadedServer
+from ehrbridge.adapters.declared_model import DeclaredModel
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.config import Calibration as SiteCalibration
 from ehrbridge.config import ModelEndpoint
@@ -42,11 +46,14 @@ from ehrbridge.core.errors import (
     TransientError,
     UpstreamUnavailable,
 )
+from ehrbridge.mappings.model_file import load_model_file
 from ehrbridge.pipelines.features import FeatureRecord
+from ehrbridge.pipelines.model import Model
 from ehrbridge.sandbox.kfre import Calibration, kfre_4var
 from ehrbridge.sandbox.model_server import create_model_app
 
 NA = SiteCalibration.NORTH_AMERICAN
+KFRE_4_FILE = Path(__file__).resolve().parents[2] / "models" / "kfre-4.yaml"
 
 # (age, male, eGFR, UACR mg/g), low to high risk, deliberately not sorted by risk.
 PATIENTS = [(70.0, False, 50.0, 35.0), (57.28, False, 15.0, 1762.0), (65.0, True, 19.0, 30.0)]
@@ -69,8 +76,14 @@ def features(age: float, male: bool, egfr: float, uacr: float) -> FeatureRecord:
 RECORDS = [features(*p) for p in PATIENTS]
 
 
+class Client(Model, Protocol):
+    def ready(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class ModelBed(Protocol):
-    def client(self, timeout_s: float = 5.0) -> InferenceClient: ...
+    def client(self, timeout_s: float = 5.0) -> Client: ...
 
     def expected(self) -> tuple[list[float], list[float]]:
         """The risks (2y, 5y) of ``RECORDS``, in order, from an independent oracle."""
@@ -91,9 +104,9 @@ class SandboxBed:
     def __init__(self, server: ThreadedServer) -> None:
         self.url = server.base_url
         self.admin = httpx.Client(base_url=server.base_url, timeout=10)
-        self.opened: list[InferenceClient] = []
+        self.opened: list[Client] = []
 
-    def client(self, timeout_s: float = 5.0) -> InferenceClient:
+    def client(self, timeout_s: float = 5.0) -> Client:
         self.opened.append(
             InferenceClient(ModelEndpoint(url=self.url, timeout_s=timeout_s, calibration=NA))
         )
@@ -118,11 +131,23 @@ class SandboxBed:
         self.admin.post("/_admin/faults", json={"down_for_s": 30}).raise_for_status()
 
 
+class DeclaredBed(SandboxBed):
+    """models/kfre-4.yaml (DeclaredModel over the OIP v2 adapter) against the sandbox server."""
+
+    def client(self, timeout_s: float = 5.0) -> Client:
+        definition = load_model_file(KFRE_4_FILE)
+        endpoint = definition.endpoint.model_copy(update={"timeout_s": timeout_s})
+        definition = definition.model_copy(update={"endpoint": endpoint})
+        model = ModelEndpoint(url=self.url, definition=definition, calibration=NA)
+        self.opened.append(DeclaredModel(model))
+        return self.opened[-1]
+
+
 class MockBed:
     def __init__(self) -> None:
         self.double = OipDouble()
 
-    def client(self, timeout_s: float = 5.0) -> InferenceClient:
+    def client(self, timeout_s: float = 5.0) -> Client:
         http = httpx.Client(transport=httpx.MockTransport(self.double))
         endpoint = ModelEndpoint(url="https://model.test", timeout_s=timeout_s, calibration=NA)
         return InferenceClient(endpoint, client=http)
@@ -162,12 +187,13 @@ def model_server() -> Iterator[ThreadedServer]:
         yield server
 
 
-@pytest.fixture(params=["oip-v2-sandbox", "oip-v2-mock"])
+@pytest.fixture(params=["oip-v2-sandbox", "oip-v2-mock", "model-file-sandbox"])
 def bed(request: pytest.FixtureRequest) -> Iterator[ModelBed]:
     if request.param == "oip-v2-mock":
         yield MockBed()
         return
-    sandbox = SandboxBed(request.getfixturevalue("model_server"))
+    server = request.getfixturevalue("model_server")
+    sandbox = SandboxBed(server) if request.param == "oip-v2-sandbox" else DeclaredBed(server)
     sandbox.admin.delete("/_admin/faults").raise_for_status()
     yield sandbox
     sandbox.admin.delete("/_admin/faults").raise_for_status()
