@@ -126,11 +126,10 @@ class ModelInput(Strict):
         return self.column or self.name
 
     def domain_rules(self) -> tuple[str, ...]:
-        """The valid range as domain rules, so a record outside it is not scored."""
+        """The valid range as a domain rule, so a record outside it is not scored."""
         if self.valid is None:
             return ()
-        low, high = _number(self.valid.min), _number(self.valid.max)
-        return (f"{self.name} >= {low}", f"{self.name} <= {high}")
+        return (f"{self.name} in [{_number(self.valid.min)}, {_number(self.valid.max)}]",)
 
 
 class ModelOutput(Strict):

@@ -78,7 +78,9 @@ _COMPARISONS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
 }
 _NEGATED = {"<": ">=", "<=": ">", ">": "<=", ">=": "<"}
-_DOMAIN_RULE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*$")
+_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+_DOMAIN_RULE = re.compile(rf"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*({_NUMBER})\s*$")
+_RANGE_RULE = re.compile(rf"^\s*([a-z_]+)\s+in\s*\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]\s*$")
 NUMERIC_INPUTS = frozenset({"age", "egfr", "uacr"})  # what a domain rule can test
 
 
@@ -88,33 +90,58 @@ class DomainRule:
 
     Values are the model inputs in their canonical units: age in years, eGFR
     in mL/min/1.73 m2, UACR in mg/g. A record outside the domain is not scored.
+
+    ``uacr in [0.1, 50000]`` is an input's valid range (a model file's
+    ``inputs[].valid``): it tests the value the model would be sent, so a
+    result reported as ``<3`` is sent as 3 and meets it, where ``uacr >= 0.1``
+    would ask about the unknown true value below 3.
     """
 
     feature: str
     op: str
     threshold: float
+    upper: float | None = None  # op "in": the range is [threshold, upper]
 
     @classmethod
     def parse(cls, text: str) -> DomainRule:
-        match = _DOMAIN_RULE.match(text)
+        ranged = _RANGE_RULE.match(text)
+        match = ranged or _DOMAIN_RULE.match(text)
         if match is None:
             raise ValueError(
-                f"write a domain rule as 'INPUT OP NUMBER' (e.g. egfr < 60), not {text!r}"
+                f"write a domain rule as 'INPUT OP NUMBER' (e.g. egfr < 60) or "
+                f"'INPUT in [LOW, HIGH]', not {text!r}"
             )
-        feature, op, number = match.groups()
+        feature = match.group(1)
         if feature not in NUMERIC_INPUTS:
             known = ", ".join(sorted(NUMERIC_INPUTS))
             raise ValueError(f"{text!r}: a domain rule tests one of {known}, not {feature!r}")
-        return cls(feature, op, float(number))
+        if ranged is None:
+            return cls(feature, match.group(2), float(match.group(3)))
+        low, high = float(match.group(2)), float(match.group(3))
+        if low > high:
+            raise ValueError(f"{text!r}: the range's low end is above its high end")
+        return cls(feature, "in", low, high)
+
+    @property
+    def on_value_sent(self) -> bool:
+        """A valid range: tested on the value sent, never on a bound's open end."""
+        return self.upper is not None
 
     def holds(self, value: float) -> bool:
+        if self.upper is not None:
+            return self.threshold <= value <= self.upper
         return _COMPARISONS[self.op](value, self.threshold)
 
     def broken_by(self, value: float, shown: str = "") -> str:
         """Why ``value`` is outside: ``egfr 71.9 >= 60``."""
-        return f"{self.feature} {shown or f'{value:.4g}'} {_NEGATED[self.op]} {self.threshold:g}"
+        number = shown or f"{value:.4g}"
+        if self.upper is not None:
+            return f"{self.feature} {number} outside [{self.threshold:g}, {self.upper:g}]"
+        return f"{self.feature} {number} {_NEGATED[self.op]} {self.threshold:g}"
 
     def __str__(self) -> str:
+        if self.upper is not None:
+            return f"{self.feature} in [{self.threshold:g}, {self.upper:g}]"
         return f"{self.feature} {self.op} {self.threshold:g}"
 
 

@@ -96,6 +96,8 @@ def check_domain(record: FeatureRecord, rules: tuple[DomainRule, ...]) -> OutOfD
 
 
 def _broken(rule: DomainRule, known: Known) -> str | None:
+    if rule.on_value_sent:  # a valid range: the value the model would be sent
+        return None if rule.holds(known.value) else f"out_of_range: {rule.broken_by(known.value)}"
     verdicts = known.verdicts(rule)
     if verdicts == {True}:
         return None

@@ -183,3 +183,28 @@ def test_the_hl7v2_message_of_the_issue_is_not_scored() -> None:
     result = evaluate(PatientState("M9"), patient, MAPPING, now=T0 + timedelta(days=1))
     assert isinstance(result, OutOfDomain)
     assert result.reasons[0].startswith("egfr_from_bounded_value: creatinine <0.2 mg/dL")
+
+
+# --------------------------------------------------------------------------- valid ranges
+
+
+def test_a_valid_range_tests_the_value_sent_so_a_bounded_value_inside_is_scored() -> None:
+    """A model file's `valid` range (`uacr in [0.1, 50000]`) asks whether the number the
+    model would be sent is valid: UACR `<3` is sent as 3 and scored, with its note."""
+    ranged = with_mapping(applicability=["egfr < 60", "uacr in [0.1, 50000]"])
+    result = outcome(fact("egfr", 30.0), fact("uacr", 3.0, "<"), mapping=ranged)
+    assert isinstance(result, FeatureRecord)
+    assert "uacr <3 mg/g was used as 3 mg/g" in bounded_note(result)
+
+
+def test_a_value_outside_a_valid_range_is_not_scored_and_says_why() -> None:
+    ranged = with_mapping(applicability=["egfr < 60", "uacr in [0.1, 1000]"])
+    result = outcome(fact("egfr", 30.0), fact("uacr", 2500.0), mapping=ranged)
+    assert isinstance(result, OutOfDomain)
+    assert result.reasons == ("out_of_range: uacr 2500 outside [0.1, 1000]",)
+
+
+@pytest.mark.parametrize("rule", ["uacr in [5, 1]", "uacr in [1]", "sex in [0, 1]"])
+def test_a_malformed_range_is_refused(rule: str) -> None:
+    with pytest.raises(ConfigError):
+        with_mapping(applicability=[rule])
