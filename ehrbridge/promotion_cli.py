@@ -138,6 +138,10 @@ def _print(answer: dict[str, Any]) -> None:
     elif answer.get("outcome"):
         print(f"{answer['model']} is now {answer['outcome']} (was {answer.get('previous')})")
         if shadow := evidence.get("shadow_results"):
-            print(f"shadow results at promotion: {shadow}")
+            skipped = ", ".join(f"{why}: {n}" for why, n in shadow.get("skipped", {}).items())
+            print(
+                f"shadow results ({shadow['setting']}): {shadow['written']} written"
+                + (f"; not written: {skipped}" if skipped else "")
+            )
     else:
         print(answer.get("detail", answer))

@@ -29,9 +29,9 @@ from test_evaluate_cli import Patient, run, site_file
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.audit import AuditTrail
 from ehrbridge.cli import main
-from ehrbridge.config import Mode, SiteConfig, load_site_config
+from ehrbridge.config import Mode, PromotionCriteria, SiteConfig, load_site_config
 from ehrbridge.promotion import effective_mode, mode_path
-from ehrbridge.sandbox.run import BackgroundSandbox
+from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 MODEL = "kfre-4var"
@@ -246,3 +246,97 @@ def test_promotion_under_mllp_traffic_loses_nothing_and_scores_nothing_twice(
     assert ehr_observations(running) - before_observations == len(delivered)
     health = httpx.get(f"{api}/health").json()
     assert health["mode"] == "live"
+
+
+def latest_at_promotion(config: SiteConfig) -> SiteConfig:
+    promotion = PromotionCriteria(min_scored_patients=1000, shadow_results="latest")
+    evaluation = config.evaluation.model_copy(update={"promotion": promotion})
+    return config.model_copy(update={"mode": Mode.SHADOW, "evaluation": evaluation})
+
+
+def test_latest_shadow_results_are_written_at_promotion_when_still_latest_and_in_domain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with BackgroundSandbox(
+        tmp_path / "site", configure=latest_at_promotion, fhir_site=False
+    ) as running:
+        api, viewer = running.sandbox.api_url, headers(running, "viewer")
+        now = datetime.now(UTC)
+        sent = [  # (patient, days ago, eGFR): two episodes for A; B left the domain since
+            ("A", 20, 35.0),
+            ("A", 3, 33.0),
+            ("B", 10, 40.0),
+            ("B", 2, 71.9),
+            ("C", 5, 30.0),
+        ]
+        run_id = uuid.uuid4().hex[:6]
+        with MllpClient("127.0.0.1", running.sandbox.mllp_port) as client:
+            for i, (who, days, egfr) in enumerate(sent):
+                message = SyntheticEhr(patients=1).renal_oru_for(
+                    age=58,
+                    female=True,
+                    at=now - timedelta(days=days),
+                    egfr=egfr,
+                    uacr_mg_g=200.0,
+                    mrn=f"{who}{run_id}",
+                    control_id=f"L{run_id}{i}",
+                )
+                assert client.send(message).code == "AA"
+
+        def results_of(who: str) -> list[dict[str, Any]]:
+            params = {"patient": f"{who}{run_id}"}
+            return httpx.get(f"{api}/api/results", params=params, headers=viewer).json()["results"]
+
+        def states() -> dict[str, list[str]]:
+            return {who: [r["status"] for r in results_of(who)] for who in "ABC"}
+
+        wait_for(
+            lambda: states() == {"A": ["shadow"] * 2, "B": ["shadow"], "C": ["shadow"]},
+            timeout_s=60,
+            what="shadow results",
+        )
+        wait_for(
+            lambda: (
+                httpx.get(f"{api}/api/patients/B{run_id}", headers=viewer)
+                .json()["last_outcome"]
+                .get("out_of_domain")
+            ),
+            what="B out of domain",
+        )
+        assert ehr_observations(running) == 0
+        code = main(
+            [
+                "promote",
+                "--site",
+                str(sandbox_site_file()),
+                "--url",
+                api,
+                "--token-file",
+                str(running.sandbox.data_dir / "tokens" / "admin"),
+                "--override",
+                "--reason",
+                "criteria inconclusive: pilot approved",
+            ]
+        )
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        assert "criteria: inconclusive" in printed and "is now live" in printed
+        assert "shadow results (latest): 2 written" in printed, printed
+        # A's newest and C's: delivered; A's older episode and B (now outside) stay shadow.
+        wait_for(
+            lambda: states() == {"A": ["delivered", "shadow"], "B": ["shadow"], "C": ["delivered"]},
+            timeout_s=60,
+            what="catch-up",
+        )
+        assert ehr_observations(running) == 2
+        entries = [
+            e
+            for e in running.sandbox.runtime.audit.entries()  # type: ignore[union-attr]
+            if e["action"] == f"promote shadow results {MODEL}"
+        ]
+        shadow = entries[-1]["detail"]["evidence"]["shadow_results"]
+        assert shadow == {
+            "setting": "latest",
+            "written": 2,
+            "skipped": {"outside the model's domain now": 1},
+        }
