@@ -117,34 +117,27 @@ def record_cohort(rows: int, seed: int) -> tuple[Any, Any]:
 @dataclass(frozen=True)
 class RecordModel:
     model: TrainedModel
-    url: str  # `mlflow models serve` of a classifier taking feature-record columns
+    urls: dict[str, str]  # "mlflow" / "mlserver" -> base URL of a classifier on record columns
 
 
 @pytest.fixture(scope="session")
-def record_model_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordModel]:
-    """A classifier on feature-record columns, served by the real ``mlflow models serve``."""
+def record_model_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordModel]:
+    """A classifier on feature-record columns, served by real MLflow and real MLServer."""
     workdir = tmp_path_factory.mktemp("record-model")
-    data_dir = workdir / "mlflow-data"
+    urls: dict[str, str] = {}
     try:
-        if running_in_ci():
-            run_script(MLFLOW_SCRIPT, ["install"], timeout_s=1800)
-        else:
-            run_script(MLFLOW_SCRIPT, ["installed"], timeout_s=30)
+        _ensure_installed()
         model = train_and_save(workdir, columns=RECORD_COLUMNS, cohort=record_cohort)
-        url = run_script(
-            MLFLOW_SCRIPT, ["start", str(model.mlflow_dir)], timeout_s=600, data_dir=data_dir
-        )
+        targets = {"mlflow": model.mlflow_dir, "mlserver": model.mlserver_repo}
+        for name, script in SCRIPTS.items():
+            data_dir = workdir / f"{name}-data"
+            urls[name] = run_script(
+                script, ["start", str(targets[name])], timeout_s=600, data_dir=data_dir
+            )
     except ModelServerError as exc:
-        _stop_in(data_dir)  # a start that failed half way
-        _unavailable(f"mlflow unavailable: {exc}")
+        _stop(list(SCRIPTS), workdir)  # a start that failed half way too
+        _unavailable(f"real model servers unavailable: {exc}")
     try:
-        yield RecordModel(model, url)
+        yield RecordModel(model, urls)
     finally:
-        _stop_in(data_dir)
-
-
-def _stop_in(data_dir: Path) -> None:
-    try:
-        run_script(MLFLOW_SCRIPT, ["stop"], timeout_s=120, data_dir=data_dir)
-    except ModelServerError as exc:
-        warnings.warn(f"scripts/mlflow stop failed: {exc}", stacklevel=2)
+        _stop(list(SCRIPTS), workdir)

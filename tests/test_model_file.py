@@ -24,6 +24,7 @@ from ehrbridge.adapters.mlflow_scoring import MlflowScoringClient
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.model_http import ModelEndpointSettings
 from ehrbridge.adapters.oip_v2 import OipV2Client
+from ehrbridge.bench.model_servers import MODEL_NAME
 from ehrbridge.config import SiteConfig, load_site_config, parse_site_config
 from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import ConfigError
@@ -222,15 +223,28 @@ def test_a_model_file_outside_the_package_runs_from_mllp_to_observation(tmp_path
     assert "ckd-risk-local" in orjson.dumps(observation).decode()
 
 
+# What each real server needs in the model file: its protocol, name and answer.
+REAL_SERVERS = {
+    "mlflow": ({"protocol": "mlflow"}, "predictions"),
+    "mlserver": (
+        {"protocol": "oip-v2", "model": MODEL_NAME, "layout": "matrix"},
+        "predict_proba",
+    ),
+}
+
+
 @pytest.mark.modelservers
-def test_a_model_file_with_protocol_mlflow_scores_on_the_real_mlflow_server(
-    record_model_mlflow: RecordModel,
+@pytest.mark.parametrize("server", list(REAL_SERVERS))
+def test_a_model_file_scores_on_a_real_model_server_named_by_yaml_alone(
+    record_model_servers: RecordModel, server: str
 ) -> None:
-    """A classifier trained here, served by `mlflow models serve`, named by YAML alone."""
-    answer = {"from": "predictions", "index": 1, "unit": "1", "valid": {"min": 0, "max": 1}}
+    """A classifier trained here, served by `mlflow models serve` and by MLServer."""
+    endpoint, output = REAL_SERVERS[server]
+    answer = {"from": output, "index": 1, "unit": "1", "valid": {"min": 0, "max": 1}}
+    url = record_model_servers.urls[server]
     definition = yaml.safe_load(
         model_text(
-            endpoint={"protocol": "mlflow", "url": record_model_mlflow.url, "timeout_s": 60},
+            endpoint={**endpoint, "url": url, "timeout_s": 60},
             # One classifier, one probability: both horizons carry it until outputs are free.
             outputs=[{"name": "risk_2y", **answer}, {"name": "risk_5y", **answer}],
         )
@@ -247,6 +261,6 @@ def test_a_model_file_with_protocol_mlflow_scores_on_the_real_mlflow_server(
     prediction = Prediction.from_json(outcome.payload)
     f = prediction.features
     row = [[f.age, 1.0 if f.male else 0.0, f.egfr, f.uacr_mg_g]]
-    expected = float(record_model_mlflow.model.estimator.predict_proba(row)[0][1])
+    expected = float(record_model_servers.model.estimator.predict_proba(row)[0][1])
     assert prediction.risk_2y == pytest.approx(expected, abs=1e-9)
-    assert (prediction.model.name, prediction.model.version) == ("ckd-risk-local", "2016")
+    assert prediction.model.name == "ckd-risk-local"
