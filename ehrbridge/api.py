@@ -35,10 +35,10 @@ Every route but the public ones (``ehrbridge.auth.PUBLIC_ROUTES``: health,
 CDS discovery, the API description) needs a bearer token whose role the route
 names (``ehrbridge/auth.py``): ``viewer`` for results, patients and
 monitoring, ``operator`` for dead letters and stored messages, ``admin`` for
-the audit trail and for promoting or demoting the model. Every read of patient data is written to the audit trail
-before its answer goes out (``ehrbridge/audit_http.py``). It binds to
-localhost by default. Access logs are off because request paths carry
-patient ids.
+the audit trail and for promoting or demoting the model. Every read of
+patient data is written to the audit trail before its answer goes out
+(``ehrbridge/audit_http.py``). It binds to localhost by default. Access logs
+are off because request paths carry patient ids.
 """
 
 from __future__ import annotations
