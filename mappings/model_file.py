@@ -101,6 +101,7 @@ class ModelInput(Strict):
     column: str | None = Field(None, min_length=1)  # what the server calls it (default: name)
     type: Literal["number", "boolean"]
     unit: str = Field(..., min_length=1)  # UCUM; must be the feature's unit (no silent scaling)
+    # Every input is required for now: a feature record exists only when all are present.
     required: bool = True
     valid: Range | None = None  # outside it the record is not scored (a domain rule)
     # A feature record is built only when every required input is present (features.py):
@@ -117,6 +118,11 @@ class ModelInput(Strict):
             raise ValueError(f"input {self.name!r} is a {kind}, not a {self.type}")
         if normalise_unit(self.unit) != normalise_unit(unit):
             raise ValueError(f"input {self.name!r} is given in {unit!r}, not {self.unit!r}")
+        if not self.required:
+            raise ValueError(
+                f"input {self.name!r}: optional inputs are not supported yet "
+                "(a record without it is not scored); leave 'required' out"
+            )
         if self.valid is not None and self.type == "boolean":
             raise ValueError(f"input {self.name!r} is a boolean: it has no valid range")
         return self

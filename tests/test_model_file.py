@@ -25,6 +25,7 @@ from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.model_http import ModelEndpointSettings
 from ehrbridge.adapters.oip_v2 import OipV2Client
 from ehrbridge.bench.model_servers import MODEL_NAME
+from ehrbridge.cli import main
 from ehrbridge.config import SiteConfig, load_site_config, parse_site_config
 from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import ConfigError
@@ -83,6 +84,7 @@ def test_an_unknown_field_in_a_model_file_names_file_line_and_field(tmp_path: Pa
         ("unit: mg/g,", "unit: mg/mmol,", "inputs[3]", "given in 'mg/g', not 'mg/mmol'"),
         ("{name: egfr,", "{name: cystatin,", "inputs[2]", "a feature record offers"),
         ("protocol: oip-v2", "protocol: grpc", "endpoint.protocol", "'oip-v2'"),
+        ("unit: a,", "unit: a, required: false,", "inputs[0]", "optional inputs are not"),
         ("{min: 0, max: 1}}\n", "{min: 1, max: 0}}\n", "outputs[0].valid", "must not be above"),
     ],
 )
@@ -264,3 +266,47 @@ def test_a_model_file_scores_on_a_real_model_server_named_by_yaml_alone(
     expected = float(record_model_servers.model.estimator.predict_proba(row)[0][1])
     assert prediction.risk_2y == pytest.approx(expected, abs=1e-9)
     assert prediction.model.name == "ckd-risk-local"
+
+
+def test_over_mllp_an_answer_out_of_range_is_a_dead_letter_and_no_observation(
+    tmp_path: Path,
+) -> None:
+    """The vector's 2-year risk is 0.36; a model file that says at most 0.3 refuses it."""
+    narrow = {"unit": "1", "valid": {"min": 0, "max": 0.3}}
+    outputs = [
+        {"name": "risk_2y", "from": "risk_2y", **narrow},
+        {"name": "risk_5y", "from": "risk_5y", "unit": "1", "valid": {"min": 0, "max": 1}},
+    ]
+    model_file = tmp_path / "narrow.yaml"
+    model_file.write_text(model_text(outputs=outputs))
+    with BackgroundSandbox(tmp_path / "sandbox", configure=declared_site(model_file)) as running:
+        with MllpClient("127.0.0.1", running.sandbox.mllp_port) as client:
+            assert client.send(VECTOR).code == "AA"  # stored durably: the EHR's part is done
+        api, operator = running.sandbox.api_url, running.sandbox.headers("operator")
+        [letter] = wait_for(
+            lambda: [
+                r
+                for r in httpx.get(f"{api}/api/dlq", headers=operator).json()["records"]
+                if r["source_id"] == "SI-0001"
+            ],
+            what="the dead letter",
+        )
+        shown = httpx.get(f"{api}/api/dlq/{letter['offset']}", headers=operator).json()
+        observations = all_resources(f"{running.sandbox.fhir_base}/Observation", {})
+    assert letter["reason"] == "model.out_of_range"
+    assert "risk_2y: 1 of 1 answers outside the valid range [0, 0.3]" in str(shown)
+    assert shown["raw"].startswith("MSH|")  # the message, kept for a replay once fixed
+    assert observations == []
+
+
+def test_config_check_says_which_model_where_and_in_which_domain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "m.yaml").write_text(model_text())
+    site = tmp_path / "site.yaml"
+    site.write_text(site_text({"file": "m.yaml", "calibration": "non_north_american"}))
+    assert main(["config", "check", str(site)]) == 0
+    printed = capsys.readouterr().out
+    assert f"model: ckd-risk-local 2016 from {tmp_path / 'm.yaml'} over oip-v2" in printed
+    assert "calibration non_north_american; domain: age >= 18, egfr < 60" in printed
+    assert "uacr in [0.1, 50000]" in printed
