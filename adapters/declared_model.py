@@ -69,6 +69,7 @@ class DeclaredModel:
         return InferenceResult(identity.name, version, risks["risk_2y"], risks["risk_5y"])
 
     def ready(self) -> bool:
+        """The protocol's readiness probe; UbiOps has none without side effects: assumed."""
         ready = getattr(self._client, "ready", None)
         return bool(ready()) if callable(ready) else True
 

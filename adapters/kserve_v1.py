@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
+
 from ehrbridge.adapters.mlflow_scoring import predictions_as_outputs
 from ehrbridge.adapters.model_http import FeatureBatch, HttpModelClient, ModelAnswer
 
@@ -30,3 +32,12 @@ class KserveV1Client(HttpModelClient):
     def _answer(self, document: Any, rows: int) -> ModelAnswer:
         outputs = predictions_as_outputs(document["predictions"], rows)
         return ModelAnswer(self.settings.model, self.settings.version or "unversioned", outputs)
+
+    def ready(self) -> bool:
+        """``GET /v1/models/{model}`` answered 200 with ``"ready": true`` (never raises)."""
+        url = f"{self.settings.url.rstrip('/')}/v1/models/{self.settings.model}"
+        try:
+            response = self._client.get(url)
+            return response.status_code == 200 and response.json().get("ready") is True
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return False

@@ -452,3 +452,19 @@ def test_ubiops_unfinished_request_is_retried(status: str) -> None:
     _, handler = _capture("ubiops", {"id": "r", "status": status, "result": None})
     with _client("ubiops", handler, max_batch_rows=1) as client, pytest.raises(UpstreamUnavailable):
         client.predict(BATCH)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "ready"),
+    [(200, {"name": "m", "ready": True}, True), (200, {"ready": False}, False), (503, {}, False)],
+)
+def test_kserve_v1_ready_follows_the_model_status(
+    status: int, body: dict[str, object], ready: bool
+) -> None:
+    def server(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/models/m"
+        return httpx.Response(status, json=body)
+
+    http = httpx.Client(transport=httpx.MockTransport(server))
+    client = KserveV1Client(ModelEndpointSettings(url="http://k.test", model="m"), client=http)
+    assert client.ready() is ready
