@@ -41,8 +41,6 @@ from ehrbridge.core.errors import ConfigError
 if TYPE_CHECKING:
     import ssl
 
-    from ehrbridge.config import SiteConfig
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -253,24 +251,12 @@ def _segments_with_cr(message: bytes) -> bytes:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    from ehrbridge.config import load_site_config
+    from ehrbridge.config import describe_model, load_site_config
 
     config = load_site_config(args.path)
     print(f"{args.path}: ok (site {config.site}, mode {config.mode.value})")
-    print(f"  model: {_model_summary(config)}")
+    print(f"  model: {describe_model(config)}")
     return 0
-
-
-def _model_summary(config: SiteConfig) -> str:
-    """Which model, over which protocol, where, with which calibration and domain."""
-    model = config.model
-    definition = model.definition
-    protocol = definition.endpoint.protocol if definition else "oip-v2"
-    named = f"{model.name} {definition.model.version}" if definition else model.name
-    source = f" from {model.file}" if model.file else ""
-    calibration = f", calibration {model.calibration}" if model.calibration else ""
-    domain = ", ".join(str(rule) for rule in config.mapping.domain) or "none"
-    return f"{named}{source} over {protocol} at {model.url}{calibration}; domain: {domain}"
 
 
 def _run(args: argparse.Namespace) -> int:

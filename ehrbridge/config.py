@@ -774,6 +774,18 @@ def _check_calibration(config: SiteConfig, located: LocatedYaml) -> SiteConfig:
     )
 
 
+def describe_model(config: SiteConfig) -> str:
+    """Which model, from where, over which protocol, with which calibration and domain."""
+    model = config.model
+    definition = model.definition
+    protocol = definition.endpoint.protocol if definition else "oip-v2"
+    named = f"{model.name} {definition.model.version}" if definition else model.name
+    source = f" from {model.file}" if model.file else ""
+    calibration = f", calibration {model.calibration}" if model.calibration else ""
+    domain = ", ".join(str(rule) for rule in config.mapping.domain) or "none"
+    return f"{named}{source} over {protocol} at {model.url}{calibration}; domain: {domain}"
+
+
 def _with_model_domain(config: SiteConfig) -> SiteConfig:
     """A model file's domain (applicability and input ranges) unless the mapping sets one."""
     definition = config.model.definition

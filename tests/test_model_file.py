@@ -310,3 +310,19 @@ def test_config_check_says_which_model_where_and_in_which_domain(
     assert f"model: ckd-risk-local 2016 from {tmp_path / 'm.yaml'} over oip-v2" in printed
     assert "calibration non_north_american; domain: age >= 18, egfr < 60" in printed
     assert "uacr in [0.1, 50000]" in printed
+
+
+def test_mappings_explain_shows_the_model_files_domain_and_why_a_record_is_outside(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = yaml.safe_load(KFRE_4.read_text())["inputs"]
+    inputs[3]["valid"] = {"min": 0.1, "max": 1000}  # the vector's UACR is 1761.8 mg/g
+    (tmp_path / "m.yaml").write_text(model_text(inputs=inputs))
+    site = tmp_path / "site.yaml"
+    site.write_text(site_text({"file": "m.yaml", "calibration": "non_north_american"}))
+    message = SITE / "oru-kfre-vector.hl7"
+    assert main(["mappings", "explain", "--site", str(site), str(message)]) == 0
+    printed = capsys.readouterr().out
+    assert "model: ckd-risk-local 2016 from" in printed
+    assert "domain: age >= 18, egfr < 60, age in [18, 120]" in printed
+    assert "out_of_range: uacr 1762 outside [0.1, 1000]" in printed

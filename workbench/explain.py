@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ehrbridge.adapters.hl7_reference import field_name
+from ehrbridge.config import describe_model
 from ehrbridge.core.contracts import Kind
 from ehrbridge.core.errors import MessageRejected, MessageUnusable
 from ehrbridge.pipelines.domain import OutOfDomain
@@ -45,6 +46,10 @@ def explain_file(site: SiteMapping, path: Path) -> str:
         f"site '{site.name}', mapping {site.mapping.version} ({_shown(site.path)})\n"
         f"model {site.mapping.model}, time zone {site.mapping.timezone}"
     )
+    if site.config is not None:
+        header += f"\nmodel: {describe_model(site.config)}"
+    else:
+        header += f"\ndomain: {', '.join(str(rule) for rule in site.mapping.domain) or 'none'}"
     parts = [header]
     for item in read_inputs(path):
         parts.append("\n".join(explain_input(item, rules, site)))
@@ -158,7 +163,7 @@ def _record_lines(item: Input, site: SiteMapping) -> Iterator[str]:
             yield "  not enough data:"
             yield from (f"    {k}: {v}" for k, v in sorted(outcome.missing.items()))
         elif isinstance(outcome, OutOfDomain):
-            yield "  not scored, outside the model's validated domain (mapping.applicability):"
+            yield "  not scored, outside the model's validated domain (its rules: 'domain' above):"
             yield from (f"    {r}" for r in outcome.reasons)
         else:
             yield from _features(outcome)
