@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ehrbridge.config import SiteConfig
+from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.pipelines.drift import INPUTS, SCORE, DriftMonitor
 from ehrbridge.pipelines.feeds import FeedClock
 from ehrbridge.pipelines.metrics import NOT_SCORED_REASONS, bounded_reason
@@ -63,6 +63,8 @@ class PrometheusMetrics:
         self.config = config
         self.site = config.site
         self.clock = clock
+        # The mode in force; SiteMonitoring points it at the promote/demote switch.
+        self.mode: Callable[[], Mode] = lambda: config.mode
         self.registry = CollectorRegistry(auto_describe=True)
         self._lock = threading.Lock()
         self._messages: dict[tuple[str, str], int] = {}
@@ -167,7 +169,7 @@ class PrometheusMetrics:
         self.model_duration.labels(self.site, model).observe(seconds)
 
     def prediction(self, model: str, band: str, risk: float) -> None:
-        self.predictions.labels(self.site, model, self.config.mode.value, band).inc()
+        self.predictions.labels(self.site, model, self.mode().value, band).inc()
         with self._lock:
             self._drift(model).add_score(self.clock().date(), band, risk)
 

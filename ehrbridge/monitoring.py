@@ -43,6 +43,7 @@ from fastapi.params import Depends
 from ehrbridge._http import EmbeddedServer
 from ehrbridge.adapters.prometheus_metrics import CONTENT_TYPE, PrometheusMetrics
 from ehrbridge.core.version import __version__
+from ehrbridge.promotion import ModeSwitch
 
 if TYPE_CHECKING:
     from ehrbridge.config import SiteConfig
@@ -105,6 +106,7 @@ class SiteMonitoring:
         self.config = config
         self.roles = frozenset(roles)
         self.metrics = PrometheusMetrics(config)
+        self.metrics.mode = self.mode = ModeSwitch(config)  # promote/demote, no restart
         self.metrics.load()
         self.readiness = Readiness({}, config.monitoring.ready_cache_s)
         self.server: EmbeddedServer | None = None
@@ -183,7 +185,8 @@ def create_monitoring_api(monitoring: SiteMonitoring) -> FastAPI:
     @app.get("/health")
     def health() -> dict[str, Any]:
         roles = ",".join(sorted(monitoring.roles))
-        return {"status": "ok", "site": config.site, "mode": config.mode.value, "roles": roles}
+        mode = monitoring.mode().value
+        return {"status": "ok", "site": config.site, "mode": mode, "roles": roles}
 
     from ehrbridge.auth import Authenticator
     from ehrbridge.config import ApiRole

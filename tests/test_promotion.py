@@ -246,6 +246,13 @@ def test_promotion_under_mllp_traffic_loses_nothing_and_scores_nothing_twice(
     assert ehr_observations(running) - before_observations == len(delivered)
     health = httpx.get(f"{api}/health").json()
     assert health["mode"] == "live"
+    metrics = httpx.get(f"{api}/metrics", headers=viewer).text
+    live = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("ehrbridge_predictions_total") and 'mode="live"' in line
+    ]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in live) >= len(after)
 
 
 def latest_at_promotion(config: SiteConfig) -> SiteConfig:
