@@ -43,6 +43,7 @@ KNOWN_REASONS: frozenset[str] = frozenset(
         "fhir.bad_number",
         "fhir.bad_response",
         "fhir.bad_time",
+        "fhir.bad_record",
         "fhir.broken_reference",
         "fhir.missing_patient_id",
         "fhir.missing_status",
@@ -58,6 +59,7 @@ KNOWN_REASONS: frozenset[str] = frozenset(
         "hl7.bad_birth_date",
         "hl7.bad_encoding",
         "hl7.bad_number",
+        "hl7.bad_record",
         "hl7.bad_segment",
         "hl7.bad_time",
         "hl7.batch",
@@ -85,7 +87,10 @@ KNOWN_REASONS: frozenset[str] = frozenset(
         "mllp.unframed",
         "obx.before_birth_date",
         "model.bad_response",
+        "model.failed",  # UbiOps: the deployment request failed
+        "model.out_of_range",  # an answer outside a model file's declared output range
         "model.rejected",
+        "model.unauthorized",
         "permanent",
         "record.headers",
         "record.invalid",
