@@ -404,6 +404,26 @@ def test_model_calls_verify_the_server_against_the_configured_ca(
     assert response.status_code == 200
 
 
+def test_a_model_file_model_verifies_the_server_against_the_configured_ca(
+    site: SiteRuntime, certs: CertSet
+) -> None:
+    """A model declared in a model file is called with model.tls too, never unverified."""
+    from ehrbridge.adapters.declared_model import DeclaredModel
+    from ehrbridge.config import ModelEndpoint
+    from ehrbridge.mappings.model_file import load_model_file
+
+    definition = load_model_file(Path(__file__).resolve().parents[1] / "models" / "kfre-4.yaml")
+    url = f"https://127.0.0.1:{site.http_port}"
+    common = {"url": url, "definition": definition, "calibration": Calibration.NORTH_AMERICAN}
+    untrusted = DeclaredModel(ModelEndpoint.model_validate(common))
+    with pytest.raises(UpstreamUnavailable) as caught:  # nothing was sent
+        untrusted._client._post("/health", {})
+    assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value.__cause__)
+    trusted = ModelEndpoint.model_validate({**common, "tls": ClientTls(ca_file=certs.ca)})
+    response = DeclaredModel(trusted)._client._client.get(f"{url}/health")
+    assert response.status_code == 200
+
+
 def test_tls_paths_in_a_site_file_are_relative_to_it(tmp_path: Path, certs: CertSet) -> None:
     config = yaml.safe_load(sandbox_site_file().read_text())
     config["mllp"]["tls"] = {"cert_file": "certs/server.pem", "key_file": "certs/server-key.pem"}
