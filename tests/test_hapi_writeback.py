@@ -248,6 +248,13 @@ def test_paging_follows_next_links_and_needs_no_total(
     assert fhir_total(httpx.Client(timeout=30.0), base) >= len(results)
 
 
+def validating_sink(base: str) -> FhirSink:
+    """A sink that waits for the validating endpoint: HAPI loads its validator's R4
+    definitions on the first validated request, which took longer than the 5 s default
+    on a loaded CI machine (a timeout there says nothing about what HAPI accepts)."""
+    return FhirSink(base, timeout_s=120.0)
+
+
 @pytest.mark.parametrize("subject", ["reference-or-create", "reference", "identifier"])
 def test_with_validation_on_hapi_accepts_everything_we_write(
     hapi_server: HapiServer, config: SiteConfig, subject: str
@@ -257,9 +264,9 @@ def test_with_validation_on_hapi_accepts_everything_we_write(
     writer = with_subject(config, subject)
     if subject == "reference":  # the EHR holds the Patient already
         create = with_subject(config, "reference-or-create")
-        FhirSink(base).write([envelope_for(prediction(create, mrn, day=9), create)])
+        validating_sink(base).write([envelope_for(prediction(create, mrn, day=9), create)])
     results = [prediction(writer, mrn, day=1), prediction(writer, mrn, day=2, risk_2y=0.45)]
-    FhirSink(base).write([envelope_for(r, writer) for r in results])  # raises on any 422
+    validating_sink(base).write([envelope_for(r, writer) for r in results])  # raises on any 422
     assert all(observations_of(base, writer, r) for r in results)
 
 
@@ -276,7 +283,7 @@ def test_a_422_is_permanent_and_the_dead_letter_keeps_the_operation_outcome(
         }
     )
     stage = WritebackStage(
-        broken, SqliteResultStore(tmp_path / "r.sqlite"), {"fhir": FhirSink(base)}
+        broken, SqliteResultStore(tmp_path / "r.sqlite"), {"fhir": validating_sink(base)}
     )
     [failure] = stage.process([record_for(prediction(broken, fresh_mrn()), broken)])
     assert isinstance(failure, Failure) and failure.permanent

@@ -161,8 +161,9 @@ def test_a_feed_that_stops_raises_the_feed_silent_alert_in_prometheus(
         assert [float(r["value"][1]) for r in expected] == [60.0]
 
         # The feed has stopped. Real time first: Prometheus sees the silence grow.
+        at_first = float(first[0]["value"][1])
         grown = wait_for(
-            lambda: [r for r in query(url, silence) if float(r["value"][1]) >= 2.0],
+            lambda: [r for r in query(url, silence) if float(r["value"][1]) >= at_first + 2.0],
             what="the silence growing",
         )
         assert float(grown[0]["value"][1]) > float(first[0]["value"][1])
