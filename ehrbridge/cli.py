@@ -252,10 +252,14 @@ def _segments_with_cr(message: bytes) -> bytes:
 
 def _config_check(args: argparse.Namespace) -> int:
     from ehrbridge.config import describe_model, load_site_config
+    from ehrbridge.promotion import effective_mode, mode_path
 
     config = load_site_config(args.path)
     print(f"{args.path}: ok (site {config.site}, mode {config.mode.value})")
     print(f"  model: {describe_model(config)}")
+    if (mode := effective_mode(config)) is not config.mode:  # the last promote/demote wins
+        where = mode_path(config.data_dir, config.model.name)
+        print(f"  mode in force: {mode.value}, by the last promote/demote ({where})")
     return 0
 
 

@@ -1,12 +1,14 @@
 """``ehrbridge promote`` and ``ehrbridge demote``: a model to live or back to shadow.
 
     ehrbridge promote --site site.yaml [--model kfre-4var] [--override --reason TEXT]
+                      [--evaluate OUT [--events DIR]]
     ehrbridge demote  --site site.yaml [--model kfre-4var] --reason TEXT
 
 Calls the running site's ``POST /api/models/{model}/mode`` with an admin token
 (``--token-file``, or ``EHRBRIDGE_TOKEN``), which judges the criteria of the
-last ``ehrbridge evaluate``, records the decision in the audit trail and
-switches the running site without a restart (``ehrbridge/promotion.py``).
+last ``ehrbridge evaluate`` (``--evaluate OUT`` runs one first), records the
+decision in the audit trail and switches the running site without a restart
+(``ehrbridge/promotion.py``).
 ``--local`` decides on the host instead, as the data dir's owner (a site not
 running; the processes pick the switch up when they start or on their next batch).
 Exit 0 when the mode switched, 1 when refused.
@@ -50,6 +52,17 @@ def add_promotion_commands(sub: Any) -> None:
                 default="site",
                 help="the evaluation judged: shadow predictions or backfill",
             )
+            cmd.add_argument(
+                "--evaluate",
+                type=Path,
+                metavar="OUT",
+                help="run ehrbridge evaluate into OUT first, then judge that",
+            )
+            cmd.add_argument(
+                "--events",
+                type=Path,
+                help="with --evaluate: the outcomes (default: evaluation.events)",
+            )
         cmd.add_argument("--url", help="the site's API (default: from the site's http:)")
         cmd.add_argument("--token-file", type=Path, help="admin token (or EHRBRIDGE_TOKEN)")
         cmd.add_argument("--ca-file", type=Path, help="CA to trust for the API's TLS")
@@ -72,9 +85,27 @@ def run_promotion(args: argparse.Namespace) -> int:
         "override": getattr(args, "override", False),
         "source": getattr(args, "source", "site"),
     }
+    if getattr(args, "evaluate", None) is not None:
+        _evaluate_first(args, model)
     status, answer = _local(config, args, body) if args.local else _remote(config, args, body)
     _print(answer)
     return 0 if status == 200 else 1
+
+
+def _evaluate_first(args: argparse.Namespace, model: str) -> None:
+    """``ehrbridge evaluate`` as its own command would run it: the judged copy is its."""
+    from ehrbridge.evaluate import run_evaluate
+
+    run_evaluate(
+        argparse.Namespace(
+            site=args.site,
+            model=model,
+            out=args.evaluate,
+            events=args.events,
+            source=args.source,
+            as_of=None,
+        )
+    )
 
 
 def _remote(config: SiteConfig, args: argparse.Namespace, body: dict[str, Any]) -> tuple[int, Any]:
@@ -130,7 +161,8 @@ def _print(answer: dict[str, Any]) -> None:
         print(f"criteria: {answer['overall']}")
     evidence = answer.get("evidence") or {}
     if evidence.get("sha256"):
-        print(f"evidence: {evidence['evaluation']} sha256 {evidence['sha256']}")
+        print(f"evidence: {evidence['evaluation']} (as of {evidence.get('as_of')})")
+        print(f"  sha256 {evidence['sha256']}, report {evidence.get('report')}")
     if evidence.get("why"):
         print(f"evidence: {evidence['why']}")
     if answer.get("outcome") == "refused":

@@ -347,3 +347,27 @@ def test_latest_shadow_results_are_written_at_promotion_when_still_latest_and_in
             "written": 2,
             "skipped": {"outside the model's domain now": 1},
         }
+
+
+def test_promote_can_run_the_evaluation_it_judges(
+    tmp_path: Path, small_cohort: list[Patient], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_evaluate_cli import CRITERIA, store_predictions, write_export
+
+    (tmp_path / "data").mkdir(mode=0o700)
+    store_predictions(tmp_path / "data", small_cohort, 2.0)  # risks x2
+    write_export(tmp_path / "export", small_cohort)
+    site_file(tmp_path, CRITERIA)
+    site, out = shadow_site(tmp_path), tmp_path / "fresh"
+    code = promote(site, "--evaluate", str(out), "--events", str(tmp_path / "export"))
+    printed = capsys.readouterr().out
+    assert code == 1 and "over-predicts" in printed and "promote refused" in printed
+    [decision] = decisions(tmp_path / "data")
+    evidence = decision["detail"]["evidence"]
+    assert evidence["report"] == str((out / "report.html").resolve())
+    assert evidence["sha256"] == hashlib.sha256((out / "evaluation.json").read_bytes()).hexdigest()
+
+    assert main(["promote", "--site", str(site), "--local", "--override", "--reason", "r"]) == 0
+    capsys.readouterr()
+    assert main(["config", "check", str(site)]) == 0
+    assert "mode in force: live, by the last promote/demote" in capsys.readouterr().out
