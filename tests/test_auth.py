@@ -49,6 +49,8 @@ NEEDS = {
     ("GET", "/api/monitoring/drift"): "viewer",
     ("GET", "/api/evaluation"): "viewer",
     ("GET", "/api/evaluation/{model}"): "viewer",
+    ("GET", "/api/models/{model}/mode"): "viewer",
+    ("POST", "/api/models/{model}/mode"): "admin",  # promote/demote
     ("GET", "/api/dlq"): "operator",
     ("GET", "/api/dlq/{offset}"): "operator",
     ("POST", "/api/dlq/replay"): "operator",
