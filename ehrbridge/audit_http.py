@@ -48,6 +48,7 @@ AUDITED: frozenset[tuple[str, str]] = frozenset(
         # evidence, is a second entry (ehrbridge/promotion.py). At promotion it may
         # send shadow results through write-back, as a replay does.
         ("POST", "/api/models/{model}/mode"),
+        ("POST", "/api/models/{model}/alerts"),  # Alertmanager: may demote, as above
     }
 )
 # Routes that need a token but answer nothing about any one patient.

@@ -655,6 +655,9 @@ class PromotionCriteria(Strict):
     # they were never reviewed as live results and may be stale), or each patient's
     # "latest", if still the latest, inside the model's domain and not future-dated.
     shadow_results: Literal["none", "latest"] = "none"
+    # Alert names (Prometheus alertname) that demote the model when Alertmanager's webhook
+    # reports them firing (POST /api/models/{model}/alerts); empty: alerts never demote.
+    demote_on_alerts: list[str] = Field(default_factory=list)
 
 
 class EvaluationSettings(Strict):

@@ -8,6 +8,9 @@ criterion's verdict: 200 when the mode switched, 409 when it was refused
 (criteria not passed, no reason, no write-back target), 404 for another
 site's model, 503 when the audit trail cannot be written (nothing switches).
 ``GET /api/models/{model}/mode`` (viewer) says which mode is in force and why.
+``POST /api/models/{model}/alerts`` (admin) is an Alertmanager webhook receiver:
+an alert named in ``evaluation.promotion.demote_on_alerts`` reported firing
+demotes the model, recorded like any demotion with the alert as its reason.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ehrbridge.promotion import (
     PROMOTE,
     Caller,
     decide,
+    effective_mode,
     mode_path,
     read_mode_file,
     shadow_results_at_promotion,
@@ -42,6 +46,25 @@ DECIDED: dict[int | str, dict[str, Any]] = {
     409: {"description": "Refused: criteria not passed, no reason, or no write-back target"},
     503: {"description": "The audit trail cannot be written: nothing switched"},
 }
+
+
+class AlertLabels(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    alertname: str = ""
+
+
+class Alert(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    status: str = ""
+    labels: AlertLabels = AlertLabels()
+
+
+class AlertmanagerWebhook(BaseModel):
+    """Alertmanager's webhook body (version 4); only what a demotion needs is read."""
+
+    model_config = ConfigDict(extra="allow")
+    status: str = ""
+    alerts: list[Alert] = Field(default_factory=list, max_length=10_000)
 
 
 class ModeRequest(BaseModel):
@@ -102,3 +125,33 @@ def add_promotion_routes(
             raise HTTPException(503, str(error)) from None
         status = 409 if decision.outcome == "refused" else 200
         return JSONResponse(decision.to_json(), status_code=status)
+
+    @app.post("/api/models/{model}/alerts", dependencies=list(admin), responses=DECIDED)
+    def alert_webhook(model: str, body: AlertmanagerWebhook, request: Request) -> Any:
+        """Alertmanager's webhook: a firing alert the site lists demotes the model."""
+        this_model(model)
+        listed = set(
+            config.evaluation.promotion.demote_on_alerts if config.evaluation.promotion else ()
+        )
+        firing = sorted(
+            {
+                a.labels.alertname
+                for a in body.alerts
+                if a.status == "firing" and a.labels.alertname in listed
+            }
+        )
+        if not firing or effective_mode(config) is Mode.SHADOW:
+            return {"demoted": False, "firing": firing}
+        principal: Principal = request.scope[PRINCIPAL_KEY]
+        caller = Caller(
+            principal.name,
+            principal.via,
+            tuple(sorted(r.value for r in principal.roles)),
+            request.client.host if request.client else "",
+        )
+        reason = "alert firing: " + ", ".join(firing)
+        try:
+            decision = decide(config, caller, DEMOTE, reason=reason)
+        except AuditUnavailable as error:
+            raise HTTPException(503, str(error)) from None
+        return {"demoted": decision.outcome == Mode.SHADOW.value, "firing": firing}

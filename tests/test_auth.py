@@ -51,6 +51,7 @@ NEEDS = {
     ("GET", "/api/evaluation/{model}"): "viewer",
     ("GET", "/api/models/{model}/mode"): "viewer",
     ("POST", "/api/models/{model}/mode"): "admin",  # promote/demote
+    ("POST", "/api/models/{model}/alerts"): "admin",  # Alertmanager may demote
     ("GET", "/api/dlq"): "operator",
     ("GET", "/api/dlq/{offset}"): "operator",
     ("POST", "/api/dlq/replay"): "operator",

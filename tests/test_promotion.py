@@ -371,3 +371,56 @@ def test_promote_can_run_the_evaluation_it_judges(
     capsys.readouterr()
     assert main(["config", "check", str(site)]) == 0
     assert "mode in force: live, by the last promote/demote" in capsys.readouterr().out
+
+
+def demote_on_drift(config: SiteConfig) -> SiteConfig:
+    promotion = PromotionCriteria(demote_on_alerts=["EhrbridgeFeatureDrift"])
+    return config.model_copy(
+        update={"evaluation": config.evaluation.model_copy(update={"promotion": promotion})}
+    )
+
+
+def webhook(status: str, *alerts: tuple[str, str]) -> dict[str, Any]:
+    """An Alertmanager webhook body (version 4) with (alertname, status) alerts."""
+    return {
+        "version": "4",
+        "status": status,
+        "receiver": "ehrbridge-demote",
+        "groupLabels": {},
+        "alerts": [
+            {"status": s, "labels": {"alertname": name, "site": "sandbox"}, "annotations": {}}
+            for name, s in alerts
+        ],
+    }
+
+
+def test_a_listed_alert_from_alertmanager_demotes_a_live_model(tmp_path: Path) -> None:
+    with BackgroundSandbox(tmp_path, configure=demote_on_drift, fhir_site=False) as running:
+        api, admin = running.sandbox.api_url, headers(running, "admin")
+        url = f"{api}/api/models/{MODEL}/alerts"
+        other = webhook("firing", ("EhrbridgeFeedSilent", "firing"))
+        resolved = webhook("resolved", ("EhrbridgeFeatureDrift", "resolved"))
+        for body in (other, resolved):
+            assert httpx.post(url, json=body, headers=admin).json()["demoted"] is False
+        firing = webhook("firing", ("EhrbridgeFeatureDrift", "firing"))
+        assert httpx.post(url, json=firing, headers=headers(running, "operator")).status_code == 403
+        assert httpx.get(f"{api}/health").json()["mode"] == "live"
+        answer = httpx.post(url, json=firing, headers=admin).json()
+        assert answer == {"demoted": True, "firing": ["EhrbridgeFeatureDrift"]}
+        assert httpx.get(f"{api}/health").json()["mode"] == "shadow"
+        [decision] = decisions(running.sandbox.data_dir)
+        assert decision["outcome"] == "shadow"
+        assert decision["detail"]["reason"] == "alert firing: EhrbridgeFeatureDrift"
+
+        before = ehr_observations(running)
+        mrn = f"D{uuid.uuid4().hex[:8]}"
+        with MllpClient("127.0.0.1", running.sandbox.mllp_port) as client:
+            assert client.send(renal_oru(mrn, f"C{mrn}")).code == "AA"
+        viewer = headers(running, "viewer")
+
+        def result() -> list[dict[str, Any]]:
+            params = {"patient": mrn}
+            return httpx.get(f"{api}/api/results", params=params, headers=viewer).json()["results"]
+
+        [after] = wait_for(result, what="a result after the demotion")
+        assert after["status"] == "shadow" and ehr_observations(running) == before
