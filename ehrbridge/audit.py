@@ -180,7 +180,9 @@ class AuditTrail:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         if not self.directory.exists():
-            self.directory.mkdir(mode=0o700)  # inside data_dir, which must exist already
+            # exist_ok: two first writers race here; the loser's FileExistsError
+            # used to surface as "audit trail cannot be written" and drop its entry.
+            self.directory.mkdir(mode=0o700, exist_ok=True)  # inside data_dir, which exists
             os.chmod(self.directory, 0o700)
         descriptor = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:

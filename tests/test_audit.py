@@ -312,6 +312,25 @@ def test_concurrent_writers_keep_one_unbroken_chain(tmp_path: Path) -> None:
     assert [e["seq"] for e in trail.entries()] == list(range(1, 401))
 
 
+def test_first_writers_racing_to_create_the_directory_each_keep_their_entry(
+    tmp_path: Path,
+) -> None:
+    trails = [AuditTrail(tmp_path / "audit") for _ in range(16)]
+    start = threading.Barrier(len(trails))
+
+    def write(trail: AuditTrail) -> None:
+        start.wait()
+        trail.record(event(who="first"))
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in trails]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [e["seq"] for e in trails[0].entries()] == list(range(1, 17))
+    assert trails[0].verify().intact
+
+
 def test_the_purge_removes_whole_old_months_and_keeps_the_newest(tmp_path: Path) -> None:
     trail = AuditTrail(tmp_path / "audit")
     for month in (1, 2, 3):
