@@ -53,6 +53,7 @@ from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.audit import AuditTrail, audit_note
 from ehrbridge.audit_http import AuditMiddleware
 from ehrbridge.auth import Authenticator
+from ehrbridge.body_cap import BodyCap
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
 from ehrbridge.config import ApiRole, SiteConfig
@@ -112,6 +113,10 @@ def create_api(parts: ApiParts) -> FastAPI:
     config, results_store = parts.config, parts.results
     mode = ModeSwitch(config)  # the mode in force: promote/demote switch it while running
     app.add_middleware(AuditMiddleware, trail=parts.audit, routes=lambda: app.routes)
+    # Outermost, so nothing below it reads past the ceiling (see body_cap.py). FHIR
+    # ingest and CDS Hooks read their bodies with read_limited, in their own formats.
+    ceiling = max(config.http.max_body_bytes, config.cds_hooks.max_body_bytes)
+    app.add_middleware(BodyCap, limit=ceiling, own_limits=("/fhir", "/cds-services"))
     viewer = [Depends(parts.auth.require(ApiRole.VIEWER))]
     operator = [Depends(parts.auth.require(ApiRole.OPERATOR))]
     admin = [Depends(parts.auth.require(ApiRole.ADMIN))]
