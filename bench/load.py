@@ -12,7 +12,10 @@ plus urine albumin/creatinine ratio for one patient on a day of its own, so
 each message triggers exactly one prediction and one Observation (the
 prediction episode is the result day). Senders share one synthetic patient
 population (same seed) and split it, so a patient's messages come from one
-sender, in order.
+sender, in order. ``population`` renames that population's patients (PID-3
+MRN): the same people on the same trajectories under identifiers no other
+population uses, so every trial can start with no per-patient state at the
+site and the same workload as the trial before it.
 
 Each sender reports, per message: MSH-10, the wall-clock send time (for
 event→Observation latency, measured against the FHIR stand-in's
@@ -27,12 +30,12 @@ import multiprocessing as mp
 import resource
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from multiprocessing.connection import Connection
 
 from ehrbridge.adapters.mllp_client import MllpClient
-from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
+from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr, SyntheticPatient
 
 FIRST_DAY = datetime(2024, 1, 1, 8, 0, tzinfo=UTC)
 IN_DOMAIN_EGFR = 50.0  # true eGFR below which every measured one is below 60
@@ -51,6 +54,7 @@ class SenderSpec:
     seed: int = 42
     first_day: int = 0  # day offset: warm-up and measured runs use separate days
     connections: int = 1  # MLLP connections (threads) in this process
+    population: int = 0  # 0: the seed's own MRNs; N: the same patients, MRNs of their own
 
 
 @dataclass
@@ -71,7 +75,7 @@ def build_messages(spec: SenderSpec) -> list[tuple[str, bytes]]:
     # True eGFR only falls, and 50 leaves room for the measurement noise.
     first = FIRST_DAY + timedelta(days=spec.first_day)
     usable = [p for p in ehr.patients if p.sex != "U" and p.true_egfr(first) < IN_DOMAIN_EGFR]
-    mine = usable[spec.index :: spec.senders]
+    mine = [fresh_identity(p, spec.population) for p in usable[spec.index :: spec.senders]]
     messages = []
     for n in range(spec.messages):
         patient = mine[n % len(mine)]
@@ -80,6 +84,18 @@ def build_messages(spec: SenderSpec) -> list[tuple[str, bytes]]:
         control_id = f"{spec.prefix}-{spec.index}-{n}"
         messages.append((control_id, ehr.oru(patient, at, panel="both", control_id=control_id)))
     return messages
+
+
+def fresh_identity(patient: SyntheticPatient, population: int) -> SyntheticPatient:
+    """The same patient under an MRN of population ``population`` (0: unchanged).
+
+    The site keys patient state on PID-3's MR identifier (sandbox/site.yaml), so a
+    new MRN is a new patient there. A prefix keeps the MRN's last digits, which the
+    synthetic address is built from, so messages keep their shape and size.
+    """
+    if population == 0:
+        return patient
+    return replace(patient, mrn=f"P{population}{patient.mrn}")
 
 
 def _sender_main(spec: SenderSpec, conn: Connection) -> None:
@@ -163,6 +179,7 @@ def run_senders(
     closed_loop_cap: int = 20000,
     patients: int = 2000,
     connections: int = 0,
+    population: int = 0,
 ) -> list[SenderResult]:
     """Start the sender processes, start them together, wait for their results.
 
@@ -185,6 +202,7 @@ def run_senders(
             patients=patients,
             first_day=first_day,
             connections=connections,
+            population=population,
         )
         for i in range(senders)
     ]

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,6 @@ import httpx
 from ehrbridge.bench.common import CpuMeter, free_port, latency_summary
 from ehrbridge.bench.load import Sent, run_senders
 from ehrbridge.bench.services import Services, delete_topics, kafka_bootstrap
-
-DAYS_PER_TRIAL = 60  # each trial's messages fall on days no other trial uses
 
 
 def _progress(result: dict[str, Any]) -> None:
@@ -81,20 +80,36 @@ def _instant(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def match_latencies(fhir_base: str, sent: Sent) -> tuple[list[float], float]:
+@dataclass
+class Delivered:
+    """The Observations one trial's messages produced."""
+
+    latencies: list[float] = field(default_factory=list)  # event→Observation, seconds
+    last: float = 0.0  # when the last one was stored (epoch seconds)
+    subjects: set[str] = field(default_factory=set)  # the patients they are about
+
+
+def _subject(resource: dict[str, Any]) -> str:
+    """Observation.subject as a key: a literal reference, else its logical identifier."""
+    subject = resource.get("subject", {})
+    identifier = subject.get("identifier", {})
+    return str(subject.get("reference") or f"{identifier.get('system')}|{identifier.get('value')}")
+
+
+def match_latencies(fhir_base: str, sent: Sent) -> Delivered:
     """Latency of each Observation produced by a message of ``sent``; last arrival time."""
     sent_at = dict(zip(sent.control_ids, sent.sent_at, strict=True))
-    latencies: list[float] = []
-    last = 0.0
+    found = Delivered()
     for resource in observations(fhir_base):
         refs = [d.get("identifier", {}).get("value", "") for d in resource.get("derivedFrom", [])]
         times = [sent_at[c] for c in (r.split("/OBX/")[0] for r in refs) if c in sent_at]
         if not times:
             continue  # warm-up or an earlier trial
         stored = _instant(resource["meta"]["lastUpdated"])
-        latencies.append(stored - max(times))
-        last = max(last, stored)
-    return latencies, last
+        found.latencies.append(stored - max(times))
+        found.last = max(found.last, stored)
+        found.subjects.add(_subject(resource))
+    return found
 
 
 def wait_delivered(fhir_base: str, target: int, stall_s: float = 30.0) -> int:
@@ -132,6 +147,7 @@ class SiteUnderTest:
         self.bootstrap = kafka_bootstrap() if transport == "kafka" else ""
         self.trials = 0
         self.mllp_port = 0
+        self.subjects_seen: set[str] = set()  # patients of the measured trials so far
 
     def start(self) -> SiteUnderTest:
         svc = self.services
@@ -207,7 +223,10 @@ class SiteUnderTest:
             rate=rate,
             seconds=seconds,
             prefix=f"{prefix}{self.trials}",
-            first_day=self.trials * DAYS_PER_TRIAL,
+            # A fresh population per trial, from the same first day: every trial starts with
+            # no per-patient state and the same patients, so a rate passes or fails on its
+            # own and not by its place in the order (earlier trials' state would weigh on it).
+            population=self.trials,
             closed_loop_cap=cap,
         )
         self.services.check_alive()
@@ -236,14 +255,18 @@ class SiteUnderTest:
         if self.delivers:
             total = wait_delivered(self.services.fhir_base, before + sent.accepted)
             meter.stop()
-            latencies, last = match_latencies(self.services.fhir_base, sent)
-            span = last - min(sent.sent_at) if latencies else 0.0
+            found = match_latencies(self.services.fhir_base, sent)
+            span = found.last - min(sent.sent_at) if found.latencies else 0.0
             result.update(
-                observations=len(latencies),
+                observations=len(found.latencies),
                 missing=sent.accepted - (total - before),
-                delivered_rate=round(len(latencies) / span, 1) if span else 0.0,
-                e2e_latency=latency_summary(latencies),
+                delivered_rate=round(len(found.latencies) / span, 1) if span else 0.0,
+                e2e_latency=latency_summary(found.latencies),
+                # The yardstick's own check: a trial's patients are new to the site.
+                patients=len(found.subjects),
+                patients_in_earlier_trials=len(found.subjects & self.subjects_seen),
             )
+            self.subjects_seen |= found.subjects
         else:
             meter.stop()
         result["cpu"] = meter.report(sent.accepted, {"senders": sent.cpu_s})

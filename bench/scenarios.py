@@ -240,6 +240,8 @@ def find_max(
                 "e2e_latency": r["e2e_latency"],
                 "ack_latency": r["ack_latency"],
                 "cpu": r["cpu"],
+                "patients": r["patients"],
+                "patients_in_earlier_trials": r["patients_in_earlier_trials"],
             }
         )
         if ok:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from ehrbridge.bench.load import SenderSpec, build_messages
 from ehrbridge.cli import main
 
 
@@ -106,3 +107,32 @@ def test_kafka_scenarios_with_floor(
     assert_mllp_run(scenarios["scale"]["workers_1"], delivers=True)
     assert_mllp_run(scenarios["scale"]["workers_2"], delivers=True)
     assert scenarios["scale"]["ratios"]["throughput_second_worker"] > 0
+
+
+def test_max_trials_each_start_with_a_fresh_population(tmp_path: Path) -> None:
+    """`--max` measures the rate, not the order: no trial inherits an earlier one's patients."""
+    e2e = run_bench(tmp_path, "e2e", "--max", "--no-baselines")["e2e"]
+    trials = e2e["max"]["trials"]
+    assert len(trials) >= 2
+    for trial in trials:
+        assert trial["patients"] > 0
+        assert trial["patients_in_earlier_trials"] == 0
+    assert e2e["ehrbridge"]["patients_in_earlier_trials"] == 0
+
+
+def test_populations_are_the_same_patients_under_their_own_identifiers() -> None:
+    def mrns(population: int) -> list[str]:
+        spec = SenderSpec(0, 1, 0, 0, 0, 40, "T", patients=50, population=population)
+        return [_mrn(raw) for _, raw in build_messages(spec)]
+
+    first, second = mrns(1), mrns(2)
+    assert len(first) == len(second) == 40
+    assert not set(first) & set(second), "no patient is shared between populations"
+    unchanged = mrns(0)
+    assert [m.replace("P1", "", 1) for m in first] == unchanged, "same patients, in order"
+
+
+def _mrn(message: bytes) -> str:
+    """PID-3's MR repetition (the identifier the sandbox site keys patients on)."""
+    pid = next(s for s in message.decode().split("\r") if s.startswith("PID|"))
+    return next(cx for cx in pid.split("|")[3].split("~") if cx.endswith("^MR"))
