@@ -6,7 +6,8 @@ site file) or writes it inline (``model: {definition: {...}}``). It declares:
 * ``model`` -- identity: name, version, publisher, citation, intended use and
   the population it was validated in, in words;
 * ``inputs`` -- what the model takes, each read from the site's feature record
-  (``age``, ``sex``, ``egfr``, ``uacr``) with its type, UCUM unit, whether it is
+  (``age``, ``sex``, ``egfr``, ``uacr``, and the 8-variable KFRE's ``albumin``,
+  ``phosphate``, ``bicarbonate``, ``calcium``) with its type, UCUM unit, whether it is
   required, its valid range, and the missing-input policy;
 * ``applicability`` -- the validated domain as rules (``egfr < 60``): a record
   outside gets no score and a recorded reason (``pipelines/domain.py``);
@@ -30,7 +31,12 @@ from typing import Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ehrbridge.core.located_yaml import load_located, validate_located
-from ehrbridge.mappings.schema import CANONICAL_UNITS, DomainRule, DomainRuleText
+from ehrbridge.mappings.schema import (
+    CANONICAL_UNITS,
+    KFRE8_ANALYTES,
+    DomainRule,
+    DomainRuleText,
+)
 from ehrbridge.mappings.units import normalise_unit
 
 __all__ = [
@@ -46,6 +52,8 @@ FEATURE_INPUTS: dict[str, tuple[str, str]] = {
     "sex": ("1", "boolean"),  # 1 male, 0 female (administrative sex, HL7 table 0001)
     "egfr": (CANONICAL_UNITS["egfr"], "number"),
     "uacr": (CANONICAL_UNITS["uacr"], "number"),
+    # The 8-variable KFRE's serum analytes, each in its canonical unit.
+    **{name: (CANONICAL_UNITS[name], "number") for name in KFRE8_ANALYTES},
 }
 # The results the Observation, ORU^R01 and card builders render today.
 OUTPUTS = ("risk_2y", "risk_5y")

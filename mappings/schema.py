@@ -66,7 +66,19 @@ LAB_FEATURES: dict[str, LabFeature] = {
     "egfr": LabFeature("egfr", "mL/min/{1.73_m2}", (1.0, 250.0), "eGFR indexed to 1.73 m2"),
     # KFRE takes log(UACR): zero is not usable, so the default floor is above it.
     "uacr": LabFeature("uacr", "mg/g", (0.1, 50_000.0), "urine albumin/creatinine ratio"),
+    # The serum analytes of the 8-variable KFRE (Tangri 2011), canonical in the US
+    # conventional units the equation is centred in; mappings/units.py has the factors.
+    "albumin": LabFeature("albumin", "g/dL", (0.5, 7.0), "serum/plasma albumin"),
+    "phosphate": LabFeature(
+        "phosphate", "mg/dL", (0.3, 20.0), "serum/plasma phosphate (as phosphorus)"
+    ),
+    "bicarbonate": LabFeature(
+        "bicarbonate", "mmol/L", (2.0, 60.0), "serum/plasma bicarbonate or total CO2"
+    ),
+    # Total calcium: ionised calcium (LOINC 1994-3) is another quantity, about half of it.
+    "calcium": LabFeature("calcium", "mg/dL", (2.0, 20.0), "serum/plasma total calcium"),
 }
+KFRE8_ANALYTES = ("albumin", "phosphate", "bicarbonate", "calcium")
 FEATURES = tuple(LAB_FEATURES)
 CANONICAL_UNITS = {name: f.canonical_unit for name, f in LAB_FEATURES.items()}
 
@@ -81,7 +93,8 @@ _NEGATED = {"<": ">=", "<=": ">", ">": "<=", ">=": "<"}
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
 _DOMAIN_RULE = re.compile(rf"^\s*([a-z_]+)\s*(<=|>=|<|>)\s*({_NUMBER})\s*$")
 _RANGE_RULE = re.compile(rf"^\s*([a-z_]+)\s+in\s*\[\s*({_NUMBER})\s*,\s*({_NUMBER})\s*\]\s*$")
-NUMERIC_INPUTS = frozenset({"age", "egfr", "uacr"})  # what a domain rule can test
+# What a domain rule can test: every numeric input a feature record offers.
+NUMERIC_INPUTS = frozenset({"age", "egfr", "uacr", *KFRE8_ANALYTES})
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +185,16 @@ MODELS: dict[str, ModelSpec] = {
         # Tangri et al. 2011/2016: adults with CKD G3-G5 (eGFR < 60 mL/min/1.73 m2).
         applicability=("age >= 18", "egfr < 60"),
         # Tangri 2016: the non-North-American baseline is lower by up to 3.5 points.
+        calibrations=("north_american", "non_north_american"),
+    ),
+    # Tangri 2011 "model 6", recalibrated in 2016: the four inputs above and four serum
+    # analytes; the same adult CKD G3-G5 population and the same two calibrations.
+    "kfre-8var": ModelSpec(
+        name="kfre-8var",
+        inputs=("age", "sex", "egfr", "uacr", *KFRE8_ANALYTES),
+        lab_inputs=frozenset({"egfr", "uacr", *KFRE8_ANALYTES}),
+        derivations={"egfr": "creatinine"},
+        applicability=("age >= 18", "egfr < 60"),
         calibrations=("north_american", "non_north_american"),
     ),
 }

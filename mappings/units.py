@@ -17,6 +17,20 @@ feature's canonical unit":
   quantity; a site that labels indexed eGFR as ``mL/min`` must say so with
   ``accept_as``.
 
+The four serum analytes the 8-variable KFRE adds (Tangri 2011) are canonical
+in US conventional units, the units the equation is centred in:
+
+* albumin, canonical g/dL: 1 g/L = 0.1 g/dL (albumin is reported by mass;
+  a molar albumin concentration is not something labs print);
+* phosphate (reported as phosphorus), canonical mg/dL: P = 30.973762 g/mol,
+  so 1 mmol/L = 30.97 mg/L = 3.097 mg/dL;
+* bicarbonate, canonical mmol/L: a monovalent ion, so 1 mEq/L = 1 mmol/L;
+* total calcium, canonical mg/dL: Ca = 40.078 g/mol, so 1 mmol/L = 4.008
+  mg/dL; divalent, so 1 mEq/L = 0.5 mmol/L = 2.004 mg/dL.
+
+Molar masses are IUPAC standard atomic weights; the rounded clinic factors
+(4, 3.1) are within the lint's 1 % tolerance, a swapped factor is not.
+
 Units compare the way labs write them: µ/μ as u, case-insensitive, trimmed,
 inner spaces removed (:func:`normalise_unit`).
 """
@@ -28,6 +42,11 @@ from dataclasses import dataclass
 CREATININE_MG_PER_MMOL = 113.12
 _UMOL_PER_MG_DL = 88.4  # umol/L per mg/dL
 _MG_G_PER_MG_MMOL = 8.84
+CALCIUM_G_PER_MOL = 40.078  # IUPAC standard atomic weight of Ca
+PHOSPHORUS_G_PER_MOL = 30.973762  # of P: serum phosphate is reported as phosphorus
+# mg/dL per mmol/L = (g/mol = mg/mmol) / (10 dL per L): 4.0078 and 3.0973762.
+CALCIUM_MG_DL_PER_MMOL_L = CALCIUM_G_PER_MOL / 10
+PHOSPHATE_MG_DL_PER_MMOL_L = PHOSPHORUS_G_PER_MOL / 10
 
 
 def normalise_unit(unit: str) -> str:
@@ -51,6 +70,7 @@ class KnownUnit:
 
 _MASS_CONC = "mass concentration"
 _SUBSTANCE_CONC = "substance concentration"
+_CHARGE_CONC = "charge concentration"  # mEq/L: mmol/L times the ion's charge
 _MASS_RATIO = "mass ratio (per g creatinine)"
 _SUBSTANCE_RATIO = "mass per substance ratio (per mmol creatinine)"
 _INDEXED_RATE = "flow rate per 1.73 m2 body surface area"
@@ -110,10 +130,42 @@ _UACR = {
     "mg/d": KnownUnit(_EXCRETION),
 }
 
+_ALBUMIN = {
+    "g/dl": KnownUnit(_MASS_CONC, 1.0),
+    "g/l": KnownUnit(_MASS_CONC, 0.1),
+    "mg/dl": KnownUnit(_MASS_CONC, 0.001),
+    "umol/l": KnownUnit(_SUBSTANCE_CONC),  # needs albumin's 66.5 kDa: no lab reports it
+}
+
+_PHOSPHATE = {
+    "mg/dl": KnownUnit(_MASS_CONC, 1.0),
+    "mg/l": KnownUnit(_MASS_CONC, 0.1),
+    "mmol/l": KnownUnit(_SUBSTANCE_CONC, PHOSPHATE_MG_DL_PER_MMOL_L),
+    # Phosphate's charge depends on pH (HPO4 2-, H2PO4 -): no fixed mEq factor.
+    "meq/l": KnownUnit(_CHARGE_CONC + ", pH-dependent for phosphate"),
+}
+
+_BICARBONATE = {
+    "mmol/l": KnownUnit(_SUBSTANCE_CONC, 1.0),
+    "meq/l": KnownUnit(_CHARGE_CONC, 1.0),  # HCO3-: one charge per ion
+    "mg/dl": KnownUnit(_MASS_CONC),
+}
+
+_CALCIUM = {
+    "mg/dl": KnownUnit(_MASS_CONC, 1.0),
+    "mg/l": KnownUnit(_MASS_CONC, 0.1),
+    "mmol/l": KnownUnit(_SUBSTANCE_CONC, CALCIUM_MG_DL_PER_MMOL_L),
+    "meq/l": KnownUnit(_CHARGE_CONC, CALCIUM_MG_DL_PER_MMOL_L / 2),  # Ca2+: two per ion
+}
+
 KNOWN_UNITS: dict[str, dict[str, KnownUnit]] = {
     "creatinine": _CREATININE,
     "egfr": _EGFR,
     "uacr": _UACR,
+    "albumin": _ALBUMIN,
+    "phosphate": _PHOSPHATE,
+    "bicarbonate": _BICARBONATE,
+    "calcium": _CALCIUM,
 }
 
 

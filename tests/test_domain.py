@@ -81,7 +81,7 @@ def test_a_site_can_state_its_own_rules() -> None:
 @pytest.mark.parametrize(
     ("rule", "says"),
     [
-        ("sex < 3", "a domain rule tests one of age, egfr, uacr"),
+        ("sex < 3", "a domain rule tests one of age, albumin, bicarbonate, calcium, egfr,"),
         ("bmi < 30", "not 'bmi'"),
         ("egfr ~ 60", "INPUT OP NUMBER"),
         ("egfr < sixty", "INPUT OP NUMBER"),
