@@ -14,6 +14,12 @@ rounds it, and -- when the patient's lab reports eGFR -- the reported eGFR is
 CKD-EPI 2021 of that *reported* creatinine at the patient's age on the
 specimen date (days / 365.2425, the same age ehrbridge uses).
 
+The renal function panel (LOINC 24362-6) carries what the 8-variable KFRE
+needs besides: albumin, phosphate, total CO2 (bicarbonate) and calcium, which
+follow the patient's state (phosphate up and bicarbonate down as GFR falls,
+albumin down with heavy albuminuria). A lab that reports creatinine in umol/L
+reports them in SI units too: albumin g/L, phosphate and calcium mmol/L.
+
 Determinism: the same seed and the same sequence of calls give the same bytes.
 Patients come from one seeded generator; measurement noise is seeded from
 (seed, patient, specimen time), so it does not depend on call order. MSH-10
@@ -31,7 +37,7 @@ import json
 import math
 import random
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
@@ -310,12 +316,14 @@ class SyntheticEhr:
         key = f"{patient.mrn}|{hl7_timestamp(at)}"
         base = self._rng("visit", key)
         renal = self._rng("renal", key, "C" if status == "C" else "F")
+        # Albumin and phosphate have their own stream, so older panels keep their values.
+        serum = self._rng("serum", key)
         if sent_at is None:
             sent_at = at + timedelta(minutes=self._rng("tat", key).randint(60, 360))
         header = _Header.of(control_id or self.next_control_id(), key, sent_at, at)
         orders: list[_Order] = []
         if panel in ("renal", "both"):
-            orders.append(_renal_order(patient, at, base, renal, status))
+            orders.append(_renal_order(patient, at, (base, renal, serum), status))
         if panel in ("uacr", "both"):
             orders.append(_uacr_order(patient, at, base, renal, status))
         pid = _pid(patient)
@@ -339,6 +347,7 @@ class SyntheticEhr:
         egfr_code: str = "98979-8",
         uacr_code: str = "9318-7",
         sent_at: datetime | None = None,
+        serum: Mapping[str, tuple[float | str, str]] | None = None,
     ) -> bytes:
         """An ORU^R01 carrying exactly the values given, for tests.
 
@@ -347,7 +356,9 @@ class SyntheticEhr:
         float is written as NM; a string is written verbatim into OBX-5 as SN
         when it holds a ``^`` (``">^90"``) and as NM otherwise (``">90"``,
         ``"see note"``). PID-7 is the birth date that gives ``age`` on the
-        specimen date (to within half a day).
+        specimen date (to within half a day). ``serum`` adds the 8-variable
+        KFRE's analytes to the renal OBR, ``{"calcium": (2.4, "mmol/L")}``,
+        each under the LOINC code of its unit (:data:`SERUM_CODES`).
         """
         at = _aware(at)
         birth = at.date() - timedelta(days=round(age * DAYS_PER_YEAR))
@@ -356,6 +367,7 @@ class SyntheticEhr:
             (CREATININE_CODE, creatinine_mg_dl, "mg/dL"),
             (CREATININE_CODE, creatinine_umol_l, "umol/L"),
             ((egfr_code, EGFR_CODES.get(egfr_code, "eGFR")), egfr, "mL/min/{1.73_m2}"),
+            *_serum_entries(serum or {}),
             status=status,
         )
         urine = _explicit_results(
@@ -615,10 +627,10 @@ _URINE = "122575003^Urine specimen^SCT"
 def _renal_order(
     patient: SyntheticPatient,
     at: datetime,
-    base: random.Random,
-    renal: random.Random,
+    rngs: tuple[random.Random, random.Random, random.Random],  # visit, re-measure, serum
     status: ResultStatus,
 ) -> _Order:
+    base, renal, serum = rngs
     lab = patient.lab
     age = patient.age_at(at)
     true_egfr = patient.true_egfr(at)
@@ -628,6 +640,7 @@ def _renal_order(
     # so a corrected creatinine leaves it unchanged.
     measured = max(0.2, creatinine * renal.lognormvariate(0.0, 0.05))
     results = _chemistry(patient, true_egfr, creatinine, base, status)
+    results.extend(_kfre8_serum(patient, at, serum, status))
     creat_result, reported_mg_dl = _creatinine_result(measured, patient, status)
     results.append(creat_result)
     if lab.reports_egfr:
@@ -670,7 +683,34 @@ _SI = (  # urea, glucose, calcium in mmol/L (labs that report creatinine in umol
 )
 # mg/dL -> mmol/L for urea nitrogen (as urea), glucose and calcium, in _SI order.
 _SI_FACTORS = (0.357, 1 / 18.016, 0.2495)
-_REFS = {a.code: a.ref for a in (*_ELECTROLYTES, *_CONVENTIONAL, *_SI)}
+# Albumin and phosphate, the rest of the renal function panel (24362-6) and of the
+# 8-variable KFRE, in US conventional and in SI units.
+_SERUM_CONVENTIONAL = (
+    _Analyte("1751-7", "Albumin [Mass/volume] in Serum or Plasma", 1, "g/dL", 3.5, 5.0),
+    _Analyte("2777-1", "Phosphate [Mass/volume] in Serum or Plasma", 1, "mg/dL", 2.5, 4.5),
+)
+_SERUM_SI = (
+    _Analyte("1751-7", "Albumin [Mass/volume] in Serum or Plasma", 0, "g/L", 35, 50),
+    _Analyte("14879-1", "Phosphate [Moles/volume] in Serum or Plasma", 2, "mmol/L", 0.81, 1.45),
+)
+# g/dL -> g/L (x 10); mg/dL -> mmol/L for phosphate (P 30.973762 g/mol: / 3.0973762).
+_SERUM_SI_FACTORS = (10.0, 10 / 30.973762)
+_REFS = {
+    (a.code, a.unit): a.ref
+    for a in (*_ELECTROLYTES, *_CONVENTIONAL, *_SI, *_SERUM_CONVENTIONAL, *_SERUM_SI)
+}
+# The LOINC code an explicit KFRE-8 analyte is written under, by its unit
+# (renal_oru_for). Total CO2 is what a chemistry panel reports as bicarbonate.
+SERUM_CODES: dict[tuple[str, str], tuple[str, str]] = {
+    ("albumin", "g/dL"): ("1751-7", "Albumin [Mass/volume] in Serum or Plasma"),
+    ("albumin", "g/L"): ("1751-7", "Albumin [Mass/volume] in Serum or Plasma"),
+    ("phosphate", "mg/dL"): ("2777-1", "Phosphate [Mass/volume] in Serum or Plasma"),
+    ("phosphate", "mmol/L"): ("14879-1", "Phosphate [Moles/volume] in Serum or Plasma"),
+    ("bicarbonate", "mmol/L"): ("1963-8", "Bicarbonate [Moles/volume] in Serum or Plasma"),
+    ("bicarbonate", "mEq/L"): ("2028-9", "Carbon dioxide, total [Moles/volume] in Serum or Plasma"),
+    ("calcium", "mg/dL"): ("17861-6", "Calcium [Mass/volume] in Serum or Plasma"),
+    ("calcium", "mmol/L"): ("2000-8", "Calcium [Moles/volume] in Serum or Plasma"),
+}
 
 
 def _chemistry(
@@ -706,8 +746,38 @@ def _ranged(analyte: _Analyte, value: float, status: str) -> _Result:
     shown = round(value, analyte.digits)
     flag = "L" if shown < analyte.low else "H" if shown > analyte.high else "N"
     text = f"{shown:.{analyte.digits}f}"
-    return _Result(analyte.code, analyte.text, text, analyte.unit, _REFS[analyte.code], flag,
-                   status=status)  # fmt: skip
+    return _Result(analyte.code, analyte.text, text, analyte.unit,
+                   _REFS[analyte.code, analyte.unit], flag, status=status)  # fmt: skip
+
+
+def _kfre8_serum(
+    patient: SyntheticPatient, at: datetime, rng: random.Random, status: ResultStatus
+) -> list[_Result]:
+    """Albumin and phosphate: phosphate rises as GFR falls, albumin falls with albuminuria."""
+    shortfall = max(0.0, 60.0 - patient.true_egfr(at))
+    albuminuria = max(0.0, math.log10(patient.true_uacr_mg_g(at) / 30.0))
+    albumin_g_dl = min(5.2, max(2.0, rng.gauss(4.1, 0.3) - 0.25 * albuminuria))
+    phosphate_mg_dl = min(9.0, max(1.8, rng.gauss(3.5, 0.45) + shortfall * 0.03))
+    values = (albumin_g_dl, phosphate_mg_dl)
+    if patient.lab.si:
+        pairs = zip(_SERUM_SI, (v * f for v, f in zip(values, _SERUM_SI_FACTORS, strict=True)),
+                    strict=True)  # fmt: skip
+    else:
+        pairs = zip(_SERUM_CONVENTIONAL, values, strict=True)
+    other_status = "P" if status == "P" else "F"
+    return [_ranged(analyte, value, other_status) for analyte, value in pairs]
+
+
+def _serum_entries(
+    serum: Mapping[str, tuple[float | str, str]],
+) -> list[tuple[tuple[str, str], float | str | None, str]]:
+    entries: list[tuple[tuple[str, str], float | str | None, str]] = []
+    for analyte, (value, unit) in serum.items():
+        code = SERUM_CODES.get((analyte, unit))
+        if code is None:
+            raise ValueError(f"no LOINC code for {analyte} in {unit}; see SERUM_CODES")
+        entries.append((code, value, unit))
+    return entries
 
 
 def _creatinine_result(

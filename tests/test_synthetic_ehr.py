@@ -599,3 +599,71 @@ def test_the_valid_base_of_the_bad_messages_is_itself_valid(ehr: SyntheticEhr) -
     # Every HL7-shaped bad message differs from a strictly valid one by its one defect.
     good = ehr.bad_messages()["unknown_unit"].replace(b"|mmol/L^^UCUM|", b"|mg/dL^^UCUM|")
     hl7apy_strict(good)
+
+
+# -- the 8-variable KFRE's analytes --------------------------------------------------------
+
+SERUM_BY_UNIT_SYSTEM = {
+    # creatinine unit -> {LOINC code: unit} of albumin, phosphate, total CO2, calcium
+    "mg/dL": {"1751-7": "g/dL", "2777-1": "mg/dL", "2028-9": "mmol/L", "17861-6": "mg/dL"},
+    "umol/L": {"1751-7": "g/L", "14879-1": "mmol/L", "2028-9": "mmol/L", "2000-8": "mmol/L"},
+}
+
+
+def test_renal_panels_carry_the_kfre8_analytes_in_the_labs_units(
+    parsed: list[list[Segment]],
+) -> None:
+    panels = {"mg/dL": 0, "umol/L": 0}
+    for segments in orus(parsed):
+        for _, obxs in orders(segments):
+            units = {component(obx, 3, 1): component(obx, 6, 1) for obx in obxs}
+            if "2160-0" not in units:
+                continue
+            system = units["2160-0"]
+            expected = SERUM_BY_UNIT_SYSTEM[system]
+            assert {code: units.get(code) for code in expected} == expected
+            panels[system] += 1
+    assert min(panels.values()) > 100  # both unit systems, so conversion is exercised
+
+
+def test_phosphate_rises_and_bicarbonate_falls_as_gfr_falls(
+    parsed: list[list[Segment]],
+) -> None:
+    low: list[tuple[float, float]] = []
+    high: list[tuple[float, float]] = []
+    for segments in orus(parsed):
+        for _, obxs in orders(segments):
+            values = {component(obx, 3, 1): field(obx, 5) for obx in obxs}
+            egfr = next((values[c] for c in EGFR_CODES if c in values), None)
+            if "2777-1" not in values or egfr is None or not egfr.isdigit():
+                continue
+            pair = (float(values["2777-1"]), float(values["2028-9"]))
+            (low if int(egfr) < 25 else high if int(egfr) >= 45 else []).append(pair)
+    assert len(low) > 20 and len(high) > 20
+    mean = lambda pairs, i: sum(p[i] for p in pairs) / len(pairs)  # noqa: E731
+    assert mean(low, 0) > mean(high, 0) + 0.5  # phosphate, mg/dL
+    assert mean(low, 1) < mean(high, 1) - 1.0  # total CO2, mmol/L
+
+
+def test_renal_oru_for_writes_the_kfre8_analytes_under_their_unit_codes() -> None:
+    ehr = SyntheticEhr(patients=1)
+    at = datetime(2024, 3, 4, 8, 30, tzinfo=UTC)
+    serum = {
+        "albumin": (36.0, "g/L"),
+        "phosphate": (1.42, "mmol/L"),
+        "bicarbonate": (19.0, "mEq/L"),
+        "calcium": (2.31, "mmol/L"),
+    }
+    message = ehr.renal_oru_for(age=70, female=False, at=at, egfr=28, serum=serum)
+    hl7apy_strict(message)
+    rows = [(component(s, 3, 1), field(s, 5), component(s, 6, 1))
+            for s in split(message) if s[0] == "OBX"]  # fmt: skip
+    assert rows == [
+        ("98979-8", "28", "mL/min/{1.73_m2}"),
+        ("1751-7", "36", "g/L"),
+        ("14879-1", "1.42", "mmol/L"),
+        ("2028-9", "19", "mEq/L"),
+        ("2000-8", "2.31", "mmol/L"),
+    ]
+    with pytest.raises(ValueError, match="no LOINC code for calcium in g/L"):
+        ehr.renal_oru_for(age=70, female=False, at=at, serum={"calcium": (2.3, "g/L")})
