@@ -22,13 +22,19 @@ What a site operator or integration engineer looks at:
   patient state: on the embedded log always (one SQLite file per site), on
   Kafka only in a process that also runs the processing role (the state is
   its changelog-backed store); elsewhere the route does not exist (404);
-* ``GET /api/dlq``: dead-lettered records: reason, stage, time, size; the raw
+* ``GET /api/dlq``: dead-lettered records: reason, stage, time, size, oldest
+  first, paged by ``?limit=`` (default 100) and the ``?after=`` cursor, with
+  ``next_after`` and ``links.next`` while more follow (null on the last page); the raw
   bytes, replay and message search are ``ehrbridge/operator_api.py``'s
   (operator role), the audit trail too (admin role);
 * ``GET /api/fhir``: FHIR ingest counters, and each FHIR Subscription's
   status, last event number and gaps (missed notifications);
 * ``/fhir/...``: FHIR R4 ingest and Subscription notifications
   (``ehrbridge/fhir_api.py``);
+* ``GET /ui/patients/{id}``: the clinician's risk page for one patient (HTML:
+  trend chart, inputs, the model, why there is no score), the CDS card's link
+  target (``ehrbridge/patient_page.py``);
+* ``/docs``, ``/redoc``: the API's description, self-hosted (``ehrbridge/api_docs.py``);
 * ``/cds-services``: the CDS Hooks service (``ehrbridge/cds_hooks.py``).
 
 Every route but the public ones (``ehrbridge.auth.PUBLIC_ROUTES``: health,
@@ -50,6 +56,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 
 from ehrbridge.adapters.patient_links import PatientLinks
+from ehrbridge.api_docs import add_docs_routes
 from ehrbridge.audit import AuditTrail, audit_note
 from ehrbridge.audit_http import AuditMiddleware
 from ehrbridge.auth import Authenticator
@@ -63,6 +70,7 @@ from ehrbridge.evaluation_api import add_evaluation_routes
 from ehrbridge.fhir_api import FhirEndpoint, add_fhir_routes
 from ehrbridge.monitoring import SiteMonitoring, add_monitoring_routes
 from ehrbridge.operator_api import add_audit_routes, add_operator_routes
+from ehrbridge.patient_page import add_patient_page
 from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.state import StateStore
 from ehrbridge.pipelines.transport import Log, topic_name
@@ -108,8 +116,10 @@ def create_api(parts: ApiParts) -> FastAPI:
     app = FastAPI(
         title="ehrbridge",
         version=__version__,
-        docs_url="/docs",
+        docs_url=None,  # self-hosted below: FastAPI's pages load from public CDNs
+        redoc_url=None,
     )
+    add_docs_routes(app, "ehrbridge")
     config, results_store = parts.config, parts.results
     mode = ModeSwitch(config)  # the mode in force: promote/demote switch it while running
     app.add_middleware(AuditMiddleware, trail=parts.audit, routes=lambda: app.routes)
@@ -178,9 +188,21 @@ def create_api(parts: ApiParts) -> FastAPI:
         limit: int = Query(100, ge=1, le=1000),
         after: int = Query(-1, ge=-1, le=MAX_OFFSET),
     ) -> dict[str, Any]:
-        records = parts.log.read(topic_name(config.site, "dlq"), after=after, limit=limit)
+        # One past the page: whether more follow is known, not guessed from a full page.
+        records = parts.log.read(topic_name(config.site, "dlq"), after=after, limit=limit + 1)
+        more, records = len(records) > limit, records[:limit]
         audit_note(request.scope).patients.extend(r.key for r in records)
+        next_after = records[-1].offset if more else None
         return {
+            "limit": limit,
+            "after": after,
+            "next_after": next_after,
+            "links": {
+                "self": str(request.url),
+                "next": None
+                if next_after is None
+                else str(request.url.include_query_params(limit=limit, after=next_after)),
+            },
             "records": [
                 {
                     "offset": r.offset,
@@ -192,7 +214,7 @@ def create_api(parts: ApiParts) -> FastAPI:
                     "bytes": len(r.value),
                 }
                 for r in records
-            ]
+            ],
         }
 
     add_operator_routes(app, parts.log, config.site, operator)
@@ -200,6 +222,7 @@ def create_api(parts: ApiParts) -> FastAPI:
     add_monitoring_routes(app, parts.monitoring, viewer)
     add_evaluation_routes(app, config, viewer)
     add_promotion_routes(app, (config, parts.log, results_store, parts.state), viewer, admin)
+    add_patient_page(app, config, results_store, parts.state, viewer)
     if parts.state is not None:
         _add_patient_route(app, parts.config, parts.state, results_store, viewer)
     if parts.fhir is not None:

@@ -37,6 +37,7 @@ AUDITED: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/api/results"),  # patient ids and risks
         ("GET", "/api/results/{identifier}"),  # one result's Observation
         ("GET", "/api/patients/{patient_id}"),  # birth date, sex, labs
+        ("GET", "/ui/patients/{patient_id}"),  # the clinician's risk page: risks, labs, dates
         ("GET", "/api/dlq"),  # dead letters: source ids, reasons (the patients are named)
         ("GET", "/api/dlq/{offset}"),  # one dead letter with its raw bytes
         ("POST", "/api/dlq/replay"),  # sends PHI back through the pipeline

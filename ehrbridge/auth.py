@@ -56,6 +56,7 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/docs"),  # Swagger UI; its Authorize button takes a token
         ("GET", "/docs/oauth2-redirect"),
         ("GET", "/redoc"),  # the same description, as ReDoc
+        ("GET", "/docs/assets/{name}"),  # their scripts and styles (ehrbridge/api_docs.py)
     }
 )
 

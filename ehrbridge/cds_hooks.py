@@ -29,7 +29,9 @@ The card: ``summary`` (under 140 characters) with both risks in percent;
 ``indicator`` from the interpretation band the Observation got (``HH``
 critical, ``H`` warning, ``N`` info); ``detail`` (markdown) with the inputs
 and their dates; ``source`` naming ehrbridge, the model and its version; a
-link to the result's details (``cds_hooks.details_url``). In shadow mode
+link to the patient's risk page with this result highlighted
+(``/ui/patients/{id}?result=``, ``ehrbridge/patient_page.py``; a site may
+point it elsewhere with ``cds_hooks.details_url``). In shadow mode
 there are no cards unless ``cds_hooks.cards_in_shadow_mode`` is set:
 clinicians see nothing of a site that is still being validated.
 
@@ -55,6 +57,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -271,7 +274,9 @@ class CdsService:
         template = self.config.cds_hooks.details_url
         if template:
             return template.format(identifier=result.identifier, patient=result.patient_id)
-        return f"{base_url.rstrip('/')}/api/results/{result.identifier}"
+        # The clinician's page (ehrbridge/patient_page.py), with this result highlighted.
+        patient, identifier = quote(result.patient_id, safe=""), quote(result.identifier, safe="")
+        return f"{base_url.rstrip('/')}/ui/patients/{patient}?result={identifier}"
 
 
 def shown(percent_value: float) -> str:

@@ -512,7 +512,7 @@ class CdsHooks(Strict):
     # unexpired tokens, new calls are refused (503) rather than forgetting one.
     replay_cache_size: int = Field(100_000, ge=100)
     # Card link: a URL template with {identifier} and {patient}; default: this API's
-    # /api/results/{identifier}.
+    # patient risk page, /ui/patients/{patient}?result={identifier}.
     details_url: str | None = None
     # In shadow mode clinicians see nothing unless this is true (e.g. a pilot ward).
     cards_in_shadow_mode: bool = False

@@ -43,6 +43,7 @@ NEEDS = {
     ("GET", "/api/results"): "viewer",
     ("GET", "/api/results/{identifier}"): "viewer",
     ("GET", "/api/patients/{patient_id}"): "viewer",
+    ("GET", "/ui/patients/{patient_id}"): "viewer",
     ("GET", "/api/fhir"): "viewer",
     ("GET", "/metrics"): "viewer",
     ("GET", "/api/monitoring/feeds"): "viewer",

@@ -132,10 +132,10 @@ def test_the_card_shows_the_stored_prediction(
     assert name in card["source"]["label"] and version in card["source"]["label"]
     [link] = card["links"]
     assert link["type"] == "absolute" and link["url"].endswith(
-        f"/api/results/{result['identifier']}"
+        f"/ui/patients/{mrn}?result={result['identifier']}"
     )
-    details = httpx.get(link["url"], headers=headers(sandbox, "viewer")).json()
-    assert details["risk_2y"] == result["risk_2y"]
+    details = httpx.get(link["url"], headers=headers(sandbox, "viewer")).text  # the risk page
+    assert f"Kidney failure risk within 2 years: {risk_2y:.1f}%" in details
 
 
 def test_no_score_is_200_with_no_cards(sandbox: BackgroundSandbox) -> None:
@@ -224,7 +224,7 @@ def test_shadow_mode_shows_clinicians_nothing_unless_asked(tmp_path: Path) -> No
     result = pilot.results.latest(patient)
     assert result is not None
     assert card["indicator"] == expected_indicator(pilot.config, result.risk_2y, result.risk_5y)
-    assert card["links"][0]["url"] == f"http://x/api/results/{result.identifier}"
+    assert card["links"][0]["url"] == f"http://x/ui/patients/{patient}?result={result.identifier}"
 
 
 KFRE_4_FILE = Path(__file__).resolve().parents[1] / "models" / "kfre-4.yaml"
