@@ -1,7 +1,10 @@
-"""Sandbox model server: the 4-variable KFRE behind the Open Inference Protocol v2.
+"""Sandbox model server: the 4- and 8-variable KFRE behind the Open Inference Protocol v2.
 
 It stands in for a hospital's KServe / Triton / MLServer deployment so that
-ehrbridge can be developed and tested end to end. Endpoints (OIP v2 REST)::
+ehrbridge can be developed and tested end to end. It serves two models, each
+under its own name in the URL: ``kfre-4var`` (Tangri 2011, recalibrated 2016)
+and ``kfre-8var`` (the same paper's 8-variable model, ``models/kfre-8.yaml``).
+Endpoints (OIP v2 REST)::
 
     GET  /v2                                        server metadata
     GET  /v2/health/live | /v2/health/ready         200 {"live"|"ready": true}
@@ -23,11 +26,23 @@ input       datatype accepted                      unit
 ``uacr``    FP64 (declared) or FP32                mg/g
 ==========  =====================================  ====================
 
+``kfre-8var`` takes those four and four serum analytes, each FP64 (or FP32)
+in the unit the equation is centred in (ehrbridge converts SI results before
+sending; ``GET /v2/models/kfre-8var`` states each unit):
+
+===============  ==========
+``albumin``      g/dL
+``phosphate``    mg/dL
+``bicarbonate``  mmol/L
+``calcium``      mg/dL
+===============  ==========
+
 ``parameters.calibration`` is ``"north_american"`` or ``"non_north_american"``;
 when absent the server uses **north_american** (Tangri 2016) and echoes the
 choice in the response ``parameters``. Outputs ``risk_2y`` and ``risk_5y`` are
 FP64 fractions 0..1 of shape ``[N]``; a request may name a subset in
-``outputs``. The binary tensor extension is not supported (400).
+``outputs``. The binary tensor extension is not supported (400). Each model
+uses its own baseline survivals (Tangri 2016) for the calibration asked.
 
 Errors follow the protocol: ``{"error": "<message>"}`` with 400 for a bad
 request (missing/unexpected input, bad shape, wrong datatype, non-positive or
@@ -48,7 +63,7 @@ Fault injection (sandbox only -- never expose these routes outside a test bed)::
 
 A POST replaces the whole plan; ``status`` and ``delay_s`` in one POST share
 ``count`` (each of those calls is delayed, then answered with ``status``).
-Counted calls are only those addressed to the served model.
+Counted calls are only those addressed to a served model (either of them).
 """
 
 from __future__ import annotations
@@ -56,7 +71,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -67,7 +82,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ehrbridge.sandbox.kfre import Calibration, kfre_4var_batch
+from ehrbridge.sandbox.kfre import (
+    EQUATION_UNITS,
+    Calibration,
+    Kfre8Inputs,
+    kfre_4var_batch,
+    kfre_8var_batch,
+)
 
 DEFAULT_CALIBRATION = Calibration.NORTH_AMERICAN
 DEFAULT_MAX_BATCH_ROWS = 100_000
@@ -96,11 +117,18 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("egfr", "FP64", "mL/min/{1.73_m2}", _FLOATS),
     TensorSpec("uacr", "FP64", "mg/g", _FLOATS),
 )
+# The 8-variable model's further inputs, in the units its coefficients are centred in.
+KFRE8_INPUTS: tuple[TensorSpec, ...] = (
+    *INPUTS,
+    *(
+        TensorSpec(name, "FP64", EQUATION_UNITS[name], _FLOATS)
+        for name in ("albumin", "phosphate", "bicarbonate", "calcium")
+    ),
+)
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("risk_2y", "FP64", "1", ("FP64",)),
     TensorSpec("risk_5y", "FP64", "1", ("FP64",)),
 )
-_INPUTS_BY_NAME = {spec.name: spec for spec in INPUTS}
 _OUTPUT_NAMES = tuple(spec.name for spec in OUTPUTS)
 _CALIBRATIONS = frozenset(c.value for c in Calibration)
 
@@ -225,46 +253,56 @@ class InferRequestError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class InferRequest:
-    """A validated inference request, columns converted to Python values."""
+    """A validated inference request, each input column converted to Python values."""
 
     request_id: str | None
     calibration: Calibration
-    ages: list[float]
-    males: list[bool]
-    egfrs: list[float]
-    uacrs: list[float]
+    columns: dict[str, list[Any]]  # input name -> one value per row (floats; male: bools)
     outputs: tuple[str, ...]  # names of the outputs to return, in order
 
     @property
     def rows(self) -> int:
-        return len(self.ages)
+        return len(next(iter(self.columns.values()), []))
+
+    def floats(self, name: str) -> list[float]:
+        return [float(value) for value in self.columns[name]]
 
 
-def parse_infer_request(body: bytes, *, max_rows: int = DEFAULT_MAX_BATCH_ROWS) -> InferRequest:
-    """Validate an OIP v2 JSON inference request for the KFRE model.
+def parse_infer_request(
+    body: bytes,
+    *,
+    max_rows: int = DEFAULT_MAX_BATCH_ROWS,
+    inputs: Sequence[TensorSpec] = INPUTS,
+) -> InferRequest:
+    """Validate an OIP v2 JSON inference request for a model taking ``inputs``.
 
     Raises InferRequestError with a value-free message on anything malformed.
-    Range checks (positive eGFR, ...) are left to :func:`kfre_4var_batch`.
+    Range checks (positive eGFR, ...) are left to the equation (``sandbox/kfre.py``).
     """
     doc = _json_object(body)
     parameters = _optional_object(doc, "parameters", "request")
     _refuse_binary(parameters, "request")
-    tensors = _input_tensors(doc.get("inputs"))
+    by_name = {spec.name: spec for spec in inputs}
+    tensors = _input_tensors(doc.get("inputs"), by_name)
+    columns = {name: _column(by_name[name], tensors[name]) for name in by_name}
     request = InferRequest(
         request_id=_request_id(doc),
         calibration=_calibration(parameters),
-        ages=_floats("age", _elements(tensors["age"])),
-        males=_booleans("male", _elements(tensors["male"])),
-        egfrs=_floats("egfr", _elements(tensors["egfr"])),
-        uacrs=_floats("uacr", _elements(tensors["uacr"])),
+        columns=columns,
         outputs=_requested_outputs(doc.get("outputs")),
     )
-    sizes = {len(request.ages), len(request.males), len(request.egfrs), len(request.uacrs)}
-    if len(sizes) != 1:
+    if len({len(column) for column in columns.values()}) != 1:
         raise InferRequestError("inputs have different batch sizes")
     if request.rows > max_rows:
         raise InferRequestError(f"batch of {request.rows} rows exceeds the limit of {max_rows}")
     return request
+
+
+def _column(spec: TensorSpec, tensor: Mapping[str, Any]) -> list[Any]:
+    elements = _elements(spec, tensor)
+    if spec.datatype == "BOOL":
+        return _booleans(spec.name, elements)
+    return _floats(spec.name, elements)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
@@ -308,18 +346,18 @@ def _calibration(parameters: Mapping[str, Any]) -> Calibration:
     return Calibration(value)
 
 
-def _input_tensors(inputs: object) -> dict[str, dict[str, Any]]:
+def _input_tensors(inputs: object, specs: Mapping[str, TensorSpec]) -> dict[str, dict[str, Any]]:
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
         raise InferRequestError("'inputs' must be a JSON array of tensor objects")
     tensors: dict[str, dict[str, Any]] = {}
     for tensor in inputs:
         name = tensor.get("name")
-        if name not in _INPUTS_BY_NAME:
-            raise InferRequestError(f"unexpected input {_label(name)}; expected {_input_list()}")
+        if name not in specs:
+            raise InferRequestError(f"unexpected input {_label(name)}; expected {', '.join(specs)}")
         if name in tensors:
             raise InferRequestError(f"input '{name}' given more than once")
         tensors[name] = tensor
-    missing = [spec.name for spec in INPUTS if spec.name not in tensors]
+    missing = [name for name in specs if name not in tensors]
     if missing:
         raise InferRequestError(f"missing input(s): {', '.join(missing)}")
     return tensors
@@ -333,8 +371,7 @@ class _Elements:
     values: list[Any]
 
 
-def _elements(tensor: Mapping[str, Any]) -> _Elements:
-    spec = _INPUTS_BY_NAME[tensor["name"]]
+def _elements(spec: TensorSpec, tensor: Mapping[str, Any]) -> _Elements:
     _refuse_binary(_optional_object(tensor, "parameters", f"input '{spec.name}'"), spec.name)
     datatype = tensor.get("datatype")
     if not isinstance(datatype, str) or datatype not in spec.accepted:
@@ -417,27 +454,54 @@ def _label(value: object) -> str:
     return f"'{value}'" if isinstance(value, str) and len(value) <= 40 else "(invalid)"
 
 
-def _input_list() -> str:
-    return ", ".join(spec.name for spec in INPUTS)
-
-
 # ------------------------------------------------------------------------- the app
 
 
+Scorer = Callable[[InferRequest], tuple[list[float], list[float]]]
+
+
+def _score_kfre4(request: InferRequest) -> tuple[list[float], list[float]]:
+    return kfre_4var_batch(
+        request.floats("age"),
+        request.columns["male"],
+        request.floats("egfr"),
+        request.floats("uacr"),
+        request.calibration,
+    )
+
+
+def _score_kfre8(request: InferRequest) -> tuple[list[float], list[float]]:
+    names = ("age", "male", "egfr", "uacr", "albumin", "phosphate", "bicarbonate", "calcium")
+    rows = [Kfre8Inputs(*row) for row in zip(*(request.columns[n] for n in names), strict=True)]
+    return kfre_8var_batch(rows, request.calibration)
+
+
 @dataclass(frozen=True, slots=True)
-class _ModelIdentity:
+class ServedModel:
+    """One model the server answers for: its name in URLs, inputs and equation."""
+
     name: str
     version: str
+    inputs: tuple[TensorSpec, ...]
+    score: Scorer
 
-    def lookup_error(self, request: Request) -> str | None:
-        """Why the model/version in the URL path is not this one, or None."""
+
+@dataclass(frozen=True, slots=True)
+class _Catalogue:
+    """The served models by name; finds the one a URL path addresses."""
+
+    models: Mapping[str, ServedModel]
+
+    def lookup(self, request: Request) -> ServedModel | str:
+        """The model/version in the URL path, or why it is not served here."""
         name: str = request.path_params["name"]
         version: str | None = request.path_params.get("version")
-        if name != self.name:
+        model = self.models.get(name)
+        if model is None:
             return f"model '{_short(name)}' is not served here"
-        if version is not None and version != self.version:
-            return f"model '{self.name}' has no version '{_short(version)}'"
-        return None
+        if version is not None and version != model.version:
+            return f"model '{model.name}' has no version '{_short(version)}'"
+        return model
 
 
 def _short(text: str) -> str:
@@ -455,7 +519,7 @@ def _error(status: int, message: str, retry_after_s: int | None = None) -> Respo
     return _json(status, {"error": message}, headers)
 
 
-def _model_metadata(model: _ModelIdentity) -> dict[str, Any]:
+def _model_metadata(model: ServedModel) -> dict[str, Any]:
     def tensor(spec: TensorSpec) -> dict[str, Any]:
         parameters: dict[str, Any] = {"accepted_datatypes": list(spec.accepted)}
         if spec.unit is not None:
@@ -471,7 +535,7 @@ def _model_metadata(model: _ModelIdentity) -> dict[str, Any]:
         "name": model.name,
         "versions": [model.version],
         "platform": PLATFORM,
-        "inputs": [tensor(spec) for spec in INPUTS],
+        "inputs": [tensor(spec) for spec in model.inputs],
         "outputs": [tensor(spec) for spec in OUTPUTS],
         "parameters": {
             "calibration": {
@@ -482,10 +546,8 @@ def _model_metadata(model: _ModelIdentity) -> dict[str, Any]:
     }
 
 
-def _infer_response(model: _ModelIdentity, request: InferRequest) -> bytes:
-    risks_2y, risks_5y = kfre_4var_batch(
-        request.ages, request.males, request.egfrs, request.uacrs, request.calibration
-    )
+def _infer_response(model: ServedModel, request: InferRequest) -> bytes:
+    risks_2y, risks_5y = model.score(request)
     data = {"risk_2y": risks_2y, "risk_5y": risks_5y}
     response: dict[str, Any] = {
         "model_name": model.name,
@@ -509,20 +571,25 @@ def create_model_app(
     faults: FaultInjector | None = None,
     stats: ServerStats | None = None,
     admin: bool = True,
+    kfre8_name: str | None = "kfre-8var",
 ) -> FastAPI:
     """The OIP v2 sandbox app serving the 4-variable KFRE as ``model_name``.
 
-    Pass your own ``faults``/``stats`` to drive or read them in-process; they
-    are also on ``app.state.faults`` / ``app.state.stats``. ``admin=False``
-    drops the ``/_admin`` routes.
+    The 8-variable KFRE is served beside it as ``kfre8_name`` (None: not
+    served), with the same version. Pass your own ``faults``/``stats`` to
+    drive or read them in-process; they are also on ``app.state.faults`` /
+    ``app.state.stats``. ``admin=False`` drops the ``/_admin`` routes.
     """
-    model = _ModelIdentity(model_name, model_version)
+    served = [ServedModel(model_name, model_version, INPUTS, _score_kfre4)]
+    if kfre8_name is not None and kfre8_name != model_name:
+        served.append(ServedModel(kfre8_name, model_version, KFRE8_INPUTS, _score_kfre8))
+    catalogue = _Catalogue({m.name: m for m in served})
     app = FastAPI(title=SERVER_NAME, version=SERVER_VERSION, docs_url=None, redoc_url=None)
     app.state.faults = FaultInjector() if faults is None else faults
     app.state.stats = ServerStats() if stats is None else stats
     app.add_exception_handler(StarletteHTTPException, _http_exception_as_oip_error)
-    _add_health_routes(app, model)
-    _add_infer_routes(app, model, max_batch_rows)
+    _add_health_routes(app, catalogue)
+    _add_infer_routes(app, catalogue, max_batch_rows)
     if admin:
         _add_admin_routes(app)
     return app
@@ -534,7 +601,7 @@ async def _http_exception_as_oip_error(request: Request, exc: Exception) -> Resp
     return _json(exc.status_code, {"error": str(exc.detail)}, exc.headers)
 
 
-def _add_health_routes(app: FastAPI, model: _ModelIdentity) -> None:
+def _add_health_routes(app: FastAPI, catalogue: _Catalogue) -> None:
     faults: FaultInjector = app.state.faults
 
     @app.get("/v2")
@@ -553,28 +620,31 @@ def _add_health_routes(app: FastAPI, model: _ModelIdentity) -> None:
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(request: Request) -> Response:
-        if problem := model.lookup_error(request):
-            return _error(404, problem)
+        model = catalogue.lookup(request)
+        if isinstance(model, str):
+            return _error(404, model)
         return _json(200, _model_metadata(model))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(request: Request) -> Response:
-        if problem := model.lookup_error(request):
-            return _error(404, problem)
+        model = catalogue.lookup(request)
+        if isinstance(model, str):
+            return _error(404, model)
         ready = not faults.is_down()
         return _json(200 if ready else 503, {"name": model.name, "ready": ready})
 
 
-def _add_infer_routes(app: FastAPI, model: _ModelIdentity, max_rows: int) -> None:
+def _add_infer_routes(app: FastAPI, catalogue: _Catalogue, max_rows: int) -> None:
     faults: FaultInjector = app.state.faults
     stats: ServerStats = app.state.stats
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(request: Request) -> Response:
-        if problem := model.lookup_error(request):
-            return _error(404, problem)
+        model = catalogue.lookup(request)
+        if isinstance(model, str):
+            return _error(404, model)
         stats.add(infer_requests=1)
         # Read the request before any injected delay, as a slow model would.
         raw = await request.body()
@@ -588,7 +658,7 @@ def _add_infer_routes(app: FastAPI, model: _ModelIdentity, max_rows: int) -> Non
         try:
             if "inference-header-content-length" in request.headers:
                 raise InferRequestError("binary tensor data extension is not supported")
-            parsed = parse_infer_request(raw, max_rows=max_rows)
+            parsed = parse_infer_request(raw, max_rows=max_rows, inputs=model.inputs)
             body = _infer_response(model, parsed)
         except ValueError as exc:  # InferRequestError, or kfre's range checks
             stats.add(infer_rejected=1)
@@ -654,7 +724,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m ehrbridge.sandbox.model_server",
         description="The sandbox's KFRE model server alone (Open Inference Protocol v2): "
-        "POST /v2/models/kfre-4var/infer. Point a site's model.url at it.",
+        "POST /v2/models/kfre-4var/infer and /v2/models/kfre-8var/infer. "
+        "Point a site's model.url at it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -672,12 +743,14 @@ if __name__ == "__main__":
 __all__ = [
     "DEFAULT_CALIBRATION",
     "INPUTS",
+    "KFRE8_INPUTS",
     "OUTPUTS",
     "FaultAction",
     "FaultInjector",
     "FaultSpec",
     "InferRequest",
     "InferRequestError",
+    "ServedModel",
     "ServerStats",
     "TensorSpec",
     "create_model_app",
