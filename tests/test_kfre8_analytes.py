@@ -196,3 +196,60 @@ def test_extraction_converts_si_results_to_the_equation_units(tmp_path: Path) ->
         ("calcium", round(2.40 * 4.008, 6)),  # 9.6192
         ("calcium", 9.6),
     ]
+
+
+# --------------------------------------------------------------- the synthetic EHR's panels
+
+SANDBOX_KFRE8 = """\
+version: t-8s
+model: kfre-8var
+patient: {assigning_authority: SANDBOX, type_code: MR, fhir_system: urn:test:mrn}
+features:
+  creatinine:
+    codes: [LN|2160-0]
+    units: {mg/dL: {multiply: 1}, umol/L: {divide: 88.4}}
+    window_days: 365
+  uacr:
+    codes: [LN|9318-7, LN|14959-1, LN|32294-1]
+    units: {mg/g: {multiply: 1}, "mg/g{creat}": {multiply: 1}, mg/mmol: {multiply: 8.84}}
+    window_days: 730
+  albumin:
+    codes: [LN|1751-7]
+    units: {g/dL: {multiply: 1}, g/L: {divide: 10}}
+    window_days: 365
+  phosphate:
+    codes: [LN|2777-1, LN|14879-1]
+    units: {mg/dL: {multiply: 1}, mmol/L: {multiply: 3.097}}
+    window_days: 365
+  bicarbonate:
+    codes: [LN|2028-9, LN|1963-8]
+    units: {mmol/L: {multiply: 1}, mEq/L: {multiply: 1}}
+    window_days: 365
+  calcium:
+    codes: [LN|17861-6, LN|2000-8]
+    units: {mg/dL: {multiply: 1}, mmol/L: {multiply: 4.008}}
+    window_days: 365
+"""
+
+
+def test_si_and_conventional_labs_agree_once_converted(tmp_path: Path) -> None:
+    # The same population measured by SI and by US labs: after the mapping's conversion
+    # the two kinds of lab must describe the same patients, analyte by analyte.
+    from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
+
+    path = tmp_path / "mapping.yaml"
+    path.write_text(SANDBOX_KFRE8, encoding="utf-8")
+    rules = FactRules(load_mapping_file(path))
+    by_lab: dict[tuple[str, bool], list[float]] = {}
+    for _, message in SyntheticEhr(seed=3, patients=200).stream(visits_per_patient=2):
+        for patient in extract(Message.parse(message.decode("ascii")), rules).patients:
+            si = any(f.raw_unit == "umol/L" for f in patient.facts if f.feature == "creatinine")
+            for fact in patient.facts:
+                by_lab.setdefault((fact.feature, si), []).append(fact.value)
+    for analyte, tolerance in (("albumin", 0.15), ("phosphate", 0.4), ("calcium", 0.15)):
+        si, us = by_lab[analyte, True], by_lab[analyte, False]
+        assert len(si) > 50 and len(us) > 50
+        # Within a tenth of the population's spread: a lab unit read as the other,
+        # or the wrong molar mass, moves the mean by far more.
+        assert abs(sum(si) / len(si) - sum(us) / len(us)) < tolerance, analyte
+    assert 8.5 < sum(by_lab["calcium", True]) / len(by_lab["calcium", True]) < 10.0
