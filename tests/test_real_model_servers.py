@@ -159,6 +159,20 @@ def sandbox_target() -> Iterator[OipTarget]:
         yield OipTarget(server.base_url, "kfre-4var", request, rows)
 
 
+@pytest.fixture(scope="module")
+def sandbox_kfre8_target() -> Iterator[OipTarget]:
+    # The second model the sandbox serves: eight inputs, the analytes in their equation units.
+    columns = {
+        "age": [61.0, 45.0], "egfr": [22.5, 48.0], "uacr": [300.0, 30.0],
+        "albumin": [3.4, 4.2], "phosphate": [4.9, 3.6], "bicarbonate": [19.0, 26.0],
+        "calcium": [8.9, 9.6],
+    }  # fmt: skip
+    inputs = [{"name": n, "datatype": "FP64", "shape": [2], "data": d} for n, d in columns.items()]
+    inputs.append({"name": "male", "datatype": "BOOL", "shape": [2], "data": [True, False]})
+    with ThreadedServer(create_model_app()) as server:
+        yield OipTarget(server.base_url, "kfre-8var", {"inputs": inputs}, 2)
+
+
 def _mlserver_target(servers: RealModelServers) -> OipTarget:
     rows = servers.model.features[:4]
     request = {
@@ -179,6 +193,12 @@ def _mlserver_target(servers: RealModelServers) -> OipTarget:
 def test_sandbox_model_server_conforms(sandbox_target: OipTarget, case: Case) -> None:
     with httpx.Client(timeout=10) as http:
         case(sandbox_target, http)
+
+
+@pytest.mark.parametrize("case", _with_deviations("sandbox"))
+def test_sandbox_kfre8_conforms(sandbox_kfre8_target: OipTarget, case: Case) -> None:
+    with httpx.Client(timeout=10) as http:
+        case(sandbox_kfre8_target, http)
 
 
 @real
