@@ -45,6 +45,7 @@ from ehrbridge.pipelines.transport import (
     Log,
     Record,
     dead_letter_record,
+    failure_headers,
     to_record,
     topic_name,
 )
@@ -251,9 +252,7 @@ class FailureRouter:
                 TIER_HEADER: str(tier + 1),
                 ORIGIN_HEADER: failure.envelope.headers.get(ORIGIN_HEADER, origin_topic),
                 DUE_HEADER: f"{due:.3f}",
-                "error.reason": failure.error.reason,
-                "error.detail": failure.error.detail,
-                "error.stage": failure.stage,
+                **failure_headers(failure.error, failure.stage),
             },
         )
 

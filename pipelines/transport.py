@@ -64,7 +64,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from ehrbridge.core.contracts import Envelope, Failure, envelope_from_headers, header_map
-from ehrbridge.core.errors import EhrbridgeError, RemoteRejected
+from ehrbridge.core.errors import EhrbridgeError, MessageRejected, RemoteRejected
 
 TOPICS = ("raw", "predictions", "retry", "dlq")
 
@@ -133,11 +133,22 @@ def from_record(record: Record) -> Envelope:
 
 def dead_letter_record(failure: Failure, topic: str) -> Record:
     """The DLQ form of a failure: original bytes, provenance, and the reason."""
-    return to_record(failure.envelope, topic, dead_letter_headers(failure.error, failure.stage))
+    return to_record(failure.envelope, topic, failure_headers(failure.error, failure.stage))
 
 
-def dead_letter_headers(error: EhrbridgeError, stage: str) -> dict[str, str]:
-    """What every dead letter says about its failure; the one place they are written."""
+def unreadable_dead_letter(record: Record, topic: str, exc: Exception, stage: str) -> Record:
+    """The DLQ form of a record whose provenance headers are broken: kept as it came."""
+    error = MessageRejected(f"record headers unreadable: {exc!r}", reason="record.headers")
+    headers = {**record.headers, **failure_headers(error, stage)}
+    return Record(topic=topic, key=record.key, value=record.value, headers=headers)
+
+
+def failure_headers(error: EhrbridgeError, stage: str) -> dict[str, str]:
+    """What a failed record says about its failure, dead or parked on a retry tier.
+
+    The one place these headers are written, so every dead letter names its
+    stage and time (``error.stage``, ``error.at``) whichever path put it there.
+    """
     headers = {
         "error.reason": error.reason,
         "error.detail": error.detail,

@@ -22,17 +22,17 @@ import time
 from collections.abc import Callable, Sequence
 
 from ehrbridge.core.contracts import Envelope, Failure, Stage
-from ehrbridge.core.errors import EhrbridgeError, MessageRejected, TransientError
+from ehrbridge.core.errors import TransientError
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics
 from ehrbridge.pipelines.retry import FailureRouter
 from ehrbridge.pipelines.transport import (
     Consumer,
     Log,
     Record,
-    dead_letter_headers,
     dead_letter_record,
     from_record,
     to_record,
+    unreadable_dead_letter,
 )
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ class StageWorker:
             try:
                 envelope = from_record(record)
             except (KeyError, ValueError) as exc:
-                outputs.append(_unreadable(record, self.router.dlq, exc, self.stage.name))
+                dead = unreadable_dead_letter(record, self.router.dlq, exc, self.stage.name)
+                outputs.append(dead)
                 continue
             origin[id(envelope)] = record.topic
             envelopes.append(envelope)
@@ -135,15 +136,6 @@ def _log_failure(failure: Failure) -> None:
         failure.stage,
         failure.error.reason,
     )
-
-
-def _unreadable(record: Record, dlq: str, exc: Exception, stage: str) -> Record:
-    """A record whose provenance headers are broken still reaches the DLQ intact."""
-    error: EhrbridgeError = MessageRejected(
-        f"record headers unreadable: {exc!r}", reason="record.headers"
-    )
-    headers = {**record.headers, **dead_letter_headers(error, stage)}
-    return Record(topic=dlq, key=record.key, value=record.value, headers=headers)
 
 
 __all__ = ["StageWorker", "dead_letter_record"]
