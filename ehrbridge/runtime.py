@@ -58,7 +58,8 @@ from ehrbridge.pipelines.retry import (
 from ehrbridge.pipelines.state import StateStore
 from ehrbridge.pipelines.transport import Consumer, Record, topic_name
 from ehrbridge.pipelines.worker import StageWorker
-from ehrbridge.pipelines.writeback import FHIR_TARGET, HL7V2_TARGET, WritebackStage
+from ehrbridge.pipelines.writeback import WritebackStage
+from ehrbridge.pipelines.writeback_requests import FHIR_TARGET, HL7V2_TARGET
 from ehrbridge.promotion import ModeSwitch, mode_path
 from ehrbridge.retention import Purger
 from ehrbridge.stores import audit_dir, open_log, unlock_stores

@@ -14,8 +14,11 @@ A transient failure goes through three levels, each bounded:
 3. **Dead letter**: after the last tier, or at once for a PermanentError,
    the record goes to ``<site>.dlq`` with its original bytes and the reason.
 
-The wrappers compose around any Stage or Sink (Benthos style): the stage
-stays ignorant of retries, and the worker only routes outcomes.
+The wrappers compose around any Stage or Sink (Benthos style):
+:class:`RetryingStage` and :class:`RetryingSink` retry in place;
+:class:`DeadLetteringSink`, outermost around a sink, turns what still fails
+into data. The stage stays ignorant of retries, and the worker only routes
+outcomes (:class:`FailureRouter`: a retry tier or the DLQ).
 """
 
 from __future__ import annotations
@@ -225,6 +228,39 @@ class _StillFailing(TransientError):
     def __init__(self, errors: dict[int, EhrbridgeError]) -> None:
         super().__init__(f"{len(errors)} item(s) still failing: {next(iter(errors.values()))}")
         self.errors = errors
+
+
+class DeadLetteringSink:
+    """The outer wrapper of a write-back sink: what did not arrive becomes data.
+
+    ``write`` raises no EhrbridgeError. It returns the error of each item
+    that did not arrive, by batch index (empty when all did): a BatchError's
+    items as named, or every item alike when the whole write failed. The
+    stage hands each on as a :class:`Failure` next to the record it came
+    from, and the worker routes it -- a retry tier, or the dead-letter topic
+    for a PermanentError or after the last tier -- in the same durable append
+    that precedes its commit. A letter appended from here would be written
+    before that commit: a crash in between delivers the record again, it may
+    then arrive, and the letter would stand for a result the EHR has. And
+    only the stage knows which other targets already have the result (the
+    letter keeps that, so a replay goes only to the rest).
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.name = sink.name
+
+    def write(self, batch: Sequence[Envelope]) -> dict[int, EhrbridgeError]:
+        try:
+            self.sink.write(batch)
+        except BatchError as partial:
+            return dict(partial.errors)
+        except EhrbridgeError as error:
+            return dict.fromkeys(range(len(batch)), error)
+        return {}
+
+    def close(self) -> None:
+        self.sink.close()
 
 
 class FailureRouter:

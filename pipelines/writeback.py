@@ -8,10 +8,16 @@ also goes to every configured target:
 
 * ``fhir`` (``writeback.fhir_base``): one transaction per result -- the risk
   Observation by conditional update on its deterministic identifier, its
-  Provenance and the Devices that produced it (``pipelines/provenance.py``),
-  several results per request (``adapters/fhir_sink.py``);
+  Provenance and the Devices that produced it, several results per request
+  (``adapters/fhir_sink.py``);
 * ``hl7v2`` (``writeback.hl7v2``): an ORU^R01 over MLLP, ACK checked
-  (``pipelines/oru.py``, ``adapters/mllp_sink.py``).
+  (``adapters/mllp_sink.py``).
+
+The stage keeps the result store and decides what each target still needs;
+``pipelines/writeback_requests.py`` builds the requests, and each target's
+sink sends them inside two wrappers (``pipelines/retry.py``): RetryingSink
+retries in place, DeadLetteringSink turns what still fails into data, which
+this stage returns as Failures for the worker to park or dead-letter.
 
 Both are idempotent (conditional update; the same MSH-10 for the same
 content), so at-least-once delivery is effectively-once in the EHR; a replay
@@ -36,31 +42,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import orjson
-
 from ehrbridge.config import Mode, SiteConfig
-from ehrbridge.core.contracts import (
-    CONTROL_ID_HEADER,
-    BatchError,
-    Envelope,
-    Failure,
-    Kind,
-    Outcome,
-    Sink,
-)
+from ehrbridge.core.contracts import Envelope, Failure, Outcome, Sink
 from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, PermanentError
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
 from ehrbridge.pipelines.observation import build_observation
-from ehrbridge.pipelines.oru import build_oru
-from ehrbridge.pipelines.provenance import result_transaction
 from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.results import Delivery, ResultStore, StoredResult
+from ehrbridge.pipelines.retry import DeadLetteringSink
+from ehrbridge.pipelines.writeback_requests import REQUESTS
 
 log = logging.getLogger(__name__)
 
 DELIVERED_HEADER = "writeback.delivered"  # comma-separated targets that have the result
-FHIR_TARGET = "fhir"
-HL7V2_TARGET = "hl7v2"
 
 
 @dataclass
@@ -89,13 +83,13 @@ class WritebackStage:
         self.mode = mode or (lambda: config.mode)
         if self.mode() is Mode.LIVE and not targets:
             raise ValueError("live mode needs at least one write-back target")
-        unknown = set(targets) - {FHIR_TARGET, HL7V2_TARGET}
+        unknown = set(targets) - set(REQUESTS)
         if unknown:
             raise ValueError(f"unknown write-back targets: {sorted(unknown)}")
         self.config = config
         self.results = results
-        self.all_targets = targets
-        self.targets: Mapping[str, Sink] = {}
+        self.all_targets = {name: DeadLetteringSink(sink) for name, sink in targets.items()}
+        self.targets: Mapping[str, DeadLetteringSink] = {}
 
     def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         # The mode is read once per batch (ehrbridge/promotion.py switches it while the
@@ -174,15 +168,9 @@ class WritebackStage:
         self.results.mark_delivered([i.prediction.identifier for i in complete])
         return [self._failure(i) for i in items if i.errors]
 
-    def _write(self, name: str, sink: Sink, pending: list[_Item]) -> None:
-        requests = [self._request(name, item) for item in pending]
-        errors: dict[int, EhrbridgeError] = {}
-        try:
-            sink.write(requests)
-        except BatchError as batch_error:
-            errors = batch_error.errors
-        except EhrbridgeError as error:
-            errors = dict.fromkeys(range(len(pending)), error)
+    def _write(self, name: str, sink: DeadLetteringSink, pending: list[_Item]) -> None:
+        build = REQUESTS[name]
+        errors = sink.write([build(item, self.config) for item in pending])
         for index, item in enumerate(pending):
             if index in errors:
                 item.errors.append(errors[index])
@@ -195,14 +183,6 @@ class WritebackStage:
             self.metrics.writeback(target, "ok", sent - len(errors))
         for error in errors.values():
             self.metrics.writeback(target, error_outcome(error))
-
-    def _request(self, name: str, item: _Item) -> Envelope:
-        if name == FHIR_TARGET:
-            bundle = result_transaction(item.prediction, self.config, item.observation)
-            return item.envelope.derive(orjson.dumps(bundle), Kind.FHIR)
-        message, control_id = build_oru(item.prediction, self.config, corrected=item.corrected)
-        derived = item.envelope.derive(message, Kind.HL7V2)
-        return replace(derived, headers={**derived.headers, CONTROL_ID_HEADER: control_id})
 
     def _failure(self, item: _Item) -> Failure:
         # A permanent error wins: it needs a person, and a dead-letter replay retries the
