@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_session import Browser
+
+from .browser_session import Browser
 
 BROWSER = Path(os.environ.get("EHRBRIDGE_CHROMIUM", "/usr/bin/chromium"))
 DRIVER = Path(os.environ.get("EHRBRIDGE_CHROMEDRIVER", "/usr/bin/chromedriver"))

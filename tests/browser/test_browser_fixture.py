@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from browser_session import Browser
+
+from .browser_session import Browser
 
 pytestmark = pytest.mark.browser
 
