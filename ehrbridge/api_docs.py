@@ -8,7 +8,10 @@ dependency in requirements/; MIT, bundling swagger-ui-dist, Apache-2.0, and
 redoc, MIT), served at ``/docs/assets/{name}`` from a fixed list of files.
 
 Swagger UI's online validator badge is switched off (``validatorUrl: null``):
-it would send the API description to a public service.
+it would send the API description to a public service. ReDoc's bundle draws
+its footer logo from ``cdn.redoc.ly`` unconditionally; that one URL is
+rewritten to the local favicon when the bundle is first served (the browser
+test in tests/browser/ holds that no request leaves the host).
 
 The pages, their assets and ``/openapi.json`` describe the API and hold no
 data, so they are public (``ehrbridge.auth.PUBLIC_ROUTES``); Swagger UI's
@@ -17,6 +20,7 @@ Authorize button takes a token for the calls made from it.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import fastapi_offline
@@ -26,7 +30,7 @@ from fastapi.openapi.docs import (
     get_swagger_ui_html,
     get_swagger_ui_oauth2_redirect_html,
 )
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 
 ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 ASSETS_URL = "/docs/assets"
@@ -39,6 +43,8 @@ ASSETS: dict[str, str] = {
 }
 # Bundles change only with the installed package: a day in the browser cache is safe.
 _CACHE = {"Cache-Control": "public, max-age=86400"}
+# Hard-coded in redoc.standalone.js (the "API docs by Redocly" footer), loaded on every view.
+_REDOC_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 
 def add_docs_routes(app: FastAPI, title: str) -> None:
@@ -73,8 +79,17 @@ def add_docs_routes(app: FastAPI, title: str) -> None:
         )
 
     @app.get(f"{ASSETS_URL}/{{name}}", include_in_schema=False)
-    def asset(name: str) -> FileResponse:
+    def asset(name: str) -> Response:
         media_type = ASSETS.get(name)
         if media_type is None:
             raise HTTPException(404, "no such asset")
+        if name == "redoc.standalone.js":
+            return Response(_local_redoc(), media_type=media_type, headers=_CACHE)
         return FileResponse(ASSETS_DIR / name, media_type=media_type, headers=_CACHE)
+
+
+@cache
+def _local_redoc() -> bytes:
+    """ReDoc's bundle with its one loaded external URL pointed at this host."""
+    bundle = (ASSETS_DIR / "redoc.standalone.js").read_bytes()
+    return bundle.replace(_REDOC_LOGO, f"{ASSETS_URL}/favicon.png".encode())

@@ -89,6 +89,7 @@ class Score:
     flagged: bool  # a band was reached (not N)
     inputs: tuple[str, ...]
     status: str
+    model: str  # name, version and calibration, as the result records them
     note: str = ""
 
 
@@ -152,7 +153,7 @@ def build_view(
     return PatientView(
         patient_id=patient_id,
         site=config.site,
-        model=f"{config.model.name} {_version(config)}".strip(),
+        model=scores[0].model if scores else f"{config.model.name} {_version(config)}".strip(),
         about=_about(config),
         scores=scores,
         total=results.count(patient_id=patient_id),
@@ -197,6 +198,7 @@ def _score(result: StoredResult, state: PatientState | None) -> Score:
         flagged=code not in ("", "N"),
         inputs=tuple(_inputs(observation, state, at)),
         status=result.status,
+        model=result.model,
         note=" ".join(str(n.get("text", "")) for n in items(observation.get("note"))),
     )
 

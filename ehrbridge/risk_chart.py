@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from html import escape
 
 WIDTH, HEIGHT = 760, 340
-LEFT, RIGHT, TOP, BOTTOM = 56, 200, 16, 40  # room for the axis labels and threshold names
+LEFT, RIGHT, TOP, BOTTOM = 56, 250, 16, 40  # room for the axis labels and threshold names
 # (colour, dash, marker) per series; contrast on white: 8.6:1, 6.3:1, 7.1:1, 5.6:1.
 STYLES = (
     ("#1d4f91", "", "circle"),
@@ -160,7 +160,7 @@ def _threshold_lines(thresholds: Sequence[Threshold], y: _Scale) -> list[str]:
     return out
 
 
-def _short(label: str, limit: int = 30) -> str:
+def _short(label: str, limit: int = 38) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 

@@ -74,6 +74,8 @@ def test_only_the_listed_assets_are_served(api: tuple[TestClient, SiteRuntime]) 
     assert client.get("/docs/assets/core.py").status_code == 404
     assert client.get("/docs/assets/..%2F__init__.py").status_code == 404
     assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+    redoc = client.get("/docs/assets/redoc.standalone.js").text
+    assert "cdn.redoc.ly" not in redoc and "/docs/assets/favicon.png" in redoc  # its logo
 
 
 def test_swagger_ui_does_not_send_the_description_to_the_online_validator(
