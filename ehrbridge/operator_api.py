@@ -16,7 +16,9 @@
 * ``GET /api/messages/{offset}``: one stored message with its raw bytes.
 
 ``admin``: ``GET /api/audit``, the audit trail (``ehrbridge/audit.py``) as
-JSON, filtered by ``patient``, ``who``, ``since``, ``until``, newest last.
+JSON, filtered by ``patient``, ``who``, ``since``, ``until``, newest last, at
+most ``limit`` entries after the sequence number ``after``; past the limit it
+answers ``truncated``, ``next_after`` and ``links.next`` to go on.
 
 Every one of them is audited (``ehrbridge/audit_http.py``); the patients are
 the records' keys.
@@ -208,17 +210,32 @@ def add_audit_routes(app: FastAPI, trail: AuditTrail, admin: Sequence[Depends]) 
         since: datetime | None = None,
         until: datetime | None = None,
         limit: int = Query(1000, ge=1, le=10_000),
+        after: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> dict[str, Any]:
-        """The audit trail's entries, oldest first; ``truncated`` when more matched."""
+        """The audit trail's entries after sequence number ``after``, oldest first;
+        ``truncated``, ``next_after`` and ``links.next`` when more matched."""
         if patient is not None:
             audit_note(request.scope).patients.append(patient)
         found: list[dict[str, Any]] = []
         window = {"since": _utc(since), "until": _utc(until)}
-        for entry in matching(trail.entries(), patient=patient, who=who, **window):
+        later = (e for e in trail.entries() if _seq(e) > after)
+        for entry in matching(later, patient=patient, who=who, **window):
             if len(found) == limit:
-                return {"entries": found, "truncated": True}
+                following = _seq(found[-1])
+                next_url = request.url.include_query_params(limit=limit, after=following)
+                return {
+                    "entries": found,
+                    "truncated": True,
+                    "next_after": following,
+                    "links": {"next": str(next_url)},
+                }
             found.append(entry)
-        return {"entries": found, "truncated": False}
+        return {"entries": found, "truncated": False, "next_after": None, "links": {"next": None}}
+
+
+def _seq(entry: dict[str, Any]) -> int:
+    seq = entry.get("seq")
+    return seq if isinstance(seq, int) else 0
 
 
 def _utc(moment: datetime | None) -> datetime | None:

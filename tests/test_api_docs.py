@@ -110,3 +110,21 @@ def test_dead_letters_page_with_a_cursor_and_say_when_more_follow(
     assert pages == 3 and len(seen) == 5 == len(set(seen)) and seen == sorted(seen)
     last = client.get("/api/dlq?limit=5", headers=operator).json()
     assert last["next_after"] is None and last["links"]["next"] is None  # exactly full: no more
+
+
+def test_the_audit_export_pages_on_from_where_it_stopped(
+    api: tuple[TestClient, SiteRuntime],
+) -> None:
+    client, runtime = api
+    viewer = token_headers(runtime.config.data_dir, "viewer")
+    for n in range(5):  # five audited reads (404: no such patient), five entries
+        client.get(f"/api/patients/P{n}", headers=viewer)
+    admin = token_headers(runtime.config.data_dir, "admin")
+    seen: list[int] = []
+    url: str | None = "/api/audit?who=sandbox-viewer&limit=2"
+    while url is not None:
+        answer = client.get(url, headers=admin).json()
+        seen += [e["seq"] for e in answer["entries"]]
+        assert answer["truncated"] == (answer["links"]["next"] is not None)
+        url = answer["links"]["next"]
+    assert len(seen) == 5 == len(set(seen)) and seen == sorted(seen)
