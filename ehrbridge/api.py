@@ -21,7 +21,8 @@ What a site operator or integration engineer looks at:
   or ``out_of_domain: egfr 71.9 >= 60``). Only where this process can read
   patient state: on the embedded log always (one SQLite file per site), on
   Kafka only in a process that also runs the processing role (the state is
-  its changelog-backed store); elsewhere the route does not exist (404);
+  its changelog-backed store). Elsewhere it is not served: a 404 problem
+  (``application/problem+json``, RFC 9457) names the role that serves it;
 * ``GET /api/dlq``: dead-lettered records: reason, stage, time, size, oldest
   first, paged by ``?limit=`` (default 100) and the ``?after=`` cursor, with
   ``next_after`` and ``links.next`` while more follow (null on the last page); the raw
@@ -54,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 
 from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.api_docs import add_docs_routes
@@ -80,6 +82,7 @@ from ehrbridge.promotion_api import add_promotion_routes
 # Paging positions are SQLite INTEGERs (64-bit); a larger one is a 422, not a 500.
 MAX_OFFSET = 2**62
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such item here"}}
+PATIENT_STATE_ROLE = "process"  # the role whose store holds per-patient state
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ class ApiParts:
     audit: AuditTrail  # who read which patient's data
     patient_links: PatientLinks
     state: StateStore | None = None  # patient state, where this process can read it
+    roles: frozenset[str] = frozenset()  # this process's roles, named when a route is elsewhere
     fhir: FhirEndpoint | None = None  # the FHIR ingest endpoint
     counts: Callable[[], dict[str, Any]] = dict  # role counters for /health
 
@@ -225,6 +229,10 @@ def create_api(parts: ApiParts) -> FastAPI:
     add_patient_page(app, config, results_store, parts.state, viewer)
     if parts.state is not None:
         _add_patient_route(app, parts.config, parts.state, results_store, viewer)
+    else:
+        why = "on the Kafka transport the patient state lives with that role's partitions"
+        elsewhere = ServedElsewhere("/api/patients/{patient_id}", PATIENT_STATE_ROLE, why)
+        _add_served_elsewhere(app, elsewhere, parts.roles, viewer)
     if parts.fhir is not None:
         add_fhir_routes(app, parts.fhir)
     if config.cds_hooks.enabled:
@@ -233,6 +241,45 @@ def create_api(parts: ApiParts) -> FastAPI:
         )
         add_cds_routes(app, service, parts.cds_clients)
     return app
+
+
+@dataclass(frozen=True, slots=True)
+class ServedElsewhere:
+    """A route another role's process answers, and why this one cannot."""
+
+    path: str
+    role: str
+    why: str
+
+    def problem(self, roles: frozenset[str]) -> dict[str, Any]:
+        """An RFC 9457 problem body; ``about:blank``, so the title is the status phrase."""
+        runs = ", ".join(sorted(roles)) or "no role"
+        return {
+            "type": "about:blank",
+            "title": "Not Found",
+            "status": 404,
+            "detail": (
+                f"GET {self.path} is served where the {self.role} role runs ({self.why}); "
+                f"this process runs {runs}. Ask one that runs the ingest and {self.role} roles."
+            ),
+            "served_by_role": self.role,
+            "this_process_roles": sorted(roles),
+        }
+
+
+def _add_served_elsewhere(
+    app: FastAPI, elsewhere: ServedElsewhere, roles: frozenset[str], viewer: list[Any]
+) -> None:
+    """A route this process cannot answer: 404 with a problem naming the role that can.
+
+    Left out of the API description, which lists what this process serves.
+    The token is still checked first, so an anonymous caller learns nothing.
+    """
+
+    @app.get(elsewhere.path, include_in_schema=False, dependencies=viewer)
+    def served_elsewhere() -> JSONResponse:
+        body = elsewhere.problem(roles)
+        return JSONResponse(body, status_code=404, media_type="application/problem+json")
 
 
 def _add_patient_route(

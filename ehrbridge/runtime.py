@@ -259,6 +259,7 @@ class SiteRuntime:
             audit=self.audit,
             patient_links=self.patient_links,
             state=self.readable_state(),
+            roles=frozenset(role.value for role in self.roles),
             fhir=self.fhir,
             counts=self._health_counts,
         )

@@ -1,24 +1,35 @@
 """Each role builds only what it uses, and the API answers only what its role can
 answer (issue 12): an ingest-only process on Kafka has no ``/api/patients``,
-because the patient state lives with the processing role's partitions.
+because the patient state lives with the processing role's partitions; asked
+anyway, it answers 404 with a problem body naming the role that serves it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
-from auth_tokens import localize, token_headers
+from auth_tokens import headers, localize, token_headers
+from conftest import wait_for
 from fastapi.testclient import TestClient
 
+from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.api import create_api
 from ehrbridge.auth import Authenticator
-from ehrbridge.config import SiteConfig, load_site_config
+from ehrbridge.config import KafkaTransport, SiteConfig, load_site_config
 from ehrbridge.runtime import Role, SiteRuntime
-from ehrbridge.sandbox.run import sandbox_site_file
+from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
+from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 
 def site_config(tmp_path: Path, transport: dict[str, object] | None = None) -> SiteConfig:
@@ -60,6 +71,73 @@ def test_an_ingest_only_process_on_kafka_serves_no_patient_route(
         runtime.log.close()
         runtime.results.close()
         runtime.patient_links.close()
+
+
+@contextmanager
+def running(runtime: SiteRuntime) -> Iterator[SiteRuntime]:
+    """A runtime started on its own event loop thread, its listeners on real sockets."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(runtime.start(), loop).result(60)
+        yield runtime
+    finally:
+        asyncio.run_coroutine_threadsafe(runtime.stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def renal_oru(mrn: str) -> bytes:
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    ehr = SyntheticEhr(patients=1)
+    return ehr.renal_oru_for(age=61, female=True, at=at, egfr=24.0, uacr_mg_g=380.0, mrn=mrn)
+
+
+@pytest.mark.kafka
+def test_on_kafka_each_role_answers_patients_as_it_can_over_real_sockets(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    site, mrn = f"roles{uuid.uuid4().hex[:8]}", f"M{uuid.uuid4().hex[:10]}"
+    transport = KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, state_dir=tmp_path / "st")
+
+    def on_kafka(config: SiteConfig) -> SiteConfig:
+        return config.model_copy(update={"site": site, "transport": transport})
+
+    with BackgroundSandbox(tmp_path / "all", configure=on_kafka, fhir_site=False) as sandbox:
+        # The processing role's process (here with ingest and write-back): it holds the state.
+        with MllpClient("127.0.0.1", sandbox.sandbox.mllp_port) as client:
+            assert client.send(renal_oru(mrn)).code == "AA"
+        viewer = headers(sandbox, "viewer")
+        url = f"{sandbox.sandbox.api_url}/api/patients/{mrn}"
+        known = wait_for(
+            lambda: (r := httpx.get(url, headers=viewer)).status_code == 200 and r.json(),
+            60,
+            "the patient's state through the processing process's API",
+        )
+        assert known["patient_id"] == mrn and known["facts"]
+        # An ingest-only process of the same site: own data dir, own ports.
+        base = sandbox.sandbox.config
+        only = base.model_copy(
+            update={
+                "data_dir": tmp_path / "ingest-only",
+                "http": base.http.model_copy(update={"port": 0}),
+                "mllp": base.mllp.model_copy(update={"port": 0}),
+            }
+        )
+        with running(SiteRuntime(only, {Role.INGEST})) as ingest:
+            assert ingest.http is not None
+            api = f"{ingest.http.scheme}://127.0.0.1:{ingest.http_port}"
+            answer = httpx.get(f"{api}/api/patients/{mrn}", headers=viewer)
+            assert answer.status_code == 404
+            assert answer.headers["content-type"] == "application/problem+json"
+            problem = answer.json()
+            assert problem["status"] == 404 and problem["served_by_role"] == "process"
+            assert problem["this_process_roles"] == ["ingest"]
+            assert "process role" in problem["detail"] and mrn not in problem["detail"]
+            assert httpx.get(f"{api}/api/patients/{mrn}").status_code == 401  # token first
+            assert httpx.get(f"{api}/api/results", headers=viewer).status_code == 200
+            assert not (only.data_dir / "state.sqlite").exists()
 
 
 def test_on_the_embedded_log_the_ingest_role_reads_the_shared_state(tmp_path: Path) -> None:
