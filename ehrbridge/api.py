@@ -36,7 +36,9 @@ What a site operator or integration engineer looks at:
   trend chart, inputs, the model, why there is no score), the CDS card's link
   target (``ehrbridge/patient_page.py``);
 * ``/docs``, ``/redoc``: the API's description, self-hosted (``ehrbridge/api_docs.py``);
-* ``/cds-services``: the CDS Hooks service (``ehrbridge/cds_hooks.py``).
+* ``/cds-services``: the CDS Hooks service (``ehrbridge/cds_hooks.py``);
+* ``/console``: the operator console's pages (``ehrbridge/console.py``): sign in
+  with a token for a session cookie, sites, message search and trace, dead letters.
 
 Every route but the public ones (``ehrbridge.auth.PUBLIC_ROUTES``: health,
 CDS discovery, the API description) needs a bearer token whose role the route
@@ -66,6 +68,7 @@ from ehrbridge.body_cap import BodyCap
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.cds_hooks import CdsService, add_cds_routes
 from ehrbridge.config import ApiRole, SiteConfig
+from ehrbridge.console import ConsoleParts, add_console_routes
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.core.version import __version__
 from ehrbridge.evaluation_api import add_evaluation_routes
@@ -235,6 +238,16 @@ def create_api(parts: ApiParts) -> FastAPI:
         _add_served_elsewhere(app, elsewhere, parts.roles, viewer)
     if parts.fhir is not None:
         add_fhir_routes(app, parts.fhir)
+    console = ConsoleParts(
+        config=config,
+        auth=parts.auth,
+        log=parts.log,
+        results=results_store,
+        metrics=parts.monitoring.metrics,
+        index_path=config.data_dir / "message-index.sqlite",
+        mode=mode,
+    )
+    add_console_routes(app, console)
     if config.cds_hooks.enabled:
         service = CdsService(
             config, results_store, parts.patient_links, state=parts.state, mode=mode

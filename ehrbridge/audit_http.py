@@ -44,6 +44,9 @@ AUDITED: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/api/messages"),  # message search over the raw log
         ("GET", "/api/messages/{offset}"),  # one stored message with its raw bytes
         ("GET", "/api/audit"),  # the audit trail itself names patients
+        ("GET", "/console/messages"),  # the console's message search: MRNs, control ids
+        ("GET", "/console/messages/{topic}/{offset}"),  # a message's trace, raw to operators
+        ("GET", "/console/dead-letters"),  # dead letters with their MRNs and details
         ("POST", f"/cds-services/{SERVICE_ID}"),  # a card: risk, eGFR, UACR, dates
         # Promote/demote: every attempt (a 403 too); the decision itself, with its
         # evidence, is a second entry (ehrbridge/promotion.py). At promotion it may
@@ -58,6 +61,8 @@ NOT_AUDITED: dict[tuple[str, str], str] = {
     ("GET", "/api/monitoring/feeds"): "message counts per feed and hour",
     ("GET", "/api/monitoring/drift"): "feature distributions per day",
     ("GET", "/api/fhir"): "ingest counters, Subscription event numbers",
+    ("GET", "/console/sites"): "the console's counts per site, model and feed",
+    ("GET", "/console/sites/data"): "the same counts as JSON (the page's refresh)",
     ("GET", "/api/models/{model}/mode"): "the model's mode and the last decision",
     ("GET", "/api/evaluation"): "which evaluations exist: model, source, counts",
     ("GET", "/api/evaluation/{model}"): "aggregates of the last evaluate: no patient id",

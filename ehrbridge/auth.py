@@ -20,6 +20,16 @@ Roles (``ApiRole``): ``viewer`` reads results, patients and monitoring;
 ``operator`` also dead letters; ``admin`` may do everything, including the
 audit trail; ``sender`` is an EHR or interface engine and may only send FHIR.
 
+The operator console (``ehrbridge/console.py``) signs in with the same tokens:
+a user presents one on ``/console/login`` and gets a **session cookie**
+(:class:`Sessions`: opaque, random, kept server-side by its SHA-256, HttpOnly,
+SameSite=Strict, Secure over TLS, 8 hours). Every route accepts the cookie
+where it accepts a bearer token. A request that changes something (any method
+but GET, HEAD, OPTIONS) on the cookie must also carry the session's CSRF token
+(``X-CSRF-Token`` header or a ``csrf`` form field) and, when the browser sends
+``Origin``, come from this host: SameSite=Strict alone leaves older browsers
+and same-site subdomains open.
+
 Refusals: **401** with ``WWW-Authenticate: Bearer`` when no valid token came,
 **403** when the token's roles do not include the route's. Neither says
 anything about the request beyond that; tokens are never logged.
@@ -30,9 +40,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import secrets
+import threading
+import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from fastapi import HTTPException, Request, Security
@@ -57,6 +71,11 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/docs/oauth2-redirect"),
         ("GET", "/redoc"),  # the same description, as ReDoc
         ("GET", "/docs/assets/{name}"),  # their scripts and styles (ehrbridge/api_docs.py)
+        ("GET", "/console"),  # redirects to the console's first page (which needs a session)
+        ("GET", "/console/login"),  # the console's sign-in form: a token in, a cookie out
+        ("POST", "/console/login"),
+        ("POST", "/console/logout"),  # ends the session it names (with its CSRF token)
+        ("GET", "/console/static/{name}"),  # the console's stylesheet, script and icon
     }
 )
 
@@ -115,6 +134,64 @@ class AuthFailure(Exception):
 def _challenge(error: str) -> str:
     # RFC 6750 section 3: no error code when the request carried no token at all.
     return "Bearer" if error == "" else f'Bearer error="{error}"'
+
+
+SESSION_COOKIE = "ehrbridge_session"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in console user: who, the CSRF token of their forms, until when."""
+
+    principal: Principal
+    csrf: str
+    expires: float
+
+
+class Sessions:
+    """Console sessions, server-side: the cookie is a random id; only its SHA-256 is kept.
+
+    In memory: a restart signs everyone out, which a console can afford and a
+    leaked session file cannot. At most ``limit`` live sessions; the oldest goes first.
+    """
+
+    def __init__(self, ttl_s: float = 8 * 3600, limit: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._live: dict[bytes, Session] = {}
+
+    def open(self, principal: Principal) -> tuple[str, Session]:
+        session_id = secrets.token_urlsafe(32)
+        session = Session(principal, secrets.token_urlsafe(32), time.time() + self.ttl_s)
+        with self._lock:
+            while len(self._live) >= self.limit:
+                self._live.pop(next(iter(self._live)))
+            self._live[token_digest(session_id)] = session
+        return session_id, session
+
+    def get(self, session_id: str | None) -> Session | None:
+        if not session_id:
+            return None
+        key = token_digest(session_id)
+        with self._lock:
+            session = self._live.get(key)
+            if session is not None and session.expires < time.time():
+                del self._live[key]
+                return None
+        return session
+
+    def close(self, session_id: str | None) -> None:
+        if session_id:
+            with self._lock:
+                self._live.pop(token_digest(session_id), None)
+
+
+def same_origin(origin: str | None, host: str | None) -> bool:
+    """No ``Origin`` (not a cross-site browser request), or one naming this host."""
+    return origin is None or (host is not None and urlsplit(origin).netloc == host)
 
 
 MISSING = AuthFailure(401, "a bearer token is required (Authorization: Bearer ...)", error="")
@@ -268,6 +345,7 @@ class Authenticator:
     def __init__(self, auth: ApiAuth, issuers: list[JwtBearer] | None = None) -> None:
         self.static = StaticTokens(auth.tokens)
         self.issuers = {i.config.issuer: i for i in issuers or map(JwtBearer, auth.jwt)}
+        self.sessions = Sessions()
         if not self.static and not self.issuers:
             log.warning("no API credentials configured (auth): only the public routes answer")
 
@@ -298,6 +376,24 @@ class Authenticator:
             raise AuthFailure(403, f"this needs the {role.value} role", "insufficient_scope")
         return principal
 
+    def session(self, request: Request) -> Session | None:
+        """The console session of the request's cookie, if it is live."""
+        return self.sessions.get(request.cookies.get(SESSION_COOKIE))
+
+    def authorize_request(
+        self, request: Request, role: ApiRole, authorization: str | None
+    ) -> Principal:
+        """The caller by bearer token, else by console session; AuthFailure when neither."""
+        session = None if authorization else self.session(request)
+        if session is None:
+            return self.authorize(authorization, role, request.scope)
+        if request.method not in SAFE_METHODS:
+            _check_csrf(request, session)
+        request.scope[PRINCIPAL_KEY] = session.principal
+        if not session.principal.may(role):
+            raise AuthFailure(403, f"this needs the {role.value} role", "insufficient_scope")
+        return session.principal
+
     def require(self, role: ApiRole) -> Callable[..., Principal]:
         """A FastAPI dependency: the caller, if it holds ``role``; else 401/403."""
 
@@ -307,7 +403,7 @@ class Authenticator:
         ) -> Principal:
             header = f"Bearer {credentials.credentials}" if credentials else None
             try:
-                return self.authorize(header, role, request.scope)
+                return self.authorize_request(request, role, header)
             except AuthFailure as failure:
                 raise HTTPException(failure.status, failure.message, failure.headers) from None
 
@@ -317,3 +413,12 @@ class Authenticator:
     def close(self) -> None:
         for issuer in self.issuers.values():
             issuer.close()
+
+
+def _check_csrf(request: Request, session: Session) -> None:
+    """A state change on a session cookie: this host's page, with the session's CSRF token."""
+    if not same_origin(request.headers.get("origin"), request.headers.get("host")):
+        raise AuthFailure(403, "cross-origin request refused", "insufficient_scope")
+    presented = request.headers.get(CSRF_HEADER, "")
+    if not hmac.compare_digest(presented.encode(), session.csrf.encode()):
+        raise AuthFailure(403, "the CSRF token is missing or wrong", "insufficient_scope")

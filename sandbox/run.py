@@ -58,6 +58,7 @@ from ehrbridge.pipelines.results import Delivery
 from ehrbridge.runtime import SiteRuntime
 from ehrbridge.sandbox.certs import sandbox_certificates
 from ehrbridge.sandbox.credentials import (
+    api_token,
     bearer,
     cds_token,
     ensure_credentials,
@@ -373,6 +374,7 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
         f"  MLLP listener       127.0.0.1:{sandbox.mllp_port}   (send HL7v2 ADT / ORU^R01 here)",
         f"  risk Observations   {sandbox.fhir_base}/Observation   <- {_ehr_name(sandbox)}",
         f"  ehrbridge API       {sandbox.api_url}/api/results   (also /health, /api/dlq, /docs)",
+        f"  operator console    {sandbox.api_url}/console   (sign in with a token, below)",
         f"  Prometheus metrics  {sandbox.api_url}/metrics   (also /health/ready, /api/monitoring)",
         f"  KFRE model server   {sandbox.model_url}/v2/models/kfre-4var",
         f"  data                {sandbox.data_dir}",
@@ -468,6 +470,8 @@ def _how_to_call(sandbox: Sandbox) -> list[str]:
         "",
         f"API tokens (one per role: viewer, operator, admin, sender) in {tokens}/",
         f'  curl -H "Authorization: Bearer $(cat {tokens}/viewer)" {sandbox.api_url}/api/results',
+        f"Console login {sandbox.api_url}/console/login with the operator token "
+        f"{api_token(sandbox.data_dir, ApiRole.OPERATOR)}",
     ]
     if sandbox.fhir_runtime is not None:
         hook = f"{sandbox.fhir_site_url}/cds-services/kfre-patient-view"

@@ -59,6 +59,11 @@ NEEDS = {
     ("GET", "/api/messages"): "operator",
     ("GET", "/api/messages/{offset}"): "operator",
     ("GET", "/api/audit"): "admin",
+    ("GET", "/console/sites"): "viewer",  # the console's pages take the token or a session
+    ("GET", "/console/sites/data"): "viewer",
+    ("GET", "/console/messages"): "viewer",
+    ("GET", "/console/messages/{topic}/{offset}"): "viewer",  # raw only to operator/admin
+    ("GET", "/console/dead-letters"): "operator",
     ("GET", "/fhir/{resource_type}"): "sender",
     ("GET", "/fhir/{resource_type}/{resource_id}"): "sender",
     ("POST", "/fhir"): "sender",
