@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from browser_session import Browser, wait_for
 from selenium.webdriver.common.by import By
 
 from ehrbridge.adapters.mllp_client import MllpClient
@@ -24,6 +23,8 @@ from ehrbridge.sandbox.credentials import api_token
 from ehrbridge.sandbox.model_server import create_model_app
 from ehrbridge.sandbox.run import BackgroundSandbox, count_observations
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
+
+from .browser_session import Browser, wait_for
 
 pytestmark = pytest.mark.browser
 
