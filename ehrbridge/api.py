@@ -229,7 +229,7 @@ def create_api(parts: ApiParts) -> FastAPI:
     add_monitoring_routes(app, parts.monitoring, viewer)
     add_evaluation_routes(app, config, viewer)
     add_promotion_routes(app, (config, parts.log, results_store, parts.state), viewer, admin)
-    add_patient_page(app, config, results_store, parts.state, viewer)
+    add_patient_page(app, (config, mode), results_store, parts.state, viewer)
     if parts.state is not None:
         _add_patient_route(app, parts.config, parts.state, results_store, viewer)
     else:

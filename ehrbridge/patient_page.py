@@ -15,8 +15,10 @@ What a clinician who follows the CDS card's "Risk details" link sees
   model file's words; KFRE's when the site has no model file).
 
 Patient safety: a score anchored in the future is not shown (as no card
-shows it), and when the patient's newest record fell outside the model's
-population the earlier scores are labelled as earlier, not current.
+shows it); when the patient's newest record fell outside the model's
+population the earlier scores are labelled as earlier, not current; and in
+shadow mode a banner says the scores are not yet validated at this site
+(clinicians get no card then, but a viewer can still open the page).
 
 It needs the ``viewer`` role (a bearer token, or whatever else the auth
 dependency takes) and is a read of patient data, so it is audited
@@ -27,7 +29,7 @@ referrer: the URL names the patient.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +40,7 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ehrbridge.audit import audit_note
-from ehrbridge.config import InterpretationBand, SiteConfig
+from ehrbridge.config import InterpretationBand, Mode, SiteConfig
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.pipelines.features import age_at
 from ehrbridge.pipelines.jsonshape import items, obj
@@ -114,15 +116,20 @@ class PatientView:
     legend: list[tuple[str, str, str]]  # (label, colour, dash)
     thresholds: list[str]
     selected: str | None
+    title: str = "Risk details"
+    shadow: bool = False  # the site is still being validated: say so on the page
 
 
 def add_patient_page(
     app: FastAPI,
-    config: SiteConfig,
+    site: tuple[SiteConfig, Callable[[], Mode]],
     results: ResultStore,
     states: StateStore | None,
     viewer: Sequence[Any],
 ) -> None:
+    """The page; ``site`` is the config and the mode in force (promote/demote switch it)."""
+    config, mode = site
+
     @app.get(PATH, include_in_schema=False, dependencies=list(viewer))
     def patient_page(
         request: Request, patient_id: str, result: str | None = Query(None, max_length=200)
@@ -130,6 +137,7 @@ def add_patient_page(
         audit_note(request.scope).patients.append(patient_id)
         state = states.get(patient_id) if states is not None else None
         view = build_view(config, results, patient_id, state, selected=result)
+        view.shadow = mode() is Mode.SHADOW
         html = _TEMPLATES.get_template("patient.html").render(view=view)
         return HTMLResponse(html, headers=_HEADERS)
 
@@ -164,6 +172,7 @@ def build_view(
         legend=legend,
         thresholds=thresholds,
         selected=selected,
+        title=config.writeback.code.display,
     )
 
 

@@ -15,18 +15,25 @@ import uuid
 from datetime import UTC, datetime
 from html import escape
 from html.parser import HTMLParser
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from auth_tokens import headers
+import yaml
+from auth_tokens import headers, localize, token_headers
 from conftest import wait_for
+from fastapi.testclient import TestClient
 from test_cds_hooks import call, hook, send_renal
 
 from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.api import create_api
+from ehrbridge.auth import Authenticator
+from ehrbridge.config import load_site_config
 from ehrbridge.patient_page import readable_unit
-from ehrbridge.sandbox.run import BackgroundSandbox
+from ehrbridge.runtime import Role, SiteRuntime
+from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 # (when, eGFR, UACR mg/g): a patient whose kidney function falls over a year.
@@ -177,3 +184,24 @@ def test_the_cds_cards_link_opens_the_page_on_that_result(
 def test_units_read_as_people_write_them() -> None:
     assert readable_unit("mL/min/{1.73_m2}") == "mL/min/1.73 m²"
     assert readable_unit("mg/g") == "mg/g"
+
+
+def test_in_shadow_mode_the_page_says_the_scores_are_not_for_clinical_use(
+    tmp_path: Path,
+) -> None:
+    config = yaml.safe_load(sandbox_site_file().read_text())
+    localize(config, tmp_path / "data")
+    config.update(data_dir=str(tmp_path / "data"), mode="shadow")
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(config))
+    runtime = SiteRuntime(load_site_config(tmp_path / "site.yaml"), {Role.INGEST, Role.PROCESS})
+    try:
+        app = create_api(runtime.api_parts(Authenticator(runtime.config.auth)))
+        with TestClient(app) as client:
+            viewer = token_headers(tmp_path / "data", "viewer")
+            text = client.get("/ui/patients/NOBODY", headers=viewer).text
+    finally:
+        runtime.log.close()
+        for store in ("results", "patient_links", "state"):
+            getattr(runtime, store).close()
+    assert "Shadow mode: not for clinical use." in text
+    assert "No score: ehrbridge holds no results for this patient." in text

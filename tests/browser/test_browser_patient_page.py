@@ -120,7 +120,8 @@ def test_the_patient_page_shows_the_stored_predictions(
     results = send_visits(sandbox, mrn)
     as_viewer.get(card_link(sandbox, mrn))
     driver = as_viewer.driver
-    assert driver.find_element(By.TAG_NAME, "h1").text == "Kidney failure risk details"
+    title = sandbox.sandbox.config.writeback.code.display
+    assert driver.find_element(By.TAG_NAME, "h1").text == title
     current = driver.find_element(By.CSS_SELECTOR, ".current").text
     assert f"Kidney failure risk within 2 years: {results[0]['risk_2y_percent']:.1f}%" in current
     rows = driver.find_elements(By.CSS_SELECTOR, "tbody tr")
