@@ -3,12 +3,16 @@
     ehrbridge bench ingest|e2e|stages|scale|cds|fhir-bundle|backfill|all
         [--rate R] [--seconds S] [--json FILE] [--transport embedded|kafka]
         [--senders N] [--max] [--smoke] [--no-baselines | --no-naive | --no-floor]
+    ehrbridge bench stages --check [--smoke] [--baseline FILE]   # exit 1 on a CPU regression
+    ehrbridge bench stages --write-baseline [--smoke]            # after an intended change
 
 ``--smoke`` runs each scenario for a couple of seconds at a low rate (CI);
 the JSON goes to ``--json`` or ``bench/results/<scenario>-<time>.json``.
 Every scenario runs its baselines beside it (the naive pipeline, and Kafka
 produce + consume of the same bytes from ``scripts/kafka``'s broker) unless
-``--no-baselines``.
+``--no-baselines``. ``--check`` compares the stages scenario's CPU µs per
+message with ``bench/baseline.json`` (``bench/regression.py`` says how it
+stays steady on a loaded machine).
 """
 
 from __future__ import annotations
@@ -51,6 +55,17 @@ def add_bench_command(sub: Any) -> None:
     bench.add_argument(
         "--no-floor", dest="floor", action="store_false", help="no Kafka floor (no broker)"
     )
+    bench.add_argument(
+        "--check",
+        action="store_true",
+        help="stages: fail if a step's CPU µs/msg rises >30%% over the baseline",
+    )
+    bench.add_argument(
+        "--write-baseline", action="store_true", help="stages: record the CPU baseline"
+    )
+    bench.add_argument(
+        "--baseline", type=Path, default=None, help="stages: baseline file (bench/baseline.json)"
+    )
     bench.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     bench.set_defaults(func=run_bench)
 
@@ -65,7 +80,10 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"error: unknown scenario(s) {sorted(unknown)}; choose from {SCENARIO_NAMES}")
         return 2
-    if args.naive and args.baselines:
+    if (args.check or args.write_baseline) and names != ["stages"]:
+        print("error: --check and --write-baseline apply to the stages scenario alone")
+        return 2
+    if args.naive and args.baselines and not (args.check or args.write_baseline):
         from ehrbridge.bench import naive
 
         if not naive.can_run():
@@ -87,6 +105,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 baselines=args.naive and args.baselines,
                 floor=args.floor and args.baselines,
                 run_dir=run_dir / name,
+                check=args.check,
+                write_baseline=args.write_baseline,
+                baseline=args.baseline,
             )
             started = time.monotonic()
             result = SCENARIOS[name](opts)
@@ -108,4 +129,12 @@ def run_bench(args: argparse.Namespace) -> int:
     label += "" if args.transport == "embedded" else f"-{args.transport}"
     path = write_json(args.json, label, results)
     print(f"\nJSON: {path}")
-    return 0
+    return _check_status(results)
+
+
+def _check_status(results: dict[str, Any]) -> int:
+    """1 if ``--check`` found a regression (named on stderr), else 0."""
+    regressed = [s for r in results["scenarios"].values() for s in r.get("regressed", [])]
+    for step in regressed:
+        print(f"CPU regression: {step}", file=sys.stderr)
+    return 1 if regressed else 0

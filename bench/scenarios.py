@@ -48,6 +48,9 @@ class Options:
     baselines: bool = True  # the naive pipeline
     floor: bool = True  # Kafka produce + consume
     run_dir: Path = Path("bench/results/run")
+    check: bool = False  # stages: compare CPU µs/msg with the baseline (bench/regression.py)
+    write_baseline: bool = False  # stages: record the baseline instead
+    baseline: Path | None = None  # default: bench/baseline.json
 
     def sender_count(self, default: int) -> int:
         return self.senders or (2 if self.smoke else default)
@@ -379,6 +382,8 @@ def scale(opts: Options) -> dict[str, Any]:
 def stages(opts: Options) -> dict[str, Any]:
     from ehrbridge.bench.stages import measure_stages
 
+    if opts.check or opts.write_baseline:
+        return stages_check(opts)
     count = int(opts.pick(2000, 200))
     with Services(opts.run_dir / "stages") as services:
         services.start_servers("model", "fhir")
@@ -386,6 +391,38 @@ def stages(opts: Options) -> dict[str, Any]:
             services, count, naive=opts.baselines, floor=opts.floor, smoke=opts.smoke
         )
     result["params"] = _params(opts, messages=count)
+    return result
+
+
+def stages_check(opts: Options) -> dict[str, Any]:
+    """Median CPU µs/msg per step against the committed baseline (or recorded as it)."""
+    from ehrbridge.bench import regression
+    from ehrbridge.bench.stages import measure_stages
+
+    how = regression.plan(opts.smoke)
+    path = opts.baseline or regression.BASELINE
+    with Services(opts.run_dir / "stages-check") as services:
+        services.start_servers("model", "fhir")
+
+        def once(count: int) -> list[dict[str, Any]]:
+            found = measure_stages(services, count, naive=False, floor=False, smoke=opts.smoke)
+            rows: list[dict[str, Any]] = found["stages"]
+            return rows
+
+        measured = regression.measure(once, how)
+    result: dict[str, Any] = {
+        "params": _params(opts, messages=how.messages, repeats=how.repeats, baseline=str(path)),
+        "measured": measured,
+    }
+    if opts.write_baseline:
+        regression.write_baseline(path, how.mode, measured, machine())
+        rows = [[step, us] for step, us in measured["cpu_us_per_msg"].items()]
+        result["table"] = (["step", "CPU µs/msg (recorded as the baseline)"], rows)
+        return result
+    verdicts = regression.compare(measured, regression.read_baseline(path, how.mode))
+    result["regressed"] = [v.step for v in verdicts if v.regressed]
+    result["check"] = "fail" if result["regressed"] else "pass"
+    result["table"] = regression.verdict_table(verdicts)
     return result
 
 

@@ -10,9 +10,11 @@ transport.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +25,7 @@ from ehrbridge.adapters.fhir_sink import FhirSink
 from ehrbridge.adapters.inference_client import InferenceClient
 from ehrbridge.adapters.prometheus_metrics import PrometheusMetrics
 from ehrbridge.adapters.sqlite_state import SqliteStateStore
-from ehrbridge.bench.common import ratio
+from ehrbridge.bench.common import CpuMeter, ratio
 from ehrbridge.bench.floor import kafka_floor
 from ehrbridge.bench.load import SenderSpec, build_messages
 from ehrbridge.bench.services import Services, kafka_bootstrap
@@ -45,7 +47,12 @@ Row = dict[str, Any]
 
 
 def timed(items: Sequence[T], step: Callable[[T], Any]) -> tuple[list[Any], float, float]:
-    """Outputs, wall µs per item and CPU µs per item."""
+    """Outputs, wall µs per item and CPU µs per item.
+
+    A full collection first: the garbage of earlier steps is not this step's cost
+    (collections its own allocations trigger still are).
+    """
+    gc.collect()
     wall0, cpu0 = time.perf_counter(), time.process_time()
     outputs = [step(item) for item in items]
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
@@ -111,7 +118,7 @@ def measure_stages(
         ]
         predictions = _infer(rows, config, usable, baseline, smoke)
         _observations(rows, config, predictions, baseline)
-        _writeback(rows, config, predictions, smoke, baseline)
+        _writeback(rows, config, predictions, smoke, baseline, fhir_pid=services.pids().get("fhir"))
         _process_stage(rows, config, raw, Path(tmp) / "plain")
         # The same with the monitoring the site runs: Prometheus counters, drift bins.
         _process_stage(rows, config, raw, Path(tmp) / "monitored", PrometheusMetrics(config))
@@ -128,8 +135,8 @@ def measure_stages(
                 "cpu_us_per_msg": kafka["cpu"]["total"]["cpu_us_per_msg"],
             }
         )
-    headers = ["step", "ehrbridge µs/msg", "ehrbridge CPU µs/msg", "naive µs/msg",
-               "naive CPU µs/msg", "naive / ours"]  # fmt: skip
+    headers = ["step", "ehrbridge µs/msg", "ehrbridge CPU µs/msg", "FHIR stand-in CPU µs/msg",
+               "naive µs/msg", "naive CPU µs/msg", "naive / ours"]  # fmt: skip
     result["table"] = (
         headers,
         [
@@ -137,6 +144,7 @@ def measure_stages(
                 r["step"],
                 r["us_per_msg"],
                 r["cpu_us_per_msg"],
+                r.get("fhir_cpu_us_per_msg"),
                 r.get("naive_us_per_msg"),
                 r.get("naive_cpu_us_per_msg"),
                 r.get("naive_vs_ours"),
@@ -205,7 +213,10 @@ def _writeback(
     predictions: list[Prediction],
     smoke: bool,
     baseline: _Naive | None,
+    *,
+    fhir_pid: int | None = None,
 ) -> None:
+    """The write-back transactions, one per result and batched; the stand-in's CPU beside."""
     envelopes = [
         _envelope(config, i, orjson.dumps(result_transaction(p, config)), Kind.FHIR, p.patient_id)
         for i, p in enumerate(predictions)
@@ -215,14 +226,12 @@ def _writeback(
     base = config.writeback.fhir_base or ""
     sink = FhirSink(base, results_per_request=1)
     try:
-        _, wall, cpu = timed(singles, lambda e: sink.write([e]))
+        with _server_cpu(fhir_pid, len(singles)) as server:
+            _, wall, cpu = timed(singles, lambda e: sink.write([e]))
         rows.append(
-            _row(
-                "write-back, one transaction per result",
-                wall,
-                cpu,
-                baseline.put() if baseline else None,
-            )
+            _row("write-back, one transaction per result", wall, cpu)
+            | server
+            | _naive_cells(wall, baseline.put() if baseline else None)
         )
     finally:
         sink.close()
@@ -230,11 +239,66 @@ def _writeback(
     sink = FhirSink(base, results_per_request=size)
     chunks = [batched[i : i + size] for i in range(0, len(batched), size)]
     try:
-        _, wall, cpu = timed(chunks, sink.write)
+        with _server_cpu(fhir_pid, len(batched)) as server:
+            _, wall, cpu = timed(chunks, sink.write)
         per = len(chunks) / max(1, len(batched))
-        rows.append(_row(f"write-back, batched ({size} per transaction)", wall * per, cpu * per))
+        name = f"write-back, batched ({size} per transaction)"
+        rows.append(_row(name, wall * per, cpu * per) | server)
     finally:
         sink.close()
+    creates = predictions[: 50 if smoke else 300]
+    _observation_creates(rows, base, creates, config, fhir_pid=fhir_pid)
+
+
+def _observation_creates(
+    rows: list[Row],
+    base: str,
+    predictions: list[Prediction],
+    config: SiteConfig,
+    *,
+    fhir_pid: int | None,
+) -> None:
+    """Plain ``POST [base]/Observation``: the stand-in's other hot write."""
+    # Without the business identifier: the write-back's conditional updates (in later
+    # repeats) key on it and must keep matching at most one Observation.
+    bodies = [orjson.dumps(_without_identifier(build_observation(p, config))) for p in predictions]
+    headers = {"content-type": "application/fhir+json"}
+    with httpx.Client(timeout=30) as client:
+
+        def create(body: bytes) -> None:
+            client.post(f"{base}/Observation", content=body, headers=headers).raise_for_status()
+
+        with _server_cpu(fhir_pid, len(bodies)) as server:
+            _, wall, cpu = timed(bodies, create)
+    rows.append(_row("FHIR stand-in: Observation create, one per request", wall, cpu) | server)
+
+
+def _without_identifier(resource: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in resource.items() if k != "identifier"}
+
+
+@contextmanager
+def _server_cpu(pid: int | None, messages: int) -> Iterator[Row]:
+    """Fills the yielded row with the FHIR stand-in's CPU µs per message over the block."""
+    cells: Row = {}
+    if pid is None:
+        yield cells
+        return
+    meter = CpuMeter({"fhir": pid})
+    meter.start()
+    yield cells
+    meter.stop()
+    cells["fhir_cpu_us_per_msg"] = meter.report(messages)["fhir"]["cpu_us_per_msg"]
+
+
+def _naive_cells(wall: float, naive: tuple[float, float] | None) -> Row:
+    if naive is None:
+        return {}
+    return {
+        "naive_us_per_msg": round(naive[0], 1),
+        "naive_cpu_us_per_msg": round(naive[1], 1),
+        "naive_vs_ours": ratio(naive[0], wall),
+    }
 
 
 def _process_stage(

@@ -136,3 +136,39 @@ def _mrn(message: bytes) -> str:
     """PID-3's MR repetition (the identifier the sandbox site keys patients on)."""
     pid = next(s for s in message.decode().split("\r") if s.startswith("PID|"))
     return next(cx for cx in pid.split("|")[3].split("~") if cx.endswith("^MR"))
+
+
+def run_check(tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / "check.json"
+    code = main(["bench", "stages", "--smoke", "--check", "--json", str(out), *extra])
+    check: dict[str, Any] = orjson.loads(out.read_bytes())["scenarios"]["stages"]
+    return code, check
+
+
+def test_stages_cpu_check_passes_against_the_committed_baseline(tmp_path: Path) -> None:
+    """CI's regression check: CPU µs/msg per stage within 30% of bench/baseline.json."""
+    code, check = run_check(tmp_path)
+    assert check["check"] == "pass", check["table"]
+    assert code == 0
+    measured = check["measured"]
+    assert measured["repeats"] >= 3 and measured["calibration_us"] > 0
+    assert all(us > 0 for us in measured["cpu_us_per_msg"].values())
+
+
+def test_stages_cpu_check_fails_when_a_step_does_its_work_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real regression -- fact extraction run twice per message -- fails the check."""
+    from ehrbridge.bench import stages
+
+    original = stages.extract
+
+    def extract_twice(message: Any, rules: Any) -> Any:
+        original(message, rules)
+        return original(message, rules)
+
+    monkeypatch.setattr(stages, "extract", extract_twice)
+    code, check = run_check(tmp_path)
+    assert code == 1
+    assert check["check"] == "fail"
+    assert check["regressed"] == ["facts (codes, units, values)"]
