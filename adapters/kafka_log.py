@@ -74,6 +74,15 @@ GROUP_SETTINGS: dict[str, Any] = {
     "metadata_max_age_ms": 5000,
 }
 
+# Durability first: an append returns (and the MLLP AA goes out) only once every
+# in-sync replica has the record (acks=all), written once even if retried
+# (idempotent). append() flushes, so linger only gathers concurrent appends.
+PRODUCER_SETTINGS: dict[str, Any] = {
+    "acks": "all",
+    "enable_idempotence": True,
+    "linger_ms": 2,
+}
+
 # Called (in the polling thread) with the member's whole assignment each time it
 # changes, before any record of a newly assigned partition is returned.
 OnAssign = Callable[[list[TopicPartition]], None]
@@ -178,9 +187,7 @@ class KafkaLog:
                     self._producer = KafkaProducer(
                         **self.connection,
                         client_id=self.client_id,
-                        acks="all",
-                        enable_idempotence=True,
-                        linger_ms=2,
+                        **PRODUCER_SETTINGS,
                         request_timeout_ms=self._timeout_ms,
                         delivery_timeout_ms=self._timeout_ms * 2,
                         max_block_ms=self._timeout_ms,
