@@ -220,3 +220,19 @@ def test_the_8_variable_model_can_be_left_out() -> None:
     ):
         assert http.get("/v2/models/kfre-8var").status_code == 404
         assert http.get("/v2/models/kfre-4var").status_code == 200
+
+
+def test_kfre8_ships_the_outcome_it_predicts() -> None:
+    # `ehrbridge evaluate --model kfre-8var` judges it on the same outcome as KFRE-4.
+    import yaml
+
+    from ehrbridge.evaluation.outcomes import OutcomeSpec, builtin_outcome
+
+    eight, four = (
+        OutcomeSpec.model_validate(yaml.safe_load(builtin_outcome(name).read_text()))
+        for name in ("kfre-8var", "kfre-4var")
+    )
+    assert eight.model == "kfre-8var"
+    assert eight.model_copy(update={"model": "kfre-4var"}) == four
+    outputs = {o.name for o in load_model_file(KFRE_8).outputs}
+    assert {h.risk for h in eight.horizons.values()} == outputs
