@@ -32,19 +32,7 @@ from ehrbridge.core.located_yaml import (
     validate_located,
 )
 from ehrbridge.mappings.model_file import ModelFile, load_model_file
-
-# The mapping format lives with the mappings (mappings/schema.py); re-exported here.
-from ehrbridge.mappings.schema import (  # noqa: F401 - re-exports
-    CANONICAL_UNITS,
-    FEATURES,
-    Code,
-    FeatureRule,
-    Mapping,
-    PatientIdRule,
-    UnitRule,
-    ValuePolicy,
-)
-from ehrbridge.mappings.units import normalise_unit  # noqa: F401 - re-export
+from ehrbridge.mappings.schema import Mapping  # the mapping format: mappings/schema.py
 
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 

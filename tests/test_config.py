@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ehrbridge.config import Mode, SiteConfig, load_site_config, normalise_unit, parse_site_config
+from ehrbridge.config import Mode, SiteConfig, load_site_config, parse_site_config
 from ehrbridge.core.errors import ConfigError
+from ehrbridge.mappings.units import normalise_unit
 
 SANDBOX = Path(__file__).resolve().parents[1] / "sandbox" / "site.yaml"
 
