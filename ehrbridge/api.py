@@ -35,6 +35,8 @@ What a site operator or integration engineer looks at:
 * ``GET /ui/patients/{id}``: the clinician's risk page for one patient (HTML:
   trend chart, inputs, the model, why there is no score), the CDS card's link
   target (``ehrbridge/patient_page.py``);
+* ``GET /ui/launch``, ``/ui/launch/callback``: the same page as a SMART on FHIR
+  app the EHR launches, where ``smart_launch:`` is set (``ehrbridge/smart_launch.py``);
 * ``/docs``, ``/redoc``: the API's description, self-hosted (``ehrbridge/api_docs.py``);
 * ``/cds-services``: the CDS Hooks service (``ehrbridge/cds_hooks.py``);
 * ``/console``: the operator console's pages (``ehrbridge/console.py``): sign in
@@ -81,6 +83,7 @@ from ehrbridge.pipelines.state import StateStore
 from ehrbridge.pipelines.transport import Log, topic_name
 from ehrbridge.promotion import ModeSwitch
 from ehrbridge.promotion_api import add_promotion_routes
+from ehrbridge.smart_launch import add_smart_launch
 
 # Paging positions are SQLite INTEGERs (64-bit); a larger one is a 422, not a 500.
 MAX_OFFSET = 2**62
@@ -230,6 +233,7 @@ def create_api(parts: ApiParts) -> FastAPI:
     add_evaluation_routes(app, config, viewer)
     add_promotion_routes(app, (config, parts.log, results_store, parts.state), viewer, admin)
     add_patient_page(app, (config, mode), results_store, parts.state, viewer)
+    add_smart_launch(app, (config, mode), results_store, parts.state, parts.patient_links)
     if parts.state is not None:
         _add_patient_route(app, parts.config, parts.state, results_store, viewer)
     else:

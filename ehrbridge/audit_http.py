@@ -9,7 +9,8 @@ whatever its status: a 200, a 403, a 401 -- the entry is written
 cannot be written the caller gets 503 instead of the data.
 
 Every route is on exactly one of :data:`AUDITED`, :data:`NOT_AUDITED` (with
-why it reads no patient data) or ``auth.PUBLIC_ROUTES``;
+why it reads no patient data) or ``auth.PUBLIC_ROUTES`` (:data:`CONFIGURED_ONLY`
+lists those served only where a site sets them up);
 ``tests/test_audit.py`` walks the route table to hold that.
 """
 
@@ -38,6 +39,8 @@ AUDITED: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/api/results/{identifier}"),  # one result's Observation
         ("GET", "/api/patients/{patient_id}"),  # birth date, sex, labs
         ("GET", "/ui/patients/{patient_id}"),  # the clinician's risk page: risks, labs, dates
+        # The same page at the end of a SMART EHR launch; who is the EHR's user (fhirUser).
+        ("GET", "/ui/launch/callback"),
         ("GET", "/api/dlq"),  # dead letters: source ids, reasons (the patients are named)
         ("GET", "/api/dlq/{offset}"),  # one dead letter with its raw bytes
         ("POST", "/api/dlq/replay"),  # sends PHI back through the pipeline
@@ -55,6 +58,8 @@ AUDITED: frozenset[tuple[str, str]] = frozenset(
         ("POST", "/api/models/{model}/alerts"),  # Alertmanager: may demote, as above
     }
 )
+# Served only where the site configures them (smart_launch:), so not on the sandbox.
+CONFIGURED_ONLY: frozenset[tuple[str, str]] = frozenset({("GET", "/ui/launch/callback")})
 # Routes that need a token but answer nothing about any one patient.
 NOT_AUDITED: dict[tuple[str, str], str] = {
     ("GET", "/metrics"): "counters and histograms, no patient",

@@ -71,6 +71,8 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/docs/oauth2-redirect"),
         ("GET", "/redoc"),  # the same description, as ReDoc
         ("GET", "/docs/assets/{name}"),  # their scripts and styles (ehrbridge/api_docs.py)
+        # SMART EHR launch: sends the browser to the EHR to sign in; no data (smart_launch.py)
+        ("GET", "/ui/launch"),
         ("GET", "/console"),  # redirects to the console's first page (which needs a session)
         ("GET", "/console/login"),  # the console's sign-in form: a token in, a cookie out
         ("POST", "/console/login"),

@@ -509,6 +509,27 @@ class CdsHooks(Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024)
 
 
+class SmartLaunch(Strict):
+    """The patient risk page as a SMART on FHIR app the EHR launches (EHR launch).
+
+    https://hl7.org/fhir/smart-app-launch/app-launch.html: the EHR opens
+    ``/ui/launch?iss=<its FHIR base>&launch=<context>``; ehrbridge sends the
+    browser to the EHR's authorization endpoint (authorization code with PKCE,
+    as a public client) and, back at ``/ui/launch/callback``, exchanges the
+    code for the launch's patient and shows that patient's risk page.
+    """
+
+    client_id: str = Field(..., min_length=1)  # as registered with the EHR
+    # The FHIR base URLs (iss) allowed to launch it, exactly; any other is refused, so
+    # no request makes ehrbridge call or send a browser to an arbitrary server.
+    issuers: list[str] = Field(..., min_length=1)
+    scope: str = "launch openid fhirUser patient/Patient.read"
+    # This app's callback as registered with the EHR; default: the request's own
+    # <base>/ui/launch/callback.
+    redirect_uri: str | None = None
+    timeout_s: float = Field(5.0, gt=0)  # each call to the EHR's endpoints
+
+
 class ApiRole(StrEnum):
     """What a caller of the HTTP API may do (``ehrbridge/auth.py``)."""
 
@@ -696,6 +717,7 @@ class SiteConfig(Strict):
     writeback: Writeback = Writeback()
     subscriptions: Subscriptions = Subscriptions()
     cds_hooks: CdsHooks = CdsHooks()
+    smart_launch: SmartLaunch | None = None  # the risk page as a SMART EHR-launch app
     auth: ApiAuth = ApiAuth()
     retry: RetryPolicy = RetryPolicy()
     retention: Retention = Retention()

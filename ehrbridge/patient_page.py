@@ -118,6 +118,7 @@ class PatientView:
     selected: str | None
     title: str = "Risk details"
     shadow: bool = False  # the site is still being validated: say so on the page
+    api_links: bool = True  # link each score's Observation (not in a SMART launch)
 
 
 def add_patient_page(
@@ -128,18 +129,32 @@ def add_patient_page(
     viewer: Sequence[Any],
 ) -> None:
     """The page; ``site`` is the config and the mode in force (promote/demote switch it)."""
-    config, mode = site
 
     @app.get(PATH, include_in_schema=False, dependencies=list(viewer))
     def patient_page(
         request: Request, patient_id: str, result: str | None = Query(None, max_length=200)
     ) -> HTMLResponse:
         audit_note(request.scope).patients.append(patient_id)
-        state = states.get(patient_id) if states is not None else None
-        view = build_view(config, results, patient_id, state, selected=result)
-        view.shadow = mode() is Mode.SHADOW
-        html = _TEMPLATES.get_template("patient.html").render(view=view)
-        return HTMLResponse(html, headers=_HEADERS)
+        return render(site, results, states, patient_id, selected=result)
+
+
+def render(
+    site: tuple[SiteConfig, Callable[[], Mode]],
+    results: ResultStore,
+    states: StateStore | None,
+    patient_id: str,
+    *,
+    selected: str | None = None,
+    launched: bool = False,
+) -> HTMLResponse:
+    """The page as HTML; ``launched``: opened by a SMART launch, which grants this page only
+    (so it links to no API route)."""
+    config, mode = site
+    state = states.get(patient_id) if states is not None else None
+    view = build_view(config, results, patient_id, state, selected=selected)
+    view.shadow, view.api_links = mode() is Mode.SHADOW, not launched
+    html = _TEMPLATES.get_template("patient.html").render(view=view)
+    return HTMLResponse(html, headers=_HEADERS)
 
 
 def build_view(
