@@ -8,7 +8,8 @@ the patient key, when it was received, the outcome and the reason -- and
 never the message itself: the raw bytes stay on the log, read by offset.
 
 It is derived data: :meth:`MessageIndex.catch_up` reads the log from where it
-stopped (a position per topic, kept here), so it can be deleted and rebuilt.
+stopped (a position per topic, kept here), so it can be deleted and rebuilt;
+rows of records that retention purged from the log are dropped as it goes.
 
 Outcomes: ``AA`` (stored, acknowledged AA), ``AE`` and ``AR`` (refused at
 ingest; MSA-1 as ``pipelines/ack.py`` chooses it: a usable-but-wrong message
@@ -117,9 +118,11 @@ class MessageIndex:
         return self._connections.get()
 
     def catch_up(self, log: Log, batch: int = 5000, most: int = 200_000) -> int:
-        """Index what the log holds past the stored positions (at most ``most`` records)."""
+        """Index what the log holds past the stored positions (at most ``most`` records),
+        and forget what retention purged from the log since (``forget_purged``)."""
         done = 0
         for topic in ("raw", "dlq"):
+            self.forget_purged(log, topic)
             while done < most:
                 records = log.read(
                     topic_name(self.site, topic), after=self.position(topic), limit=batch
@@ -129,6 +132,18 @@ class MessageIndex:
                 self.add(topic, records)
                 done += len(records)
         return done
+
+    def forget_purged(self, log: Log, topic: str) -> int:
+        """Drop the rows of records the log no longer holds: retention purges the log
+        (``ehrbridge/retention.py``), and MRNs must not outlive it here."""
+        first = log.read(topic_name(self.site, topic), after=-1, limit=1)
+        if not first:  # empty, or (Kafka) no answer in time: a wrong guess would lose the index
+            return 0
+        with transaction(self._conn()) as conn:
+            gone = conn.execute(
+                "DELETE FROM messages WHERE topic = ? AND offset < ?", (topic, first[0].offset)
+            )
+        return gone.rowcount
 
     def position(self, topic: str) -> int:
         row = self._conn().execute("SELECT after FROM positions WHERE topic = ?", (topic,))
@@ -160,6 +175,30 @@ class MessageIndex:
         where, values = query.where()
         row = self._conn().execute(f"SELECT count(*) FROM messages{where}", values).fetchone()
         return int(row[0])
+
+    def search_unindexed(self, query: Search, limit: int = 50) -> int:
+        """One page and the total by full scans (``NOT INDEXED``): the benchmark's baseline."""
+        where, values = query.where()
+        table = "messages NOT INDEXED"
+        self._conn().execute(
+            f"SELECT {_COLUMNS} FROM {table}{where} ORDER BY received_at DESC, offset DESC LIMIT ?",
+            (*values, limit),
+        ).fetchall()
+        row = self._conn().execute(f"SELECT count(*) FROM {table}{where}", values).fetchone()
+        return int(row[0])
+
+    def per_minute(self, since: float, minutes: int) -> list[int]:
+        """Messages received in each minute from ``since`` (ACKed or refused; not the
+        dead letters of later stages, which were counted when they arrived)."""
+        rows = self._conn().execute(
+            "SELECT CAST((received_at - ?) / 60 AS INTEGER), count(*) FROM messages "
+            "WHERE received_at >= ? AND received_at < ? AND outcome != 'failed' GROUP BY 1",
+            (since, since, since + minutes * 60),
+        )
+        counts = [0] * minutes
+        for minute, count in rows:
+            counts[int(minute)] = int(count)
+        return counts
 
     def reasons(self) -> list[str]:
         rows = self._conn().execute(

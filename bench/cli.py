@@ -28,7 +28,7 @@ from typing import Any
 
 from ehrbridge.bench.common import table, write_json
 
-SCENARIO_NAMES = ["ingest", "e2e", "stages", "scale", "cds", "fhir-bundle", "backfill"]
+SCENARIO_NAMES = ["ingest", "e2e", "stages", "scale", "cds", "fhir-bundle", "backfill", "search"]
 
 
 def add_bench_command(sub: Any) -> None:

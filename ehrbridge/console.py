@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import html
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -81,31 +80,6 @@ NAV: tuple[tuple[str, str, ApiRole], ...] = (
 PHI_ROLE = ApiRole.OPERATOR  # who may read a raw message, as GET /api/messages/{offset}
 
 
-class RateMeter:
-    """Messages per minute from the message total at each poll of the sites page.
-
-    The counters only ever grow; the rate is their growth over the last five
-    minutes of samples. ``history`` keeps the rates for the sparkline.
-    """
-
-    window_s = 300.0
-
-    def __init__(self) -> None:
-        self.totals: deque[tuple[float, float]] = deque()
-        self.history: deque[float] = deque(maxlen=60)
-
-    def sample(self, now: float, total: float) -> float | None:
-        self.totals.append((now, total))
-        while len(self.totals) > 2 and now - self.totals[0][0] > self.window_s:
-            self.totals.popleft()
-        then, before = self.totals[0]
-        if now - then < 5:  # too short to say
-            return None
-        rate = max(total - before, 0) * 60 / (now - then)
-        self.history.append(rate)
-        return rate
-
-
 @dataclass
 class ConsoleParts:
     """What the console's pages read; the API hands in its own parts."""
@@ -118,7 +92,6 @@ class ConsoleParts:
     index_path: Path
     mode: Callable[[], Any]
     _index: MessageIndex | None = field(default=None, repr=False)
-    rates: RateMeter = field(default_factory=RateMeter)
 
     def index(self) -> MessageIndex:
         """The message index, brought up to date with the log (at most 200k records a call)."""
@@ -314,7 +287,7 @@ def _add_site_routes(app: FastAPI, console: Console) -> None:
             "Sites",
             data=data,
             operator=_may(request.scope.get("ehrbridge.principal"), ApiRole.OPERATOR),
-            sparkline=sparkline(list(console.parts.rates.history)),
+            sparkline=sparkline(data["last_hour"]),
             ack_bar=ack_bar(data["acks"]),
         )
 
@@ -331,13 +304,14 @@ def site_numbers(parts: ConsoleParts) -> dict[str, Any]:
         for code in ("aa", "ae", "ar", "filtered")
     }
     now = time.time()
-    total = float(sum(acks.values()) - acks["filtered"])
-    per_minute = parts.rates.sample(now, total)
+    minutes = parts.index().per_minute(now - 3600, 60)  # the last hour, by minute
     models = _models(parts, samples)
     return {
         "site": parts.config.site,
         "at": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "per_minute": None if per_minute is None else round(per_minute, 1),
+        # The last five whole minutes: one busy second does not read as a rate.
+        "per_minute": round(sum(minutes[-6:-1]) / 5, 1),
+        "last_hour": minutes,
         "acks": acks,
         "lag": int(_sum(samples, "ehrbridge_consumer_lag_records")),
         "dead_letters": int(_sum(samples, "ehrbridge_dead_letters_total")),
@@ -412,9 +386,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def sparkline(values: Sequence[float], width: int = 200, height: int = 40) -> Markup:
-    """Messages per minute over the page's last polls, as an inline SVG polyline."""
-    label = "Messages per minute, recent samples"
+def sparkline(values: Sequence[float], width: int = 240, height: int = 40) -> Markup:
+    """Messages per minute over the last hour, as an inline SVG polyline."""
+    label = "Messages per minute over the last hour"
     if len(values) < 2:
         return Markup(
             f'<svg role="img" aria-label="{label}" width="{width}" height="{height}"></svg>'
@@ -425,9 +399,9 @@ def sparkline(values: Sequence[float], width: int = 200, height: int = 40) -> Ma
         f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}" for i, v in enumerate(values)
     )
     return Markup(
-        f'<svg role="img" aria-label="{label}" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}"><polyline fill="none" stroke="#1d4e89" '
-        f'stroke-width="2" points="{points}"/></svg>'
+        f'<svg role="img" aria-label="{label}" width="100%" height="{height}" '
+        f'viewBox="0 0 {width} {height}" preserveAspectRatio="none">'
+        f'<polyline fill="none" stroke="#1d4e89" stroke-width="2" points="{points}"/></svg>'
     )
 
 
@@ -445,10 +419,9 @@ def ack_bar(acks: dict[str, int], width: int = 240, height: int = 16) -> Markup:
         )
         x += share
     return Markup(
-        f'<svg role="img" aria-label="ACK mix" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}"><rect width="{width}" height="{height}" fill="#d0d7de"/>'
-        + "".join(parts)
-        + "</svg>"
+        f'<svg role="img" aria-label="ACK mix" width="100%" height="{height}" '
+        f'viewBox="0 0 {width} {height}" preserveAspectRatio="none">'
+        f'<rect width="{width}" height="{height}" fill="#d0d7de"/>' + "".join(parts) + "</svg>"
     )
 
 

@@ -108,6 +108,21 @@ def test_signed_in_every_page_loads_clean_and_search_finds_a_message_sent_over_m
     assert "Dead letters" in letters
 
 
+def test_the_sites_page_numbers_move_without_a_reload(
+    browser: Browser, site: BackgroundSandbox
+) -> None:
+    sign_in(browser, site, ApiRole.VIEWER)
+    accepted = browser.driver.find_element(By.CSS_SELECTOR, "[data-key='acks.aa']")
+    before = int(accepted.text)
+    browser.driver.execute_script("window.notReloaded = true")
+    mrn, control_id = f"M{uuid.uuid4().hex[:8]}", f"C{uuid.uuid4().hex[:10]}"
+    assert send(site, renal_message(mrn, control_id)) == "AA"
+    wait_for(lambda: int(accepted.text) == before + 1, what="the AA count to move")
+    assert browser.driver.execute_script("return window.notReloaded") is True
+    assert float(browser.driver.find_element(By.CSS_SELECTOR, "[data-key='per_minute']").text) >= 0
+    browser.assert_clean()
+
+
 def test_a_replay_clicked_on_the_dead_letters_page_produces_its_observation(
     browser: Browser, site: BackgroundSandbox
 ) -> None:
