@@ -55,7 +55,14 @@ from ehrbridge.adapters.sqlite_message_index import (
     row_of,
 )
 from ehrbridge.audit import audit_note
-from ehrbridge.auth import SESSION_COOKIE, Authenticator, AuthFailure, Principal, Session
+from ehrbridge.auth import (
+    PRINCIPAL_KEY,
+    SESSION_COOKIE,
+    Authenticator,
+    AuthFailure,
+    Principal,
+    Session,
+)
 from ehrbridge.config import ApiRole, SiteConfig
 from ehrbridge.core.errors import EhrbridgeError
 from ehrbridge.dlq import replayed_offsets
@@ -116,7 +123,7 @@ class Console:
         self, request: Request, template: str, title: str, status: int = 200, **values: Any
     ) -> HTMLResponse:
         session = self.parts.auth.session(request)
-        user = request.scope.get("ehrbridge.principal")
+        user = request.scope.get(PRINCIPAL_KEY)
         context = {
             "site": self.parts.config.site,
             "title": title,
@@ -286,7 +293,7 @@ def _add_site_routes(app: FastAPI, console: Console) -> None:
             "sites.html",
             "Sites",
             data=data,
-            operator=_may(request.scope.get("ehrbridge.principal"), ApiRole.OPERATOR),
+            operator=_may(request.scope.get(PRINCIPAL_KEY), ApiRole.OPERATOR),
             sparkline=sparkline(data["last_hour"]),
             ack_bar=ack_bar(data["acks"]),
         )
@@ -525,7 +532,7 @@ def _trace_page(console: Console, request: Request, topic: str, offset: int) -> 
     observations, extraction_error = _observations(parts.config, record)
     stored = parts.results.list(patient_id=record.key, limit=20) if record.key else []
     predictions = [r.summary() for r in stored]
-    user = request.scope.get("ehrbridge.principal")
+    user = request.scope.get(PRINCIPAL_KEY)
     raw = _text(record.value) if _may(user, PHI_ROLE) else None
     return console.render(
         request,

@@ -10,14 +10,19 @@ comes back escaped.
 from __future__ import annotations
 
 import re
+import ssl
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.config import ApiRole
 from ehrbridge.sandbox.credentials import api_token
-from ehrbridge.sandbox.run import BackgroundSandbox
+from ehrbridge.sandbox.run import BackgroundSandbox, example_message_file
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +118,61 @@ def test_logout_ends_the_session_only_with_its_csrf_token(site: BackgroundSandbo
     assert kept.get("/console/sites").status_code == 401  # and the server forgot it
 
 
+def audit_after(site: BackgroundSandbox, seq: int) -> list[dict[str, Any]]:
+    runtime = site.sandbox.runtime
+    assert runtime is not None
+    return [e for e in runtime.audit.entries() if e["seq"] > seq]
+
+
+def test_console_reads_of_patient_data_are_audited_with_the_session_user(
+    site: BackgroundSandbox,
+) -> None:
+    runtime = site.sandbox.runtime
+    assert runtime is not None
+    control_id = f"C{uuid.uuid4().hex[:10]}"
+    with MllpClient("127.0.0.1", site.sandbox.mllp_port) as mllp:
+        assert mllp.send(example_oru(control_id)).code == "AA"
+    before = max((e["seq"] for e in runtime.audit.entries()), default=0)
+    viewer = signed_in(site, ApiRole.VIEWER)
+    found = viewer.get("/console/messages", params={"control_id": control_id}).text
+    offset = re.search(r'href="/console/messages/raw/(\d+)"', found)
+    assert offset is not None
+    viewer.get(f"/console/messages/raw/{offset.group(1)}")
+    viewer.get("/console/dead-letters")
+    viewer.get("/console/sites")  # counts only: not an audited read
+    entries = [(e["action"], e["outcome"], e["who"]) for e in audit_after(site, before)]
+    assert entries == [
+        ("GET /console/messages", 200, "sandbox-viewer"),
+        ("GET /console/messages/{topic}/{offset}", 200, "sandbox-viewer"),
+        ("GET /console/dead-letters", 403, "sandbox-viewer"),
+    ]
+    patients = [e["patients"] for e in audit_after(site, before)][:2]
+    assert patients == [["MRN900001"], ["MRN900001"]]  # the example message's PID-3
+
+
+def test_over_tls_the_session_cookie_is_secure(tmp_path: Path) -> None:
+    with BackgroundSandbox(tmp_path / "tls", fhir_site=False, tls=True) as running:
+        sandbox = running.sandbox
+        assert sandbox.tls is not None and sandbox.api_url.startswith("https://")
+        trust = ssl.create_default_context(cafile=sandbox.tls.ca_file)
+        client = httpx.Client(base_url=sandbox.api_url, verify=trust)
+        token = api_token(sandbox.data_dir, ApiRole.VIEWER)
+        answer = client.post("/console/login", data={"token": token})
+        assert answer.status_code == 303 and "secure" in answer.headers["set-cookie"].lower()
+
+
 def test_what_a_user_types_comes_back_escaped(site: BackgroundSandbox) -> None:
     client = signed_in(site, ApiRole.OPERATOR)
     hostile = '"><script>alert(1)</script>'
     page = client.get("/console/messages", params={"control_id": hostile, "patient": hostile})
     assert page.status_code == 200
     assert "<script>alert(1)" not in page.text and "&lt;script&gt;alert(1)" in page.text
+
+
+def example_oru(control_id: str) -> bytes:
+    """The README's sandbox ORU^R01 under a control id of this test's."""
+    message = example_message_file().read_bytes().replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    header, rest = message.split(b"\r", 1)
+    fields = header.split(b"|")
+    fields[9] = control_id.encode()
+    return b"|".join(fields) + b"\r" + rest
