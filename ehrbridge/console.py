@@ -176,15 +176,21 @@ def page_caller(auth: Authenticator, role: ApiRole) -> Callable[..., Principal]:
     return caller
 
 
+# Browser pages: a refusal is a page (401: on to sign in), not JSON. /ui/patients/ is the
+# clinician's risk page (ehrbridge/patient_page.py), opened from the CDS card.
+_PAGES = ("/console", "/ui/patients/")
+
+
 def _add_html_refusals(app: FastAPI, console: Console) -> None:
     """401/403 on a console page: a page saying so (401: on to the login), not JSON."""
 
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        if not request.url.path.startswith("/console") or exc.status_code not in (401, 403):
+        if not request.url.path.startswith(_PAGES) or exc.status_code not in (401, 403):
             return await http_exception_handler(request, exc)
         if exc.status_code == 401:
-            login = "/console/login?" + urlencode({"next": _local_next(str(request.url.path))})
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            login = "/console/login?" + urlencode({"next": _local_next(here)})
             page = _signin_redirect(login)
             return HTMLResponse(page, 401, headers={**(exc.headers or {}), **_page_headers()})
         message = f"Your role does not allow this page ({exc.detail})."
@@ -204,8 +210,9 @@ def _signin_redirect(login: str) -> str:
 
 
 def _local_next(target: str) -> str:
-    """Where to go after login: only a console path (no open redirect to another site)."""
-    if target.startswith("/console") and not target.startswith("/console/log"):
+    """Where to go after login: only a console path or a patient's risk page (the CDS
+    card's link), never another site (no open redirect)."""
+    if target.startswith(_PAGES) and not target.startswith("/console/log"):
         return target
     return "/console/sites"
 

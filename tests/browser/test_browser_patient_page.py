@@ -23,6 +23,8 @@ from auth_tokens import cds_headers, headers
 
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.cds_hooks import SERVICE_ID
+from ehrbridge.config import ApiRole
+from ehrbridge.sandbox.credentials import api_token
 from ehrbridge.sandbox.run import BackgroundSandbox
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
@@ -184,3 +186,29 @@ def test_the_api_docs_load_offline(browser: Any, sandbox: BackgroundSandbox) -> 
         assert "ehrbridge" in browser.driver.page_source
         browser.assert_clean()
     assert httpx.get(f"{api}/docs").status_code == 200
+
+
+def test_a_clinician_without_a_session_signs_in_and_comes_back_to_the_page(
+    browser: Any, sandbox: BackgroundSandbox
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    mrn = f"M{uuid.uuid4().hex[:10]}"
+    results = send_visits(sandbox, mrn)
+    link = card_link(sandbox, mrn)  # /ui/patients/<mrn>?result=<newest>
+    browser.get(link)
+    driver = browser.driver
+    deadline = time.monotonic() + 10
+    while "/console/login" not in driver.current_url and time.monotonic() < deadline:
+        time.sleep(0.05)  # the 401 page moves on to the sign-in form
+    field = driver.find_element(By.ID, "token")
+    field.send_keys(api_token(sandbox.sandbox.data_dir, ApiRole.VIEWER))
+    field.submit()
+    while driver.current_url != link and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert driver.current_url == link  # back where the card pointed, query and all
+    selected = driver.find_element(By.CSS_SELECTOR, "tr.selected").text
+    assert f"{results[0]['risk_2y_percent']:.1f}%" in selected
+    browser.reset()  # the 401 on the way is expected; from here on, nothing may fail
+    browser.get(link)
+    browser.assert_clean()
