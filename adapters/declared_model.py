@@ -60,13 +60,13 @@ class DeclaredModel:
             self._parameters,
         )
         answer = self._client.predict(batch)
-        risks = {o.name: _results(answer, o) for o in self.definition.outputs}
+        outputs = {o.name: _results(answer, o) for o in self.definition.outputs}
         # The model file's name (what the site runs); the version the server ran, if it says.
         identity = self.definition.model
         version = (
             identity.version if answer.model_version == "unversioned" else answer.model_version
         )
-        return InferenceResult(identity.name, version, risks["risk_2y"], risks["risk_5y"])
+        return InferenceResult(identity.name, version, outputs)
 
     def ready(self) -> bool:
         """The protocol's readiness probe; UbiOps has none without side effects: assumed."""
@@ -78,10 +78,7 @@ class DeclaredModel:
 
 
 def _value(record: FeatureRecord, model_input: ModelInput) -> float:
-    if model_input.name == "sex":
-        return 1.0 if record.male else 0.0
-    values = {"age": record.age, "egfr": record.egfr, "uacr": record.uacr_mg_g}
-    return float(values[model_input.name])
+    return float(record[model_input.name])  # a boolean (sex) is 1.0 or 0.0 already
 
 
 def _results(answer: ModelAnswer, output: ModelOutput) -> list[float]:

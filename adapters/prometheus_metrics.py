@@ -383,7 +383,7 @@ class _ScrapeTime(Collector):
         psi = GaugeMetricFamily(
             "ehrbridge_feature_psi",
             "Population Stability Index of today's distribution against the reference "
-            "window (0.1 warn, 0.2 drift). risk_5y is the score.",
+            'window (0.1 warn, 0.2 drift). "score" is the model\'s score output.',
             labels=["site", "model", "feature"],
         )
         js = GaugeMetricFamily(

@@ -2,10 +2,16 @@
 
 Keyed by the prediction identifier, so a replay updates a row instead of
 adding one, exactly as the EHR does (``pipelines/results.py`` has the protocol).
+
+A result's outputs are one JSON object (``{"<output>": fraction}``), named
+as its model file names them, so any model's results fit the same table.
+Stores created before that kept one REAL column per output: opening one
+copies those columns into ``outputs`` and drops them (:func:`_migrate`).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -24,8 +30,7 @@ CREATE TABLE IF NOT EXISTS results (
     identifier TEXT PRIMARY KEY,
     patient_id TEXT NOT NULL,
     anchor TEXT NOT NULL,
-    risk_2y REAL NOT NULL,
-    risk_5y REAL NOT NULL,
+    outputs TEXT NOT NULL,
     model TEXT NOT NULL,
     status TEXT NOT NULL,
     prediction BLOB NOT NULL,
@@ -42,9 +47,7 @@ _PAGE = 16  # results read at a time when looking for the latest
 # Columns added after a store may have been created: (name, definition).
 _ADDED_COLUMNS = [("state_revision", "INTEGER NOT NULL DEFAULT 0")]
 
-_COLUMNS = (
-    "identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation, state_revision"
-)
+_COLUMNS = "identifier, patient_id, anchor, outputs, model, status, observation, state_revision"
 
 
 class SqliteResultStore:
@@ -58,6 +61,7 @@ class SqliteResultStore:
         for name, definition in _ADDED_COLUMNS:
             if name not in present:
                 conn.execute(f"ALTER TABLE results ADD COLUMN {name} {definition}")
+        _migrate(conn)
 
     def upsert(self, items: Sequence[tuple[Prediction, dict[str, Any]]], status: Delivery) -> None:
         now = time.time()
@@ -66,8 +70,7 @@ class SqliteResultStore:
                 p.identifier,
                 p.patient_id,
                 p.anchor.isoformat(),
-                p.risk_2y,
-                p.risk_5y,
+                orjson.dumps(p.outputs).decode(),
                 f"{p.model.name} {p.model.version} {p.model.calibration}",
                 status.value,
                 p.to_json(),
@@ -78,10 +81,10 @@ class SqliteResultStore:
             for p, obs in items
         ]
         self._write(
-            "INSERT INTO results (identifier, patient_id, anchor, risk_2y, risk_5y, model, status,"
-            " prediction, observation, updated_at, state_revision) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-            " ON CONFLICT (identifier) DO UPDATE SET risk_2y = excluded.risk_2y,"
-            " risk_5y = excluded.risk_5y, model = excluded.model, prediction = excluded.prediction,"
+            "INSERT INTO results (identifier, patient_id, anchor, outputs, model, status,"
+            " prediction, observation, updated_at, state_revision) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (identifier) DO UPDATE SET outputs = excluded.outputs,"
+            " model = excluded.model, prediction = excluded.prediction,"
             " observation = excluded.observation, updated_at = excluded.updated_at,"
             " state_revision = excluded.state_revision,"
             # A delivered result stays delivered when a replay re-stores it.
@@ -175,14 +178,39 @@ class SqliteResultStore:
         self._connections.close()
 
 
+# Every column of the table: in an older store, any REAL column not listed is an output.
+_KNOWN = frozenset(
+    {"identifier", "patient_id", "anchor", "outputs", "model", "status", "prediction"}
+    | {"observation", "updated_at", "delivered_at", "state_revision"}
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Move a pre-JSON store's per-output REAL columns into ``outputs``, in one transaction.
+
+    The output names are the old column names, which are the names the model
+    file gives its outputs, so old rows read back exactly as new ones do.
+    """
+    columns = {row[1]: row[2] for row in conn.execute("PRAGMA table_info(results)")}
+    old = [name for name, kind in columns.items() if name not in _KNOWN and kind == "REAL"]
+    if not old:
+        return
+    pairs = ", ".join(f"'{name}', \"{name}\"" for name in old)
+    with transaction(conn) as tx:
+        if "outputs" not in columns:
+            tx.execute("ALTER TABLE results ADD COLUMN outputs TEXT NOT NULL DEFAULT '{}'")
+        tx.execute(f"UPDATE results SET outputs = json_object({pairs})")
+        for name in old:
+            tx.execute(f'ALTER TABLE results DROP COLUMN "{name}"')
+
+
 def _result(row: tuple[Any, ...]) -> StoredResult:
-    identifier, patient_id, anchor, risk_2y, risk_5y, model, status, observation, revision = row
+    identifier, patient_id, anchor, outputs, model, status, observation, revision = row
     return StoredResult(
         identifier,
         patient_id,
         anchor,
-        risk_2y,
-        risk_5y,
+        orjson.loads(outputs),
         model,
         status,
         orjson.loads(observation),

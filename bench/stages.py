@@ -184,9 +184,9 @@ def _infer(
     model = ModelInfo(results[0].model_name, results[0].model_version, "north_american")
     predictions = []
     for chunk, result in zip(chunks, results, strict=True):
-        for (patient, record), r2, r5 in zip(chunk, result.risk_2y, result.risk_5y, strict=True):
+        for (patient, record), outputs in zip(chunk, result.rows(), strict=True):
             predictions.append(
-                site_prediction(config, model, patient, record, (r2, r5), source_id="S")
+                site_prediction(config, model, patient, record, outputs, source_id="S")
             )
     return predictions
 

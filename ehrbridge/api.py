@@ -14,7 +14,8 @@ What a site operator or integration engineer looks at:
 * ``GET /api/results``: predictions kept locally (all of them in shadow mode),
   newest first, optionally ``?patient=``; paged by ``?limit=`` (default 100,
   at most 1000) and ``?offset=``, with ``total`` and ``links.next``/``prev``;
-  risks in percent (``risk_2y_percent``) and, as before, as fractions (``risk_2y``);
+  each output of the model file in percent (``<output>_percent``) and, as before,
+  as a fraction (``<output>``), and all of them under ``outputs``;
 * ``GET /api/results/{identifier}``: one result's FHIR Observation;
 * ``GET /api/patients/{id}``: what ehrbridge knows of one patient: the
   latest feature record or the reason there is none ("not enough data",

@@ -1,4 +1,4 @@
-"""CDS Hooks: the latest kidney-failure risk as a card when a clinician opens a chart.
+"""CDS Hooks: the latest result of the site's model as a card when a clinician opens a chart.
 
 Routes (https://cds-hooks.hl7.org/2.0/)::
 
@@ -25,7 +25,8 @@ in order, from
    configured FHIR base (no request makes us call an arbitrary URL);
 4. ``context.patientId`` itself (sites whose FHIR ids are their MRNs).
 
-The card: ``summary`` (under 140 characters) with both risks in percent;
+The card: ``summary`` (under 140 characters), the model file's template
+(``rendering.card.summary``) with each output in percent;
 ``indicator`` from the interpretation band the Observation got (``HH``
 critical, ``H`` warning, ``N`` info); ``detail`` (markdown) with the inputs
 and their dates; ``source`` naming ehrbridge, the model and its version; a
@@ -71,9 +72,12 @@ from ehrbridge.auth import PRINCIPAL_KEY, AuthFailure, Principal
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.core.contracts import utcnow
+from ehrbridge.mappings.model_file import ModelFile
 from ehrbridge.pipelines.ingest import innermost_frame
 from ehrbridge.pipelines.jsonshape import items, obj
 from ehrbridge.pipelines.observation import percent
+from ehrbridge.pipelines.rendering import Shown
+from ehrbridge.pipelines.rendering import shown as rendering
 from ehrbridge.pipelines.results import ResultStore, StoredResult
 from ehrbridge.pipelines.state import StateStore
 
@@ -145,10 +149,12 @@ class CdsService:
                 {
                     "hook": "patient-view",
                     "id": SERVICE_ID,
-                    "title": "Kidney failure risk (KFRE 4-variable)",
+                    "title": rendering(self.config).code.display,
                     "description": (
-                        "The patient's latest 2- and 5-year risk of kidney failure, computed by "
-                        "ehrbridge from their eGFR and urine albumin/creatinine ratio."
+                        f"The patient's latest result of {self.config.model.name}, computed by "
+                        "ehrbridge. "
+                        + self.config.model.declared.model.intended_use.strip().rstrip(".")
+                        + "."
                     ),
                     "prefetch": {"patient": "Patient/{{context.patientId}}"},
                     "usageRequirements": "Needs results already processed by ehrbridge.",
@@ -229,25 +235,23 @@ class CdsService:
     def card(self, result: StoredResult, base_url: str) -> dict[str, Any]:
         observation = result.observation
         code, meaning = _interpretation(observation)
-        risk_2y, risk_5y = percent(result.risk_2y), percent(result.risk_5y)
+        view = rendering(self.config)
+        shown_values = {name: shown(percent(v)) for name, v in result.outputs.items()}
         name, version = [*result.model.split(), "", ""][:2]
-        summary = (
-            f"Kidney failure risk {shown(risk_2y)} in 2 years, {shown(risk_5y)} in 5 years (KFRE)"
-        )
+        summary = view.card.summary.format_map(shown_values)  # the model file's template
         if code not in ("", "N"):
             summary += f" - {meaning}"
         return {
             "uuid": str(uuid.uuid5(_NAMESPACE, result.identifier)),
             "summary": _clip(summary),
             "indicator": indicator(code),
-            "detail": _detail(result, observation, (risk_2y, risk_5y), meaning)
-            + self._about_the_model(),
+            "detail": _detail(result, observation, view, meaning) + _about(view.model),
             "source": {
-                "label": f"ehrbridge: KFRE model {name} {version}".strip(),
+                "label": f"{view.card.label} {name} {version}".strip(),
                 "topic": {
                     "system": "urn:ehrbridge:codes",
-                    "code": name or "kfre",
-                    "display": f"Kidney failure risk, model {name} version {version}",
+                    "code": name or view.model.model.name,
+                    "display": f"{view.card.topic}, model {name} version {version}",
                 },
             },
             "links": [
@@ -258,17 +262,6 @@ class CdsService:
                 }
             ],
         }
-
-    def _about_the_model(self) -> str:
-        """What the model is for and whom it is valid for: the model file's words, if any."""
-        definition = self.config.model.definition
-        if definition is None:
-            return _KFRE_ABOUT
-        identity = definition.model
-        return (
-            f"{identity.intended_use.rstrip('.')}. **Valid for:** "
-            f"{identity.intended_population.rstrip('.')}. Source: {identity.citation}"
-        )
 
     def _details_url(self, result: StoredResult, base_url: str) -> str:
         template = self.config.cds_hooks.details_url
@@ -317,26 +310,30 @@ def _clip(text: str) -> str:
     return text if len(text) < SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 2] + "…"
 
 
-def _detail(
-    result: StoredResult, observation: dict[str, Any], risks: tuple[float, float], meaning: str
-) -> str:
+def _about(model: ModelFile) -> str:
+    """What the model is for and whom it is valid for, in the model file's words."""
+    identity = model.model
+    return (
+        f"{identity.intended_use.rstrip('.')}. **Valid for:** "
+        f"{identity.intended_population.rstrip('.')}. Source: {identity.citation}"
+    )
+
+
+def _detail(result: StoredResult, observation: dict[str, Any], view: Shown, meaning: str) -> str:
     inputs = "\n".join(
         f"- {item.get('display', '')}" for item in items(observation.get("derivedFrom"))
     )
     method = obj(observation.get("method")).get("text", result.model)
     notes = "".join(f"**Note:** {n.get('text', '')}\n\n" for n in items(observation.get("note")))
+    values = "".join(
+        f"**{c.code.display}:** {percent(result.outputs[c.output]):.2f}%  \n"
+        for c in view.components
+        if c.output in result.outputs
+    )
     return (
-        f"**2-year risk:** {risks[0]:.2f}%  \n**5-year risk:** {risks[1]:.2f}%  \n"
-        f"**Interpretation:** {meaning or 'not classified'}\n\n{notes}"
+        f"{values}**Interpretation:** {meaning or 'not classified'}\n\n{notes}"
         f"Computed for results up to {result.anchor[:10]} by {method}, from:\n\n{inputs}\n\n"
     )
-
-
-# A site without a model file runs KFRE 4-variable (Tangri 2011/2016).
-_KFRE_ABOUT = (
-    "The Kidney Failure Risk Equation estimates the risk of needing dialysis or a kidney "
-    "transplant; it applies to adults with CKD stage 3-5."
-)
 
 
 def add_cds_routes(app: FastAPI, service: CdsService, clients: CdsClientAuth) -> None:

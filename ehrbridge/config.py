@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,7 +32,7 @@ from ehrbridge.core.located_yaml import (
     parse_located,
     validate_located,
 )
-from ehrbridge.mappings.model_file import ModelFile, load_model_file
+from ehrbridge.mappings.model_file import ModelFile, builtin_model, load_model_file
 from ehrbridge.mappings.schema import Mapping  # the mapping format: mappings/schema.py
 
 _SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -228,6 +229,10 @@ class KafkaTransport(Strict):
 Transport = Annotated[EmbeddedTransport | KafkaTransport, Field(discriminator="kind")]
 
 
+# The model a site without a model file runs (its file ships as models/kfre-4.yaml).
+DEFAULT_MODEL = "kfre-4var"
+
+
 class ModelEndpoint(Strict):
     """The site's model: an OIP v2 endpoint taking the KFRE inputs, or a model file.
 
@@ -238,7 +243,7 @@ class ModelEndpoint(Strict):
     """
 
     url: str = Field(..., min_length=1)  # base URL of the model server
-    name: str = "kfre-4var"
+    name: str = DEFAULT_MODEL
     file: Path | None = None  # a model file (mappings/model_file.py)
     definition: ModelFile | None = None  # the model file's content, inline (or loaded)
     # No default: required when the mapping's model has several published calibrations
@@ -270,6 +275,14 @@ class ModelEndpoint(Strict):
             )
         return data
 
+    @property
+    def declared(self) -> ModelFile:
+        """The model file: the site's, else the shipped one of this name (``models/``)."""
+        found = self.definition or builtin_model(self.name) or builtin_model(DEFAULT_MODEL)
+        if found is None:
+            raise ConfigError(f"no model file declares {self.name!r}", field="model.file")
+        return found
+
 
 def _declared(definition: object) -> dict[str, Any]:
     """The name and URL a model file (loaded, or inline and not yet validated) declares."""
@@ -285,16 +298,21 @@ def _declared(definition: object) -> dict[str, Any]:
 
 
 class InterpretationBand(Strict):
-    horizon: Literal["2y", "5y"]
+    """A site's own band, replacing the model file's ``rendering.interpretation``."""
+
+    # An output's name, or its short rendering key (``2y``); ``horizon`` is the older name.
+    output: str = Field(..., min_length=1, validation_alias=AliasChoices("output", "horizon"))
     at_least: float = Field(..., ge=0, le=1)  # risk as a fraction
     code: str  # v3-ObservationInterpretation code, e.g. H
     display: str
 
 
 class ResultCoding(Strict):
+    """Observation.code, replacing the model file's ``rendering.code``."""
+
     system: str = "urn:ehrbridge:codes"
-    code: str = "kfre-4var"
-    display: str = "Kidney failure risk (KFRE 4-variable)"
+    code: str = Field(..., min_length=1)
+    display: str = Field(..., min_length=1)
 
 
 class BearerAuth(Strict):
@@ -381,9 +399,10 @@ class Hl7v2Writeback(Strict):
     tls: ClientTls | None = None  # None: plaintext MLLP; set: MLLP over TLS to host:port
     on_error: Literal["retry", "dead-letter"] = "dead-letter"  # MSA-1 AE
     on_reject: Literal["retry", "dead-letter"] = "retry"  # MSA-1 AR
-    order: Hl7Code = Hl7Code(code="KFRE", text="Kidney failure risk (KFRE 4-variable)")
-    risk_2y: Hl7Code = Hl7Code(code="KFRE2Y", text="Kidney failure risk within 2 years")
-    risk_5y: Hl7Code = Hl7Code(code="KFRE5Y", text="Kidney failure risk within 5 years")
+    # OBR-4 and each output's OBX-3 (by output name or rendering key); default: the
+    # model file's rendering (``order``, ``components[].hl7``).
+    order: Hl7Code | None = None
+    results: dict[str, Hl7Code] = Field(default_factory=dict)
     unknown_name: PlaceholderName = PlaceholderName()  # PID-5 when no name was received
 
 
@@ -400,21 +419,10 @@ class Writeback(Strict):
     subject: Literal["reference", "reference-or-create", "identifier"] = "reference"
     results_per_request: int = Field(20, ge=1)  # results per FHIR transaction
     hl7v2: Hl7v2Writeback | None = None  # ORU^R01 write-back over MLLP
-    code: ResultCoding = ResultCoding()
+    code: ResultCoding | None = None  # default: the model file's rendering.code
     identifier_system: str | None = None  # default: urn:ehrbridge:<site>:prediction
-    interpretation: list[InterpretationBand] = Field(
-        default_factory=lambda: [
-            InterpretationBand(
-                horizon="2y", at_least=0.40, code="HH", display="Critical high (2-year risk >= 40%)"
-            ),
-            InterpretationBand(
-                horizon="2y", at_least=0.10, code="H", display="High (2-year risk >= 10%)"
-            ),
-            InterpretationBand(
-                horizon="5y", at_least=0.05, code="H", display="High (5-year risk >= 5%)"
-            ),
-        ]
-    )
+    # Default: the model file's rendering.interpretation.
+    interpretation: list[InterpretationBand] | None = None
 
 
 class KnownSubscription(Strict):

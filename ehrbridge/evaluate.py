@@ -148,7 +148,7 @@ def build(
         spec=spec,
         predictions=predictions,
         book=book,
-        bands=_bands(config),
+        bands=_bands(config, spec.horizons),
         as_of=as_of,
         coverage={pid: None if pid in scored else _unscored(o) for pid, o in states.items()},
         subgroups=[
@@ -159,7 +159,7 @@ def build(
         unit=settings.unit,
     )
     evaluation = evaluate(inp)
-    evaluation["drift"] = psi_by_month(stored)
+    evaluation["drift"] = psi_by_month(stored, config.model.declared.shown.score_output)
     if settings.promotion is not None:
         from ehrbridge.evaluation.gates import judge, overall
 
@@ -171,8 +171,8 @@ def build(
     return evaluation, link_summary(book.links)
 
 
-def psi_by_month(stored: list[dict[str, Any]], min_count: int = 30) -> dict[str, Any]:
-    """PSI of each input and the 5-year risk per month against the first month.
+def psi_by_month(stored: list[dict[str, Any]], score: str, min_count: int = 30) -> dict[str, Any]:
+    """PSI of each input and of the ``score`` output per month against the first month.
 
     The monitoring's bins and thresholds (``pipelines/drift.py``: KDIGO and KFRE
     cut points; 0.1 worth a look, 0.2 drift), so the report and the console
@@ -180,21 +180,23 @@ def psi_by_month(stored: list[dict[str, Any]], min_count: int = 30) -> dict[str,
     """
     from collections import defaultdict
 
-    from ehrbridge.pipelines.drift import BINS, PSI_ALARM, PSI_WARN, bin_index, psi
+    from ehrbridge.pipelines.drift import BINS, PSI_ALARM, PSI_WARN, SCORE, bin_index, psi
+    from ehrbridge.pipelines.features import FeatureRecord
+    from ehrbridge.pipelines.records import outputs_of
 
     counts: dict[str, dict[str, list[int]]] = defaultdict(
         lambda: {name: [0] * (len(edges) + 1) for name, edges in BINS.items()}
     )
     for p in stored:
-        features = p["features"]
-        values = {**features, "male": 1.0 if features.get("male") else 0.0, "risk_5y": p["risk_5y"]}
-        binned = counts[features["anchor"][:7]]
+        features = FeatureRecord.from_json(p["features"])
+        values = {**features.values, SCORE: outputs_of(p)[score]}
+        binned = counts[features.anchor.isoformat()[:7]]
         for name, edges in BINS.items():
             if isinstance(values.get(name), int | float):
                 binned[name][bin_index(edges, float(values[name]))] += 1
     months = sorted(counts)
     series: dict[str, dict[str, float | None]] = {name: {} for name in BINS}
-    if months and sum(counts[months[0]]["risk_5y"]) >= min_count:
+    if months and sum(counts[months[0]][SCORE]) >= min_count:
         reference = counts[months[0]]
         for month in months:
             for name in BINS:
@@ -267,26 +269,33 @@ def _feed_hl7(linker: Any, recogniser: Any, path: Path, config: SiteConfig) -> s
 def _ref(p: Mapping[str, Any], attributes: Mapping[str, Mapping[str, str]]) -> Any:
     from ehrbridge.evaluation.linkage import PredictionRef
     from ehrbridge.evaluation.metrics import age_band
+    from ehrbridge.pipelines.features import FeatureRecord
+    from ehrbridge.pipelines.records import outputs_of
 
-    features = p["features"]
-    male = features.get("male")
+    features = FeatureRecord.from_json(dict(p["features"]))
+    sex = features.values.get("sex")
     own = {
-        "sex": "unknown" if male is None else ("male" if male else "female"),
-        "age_band": age_band(features.get("age")),
+        "sex": "unknown" if sex is None else ("male" if sex else "female"),
+        "age_band": age_band(features.values.get("age")),
     }
     return PredictionRef(
         identifier=p["identifier"],
         patient_id=p["patient_id"],
-        anchor=_aware(features["anchor"]),
-        risks={"risk_2y": p["risk_2y"], "risk_5y": p["risk_5y"]},
+        anchor=_aware(features.anchor.isoformat()),
+        risks=outputs_of(dict(p)),
         attributes={**own, **attributes.get(p["patient_id"], {})},
     )
 
 
-def _bands(config: SiteConfig) -> list[Any]:
+def _bands(config: SiteConfig, horizons: Mapping[str, Any]) -> list[Any]:
+    """The site's interpretation bands, each on the outcome horizon its output is read for."""
     from ehrbridge.evaluation.report import Band
+    from ehrbridge.pipelines.rendering import shown
 
-    return [Band(b.horizon, b.at_least, b.code) for b in config.writeback.interpretation]
+    horizon_of = {h.risk: key for key, h in horizons.items()}
+    return [
+        Band(horizon_of.get(b.output, b.output), b.at_least, b.code) for b in shown(config).bands
+    ]
 
 
 def _unscored(outcome: Mapping[str, Any] | None) -> str:

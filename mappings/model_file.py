@@ -16,7 +16,11 @@ site file) or writes it inline (``model: {definition: {...}}``). It declares:
   or a file, never the YAML);
 * ``outputs`` -- each with the server's output it is read from, its unit and
   valid range. An answer outside its range is an error (dead-lettered), never
-  a written result.
+  a written result. Output names are the model's own: nothing downstream
+  knows them except through ``rendering``;
+* ``rendering`` -- how a result is shown: the FHIR Observation's code, one
+  component per output, interpretation bands, the CDS card's summary, and
+  the HL7v2 ORU^R01 OBR-4/OBX-3 codes.
 
 Every model here forbids unknown fields; errors name file, line and field.
 The reference is ``docs/config.md`` ("The model file").
@@ -24,6 +28,7 @@ The reference is ``docs/config.md`` ("The model file").
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -41,8 +46,9 @@ from ehrbridge.mappings.units import normalise_unit
 
 __all__ = [
     "FEATURE_INPUTS",
-    "OUTPUTS",
     "ModelFile",
+    "Rendering",
+    "builtin_model",
     "load_model_file",
 ]
 
@@ -55,8 +61,7 @@ FEATURE_INPUTS: dict[str, tuple[str, str]] = {
     # The 8-variable KFRE's serum analytes, each in its canonical unit.
     **{name: (CANONICAL_UNITS[name], "number") for name in KFRE8_ANALYTES},
 }
-# The results the Observation, ORU^R01 and card builders render today.
-OUTPUTS = ("risk_2y", "risk_5y")
+LOCAL_CODES = "urn:ehrbridge:codes"  # the code system of codes ehrbridge itself defines
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
@@ -149,7 +154,7 @@ class ModelInput(Strict):
 class ModelOutput(Strict):
     """One result, read from the server's answer."""
 
-    name: Literal["risk_2y", "risk_5y"]
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]{0,62}$")  # what rendering refers to
     from_: str = Field(..., alias="from", min_length=1)  # the server's output name
     index: int = Field(0, ge=0)  # the column of that output (1: P(class 1) of predict_proba)
     unit: Literal["1", "%"]  # a fraction, or percent (divided by 100 before use)
@@ -201,6 +206,91 @@ class Calibrations(Strict):
     choices: list[str] = Field(..., min_length=2)
 
 
+class Coding(Strict):
+    """A FHIR Coding: LOINC where one exists, else a declared (local) system."""
+
+    system: str = Field(..., min_length=1)
+    code: str = Field(..., min_length=1)
+    display: str = Field(..., min_length=1)
+
+
+class Hl7Coding(Strict):
+    """A coded element (CWE) as the receiving EHR knows it: OBR-4, OBX-3."""
+
+    code: str = Field(..., min_length=1)
+    text: str = ""
+    system: str = "99EHB"  # HL7 table 0396: 99zzz is a local coding system
+
+
+class RenderedOutput(Strict):
+    """One output as an Observation component, an OBX, and a phrase on the card."""
+
+    output: str  # an output's name
+    key: str = Field("", pattern=r"^[A-Za-z0-9_.-]*$")  # a short name bands may use ("2y")
+    code: Coding  # Observation.component.code
+    hl7: Hl7Coding  # OBX-3
+    unit: Literal["%"] = "%"  # shown in percent (UCUM %), the fraction times 100
+
+
+class Band(Strict):
+    """An interpretation band: reached when ``output`` is at least ``at_least`` (a fraction)."""
+
+    output: str
+    at_least: float = Field(..., ge=0, le=1)
+    code: str = Field(..., min_length=1)  # v3-ObservationInterpretation code, e.g. H
+    display: str = Field(..., min_length=1)
+
+
+class Card(Strict):
+    """The CDS Hooks card: ``summary`` names outputs in braces (``{risk}``), shown in percent."""
+
+    summary: str = Field(..., min_length=1, max_length=140)
+    label: str = Field(..., min_length=1)  # card.source.label, before the model's name
+    topic: str = Field(..., min_length=1)  # card.source.topic.display, before the model's name
+
+
+class Rendering(Strict):
+    """How results are shown: Observation, CDS card, ORU^R01 (docs/config.md)."""
+
+    code: Coding  # Observation.code
+    method: str = Field(..., min_length=1)  # Observation.method.text, before name and version
+    calibration_text: dict[str, str] = Field(default_factory=dict)  # a calibration in words
+    components: list[RenderedOutput] = Field(..., min_length=1)
+    # The first band reached sets Observation.interpretation, OBX-8 and the card indicator;
+    # cited in `guideline`. Bands of one output also give its OBX-7 reference range.
+    interpretation: list[Band] = Field(default_factory=list)
+    guideline: str = ""
+    # The output monitored for drift and in the score histogram (default: the last one).
+    score: str | None = None
+    card: Card
+    order: Hl7Coding  # OBR-4 universal service identifier
+
+    def check_outputs(self, produced: list[str]) -> None:
+        shown = [c.output for c in self.components]
+        if sorted(shown) != sorted(produced):
+            raise ValueError(
+                f"rendering.components must show each output once ({', '.join(produced)})"
+            )
+        if self.score is not None and self.score not in produced:
+            raise ValueError(f"score {self.score!r}: not an output")
+        keys = {c.key for c in self.components} | set(produced)
+        for band in self.interpretation:
+            if band.output not in keys:
+                raise ValueError(f"interpretation band on {band.output!r}: not an output")
+        try:
+            self.card.summary.format_map({name: "" for name in produced})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"card.summary names no output {exc}") from exc
+
+    @property
+    def score_output(self) -> str:
+        return self.score or self.components[-1].output
+
+    def output_of(self, key: str) -> str:
+        """An output's name from itself or its short key (a band's ``output: 2y``)."""
+        return next((c.output for c in self.components if key in (c.key, c.output)), key)
+
+
 class ModelFile(Strict):
     model: Identity
     inputs: list[ModelInput] = Field(..., min_length=1)
@@ -208,6 +298,7 @@ class ModelFile(Strict):
     endpoint: Endpoint
     outputs: list[ModelOutput] = Field(..., min_length=1)
     calibrations: Calibrations | None = None
+    rendering: Rendering | None = None  # None: a plain rendering made from the outputs
 
     @model_validator(mode="after")
     def consistent(self) -> Self:
@@ -217,10 +308,41 @@ class ModelFile(Strict):
         for text in self.applicability:
             if DomainRule.parse(text).feature not in names:
                 raise ValueError(f"applicability {text!r} tests an input the model does not take")
-        produced = sorted(o.name for o in self.outputs)
-        if produced != sorted(OUTPUTS):
-            raise ValueError(f"outputs must be {' and '.join(OUTPUTS)}, each once")
+        produced = [o.name for o in self.outputs]
+        if len(set(produced)) != len(produced):
+            raise ValueError("an output is listed twice")
+        if self.rendering is not None:
+            self.rendering.check_outputs(produced)
         return self
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+    @property
+    def shown(self) -> Rendering:
+        """The declared rendering, else a plain one: each output under a local code."""
+        if self.rendering is not None:
+            return self.rendering
+        name = self.model.name
+        return Rendering(
+            code=Coding(system=LOCAL_CODES, code=name, display=name),
+            method=name,
+            components=[
+                RenderedOutput(
+                    output=o.name,
+                    code=Coding(system=LOCAL_CODES, code=f"{name}-{o.name}", display=o.name),
+                    hl7=Hl7Coding(code=o.name.upper()[:20], text=o.name),
+                )
+                for o in self.outputs
+            ],
+            card=Card(
+                summary=", ".join(f"{o.name} {{{o.name}}}" for o in self.outputs),
+                label="ehrbridge: model",
+                topic="Prediction",
+            ),
+            order=Hl7Coding(code=name.upper()[:20], text=name),
+        )
 
     @property
     def domain(self) -> tuple[str, ...]:
@@ -237,3 +359,22 @@ def _number(value: float) -> str:
 def load_model_file(path: Path | str) -> ModelFile:
     """Read and validate a model file. Raises ConfigError naming file:line:field."""
     return validate_located(ModelFile, load_located(path))
+
+
+# The model files that ship beside the code (models/*.yaml in a checkout).
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+@functools.cache
+def builtin_model(name: str) -> ModelFile | None:
+    """The shipped model file declaring model ``name`` (``models/*.yaml``), if any.
+
+    A site written before model files (``model: {url: ...}`` and a mapping
+    naming ``kfre-4var``) still needs its model's inputs, outputs and
+    rendering: they come from the shipped file, never from code.
+    """
+    for path in sorted(MODELS_DIR.glob("*.yaml")):
+        definition = load_model_file(path)
+        if definition.model.name == name:
+            return definition
+    return None

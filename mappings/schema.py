@@ -176,6 +176,26 @@ class ModelSpec:
         return feature in self.lab_inputs or feature in self.derivations.values()
 
 
+# A feature derived from another when not reported (CKD-EPI 2021: eGFR from creatinine).
+DERIVED_FROM: dict[str, str] = {"egfr": "creatinine"}
+
+# Feature records written before they were generic kept each value under its own key;
+# these are the keys that differ from the feature's name (read by FeatureRecord.from_json).
+LEGACY_RECORD_KEYS: dict[str, str] = {"male": "sex", "uacr_mg_g": "uacr"}
+
+# Drift monitoring's fixed bins per feature (upper-exclusive edges), around the clinical
+# cut points: KDIGO G (eGFR) and A (UACR) categories. "score" bins a model's score output
+# (a fraction) around KFRE's 3%/5%/10%/40%.
+DRIFT_BINS: dict[str, tuple[float, ...]] = {
+    "age": (30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0),
+    "sex": (0.5,),
+    "egfr": (10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0),  # mL/min/1.73m2, KDIGO G1-G5
+    "uacr": (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0),  # mg/g, KDIGO A1 <30, A3 >300
+    "score": (0.01, 0.03, 0.05, 0.1, 0.2, 0.4, 0.6),  # fraction
+}
+# Drift state saved before bins were keyed by feature name.
+LEGACY_DRIFT_KEYS: dict[str, str] = {**LEGACY_RECORD_KEYS, "risk_5y": "score"}
+
 MODELS: dict[str, ModelSpec] = {
     "kfre-4var": ModelSpec(
         name="kfre-4var",

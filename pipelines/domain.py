@@ -73,24 +73,32 @@ class Known:
         return {rule.holds(end) for end in ends}
 
 
+# Derivations whose result falls as their source rises (CKD-EPI: eGFR as creatinine rises).
+_INVERSE_METHODS = frozenset({"ckd-epi-2021"})
+
+
 def known_inputs(record: FeatureRecord) -> dict[str, Known]:
     """Each numeric model input, with the bound it rests on when a comparator gave it."""
-    egfr_fact, uacr_fact = record.inputs[0], record.inputs[-1]
-    egfr_side = _SIDE.get(egfr_fact.comparator, "")
-    if egfr_side and record.egfr_method != "reported":
-        egfr_side = _FLIPPED[egfr_side]  # eGFR falls as creatinine rises
-    return {
-        "age": Known(record.age),
-        "egfr": Known(record.egfr, egfr_side, _shown(egfr_fact)),
-        "uacr": Known(record.uacr_mg_g, _SIDE.get(uacr_fact.comparator, ""), _shown(uacr_fact)),
-    }
+    return {name: _known(record, name, value) for name, value in record.values.items()}
+
+
+def _known(record: FeatureRecord, name: str, value: float) -> Known:
+    fact = record.source(name)
+    side = _SIDE.get(fact.comparator, "") if fact is not None else ""
+    if not side or fact is None:
+        return Known(value)
+    if record.method(name) in _INVERSE_METHODS:
+        side = _FLIPPED[side]
+    return Known(value, side, _shown(fact))
 
 
 def check_domain(record: FeatureRecord, rules: tuple[DomainRule, ...]) -> OutOfDomain | None:
     """None when every rule holds for whatever the inputs may truly be."""
     inputs = known_inputs(record)
     reasons = [
-        reason for rule in rules if (reason := _broken(rule, inputs[rule.feature])) is not None
+        reason
+        for rule in rules
+        if rule.feature in inputs and (reason := _broken(rule, inputs[rule.feature])) is not None
     ]
     return OutOfDomain(record.anchor, tuple(reasons), record.episode) if reasons else None
 

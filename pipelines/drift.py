@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
+from ehrbridge.mappings.schema import DERIVED_FROM, DRIFT_BINS, LEGACY_DRIFT_KEYS
 from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData
 
@@ -38,45 +39,32 @@ EMPTY_BIN = 1e-4
 DAYS_KEPT = 60  # daily series kept for /api/monitoring (counts only)
 
 # Upper-exclusive bin edges: a value v falls in bin i where edges[i-1] <= v < edges[i];
-# below the first edge is bin 0, at or above the last is the last bin.
-# Chosen around the clinical cut points (KDIGO G and A categories, KFRE's 3%/5%/10%/40%).
-BINS: dict[str, tuple[float, ...]] = {
-    "age": (30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0),
-    "male": (0.5,),
-    "egfr": (10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0),  # mL/min/1.73m2, KDIGO G1-G5
-    "uacr_mg_g": (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0),  # KDIGO A1 <30, A3 >300
-    "risk_5y": (0.01, 0.03, 0.05, 0.1, 0.2, 0.4, 0.6),  # fraction
-}
-INPUTS = ("age", "male", "egfr", "uacr_mg_g")  # the KFRE 4-variable inputs
-SCORE = "risk_5y"
-
-
-# NotEnoughData.missing names -> the input they leave out (creatinine: eGFR not derivable).
-_MISSING_INPUT = {
-    "age": "age",
-    "sex": "male",
-    "egfr": "egfr",
-    "creatinine": "egfr",
-    "uacr": "uacr_mg_g",
-}
+# below the first edge is bin 0, at or above the last is the last bin. Per feature, around
+# the clinical cut points (mappings/schema.py); SCORE bins the model's score output
+# (its model file's rendering.score).
+BINS: dict[str, tuple[float, ...]] = DRIFT_BINS
+SCORE = "score"
+INPUTS = tuple(name for name in BINS if name != SCORE)  # the features monitored
 
 
 def feature_values(
     result: FeatureRecord | NotEnoughData | OutOfDomain,
 ) -> dict[str, float | None]:
-    """A record's KFRE inputs as numbers (male 1/0); for one without a score, the missing."""
+    """A record's monitored inputs as numbers (sex 1/0); for one without a score, the missing."""
     if isinstance(result, FeatureRecord):
-        return {
-            "age": result.age,
-            "male": 1.0 if result.male else 0.0,
-            "egfr": result.egfr,
-            "uacr_mg_g": result.uacr_mg_g,
-        }
+        return {name: value for name, value in result.values.items() if name in BINS}
     if isinstance(result, OutOfDomain):
         return {}  # every input was there; the record does not carry their values
     # The inputs it did have are not assembled, so not binned: only the missing count.
-    lacking = {_MISSING_INPUT.get(name, name) for name in result.missing}
+    # A missing source (creatinine) leaves out what is derived from it (eGFR).
+    derived = {source: name for name, source in DERIVED_FROM.items()}
+    lacking = {derived.get(name, name) for name in result.missing}
     return {name: None for name in INPUTS if name in lacking}
+
+
+def _current(name: str) -> str:
+    """A bin's name as saved by an older version, as it is named now."""
+    return LEGACY_DRIFT_KEYS.get(name, name)
 
 
 def bin_index(edges: Sequence[float], value: float) -> int:
@@ -150,12 +138,13 @@ class DayStats:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DayStats:
         bins = empty_counts()
-        for name, counts in data.get("bins", {}).items():
+        for old, counts in data.get("bins", {}).items():
+            name = _current(old)
             if name in bins and len(counts) == len(bins[name]):
                 bins[name] = [int(c) for c in counts]
         return cls(
             records=int(data.get("records", 0)),
-            missing={str(k): int(v) for k, v in data.get("missing", {}).items()},
+            missing={_current(str(k)): int(v) for k, v in data.get("missing", {}).items()},
             bins=bins,
             bands={str(k): int(v) for k, v in data.get("bands", {}).items()},
             results_mapped=int(data.get("results_mapped", 0)),
@@ -237,10 +226,12 @@ class DriftMonitor:
 
     def load_reference(self, data: dict[str, Any]) -> None:
         """A reference exported from a validation set: ``{"bins": {...}, "counts": {...}}``."""
-        for name, edges in data.get("bins", {}).items():
+        for old, edges in data.get("bins", {}).items():
+            name = _current(old)
             if name in BINS and tuple(float(e) for e in edges) != BINS[name]:
                 raise ValueError(f"reference bins for {name} differ from this version's")
-        for name, counts in data.get("counts", {}).items():
+        for old, counts in data.get("counts", {}).items():
+            name = _current(old)
             if name in BINS and len(counts) == len(BINS[name]) + 1:
                 self.reference[name] = [int(c) for c in counts]
         self.reference_frozen = True

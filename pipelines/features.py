@@ -1,4 +1,4 @@
-"""Assemble the KFRE 4-variable feature record from a patient's state.
+"""Assemble a feature record -- the values a model is sent -- from a patient's state.
 
 A record is anchored at a moment T (see :func:`trigger_for`): the newest
 result time of the triggering *episode*, so a historical backfill builds the
@@ -11,7 +11,11 @@ usable fact with ``T - window <= effective <= T``:
   its window, otherwise derived from the latest creatinine in its window with
   CKD-EPI 2021, using age and sex at that creatinine's own specimen time;
   ``prefer: derived`` derives whenever a creatinine is in its window;
-* UACR in mg/g.
+* every other mapped lab feature (UACR in mg/g, albumin, ...) in its
+  canonical unit.
+
+One record holds every feature the site's models need, computed once per
+message; each model is sent its own inputs (:meth:`FeatureRecord.only`).
 
 "Usable" skips flagged facts (implausible values, withdrawal markers) and
 results withdrawn by a marker with the same code and time; among results of
@@ -43,13 +47,14 @@ come in. Nothing else depends on the wall clock, so a replay gives the same resu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.mappings.ckd_epi import egfr_ckd_epi_2021
-from ehrbridge.mappings.schema import Mapping
+from ehrbridge.mappings.schema import DERIVED_FROM, LEGACY_RECORD_KEYS, Mapping
 from ehrbridge.pipelines.domain import OutOfDomain, check_domain
 from ehrbridge.pipelines.facts import IMPLAUSIBLE, Fact, PatientExtract
 from ehrbridge.pipelines.state import PatientState
@@ -60,26 +65,96 @@ ADULT_AGE = 18.0  # CKD-EPI 2021 was developed in adults (the model's own domain
 
 @dataclass(frozen=True, slots=True)
 class FeatureRecord:
+    """The values a model is sent, by feature name, and where each came from.
+
+    ``values`` holds each feature in its canonical unit (``mappings/schema.py``;
+    ``sex`` is 1 for male, 0 for female); which features a model takes, and
+    under which names it is sent them, is the model file's business.
+    """
+
     anchor: datetime
-    age: float
-    male: bool
-    egfr: float
-    uacr_mg_g: float
-    egfr_method: str  # "reported" or "ckd-epi-2021"
+    values: dict[str, float]
     inputs: tuple[Fact, ...]  # the facts used, for derivedFrom and provenance
     episode: str = ""  # the debounce episode: one prediction identity per episode
+    # How a feature was obtained when it was not read as reported ("ckd-epi-2021").
+    methods: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # feature -> ref of its fact
+
+    def __getitem__(self, name: str) -> float:
+        return self.values[name]
+
+    def method(self, name: str) -> str:
+        return self.methods.get(name, "reported")
+
+    def source(self, name: str) -> Fact | None:
+        """The fact a value rests on (a creatinine for a derived eGFR), if any."""
+        ref = self.sources.get(name)
+        return next((f for f in self.inputs if f.ref == ref), None) if ref else None
+
+    def only(self, names: Iterable[str]) -> FeatureRecord:
+        """The record restricted to ``names`` (one model's inputs), with their facts."""
+        kept = [n for n in names if n in self.values]
+        refs = {self.sources[n] for n in kept if n in self.sources}
+        return FeatureRecord(
+            self.anchor,
+            {n: self.values[n] for n in kept},
+            tuple(f for f in self.inputs if f.ref in refs),
+            self.episode,
+            {n: m for n, m in self.methods.items() if n in kept},
+            {n: r for n, r in self.sources.items() if n in kept},
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "anchor": self.anchor.isoformat(),
-            "age": self.age,
-            "male": self.male,
-            "egfr": self.egfr,
-            "uacr_mg_g": self.uacr_mg_g,
-            "egfr_method": self.egfr_method,
+            "values": self.values,
+            "methods": self.methods,
+            "sources": self.sources,
             "inputs": [f.to_json() for f in self.inputs],
             "episode": self.episode,
         }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeatureRecord:
+        inputs = tuple(Fact.from_json(i) for i in data.get("inputs", ()))
+        if "values" in data:
+            return cls(
+                datetime.fromisoformat(data["anchor"]),
+                dict(data["values"]),
+                inputs,
+                data.get("episode", ""),
+                dict(data.get("methods", {})),
+                dict(data.get("sources", {})),
+            )
+        return _legacy_record(data, inputs)
+
+
+def _legacy_record(data: dict[str, Any], inputs: tuple[Fact, ...]) -> FeatureRecord:
+    """A record written before records were generic: each value under its own key."""
+    values = {
+        LEGACY_RECORD_KEYS.get(k, k): float(v)
+        for k, v in data.items()
+        if isinstance(v, int | float) and k not in ("anchor", "episode")
+    }
+    methods = {
+        k.removesuffix("_method"): str(v)
+        for k, v in data.items()
+        if k.endswith("_method") and v != "reported"
+    }
+    sources = {
+        name: fact.ref
+        for fact in inputs
+        for name in [_legacy_source_of(fact.feature, methods)]
+        if name in values
+    }
+    episode = str(data.get("episode", ""))
+    anchor = datetime.fromisoformat(data["anchor"])
+    return FeatureRecord(anchor, values, inputs, episode, methods, sources)
+
+
+def _legacy_source_of(feature: str, methods: dict[str, str]) -> str:
+    derived = [name for name in methods if DERIVED_FROM.get(name) == feature]
+    return derived[0] if derived else feature
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,44 +246,78 @@ def latest_in_window(facts: list[Fact], anchor: datetime, window_days: float) ->
     return best
 
 
+@dataclass(slots=True)
+class _Found:
+    """What assembly found so far: values, how and from which fact, and what is missing."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, Fact] = field(default_factory=dict)  # feature -> the fact it rests on
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, value: float, fact: Fact | None = None, method: str = "") -> None:
+        self.values[name] = value
+        if fact is not None:
+            self.facts[name] = fact
+        if method:
+            self.methods[name] = method
+
+
 def assemble(
-    state: PatientState, anchor: datetime, mapping: Mapping, episode: str = ""
+    state: PatientState,
+    anchor: datetime,
+    mapping: Mapping,
+    episode: str = "",
+    needed: Iterable[str] | None = None,
 ) -> FeatureRecord | NotEnoughData:
-    missing: dict[str, str] = {}
-    age = _age(state, anchor, missing)
-    male = _male(state, missing)
-    uacr = _windowed(state, "uacr", anchor, mapping, missing)
-    egfr, method, egfr_inputs = _egfr(state, anchor, mapping, missing)
-    if missing or age is None or male is None or uacr is None or egfr is None:
+    """Every feature the site maps, once; ``NotEnoughData`` when one ``needed`` is missing.
+
+    ``needed`` is what the site's models take together (default: the mapping's
+    model's inputs); each model then takes its own part (:meth:`FeatureRecord.only`),
+    so a feature two models share is computed once per message.
+    """
+    wanted = tuple(needed if needed is not None else mapping.spec.inputs)
+    found = _Found()
+    _age(state, anchor, found)
+    _sex(state, found)
+    _egfr(state, anchor, mapping, found)
+    for feature in mapping.features:
+        if feature not in found.values and feature not in DERIVED_FROM.values():
+            fact = _windowed(state, feature, anchor, mapping, found.missing)
+            if fact is not None:
+                found.add(feature, fact.value, fact)
+    missing = {n: found.missing.get(n, "not mapped for this site") for n in wanted}
+    missing = {n: why for n, why in missing.items() if n not in found.values}
+    if missing:
         return NotEnoughData(anchor, missing, episode)
+    facts = [found.facts[n] for n in wanted if n in found.facts]
     return FeatureRecord(
         anchor=anchor,
-        age=age,
-        male=male,
-        egfr=egfr,
-        uacr_mg_g=uacr.value,
-        egfr_method=method,
-        inputs=(*egfr_inputs, uacr),
+        values=found.values,
+        inputs=tuple(dict.fromkeys(facts)),
         episode=episode,
+        methods=found.methods,
+        sources={n: f.ref for n, f in found.facts.items()},
     )
 
 
-def _age(state: PatientState, anchor: datetime, missing: dict[str, str]) -> float | None:
+def _age(state: PatientState, anchor: datetime, found: _Found) -> None:
     if state.birth_date is None:
-        missing["age"] = "no birth date received"
-        return None
-    return age_at(state.birth_date, anchor)  # an age the model does not take: pipelines/domain.py
+        found.missing["age"] = "no birth date received"
+        return
+    # An age the model does not take is the domain's question: pipelines/domain.py.
+    found.add("age", age_at(state.birth_date, anchor))
 
 
-def _male(state: PatientState, missing: dict[str, str]) -> bool | None:
+def _sex(state: PatientState, found: _Found) -> None:
     if state.sex in ("M", "F"):
-        return state.sex == "M"
-    missing["sex"] = (
+        found.add("sex", 1.0 if state.sex == "M" else 0.0)
+        return
+    found.missing["sex"] = (
         f"administrative sex is {state.sex!r}; KFRE needs M or F"
         if state.sex
         else "no administrative sex received"
     )
-    return None
 
 
 def _windowed(
@@ -237,27 +346,25 @@ def _flagged_in_window(facts: list[Fact], anchor: datetime, window_days: float) 
     return None
 
 
-def _egfr(
-    state: PatientState, anchor: datetime, mapping: Mapping, missing: dict[str, str]
-) -> tuple[float | None, str, tuple[Fact, ...]]:
+def _egfr(state: PatientState, anchor: datetime, mapping: Mapping, found: _Found) -> None:
     local: dict[str, str] = {}
     derivation = mapping.egfr_derivation()
     reported_first = derivation is None or derivation.prefer == "reported"
     if reported_first and "egfr" in mapping.features:
         reported = _windowed(state, "egfr", anchor, mapping, local)
         if reported is not None:
-            return reported.value, "reported", (reported,)
+            return found.add("egfr", reported.value, reported)
     if derivation is not None:
         creatinine = _windowed(state, "creatinine", anchor, mapping, local)
         derived = _derive_egfr(state, creatinine, local)
         if derived is not None and creatinine is not None:
-            return derived, "ckd-epi-2021", (creatinine,)
+            return found.add("egfr", derived, creatinine, "ckd-epi-2021")
     if not reported_first and "egfr" in mapping.features:
         reported = _windowed(state, "egfr", anchor, mapping, local)
         if reported is not None:
-            return reported.value, "reported", (reported,)
-    missing["egfr"] = "; ".join(local.values()) or "neither eGFR nor creatinine is mapped"
-    return None, "", ()
+            return found.add("egfr", reported.value, reported)
+    found.missing["egfr"] = "; ".join(local.values()) or "neither eGFR nor creatinine is mapped"
+    return None
 
 
 def _derive_egfr(
@@ -276,7 +383,11 @@ def _derive_egfr(
 
 
 def evaluate(
-    state: PatientState, patient: PatientExtract, mapping: Mapping, now: datetime | None = None
+    state: PatientState,
+    patient: PatientExtract,
+    mapping: Mapping,
+    now: datetime | None = None,
+    needed: Iterable[str] | None = None,
 ) -> FeatureRecord | NotEnoughData | OutOfDomain | None:
     """Merge one message's data for one patient; the record it triggers, if any.
 
@@ -285,15 +396,18 @@ def evaluate(
     test means the pipeline does the same. Only a :class:`FeatureRecord` is
     scored: one outside the model's domain becomes :class:`OutOfDomain`. The
     outcome is kept on the state (``last_outcome``), where the HTTP API shows it.
-    ``now`` is the processing time (default: the clock).
+    ``now`` is the processing time (default: the clock); ``needed`` the model's
+    inputs (default: those of the mapping's model).
     """
     state.merge(patient)
     trigger = trigger_for(state, patient, mapping, now)
     if trigger is None:
         return None
+    wanted = tuple(needed if needed is not None else mapping.spec.inputs)
     result: FeatureRecord | NotEnoughData | OutOfDomain
-    result = assemble(state, trigger.anchor, mapping, trigger.episode)
+    result = assemble(state, trigger.anchor, mapping, trigger.episode, wanted)
     if isinstance(result, FeatureRecord):
+        result = result.only(wanted)
         result = check_domain(result, mapping.domain) or result
     state.last_outcome = result.to_json()
     return result

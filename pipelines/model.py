@@ -17,12 +17,20 @@ from ehrbridge.pipelines.features import FeatureRecord
 
 @dataclass(frozen=True, slots=True)
 class InferenceResult:
-    """One risk per record for each horizon, in the order the records were sent."""
+    """Each output's values, one per record in the order the records were sent.
+
+    Outputs are named as the model file names them (``outputs``); risks are fractions.
+    """
 
     model_name: str
     model_version: str
-    risk_2y: list[float]
-    risk_5y: list[float]
+    outputs: dict[str, list[float]]
+
+    def rows(self) -> list[dict[str, float]]:
+        """One ``{output: value}`` per record."""
+        names = list(self.outputs)
+        columns = zip(*self.outputs.values(), strict=True)
+        return [dict(zip(names, row, strict=True)) for row in columns]
 
 
 class Model(Protocol):

@@ -9,12 +9,14 @@ Shape (one Observation per prediction):
 
 * ``identifier``: the prediction's deterministic identifier, so conditional
   update on it makes replays idempotent;
-* ``status`` final; ``code`` from the site config; ``subject`` the patient
-  by identifier (HL7v2 sites have no FHIR Patient id); ``effectiveDateTime``
-  the anchor time of the features;
-* ``component``: 2-year and 5-year risk, each a UCUM ``%`` valueQuantity;
-* ``interpretation``: the first configured threshold band the risks reach,
-  else N (normal);
+* ``status`` final; ``code`` from the model file's ``rendering`` (or the
+  site's ``writeback.code``); ``subject`` the patient by identifier (HL7v2
+  sites have no FHIR Patient id); ``effectiveDateTime`` the anchor time of
+  the features;
+* ``component``: one per model output (``rendering.components``), each a
+  UCUM ``%`` valueQuantity;
+* ``interpretation``: the first band (``rendering.interpretation``, or the
+  site's ``writeback.interpretation``) the results reach, else N (normal);
 * ``derivedFrom``: the input lab results, by identifier;
 * ``note``: only when an input was a bounded value (``<0.2`` read under the
   ``bound`` comparator policy): says which, and that the true risk may
@@ -33,18 +35,10 @@ from ehrbridge.core.version import __version__
 from ehrbridge.pipelines.domain import bounded_note
 from ehrbridge.pipelines.facts import Fact
 from ehrbridge.pipelines.records import Prediction
+from ehrbridge.pipelines.rendering import Shown, shown
 
 UCUM = "http://unitsofmeasure.org"
 INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-COMPONENT_SYSTEM = "urn:ehrbridge:codes"
-_HORIZONS = (
-    ("2y", "kfre-risk-2y", "Kidney failure risk within 2 years"),
-    ("5y", "kfre-risk-5y", "Kidney failure risk within 5 years"),
-)
-_CALIBRATION_TEXT = {
-    "north_american": "North American calibration",
-    "non_north_american": "non-North American calibration",
-}
 
 
 def percent(fraction: float) -> float:
@@ -56,14 +50,15 @@ def fact_identifier_system(site: str) -> str:
     return f"urn:ehrbridge:{site}:fact"
 
 
-def build_observation(prediction: Prediction, config: SiteConfig) -> dict[str, Any]:
-    risks = {"2y": prediction.risk_2y, "5y": prediction.risk_5y}
+def build_observation(
+    prediction: Prediction, config: SiteConfig, rendering: Shown | None = None
+) -> dict[str, Any]:
+    view = rendering or shown(config)
     model = prediction.model
-    model_text = (
-        f"KFRE 4-variable ({model.name} {model.version}), "
-        f"{_CALIBRATION_TEXT.get(model.calibration, model.calibration)}"
-    )
-    observation = _observation(prediction, config, risks, model_text)
+    model_text = f"{view.model.shown.method} ({model.name} {model.version})"
+    if model.calibration:
+        model_text += f", {view.method_text(model.calibration)}"
+    observation = _observation(prediction, config, view, model_text)
     note = bounded_note(prediction.features)
     if note:
         observation["note"] = [{"text": note}]
@@ -71,9 +66,9 @@ def build_observation(prediction: Prediction, config: SiteConfig) -> dict[str, A
 
 
 def _observation(
-    prediction: Prediction, config: SiteConfig, risks: dict[str, float], model_text: str
+    prediction: Prediction, config: SiteConfig, view: Shown, model_text: str
 ) -> dict[str, Any]:
-    model, coding = prediction.model, config.writeback.code
+    model, coding = prediction.model, view.code
     return {
         "resourceType": "Observation",
         "identifier": [
@@ -100,35 +95,40 @@ def _observation(
             "identifier": {"system": prediction.patient_system, "value": prediction.patient_id}
         },
         "effectiveDateTime": prediction.anchor.isoformat(),
-        "interpretation": [_interpretation(risks, config)],
+        "interpretation": [_interpretation(prediction.outputs, view)],
         "method": {"text": model_text},
         "device": {"display": f"ehrbridge {__version__}; model {model.name} {model.version}"},
         "derivedFrom": [_derived_from(f, prediction.site) for f in prediction.features.inputs],
         "component": [
             {
-                "code": {"coding": [{"system": COMPONENT_SYSTEM, "code": code, "display": text}]},
+                "code": {
+                    "coding": [
+                        {
+                            "system": c.code.system,
+                            "code": c.code.code,
+                            "display": c.code.display,
+                        }
+                    ]
+                },
                 "valueQuantity": {
-                    "value": percent(risks[horizon]),
+                    "value": percent(prediction.outputs[c.output]),
                     "unit": "%",
                     "system": UCUM,
                     "code": "%",
                 },
             }
-            for horizon, code, text in _HORIZONS
+            for c in view.components
         ],
     }
 
 
-def interpretation_band(risks: dict[str, float], config: SiteConfig) -> tuple[str, str]:
-    """The code and display of the first configured band the risks reach; N if none."""
-    for band in config.writeback.interpretation:
-        if risks[band.horizon] >= band.at_least:
-            return band.code, band.display
-    return "N", "Normal"
+def interpretation_band(outputs: dict[str, float], config: SiteConfig) -> tuple[str, str]:
+    """The code and display of the first band the results reach; N if none."""
+    return shown(config).band(outputs)
 
 
-def _interpretation(risks: dict[str, float], config: SiteConfig) -> dict[str, Any]:
-    code, display = interpretation_band(risks, config)
+def _interpretation(outputs: dict[str, float], view: Shown) -> dict[str, Any]:
+    code, display = view.band(outputs)
     return {"coding": [{"system": INTERPRETATION_SYSTEM, "code": code}], "text": display}
 
 

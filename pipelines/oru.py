@@ -11,12 +11,14 @@ field per line here::
     NTE  |1|L|Model kfre-4var 1.0.0 (north_american); mapping <version>; inputs: ...
     OBX  |1|NM|KFRE2Y^Kidney failure risk within 2 years^99EHB||12.3456|%^percent^UCUM
          |<10|H|||F|||<anchor>|||<model> (OBX-17)||<now> (OBX-19)
-    OBX  |2|NM|KFRE5Y^... (the 5-year risk, the same way)
+    OBX  |2|NM|KFRE5Y^... (the next output, the same way)
 
-* OBX-3 is the site's code for each horizon; OBX-5 the risk in percent;
+* OBR-4 and each output's OBX-3 come from the model file's ``rendering``
+  (``order``, ``components[].hl7``) unless the site names its own; one OBX
+  per output, in the rendering's order; OBX-5 the value in percent;
   OBX-6 UCUM ``%``; OBX-7 the reference range (below the lowest threshold
-  band of that horizon, e.g. ``<10``); OBX-8 the abnormal flag of the first
-  band the risk reaches (``H``, ``HH``), else ``N``; OBX-14 the anchor time
+  band of that output, e.g. ``<10``); OBX-8 the abnormal flag of the first
+  band the value reaches (``H``, ``HH``), else ``N``; OBX-14 the anchor time
   of the input results; OBX-17 the model (name, version, calibration);
 * OBR-3 (filler order number) is the prediction identifier, stable across
   replays, so the EHR files an update of the same result under the same
@@ -43,23 +45,25 @@ import hashlib
 import re
 from datetime import UTC, datetime
 
-from ehrbridge.config import Hl7Code, Hl7v2Writeback, PlaceholderName, SiteConfig
+from ehrbridge.config import Hl7v2Writeback, PlaceholderName, SiteConfig
+from ehrbridge.mappings.model_file import Hl7Coding
 from ehrbridge.pipelines.domain import bounded_note
 from ehrbridge.pipelines.er7 import Encoding, escape
 from ehrbridge.pipelines.facts import PersonName
 from ehrbridge.pipelines.hl7time import format_dtm
 from ehrbridge.pipelines.records import Prediction
+from ehrbridge.pipelines.rendering import Shown, shown
 
 ENCODING = Encoding(field="|", component="^", repetition="~", escape="\\", subcomponent="&")
 UCUM_PERCENT = "%^percent^UCUM"
 FILLER_NAMESPACE = "EHRBRIDGE"
-_HORIZONS = ("2y", "5y")
 _DELIMITERS = re.compile(r"[|^~\\&\r\n]")
 
 
 def control_id(prediction: Prediction, status: str) -> str:
     """MSH-10: the same for the same content, at most 20 characters (ST in v2.3-2.6)."""
-    material = f"{prediction.identifier}|{prediction.risk_2y!r}|{prediction.risk_5y!r}|{status}"
+    values = "|".join(f"{v!r}" for v in prediction.outputs.values())
+    material = f"{prediction.identifier}|{values}|{status}"
     return "EB" + hashlib.sha256(material.encode()).hexdigest()[:18].upper()
 
 
@@ -69,17 +73,9 @@ def risk_text(fraction: float) -> str:
     return text or "0"
 
 
-def flag(config: SiteConfig, horizon: str, fraction: float) -> str:
-    """OBX-8: the first configured band of this horizon the risk reaches, else N."""
-    for band in config.writeback.interpretation:
-        if band.horizon == horizon and fraction >= band.at_least:
-            return band.code
-    return "N"
-
-
-def reference_range(config: SiteConfig, horizon: str) -> str:
-    """OBX-7: below the lowest threshold of this horizon (``<10``), or empty."""
-    thresholds = [b.at_least for b in config.writeback.interpretation if b.horizon == horizon]
+def reference_range(view: Shown, output: str) -> str:
+    """OBX-7: below the lowest threshold of this output (``<10``), or empty."""
+    thresholds = view.thresholds(output)
     return f"<{risk_text(min(thresholds))}" if thresholds else ""
 
 
@@ -95,16 +91,17 @@ def build_oru(
     if target is None:
         raise ValueError("writeback.hl7v2 is not configured")
     status = "C" if corrected else "F"
+    view = shown(config)
     msh_10 = control_id(prediction, status)
     stamp = format_dtm((now or datetime.now(UTC)).astimezone(UTC))
     segments = [
         _msh(target, config.site, stamp, msh_10),
         _pid(prediction, config, target.unknown_name),
-        _obr(prediction, target, stamp, status),
+        _obr(prediction, view.order, stamp, status),
         _nte(prediction),
         *(
-            _obx(number, horizon, prediction, config, (stamp, status))
-            for number, horizon in enumerate(_HORIZONS, start=1)
+            _obx(number, output, prediction, view, (stamp, status))
+            for number, output in enumerate(view.outputs, start=1)
         ),
     ]
     return ("\r".join(segments) + "\r").encode("utf-8"), msh_10
@@ -114,7 +111,7 @@ def _e(text: str) -> str:
     return escape(text, ENCODING) if _DELIMITERS.search(text) else text
 
 
-def _cwe(code: Hl7Code) -> str:
+def _cwe(code: Hl7Coding) -> str:
     return "^".join([_e(code.code), _e(code.text), _e(code.system)])
 
 
@@ -157,12 +154,12 @@ def _pid(prediction: Prediction, config: SiteConfig, placeholder: PlaceholderNam
     return "|".join(["PID", "1", "", cx, "", name])
 
 
-def _obr(prediction: Prediction, target: Hl7v2Writeback, stamp: str, status: str) -> str:
+def _obr(prediction: Prediction, order: Hl7Coding, stamp: str, status: str) -> str:
     fields = [""] * 26
     fields[0] = "OBR"
     fields[1] = "1"  # OBR-1 set id
     fields[3] = f"{prediction.identifier}^{FILLER_NAMESPACE}"  # OBR-3 filler order number
-    fields[4] = _cwe(target.order)  # OBR-4 universal service identifier
+    fields[4] = _cwe(order)  # OBR-4 universal service identifier
     fields[7] = format_dtm(prediction.anchor)  # OBR-7 observation date/time
     fields[22] = stamp  # OBR-22 results report/status change
     fields[25] = status  # OBR-25 result status
@@ -187,16 +184,14 @@ def _nte(prediction: Prediction) -> str:
 
 def _obx(
     number: int,
-    horizon: str,
+    output: str,
     prediction: Prediction,
-    config: SiteConfig,
+    view: Shown,
     stamp_status: tuple[str, str],
 ) -> str:
     stamp, status = stamp_status
-    target = config.writeback.hl7v2
-    assert target is not None
-    fraction = prediction.risk_2y if horizon == "2y" else prediction.risk_5y
-    code = target.risk_2y if horizon == "2y" else target.risk_5y
+    fraction = prediction.outputs[output]
+    code = view.obx[output]
     model = prediction.model
     method = "^".join(
         [_e(model.name), _e(f"{model.name} {model.version} {model.calibration}"), "99EHB"]
@@ -209,8 +204,8 @@ def _obx(
     fields[4] = "1"  # OBX-4 sub-id: required from v2.7; each OBX is its own observation
     fields[5] = risk_text(fraction)  # OBX-5 value
     fields[6] = UCUM_PERCENT  # OBX-6 units
-    fields[7] = _e(reference_range(config, horizon))  # OBX-7 reference range
-    fields[8] = flag(config, horizon, fraction)  # OBX-8 abnormal flags
+    fields[7] = _e(reference_range(view, output))  # OBX-7 reference range
+    fields[8] = view.flag(output, fraction)  # OBX-8 abnormal flags
     fields[11] = status  # OBX-11 result status
     fields[14] = format_dtm(prediction.anchor)  # OBX-14 observation date/time
     fields[17] = method  # OBX-17 observation method

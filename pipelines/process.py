@@ -49,8 +49,8 @@ from ehrbridge.pipelines.fhir_facts import extract_fhir
 from ehrbridge.pipelines.history import by_episode
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
 from ehrbridge.pipelines.model import Model
-from ehrbridge.pipelines.observation import interpretation_band
 from ehrbridge.pipelines.records import ModelInfo, Prediction, prediction_identifier
+from ehrbridge.pipelines.rendering import shown
 from ehrbridge.pipelines.state import PatientState, StateStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class ProcessStage:
         self.rules = FactRules(config.mapping)
         self.state = state
         self.model = model
+        self.rendering = shown(config)
+        self.inputs = tuple(i.name for i in config.model.declared.inputs)
         self.metrics = metrics
         self.not_enough_data = 0  # feature records that could not be built, for progress output
         self.out_of_domain = 0  # records outside the model's validated domain, not scored
@@ -127,7 +129,7 @@ class ProcessStage:
                     state = self.state.get(patient.patient_id) or PatientState(patient.patient_id)
                     states[patient.patient_id] = state
                 state.revision += 1
-                result = evaluate(state, patient, self.config.mapping)
+                result = evaluate(state, patient, self.config.mapping, needed=self.inputs)
                 self._observe(patient, result)
                 if result is None:
                     continue  # no trigger: demographics only (ADT), nothing mapped or usable
@@ -188,10 +190,11 @@ class ProcessStage:
         calibration = self.config.model.calibration or ""  # "" for a model that has none
         model = ModelInfo(result.model_name, result.model_version, calibration)
         outcomes: list[Outcome] = []
-        for item, risk_2y, risk_5y in zip(chunk, result.risk_2y, result.risk_5y, strict=True):
-            prediction = self._prediction(item, model, risk_2y, risk_5y)
-            band, _ = interpretation_band({"2y": risk_2y, "5y": risk_5y}, self.config)
-            self.metrics.prediction(self.config.model.name, band, risk_5y)
+        score = self.rendering.model.shown.score_output
+        for item, outputs in zip(chunk, result.rows(), strict=True):
+            prediction = self._prediction(item, model, outputs)
+            band, _ = self.rendering.band(outputs)
+            self.metrics.prediction(self.config.model.name, band, outputs[score])
             outcomes.append(
                 item.envelope.derive(prediction.to_json(), Kind.PREDICTION, key=item.patient_id)
             )
@@ -202,14 +205,14 @@ class ProcessStage:
         self.metrics.model_request(self.config.model.name, error_outcome(error), seconds)
 
     def _prediction(
-        self, item: _Pending, model: ModelInfo, risk_2y: float, risk_5y: float
+        self, item: _Pending, model: ModelInfo, outputs: dict[str, float]
     ) -> Prediction:
         return site_prediction(
             self.config,
             model,
             item.patient_id,
             item.features,
-            (risk_2y, risk_5y),
+            outputs,
             source_id=item.envelope.source_id,
             state_revision=item.revision,
             patient_name=item.name,
@@ -221,22 +224,20 @@ def site_prediction(
     model: ModelInfo,
     patient_id: str,
     features: FeatureRecord,
-    risks: tuple[float, float],
+    outputs: dict[str, float],
     *,
     source_id: str,
     state_revision: int = 0,
     patient_name: PersonName | None = None,
 ) -> Prediction:
     """The model's answer for one feature record, named and identified for ``config``'s site."""
-    risk_2y, risk_5y = risks
     return Prediction(
         site=config.site,
         patient_id=patient_id,
         patient_system=config.mapping.patient.fhir_system,
         features=features,
         model=model,
-        risk_2y=risk_2y,
-        risk_5y=risk_5y,
+        outputs=outputs,
         source_id=source_id,
         mapping_version=config.mapping.version,
         identifier=prediction_identifier(config.site, model, patient_id, features),

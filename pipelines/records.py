@@ -3,7 +3,8 @@
 It travels as JSON on the ``predictions`` topic and is kept in the local
 result store, so it carries everything write-back needs and everything a
 clinician or auditor may ask later: the features, the exact input facts, the
-model name/version/calibration and the risks.
+model name/version/calibration and its outputs, by the names the model file
+gives them (``outputs``), as fractions.
 
 Its ``identifier`` is deterministic in (site, model, model version,
 calibration, patient, episode) -- the episode being the mapping's debounce
@@ -22,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from ehrbridge.pipelines.facts import Fact, PersonName
+from ehrbridge.pipelines.facts import PersonName
 from ehrbridge.pipelines.features import FeatureRecord
 
 
@@ -40,8 +41,7 @@ class Prediction:
     patient_system: str  # FHIR Identifier.system of the patient id
     features: FeatureRecord
     model: ModelInfo
-    risk_2y: float  # fractions, 0..1
-    risk_5y: float
+    outputs: dict[str, float]  # by the model file's output names; risks as fractions, 0..1
     source_id: str  # MSH-10 / FHIR id of the message that triggered it
     mapping_version: str
     identifier: str
@@ -65,8 +65,7 @@ class Prediction:
                     "version": self.model.version,
                     "calibration": self.model.calibration,
                 },
-                "risk_2y": self.risk_2y,
-                "risk_5y": self.risk_5y,
+                "outputs": self.outputs,
                 "source_id": self.source_id,
                 "mapping_version": self.mapping_version,
                 "identifier": self.identifier,
@@ -78,31 +77,37 @@ class Prediction:
     @classmethod
     def from_json(cls, raw: bytes) -> Prediction:
         data: dict[str, Any] = orjson.loads(raw)
-        f = data["features"]
-        features = FeatureRecord(
-            anchor=datetime.fromisoformat(f["anchor"]),
-            age=f["age"],
-            male=f["male"],
-            egfr=f["egfr"],
-            uacr_mg_g=f["uacr_mg_g"],
-            egfr_method=f["egfr_method"],
-            inputs=tuple(Fact.from_json(i) for i in f["inputs"]),
-            episode=f.get("episode", ""),
-        )
+        features = FeatureRecord.from_json(data["features"])
         return cls(
             site=data["site"],
             patient_id=data["patient_id"],
             patient_system=data["patient_system"],
             features=features,
             model=ModelInfo(**data["model"]),
-            risk_2y=data["risk_2y"],
-            risk_5y=data["risk_5y"],
+            outputs=outputs_of(data),
             source_id=data["source_id"],
             mapping_version=data["mapping_version"],
             identifier=data["identifier"],
             state_revision=data.get("state_revision", 0),
             patient_name=PersonName.from_json(data.get("patient_name")),
         )
+
+
+_STRUCTURAL = frozenset(
+    {"site", "patient_id", "patient_system", "features", "model", "source_id"}
+    | {"mapping_version", "identifier", "state_revision", "patient_name", "outputs"}
+)
+
+
+def outputs_of(data: dict[str, Any]) -> dict[str, float]:
+    """The outputs; a prediction written before they were grouped had each at top level."""
+    if "outputs" in data:
+        return {str(k): float(v) for k, v in data["outputs"].items()}
+    return {
+        k: float(v)
+        for k, v in data.items()
+        if k not in _STRUCTURAL and isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def prediction_identifier(

@@ -29,24 +29,27 @@ class StoredResult:
     identifier: str
     patient_id: str
     anchor: str
-    risk_2y: float
-    risk_5y: float
+    outputs: dict[str, float]  # by the model file's output names, fractions
     model: str
     status: str
     observation: dict[str, Any]
     state_revision: int = 0  # of the patient state the prediction was computed from
 
+    @property
+    def model_name(self) -> str:
+        return self.model.split(" ", 1)[0]
+
     def summary(self) -> dict[str, Any]:
+        # Each output in percent (``<name>_percent``), as the Observation's valueQuantity
+        # and the CDS card state it, and as the model's fraction, for existing readers.
+        shown: dict[str, Any] = {f"{k}_percent": percent(v) for k, v in self.outputs.items()}
         return {
             "identifier": self.identifier,
             "patient_id": self.patient_id,
             "anchor": self.anchor,
-            # Percent, as the Observation's valueQuantity and the CDS card state them;
-            # risk_2y/risk_5y are the model's fractions (0..1), kept for existing readers.
-            "risk_2y_percent": percent(self.risk_2y),
-            "risk_5y_percent": percent(self.risk_5y),
-            "risk_2y": self.risk_2y,
-            "risk_5y": self.risk_5y,
+            **shown,
+            **self.outputs,
+            "outputs": self.outputs,
             "model": self.model,
             "status": self.status,
         }

@@ -155,8 +155,7 @@ class WritebackStage:
         if previous.status == Delivery.DELIVERED and previous.observation == observation:
             # A replay of a result every target already has: nothing to send again.
             return _Item(envelope, prediction, observation, False, set(self.targets))
-        risks = (prediction.risk_2y, prediction.risk_5y)
-        corrected = (previous.risk_2y, previous.risk_5y) != risks
+        corrected = previous.outputs != prediction.outputs
         return _Item(envelope, prediction, observation, corrected, done)
 
     def _deliver(self, items: list[_Item]) -> list[Outcome]:

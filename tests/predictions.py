@@ -34,20 +34,17 @@ def prediction(
     )
     features = FeatureRecord(
         anchor=at,
-        age=64.5,
-        male=True,
-        egfr=egfr,
-        uacr_mg_g=uacr,
-        egfr_method="reported",
+        values={"age": 64.5, "sex": 1.0, "egfr": egfr, "uacr": uacr},
         inputs=inputs,
         episode=f"day 2026-01-{day:02d}",
+        sources={"egfr": inputs[0].ref, "uacr": inputs[1].ref},
     )
     return site_prediction(
         config,
         model,
         patient_id,
         features,
-        (risk_2y, risk_5y),
+        {"risk_2y": risk_2y, "risk_5y": risk_5y},
         source_id=source,
         state_revision=revision,
     )

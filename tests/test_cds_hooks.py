@@ -82,10 +82,12 @@ def send_renal(sandbox: BackgroundSandbox, mrn: str, egfr: float, uacr: float) -
 
 
 def expected_indicator(config: SiteConfig, risk_2y: float, risk_5y: float) -> str:
-    risks = {"2y": risk_2y, "5y": risk_5y}
-    band = next(
-        (b for b in config.writeback.interpretation if risks[b.horizon] >= b.at_least), None
-    )
+    """The first band of the model file's rendering the risks reach (the site sets none)."""
+    assert config.writeback.interpretation is None
+    rendering = config.model.declared.rendering
+    assert rendering is not None
+    risks = {"risk_2y": risk_2y, "risk_5y": risk_5y}
+    band = next((b for b in rendering.interpretation if risks[b.output] >= b.at_least), None)
     code = band.code if band else "N"
     return {"HH": "critical", "H": "warning"}.get(code, "info")
 
@@ -223,7 +225,9 @@ def test_shadow_mode_shows_clinicians_nothing_unless_asked(tmp_path: Path) -> No
     [card] = pilot.patient_view(hook(patient), "http://x/")["cards"]
     result = pilot.results.latest(patient)
     assert result is not None
-    assert card["indicator"] == expected_indicator(pilot.config, result.risk_2y, result.risk_5y)
+    assert card["indicator"] == expected_indicator(
+        pilot.config, result.outputs["risk_2y"], result.outputs["risk_5y"]
+    )
     assert card["links"][0]["url"] == f"http://x/ui/patients/{patient}?result={result.identifier}"
 
 

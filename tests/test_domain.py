@@ -151,8 +151,8 @@ def test_a_bound_that_keeps_the_record_inside_is_scored_and_the_result_says_so()
     assert "creatinine >15 mg/dL was used as 15 mg/dL" in note
     assert "uacr <3 mg/g was used as 3 mg/g" in note
     prediction = site_prediction(
-        CONFIG, ModelInfo("kfre-4var", "1", "north_american"), "P1", result, (0.5, 0.8),
-        source_id="M",
+        CONFIG, ModelInfo("kfre-4var", "1", "north_american"), "P1", result,
+        {"risk_2y": 0.5, "risk_5y": 0.8}, source_id="M",
     )  # fmt: skip
     observation = build_observation(prediction, CONFIG)
     assert observation["note"] == [{"text": note}]
@@ -168,8 +168,8 @@ def test_a_record_without_bounds_has_no_note() -> None:
     result = outcome(fact("egfr", 30.0), fact("uacr", 300.0))
     assert isinstance(result, FeatureRecord)
     prediction = site_prediction(
-        CONFIG, ModelInfo("kfre-4var", "1", "north_american"), "P1", result, (0.1, 0.2),
-        source_id="M",
+        CONFIG, ModelInfo("kfre-4var", "1", "north_american"), "P1", result,
+        {"risk_2y": 0.1, "risk_5y": 0.2}, source_id="M",
     )  # fmt: skip
     assert "note" not in build_observation(prediction, CONFIG)
 

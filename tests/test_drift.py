@@ -59,7 +59,7 @@ def test_js_distance_agrees_with_scipy() -> None:
 
 
 def test_bins_are_closed_below_and_open_above() -> None:
-    edges = BINS["uacr_mg_g"]  # 3, 10, 30, ...
+    edges = BINS["uacr"]  # 3, 10, 30, ...
     assert [bin_index(edges, v) for v in (0.0, 2.99, 3.0, 29.9, 30.0, 5000.0)] == [0, 0, 1, 2, 3, 7]
 
 
@@ -70,7 +70,7 @@ def test_a_record_without_a_score_reports_only_its_missing_inputs() -> None:
 
 def uacr_day(monitor: DriftMonitor, day: date, values: list[float]) -> None:
     for value in values:
-        monitor.add_features(day, {"age": 60.0, "male": 1.0, "egfr": 35.0, "uacr_mg_g": value})
+        monitor.add_features(day, {"age": 60.0, "sex": 1.0, "egfr": 35.0, "uacr": value})
 
 
 def test_uacr_sent_in_mg_per_mmol_while_the_mapping_reads_mg_per_g_is_drift() -> None:
@@ -80,14 +80,14 @@ def test_uacr_sent_in_mg_per_mmol_while_the_mapping_reads_mg_per_g_is_drift() ->
     first = date(2026, 11, 1)
     uacr_day(monitor, first, usual)
     uacr_day(monitor, first + timedelta(days=1), usual)
-    assert monitor.compare(first + timedelta(days=1), "uacr_mg_g") is None  # still reference
+    assert monitor.compare(first + timedelta(days=1), "uacr") is None  # still reference
     same = first + timedelta(days=2)
     uacr_day(monitor, same, usual)
-    steady = monitor.compare(same, "uacr_mg_g")
+    steady = monitor.compare(same, "uacr")
     assert steady is not None and steady.psi == pytest.approx(0.0, abs=1e-12)
     switched = first + timedelta(days=3)
     uacr_day(monitor, switched, [v / 8.84 for v in usual])
-    drifted = monitor.compare(switched, "uacr_mg_g")
+    drifted = monitor.compare(switched, "uacr")
     assert drifted is not None and drifted.level == "alarm" and drifted.psi > 1.0
     assert monitor.compare(switched, "egfr").psi == pytest.approx(0.0, abs=1e-12)  # type: ignore[union-attr]
 
@@ -97,7 +97,7 @@ def test_a_day_compares_only_once_it_has_min_count_values() -> None:
     first = date(2026, 11, 1)
     uacr_day(monitor, first, [20.0] * 60)
     uacr_day(monitor, first + timedelta(days=1), [20.0] * 49)
-    assert monitor.compare(first + timedelta(days=1), "uacr_mg_g") is None
+    assert monitor.compare(first + timedelta(days=1), "uacr") is None
 
 
 def test_a_saved_monitor_restores_its_reference_and_days() -> None:

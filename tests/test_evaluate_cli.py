@@ -91,15 +91,15 @@ def store_predictions(data_dir: Path, cohort: list[Patient], factor: float = 1.0
         )
         features = FeatureRecord(
             p.anchor,
-            p.age,
-            p.male,
-            30.0,
-            300.0,
-            "reported",
+            {"age": p.age, "sex": 1.0 if p.male else 0.0, "egfr": 30.0, "uacr": 300.0},
             (fact,),
             episode=f"day {p.anchor.date()}",
+            sources={"egfr": fact.ref},
         )
-        risks = (min(p.risk_2y * factor, 0.999), min(p.risk_5y * factor, 0.999))
+        risks = {
+            "risk_2y": min(p.risk_2y * factor, 0.999),
+            "risk_5y": min(p.risk_5y * factor, 0.999),
+        }
         items.append((site_prediction(config, MODEL, p.key, features, risks, source_id=p.key), {}))
     store.upsert(items, Delivery.SHADOW)
     store.close()
@@ -383,13 +383,13 @@ def test_psi_by_month_finds_a_shifted_input_and_spares_a_stable_one() -> None:
         *month("2025-03", [12.0] * 132),  # an assay or unit change: all G5
         *month("2025-04", spread[:10]),
     ]  # too few to judge
-    drift = psi_by_month(stored)
+    drift = psi_by_month(stored, "risk_5y")
     egfr = drift["psi"]["egfr"]
     assert drift["reference_month"] == "2025-01"
     assert egfr["2025-01"] == pytest.approx(0) and egfr["2025-02"] == pytest.approx(0)
     assert egfr["2025-03"] > drift["alarm"]
     assert egfr["2025-04"] is None
-    assert drift["psi"]["uacr_mg_g"]["2025-03"] == pytest.approx(0)
+    assert drift["psi"]["uacr"]["2025-03"] == pytest.approx(0)
 
 
 def test_a_bad_outcome_file_is_refused_naming_file_line_and_field(

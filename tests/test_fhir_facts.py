@@ -93,7 +93,7 @@ def test_a_whole_patient_bundle_gives_a_record_or_a_reason(path: Path) -> None:
     assert result is not None
     if isinstance(result, FeatureRecord):
         assert result.anchor == max(f.effective for f in patient.facts)
-        assert 0 < result.egfr < 250 and result.uacr_mg_g > 0
+        assert 0 < result["egfr"] < 250 and result["uacr"] > 0
     else:
         assert result.reason  # not enough data, or outside the model's domain: a stated reason
 

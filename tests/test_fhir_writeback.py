@@ -221,7 +221,7 @@ def test_a_late_retry_of_an_older_result_of_the_episode_changes_nothing(
     [observation] = resources(fhir, "Observation")
     assert observation["component"][0]["valueQuantity"]["value"] == 22.0
     kept = store.get(newer.identifier)
-    assert kept is not None and (kept.risk_2y, kept.state_revision) == (0.22, 5)
+    assert kept is not None and (kept.outputs["risk_2y"], kept.state_revision) == (0.22, 5)
 
 
 @pytest.mark.parametrize("order", ["older first", "newer first"])
@@ -247,7 +247,7 @@ def test_the_result_store_never_replaces_a_result_with_an_older_one(
     store.upsert([(newer, {})], Delivery.SHADOW)
     store.upsert([(older, {})], Delivery.SHADOW)
     kept = store.get(newer.identifier)
-    assert kept is not None and kept.risk_2y == 0.22
+    assert kept is not None and kept.outputs["risk_2y"] == 0.22
 
 
 def test_a_result_store_from_before_revisions_is_upgraded_in_place(
@@ -264,7 +264,7 @@ def test_a_result_store_from_before_revisions_is_upgraded_in_place(
     assert old.state_revision == 0
     store.upsert([(prediction(config, risk_2y=0.3, revision=2), {})], Delivery.SHADOW)
     [new] = store.list()
-    assert (new.risk_2y, new.state_revision) == (0.3, 2)
+    assert (new.outputs["risk_2y"], new.state_revision) == (0.3, 2)
 
 
 def test_a_failed_result_keeps_the_targets_that_already_have_it(

@@ -72,13 +72,13 @@ def test_the_vector_through_the_process_stage_and_the_model_server(
     assert prediction.patient_id == "U445566"
     assert prediction.patient_system == "urn:ehrbridge:example:ukclj:mrn"
     features = prediction.features
-    assert (features.male, features.egfr_method) == (False, "ckd-epi-2021")
-    assert features.age == pytest.approx(57.28, abs=0.005)
-    assert features.egfr == pytest.approx(EGFR, abs=0.005)
-    assert features.uacr_mg_g == pytest.approx(199.3 * 8.84, rel=1e-12)
+    assert (bool(features["sex"]), features.method("egfr")) == (False, "ckd-epi-2021")
+    assert features["age"] == pytest.approx(57.28, abs=0.005)
+    assert features["egfr"] == pytest.approx(EGFR, abs=0.005)
+    assert features["uacr"] == pytest.approx(199.3 * 8.84, rel=1e-12)
     assert prediction.model.calibration == "non_north_american"
-    assert prediction.risk_2y * 100 == pytest.approx(RISK_2Y, abs=0.005)
-    assert prediction.risk_5y * 100 == pytest.approx(RISK_5Y, abs=0.005)
+    assert prediction.outputs["risk_2y"] * 100 == pytest.approx(RISK_2Y, abs=0.005)
+    assert prediction.outputs["risk_5y"] * 100 == pytest.approx(RISK_5Y, abs=0.005)
     assert prediction.mapping_version == "eu-si-local-codes-2026.1"
 
 

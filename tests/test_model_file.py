@@ -262,9 +262,9 @@ def test_a_model_file_scores_on_a_real_model_server_named_by_yaml_alone(
     assert isinstance(outcome, Envelope) and outcome.kind is Kind.PREDICTION
     prediction = Prediction.from_json(outcome.payload)
     f = prediction.features
-    row = [[f.age, 1.0 if f.male else 0.0, f.egfr, f.uacr_mg_g]]
+    row = [[f["age"], 1.0 if bool(f["sex"]) else 0.0, f["egfr"], f["uacr"]]]
     expected = float(record_model_servers.model.estimator.predict_proba(row)[0][1])
-    assert prediction.risk_2y == pytest.approx(expected, abs=1e-9)
+    assert prediction.outputs["risk_2y"] == pytest.approx(expected, abs=1e-9)
     assert prediction.model.name == "ckd-risk-local"
 
 

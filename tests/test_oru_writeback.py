@@ -124,7 +124,7 @@ def test_the_oru_carries_the_score_and_validates_with_hl7apy(
     assert group.obr.obr_3.to_er7() == f"{result.identifier}^EHRBRIDGE"
     observations = [o.obx for o in group.oru_r01_observation]
     values = [float(o.obx_5.to_er7()) for o in observations]
-    assert values == [percent(result.risk_2y), percent(result.risk_5y)]
+    assert values == [percent(result.outputs["risk_2y"]), percent(result.outputs["risk_5y"])]
     assert [o.obx_3.to_er7().split("^")[0] for o in observations] == ["KFRE2Y", "KFRE5Y"]
     assert [o.obx_6.to_er7() for o in observations] == ["%^percent^UCUM"] * 2
     assert [o.obx_7.to_er7() for o in observations] == ["<10", "<5"]  # the bands' thresholds

@@ -151,7 +151,7 @@ def test_a_future_fact_already_in_state_is_never_the_latest_or_an_anchor() -> No
     genuine = [fact(12.0, RECEIVED, "NEW/OBX/1"), fact(2500.0, RECEIVED, "NEW/OBX/2", "uacr")]
     result = evaluate(state, PatientExtract("P1", demographics, genuine), CONFIG.mapping)
     assert isinstance(result, FeatureRecord)
-    assert result.anchor == RECEIVED and (result.egfr, result.uacr_mg_g) == (12.0, 2500.0)
+    assert result.anchor == RECEIVED and (result["egfr"], result["uacr"]) == (12.0, 2500.0)
 
 
 def test_the_processing_stage_dead_letters_a_future_dated_record_from_an_older_log() -> None:
@@ -187,7 +187,9 @@ def test_the_result_store_never_calls_a_future_anchored_result_the_latest(
         facts = [fact(12.0, when, f"{ref}/OBX/1"), fact(2500.0, when, f"{ref}/OBX/2", "uacr")]
         result = evaluate(state, PatientExtract("P1", demographics, facts), CONFIG.mapping, when)
         assert isinstance(result, FeatureRecord)
-        prediction = site_prediction(CONFIG, model, "P1", result, (0.7, 0.9), source_id=ref)
+        prediction = site_prediction(
+            CONFIG, model, "P1", result, {"risk_2y": 0.7, "risk_5y": 0.9}, source_id=ref
+        )
         store.upsert([(prediction, {})], Delivery.SHADOW)
     latest = store.latest("P1", datetime(2026, 12, 1, tzinfo=UTC))
     assert latest is not None and latest.anchor == RECEIVED.isoformat()

@@ -67,22 +67,22 @@ def pipeline(tmp_path: Path) -> Iterator[Pipeline]:
 
 def test_a_panel_of_many_obx_gives_one_prediction(pipeline: Pipeline) -> None:
     [prediction] = pipeline.run(PANEL)  # 9 OBX, 3 of them mapped
-    assert prediction.features.egfr == 33 and prediction.features.uacr_mg_g == 320
+    assert prediction.features["egfr"] == 33 and prediction.features["uacr"] == 320
 
 
 def test_one_batch_gives_one_prediction_per_visit(pipeline: Pipeline) -> None:
     predictions = pipeline.run(VISIT_1, CHEMISTRY, URINE)
     assert [p.features.episode for p in predictions] == ["visit V2001", "visit V2002"]
     last = predictions[-1].features
-    assert (last.egfr, last.uacr_mg_g) == (28, 410)  # the urine message's, not the chemistry's
+    assert (last["egfr"], last["uacr"]) == (28, 410)  # the urine message's, not the chemistry's
 
 
 def test_separate_batches_update_one_identity_per_visit(pipeline: Pipeline, tmp_path: Path) -> None:
     first = pipeline.run(VISIT_1)
     chemistry = pipeline.run(CHEMISTRY)
     urine = pipeline.run(URINE)
-    assert chemistry[0].features.uacr_mg_g == 380  # November's, the last in its window
-    assert urine[0].features.uacr_mg_g == 410
+    assert chemistry[0].features["uacr"] == 380  # November's, the last in its window
+    assert urine[0].features["uacr"] == 410
     assert chemistry[0].identifier == urine[0].identifier  # one Observation, updated
     assert first[0].identifier != urine[0].identifier  # another visit, another Observation
     # The same as one batch would give: batching does not change the outcome.
@@ -115,8 +115,8 @@ def test_the_result_does_not_depend_on_the_order_the_visit_arrives_in(
 def test_replaying_a_batch_gives_the_same_predictions(pipeline: Pipeline) -> None:
     once = pipeline.run(VISIT_1, CHEMISTRY, URINE)
     again = pipeline.run(VISIT_1, CHEMISTRY, URINE)  # after a crash before the commit
-    assert [(p.identifier, p.features, p.risk_2y) for p in again] == [
-        (p.identifier, p.features, p.risk_2y) for p in once
+    assert [(p.identifier, p.features, p.outputs["risk_2y"]) for p in again] == [
+        (p.identifier, p.features, p.outputs["risk_2y"]) for p in once
     ]
 
 

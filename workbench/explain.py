@@ -22,6 +22,7 @@ from ehrbridge.adapters.hl7_reference import field_name
 from ehrbridge.config import describe_model
 from ehrbridge.core.contracts import Kind
 from ehrbridge.core.errors import MessageRejected, MessageUnusable
+from ehrbridge.mappings.schema import CANONICAL_UNITS, DERIVED_FROM
 from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules, ObservationTrace, PatientTrace, Trace
@@ -170,14 +171,20 @@ def _record_lines(item: Input, site: SiteMapping) -> Iterator[str]:
 
 
 def _features(record: FeatureRecord) -> Iterator[str]:
-    egfr_from = ", ".join(f"{f.feature} {f.value:.6g} {f.unit}" for f in record.inputs[:-1])
-    yield (
-        f"  age {record.age:.2f}  sex {'M' if record.male else 'F'}  "
-        f"egfr {record.egfr:.2f} ({record.egfr_method} from {egfr_from})  "
-        f"uacr {record.uacr_mg_g:.2f} mg/g"
-    )
+    yield "  " + "  ".join(_feature(record, name, value) for name, value in record.values.items())
     yield f"  anchor {record.anchor.isoformat()}, episode {record.episode}"
     yield f"  inputs {', '.join(f.ref for f in record.inputs)}"
+
+
+def _feature(record: FeatureRecord, name: str, value: float) -> str:
+    if name == "sex":
+        return f"sex {'M' if value else 'F'}"
+    unit = f" {CANONICAL_UNITS[name]}" if name in CANONICAL_UNITS else ""
+    fact = record.source(name)
+    if fact is None or name not in DERIVED_FROM:  # only a derivable value says how it was got
+        return f"{name} {value:.2f}{unit}"
+    source = f"{fact.feature} {fact.value:.6g} {fact.unit}"
+    return f"{name} {value:.2f} ({record.method(name)} from {source})"
 
 
 def _shown(path: Path) -> str:

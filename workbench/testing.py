@@ -44,7 +44,13 @@ from pydantic import Field, model_validator
 from ehrbridge.core.errors import ConfigError, MessageRejected, MessageUnusable
 from ehrbridge.core.located_yaml import load_located, validate_located
 from ehrbridge.mappings.loader import load_mapping_file
-from ehrbridge.mappings.schema import Mapping, Strict
+from ehrbridge.mappings.schema import (
+    CANONICAL_UNITS,
+    DERIVED_FROM,
+    LEGACY_RECORD_KEYS,
+    Mapping,
+    Strict,
+)
 from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.facts import Fact, FactRules, Unused
 from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
@@ -53,8 +59,11 @@ from ehrbridge.workbench.messages import Input, extract_input, inputs_from_bytes
 
 Outcome = FeatureRecord | NotEnoughData | OutOfDomain
 
-FEATURE_KEYS = ("age", "sex", "egfr", "egfr_method", "uacr_mg_g", "anchor", "episode")
-_NUMERIC = ("age", "egfr", "uacr_mg_g")
+# A case may expect any feature (by name, or by the key records had before they were
+# generic: uacr_mg_g), how one was obtained (egfr_method), the anchor and the episode.
+_LABS = tuple(n for n in CANONICAL_UNITS if n not in DERIVED_FROM.values())
+_NUMERIC = ("age", *_LABS, *(k for k, v in LEGACY_RECORD_KEYS.items() if v in _LABS))
+FEATURE_KEYS = (*_NUMERIC, "sex", *(f"{n}_method" for n in DERIVED_FROM), "anchor", "episode")
 
 
 # --------------------------------------------------------------------------- the file format
@@ -351,15 +360,12 @@ def _patients(got: Replay) -> str:
 
 
 def _record_values(record: FeatureRecord) -> dict[str, object]:
-    return {
-        "age": record.age,
-        "sex": "M" if record.male else "F",
-        "egfr": record.egfr,
-        "egfr_method": record.egfr_method,
-        "uacr_mg_g": record.uacr_mg_g,
-        "anchor": record.anchor,
-        "episode": record.episode,
-    }
+    values: dict[str, object] = dict(record.values)
+    values.update({old: values[new] for old, new in LEGACY_RECORD_KEYS.items() if new in values})
+    if "sex" in values:
+        values["sex"] = "M" if values["sex"] else "F"
+    methods = {f"{name}_method": record.method(name) for name in DERIVED_FROM if name in values}
+    return {**values, **methods, "anchor": record.anchor, "episode": record.episode}
 
 
 def _matches(key: str, wanted: float | str, actual: object, tolerance: float | None) -> bool:

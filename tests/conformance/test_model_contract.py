@@ -63,11 +63,7 @@ PATIENTS.append((44.5, True, 27.25, 612.0))
 def features(age: float, male: bool, egfr: float, uacr: float) -> FeatureRecord:
     return FeatureRecord(
         anchor=datetime(2026, 1, 1, tzinfo=UTC),
-        age=age,
-        male=male,
-        egfr=egfr,
-        uacr_mg_g=uacr,
-        egfr_method="reported",
+        values={"age": age, "sex": 1.0 if male else 0.0, "egfr": egfr, "uacr": uacr},
         inputs=(),
         episode="day 2026-01-01",
     )
@@ -208,8 +204,8 @@ def test_one_request_answers_every_record_in_order(bed: ModelBed) -> None:
     before = bed.requests()
     result = bed.client().infer(RECORDS, "MSG-1")
     risk_2y, risk_5y = bed.expected()
-    assert result.risk_2y == pytest.approx(risk_2y, abs=1e-9)
-    assert result.risk_5y == pytest.approx(risk_5y, abs=1e-9)
+    assert result.outputs["risk_2y"] == pytest.approx(risk_2y, abs=1e-9)
+    assert result.outputs["risk_5y"] == pytest.approx(risk_5y, abs=1e-9)
     assert bed.requests() - before == 1
     assert result.model_name == "kfre-4var" and result.model_version == "1.0.0"
 
@@ -218,8 +214,8 @@ def test_the_same_records_give_the_same_risks(bed: ModelBed) -> None:
     client = bed.client()
     first = client.infer(RECORDS)
     again = client.infer(list(reversed(RECORDS)))
-    assert again.risk_2y == list(reversed(first.risk_2y))
-    assert again.risk_5y == list(reversed(first.risk_5y))
+    assert again.outputs["risk_2y"] == list(reversed(first.outputs["risk_2y"]))
+    assert again.outputs["risk_5y"] == list(reversed(first.outputs["risk_5y"]))
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
@@ -228,7 +224,9 @@ def test_a_server_error_or_overload_is_transient(bed: ModelBed, status: int) -> 
     bed.fault(status=status)
     with pytest.raises(UpstreamUnavailable):
         client.infer(RECORDS)
-    assert client.infer(RECORDS).risk_2y == pytest.approx(bed.expected()[0])  # then it passes
+    assert client.infer(RECORDS).outputs["risk_2y"] == pytest.approx(
+        bed.expected()[0]
+    )  # then it passes
 
 
 def test_an_answer_slower_than_the_timeout_is_transient(bed: ModelBed) -> None:
@@ -260,7 +258,9 @@ def test_close_is_idempotent_and_a_new_client_works(bed: ModelBed) -> None:
     first.infer(RECORDS[:1])
     first.close()
     first.close()
-    assert bed.client().infer(RECORDS[:2]).risk_2y == pytest.approx(bed.expected()[0][:2])
+    assert bed.client().infer(RECORDS[:2]).outputs["risk_2y"] == pytest.approx(
+        bed.expected()[0][:2]
+    )
 
 
 def test_a_server_nobody_listens_on_is_transient() -> None:
