@@ -40,10 +40,12 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ehrbridge.audit import audit_note
-from ehrbridge.config import InterpretationBand, Mode, SiteConfig
+from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.pipelines.features import age_at
 from ehrbridge.pipelines.jsonshape import items, obj
+from ehrbridge.pipelines.rendering import Shown
+from ehrbridge.pipelines.rendering import shown as rendering
 from ehrbridge.pipelines.results import ResultStore, StoredResult
 from ehrbridge.pipelines.state import PatientState, StateStore
 from ehrbridge.risk_chart import STYLES, Point, Series, Threshold, svg
@@ -172,7 +174,7 @@ def build_view(
     scores = [_score(r, state) for r in shown]
     newest_out = _out_of_domain_since(state, scores[0].at if scores else None)
     current = None if newest_out or not scores else scores[0]
-    chart, legend, thresholds = _chart(scores, config.writeback.interpretation)
+    chart, legend, thresholds = _chart(scores, rendering(config))
     return PatientView(
         patient_id=patient_id,
         site=config.site,
@@ -187,7 +189,7 @@ def build_view(
         legend=legend,
         thresholds=thresholds,
         selected=selected,
-        title=config.writeback.code.display,
+        title=rendering(config).code.display,  # writeback.code, else the model file's
     )
 
 
@@ -315,9 +317,7 @@ def _plain(reason: str) -> str:
     return f"{detail} ({words[kind]})" if kind in words and detail else reason
 
 
-def _chart(
-    scores: list[Score], bands: Sequence[InterpretationBand]
-) -> tuple[str, list[tuple[str, str, str]], list[str]]:
+def _chart(scores: list[Score], view: Shown) -> tuple[str, list[tuple[str, str, str]], list[str]]:
     oldest_first = list(reversed(scores))
     codes = list(dict.fromkeys(o.code for s in oldest_first for o in s.outputs))
     series = [
@@ -329,18 +329,14 @@ def _chart(
         )
         for code in codes
     ]
+    # A band is about one output; the chart's series are the Observation's components.
+    component = {c.output: c.code.code for c in view.components}
     thresholds = [
         Threshold(index, band.at_least * 100, band.display)
-        for band in bands
+        for band in view.bands
         for index, code in enumerate(codes)
-        if _band_applies(band, code)
+        if component.get(band.output) == code
     ]
     chart = svg(series, thresholds, "Risk over time")
     legend = [(s.label, *STYLES[i % len(STYLES)][:2]) for i, s in enumerate(series)]
     return chart, legend, [t.label for t in thresholds]
-
-
-def _band_applies(band: InterpretationBand, output_code: str) -> bool:
-    """Whether a band is about this output: a band names its horizon, ``2y``, and the
-    Observation's component for that horizon ends with it (``kfre-risk-2y``)."""
-    return output_code.endswith(f"-{band.horizon}")

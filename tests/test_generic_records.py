@@ -62,11 +62,9 @@ def test_an_old_results_database_is_migrated_and_its_rows_read_back(tmp_path: Pa
     path = tmp_path / "results.sqlite"
     with sqlite3.connect(path) as conn:
         conn.executescript(OLD_SCHEMA)
-        conn.execute(
-            "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            ("ID1", "MRN-1", "2026-01-01T08:30:00+00:00", 0.2153, 0.5311, "kfre-4var 1 na")
-            + ("delivered", b"{}", b'{"resourceType": "Observation"}', 1.0, 2.0, 7),
-        )
+        row = ("ID1", "MRN-1", "2026-01-01T08:30:00+00:00", 0.2153, 0.5311, "kfre-4var 1 na")
+        stored = ("delivered", b"{}", b'{"resourceType": "Observation"}', 1.0, 2.0, 7)
+        conn.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", (*row, *stored))
     store = SqliteResultStore(path)
     try:
         old = store.get("ID1")

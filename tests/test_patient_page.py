@@ -123,7 +123,9 @@ def test_the_chart_draws_each_score_and_the_sites_thresholds(
     [chart] = re.findall(r"<svg class=\"risk-chart\".*?</svg>", text, re.S)
     assert chart.count("<polyline") == 2  # 2-year and 5-year risk
     assert chart.count("<title>Kidney failure risk within 2 years") == len(results)
-    for band in sandbox.sandbox.config.writeback.interpretation:
+    rendering = sandbox.sandbox.config.model.declared.rendering  # the model file's bands
+    assert rendering is not None and rendering.interpretation
+    for band in rendering.interpretation:
         assert escape(band.display) in text  # named under the chart
         assert 'stroke-dasharray="3 5"' in chart
     assert f"the latest {results[0]['risk_5y_percent']:.1f}%" in chart  # the description
