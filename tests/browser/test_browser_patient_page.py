@@ -122,7 +122,7 @@ def test_the_patient_page_shows_the_stored_predictions(
     results = send_visits(sandbox, mrn)
     as_viewer.get(card_link(sandbox, mrn))
     driver = as_viewer.driver
-    title = sandbox.sandbox.config.writeback.code.display
+    title = sandbox.sandbox.config.model.declared.shown.code.display  # the model file's
     assert driver.find_element(By.TAG_NAME, "h1").text == title
     current = driver.find_element(By.CSS_SELECTOR, ".current").text
     assert f"Kidney failure risk within 2 years: {results[0]['risk_2y_percent']:.1f}%" in current
