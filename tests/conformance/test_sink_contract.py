@@ -15,6 +15,8 @@ The Sink contract (``core/contracts.py``), case by case:
 * permanent (the destination refuses this item for good, or the item cannot
   be encoded) is a :class:`PermanentError` for that item alone;
 * no third-party exception leaks: everything raised is an ``EhrbridgeError``;
+* inside the write-back wrappers (RetryingSink, then DeadLetteringSink) what
+  did not arrive comes back as data, by batch index, and nothing is lost;
 * ``close`` releases the connection; a new sink (a restart) writes on, and
   closing twice is harmless; an empty batch sends nothing.
 
@@ -54,7 +56,7 @@ from ehrbridge.core.errors import (
 from ehrbridge.pipelines.oru import build_oru
 from ehrbridge.pipelines.provenance import result_transaction
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.retry import RetryingSink
+from ehrbridge.pipelines.retry import DeadLetteringSink, RetryingSink
 from ehrbridge.sandbox.fhir_server import create_fhir_app
 from ehrbridge.sandbox.mllp_peer import MllpPeer
 from ehrbridge.sandbox.run import sandbox_site_file
@@ -492,6 +494,21 @@ def test_an_item_that_cannot_be_encoded_is_refused_alone(bed: SinkBed) -> None:
     assert list(caught.value.errors) == [1]
     assert isinstance(caught.value.errors[1], PermanentError)
     assert bed.delivered() == {0: 0, 2: 0}
+
+
+def test_as_write_back_wraps_it_what_did_not_arrive_comes_back_as_data(bed: SinkBed) -> None:
+    """The write-back chain: the sink inside RetryingSink inside DeadLetteringSink."""
+    sink = DeadLetteringSink(RetryingSink(bed.sink(), FAST))
+    errors = sink.write([bed.record(0), bed.refusing(1), bed.record(2)])
+    assert list(errors) == [1] and isinstance(errors[1], PermanentError)
+    batch = [bed.record(n) for n in (3, 4, 5)]
+    bed.outage(len(batch) * FAST.attempts)  # past the budget, a batch or an item an exchange
+    errors = sink.write(batch)
+    assert errors and all(isinstance(e, TransientError) for e in errors.values())
+    pending = [batch[i] for i in sorted(errors)]
+    for _ in range(len(batch) * FAST.attempts):  # what the delayed-retry tiers do
+        pending = [pending[i] for i in sorted(sink.write(pending))] if pending else []
+    assert not pending and bed.delivered() == {0: 0, 2: 0, 3: 0, 4: 0, 5: 0}  # none lost
 
 
 def test_an_empty_batch_sends_nothing(bed: SinkBed) -> None:
