@@ -42,6 +42,7 @@ from fastapi.params import Depends
 
 from ehrbridge._http import EmbeddedServer
 from ehrbridge.adapters.prometheus_metrics import CONTENT_TYPE, PrometheusMetrics
+from ehrbridge.api_docs import add_docs_routes
 from ehrbridge.core.version import __version__
 from ehrbridge.promotion import ModeSwitch
 
@@ -179,7 +180,9 @@ def add_monitoring_routes(
 
 def create_monitoring_api(monitoring: SiteMonitoring) -> FastAPI:
     """The HTTP API of a process without the ingest role: health and monitoring only."""
-    app = FastAPI(title="ehrbridge monitoring", version=__version__)
+    # docs_url None: FastAPI's own /docs loads from public CDNs; ours are self-hosted.
+    app = FastAPI(title="ehrbridge monitoring", version=__version__, docs_url=None, redoc_url=None)
+    add_docs_routes(app, "ehrbridge monitoring")
     config = monitoring.config
 
     @app.get("/health")

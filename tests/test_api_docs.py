@@ -22,6 +22,7 @@ from test_roles import site_config
 from ehrbridge.api import create_api
 from ehrbridge.api_docs import ASSETS
 from ehrbridge.auth import Authenticator
+from ehrbridge.monitoring import create_monitoring_api
 from ehrbridge.pipelines.transport import Record, topic_name
 from ehrbridge.runtime import Role, SiteRuntime
 
@@ -128,3 +129,14 @@ def test_the_audit_export_pages_on_from_where_it_stopped(
         assert answer["truncated"] == (answer["links"]["next"] is not None)
         url = answer["links"]["next"]
     assert len(seen) == 5 == len(set(seen)) and seen == sorted(seen)
+
+
+def test_a_process_without_the_ingest_role_serves_its_docs_offline_too(
+    api: tuple[TestClient, SiteRuntime],
+) -> None:
+    _, runtime = api
+    with TestClient(create_monitoring_api(runtime.monitoring)) as monitoring:
+        for page in ("/docs", "/redoc"):
+            html = monitoring.get(page).text
+            assert "/docs/assets/" in html and "https://" not in html and "http://" not in html
+        assert monitoring.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
