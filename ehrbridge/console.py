@@ -580,7 +580,8 @@ def _observations(config: SiteConfig, record: Record) -> tuple[list[ObservationT
         return trace.observations, f"{error.reason}: {error.detail}"
     except ValueError as error:
         return trace.observations, f"unreadable: {error}"
-    return trace.observations, ""
+    # With a trace, extraction notes what ingest would refuse (AE) instead of raising.
+    return trace.observations, "; ".join(trace.problems)
 
 
 def _no_prediction(
@@ -650,8 +651,8 @@ def _dead_letter_rows(
 ) -> list[dict[str, Any]]:
     """Dead letters matching the filter, newest first; replayed ones only with ``again``.
 
-    Filtered by the time they were received (the index's time), as the replay route
-    filters by the time they were dead-lettered: within seconds of each other.
+    Filtered by the time they were received (the index's); "replay all matching"
+    sends exactly these offsets, whatever their dead-letter times.
     """
     done = replayed_offsets(parts.log, parts.config.site)
     found = []
@@ -662,16 +663,14 @@ def _dead_letter_rows(
             if m.topic == "dlq" and (again or m.offset not in done):
                 found.append(m)
     found.sort(key=lambda m: (m.received_at, m.offset), reverse=True)
-    dlq = topic_name(parts.config.site, "dlq")
-    return [
-        _dead_letter_row(m, parts.log, dlq, done, i < DEAD_LETTER_PAGE) for i, m in enumerate(found)
-    ]
+    return [_dead_letter_row(m, parts, done, i < DEAD_LETTER_PAGE) for i, m in enumerate(found)]
 
 
 def _dead_letter_row(
-    m: IndexedMessage, log: Log, dlq: str, done: set[int], shown: bool
+    m: IndexedMessage, parts: ConsoleParts, done: set[int], shown: bool
 ) -> dict[str, Any]:
-    record = _read_one(log, dlq, m.offset) if shown else None  # the detail only where shown
+    dlq = topic_name(parts.config.site, "dlq")
+    record = _read_one(parts.log, dlq, m.offset) if shown else None  # only where shown
     return {
         "offset": m.offset,
         "at": _clock(m.received_at),
@@ -681,4 +680,25 @@ def _dead_letter_row(
         "patient": m.patient or "",
         "detail": record.headers.get("error.detail", "") if record else "",
         "replayed": m.offset in done,
+        "now": replay_preview(parts.config, record) if record else "",
     }
+
+
+def replay_preview(config: SiteConfig, record: Record) -> str:
+    """What a replay would meet now: the message read again with the current mapping.
+
+    A message refused at ingest is parsed and mapped again, as ingest would; a later
+    stage's failure depends on the model server or the EHR, which only a replay tries.
+    """
+    stage = record.headers.get("error.stage", "")
+    if stage == "writeback":
+        return "sends the result to the EHR again"
+    if record.headers.get("kind", "hl7v2").lower() not in ("hl7v2", "hl7"):
+        return "read again with the current mapping (FHIR)"
+    observations, error = _observations(config, record)
+    if error:
+        return f"still fails with the current mapping: {error}"
+    used = sum(1 for o in observations if o.outcome == "used")
+    if stage == "ingest":
+        return f"passes the current mapping ({used} result(s) used)"
+    return f"maps ({used} result(s) used); then calls the model again"

@@ -21,8 +21,10 @@ import pytest
 
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.config import ApiRole
+from ehrbridge.pipelines.er7 import Message
 from ehrbridge.sandbox.credentials import api_token
 from ehrbridge.sandbox.run import BackgroundSandbox, example_message_file
+from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +161,18 @@ def test_over_tls_the_session_cookie_is_secure(tmp_path: Path) -> None:
         token = api_token(sandbox.data_dir, ApiRole.VIEWER)
         answer = client.post("/console/login", data={"token": token})
         assert answer.status_code == 303 and "secure" in answer.headers["set-cookie"].lower()
+
+
+def test_the_dead_letters_page_previews_a_replay_with_the_current_mapping(
+    site: BackgroundSandbox,
+) -> None:
+    message = SyntheticEhr(seed=5, patients=1).bad_messages()["unknown_unit"]
+    with MllpClient("127.0.0.1", site.sandbox.mllp_port) as mllp:
+        assert mllp.send(message).code == "AE"
+    control_id = Message.parse(message).control_id
+    page = signed_in(site, ApiRole.OPERATOR).get("/console/dead-letters").text
+    row = next(r for r in page.split("<tr") if f">{control_id}<" in r)
+    assert "still fails with the current mapping:" in row and "unit" in row
 
 
 def test_what_a_user_types_comes_back_escaped(site: BackgroundSandbox) -> None:

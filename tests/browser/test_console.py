@@ -145,6 +145,7 @@ def test_a_replay_clicked_on_the_dead_letters_page_produces_its_observation(
     sign_in(browser, site, ApiRole.OPERATOR)
     open_page(browser, f"{api}/console/dead-letters")
     row = browser.driver.find_element(By.XPATH, f"//tr[td/a[text()='{control_id}']]")
+    assert "calls the model again" in row.text  # the preview: the mapping reads it now
     browser.screenshot("console-dead-letters")
     row.find_element(By.CSS_SELECTOR, "button[data-replay='one']").click()
     status = browser.driver.find_element(By.ID, "replay-status")
