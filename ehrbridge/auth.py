@@ -73,6 +73,7 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
         ("GET", "/docs/assets/{name}"),  # their scripts and styles (ehrbridge/api_docs.py)
         # SMART EHR launch: sends the browser to the EHR to sign in; no data (smart_launch.py)
         ("GET", "/ui/launch"),
+        ("GET", "/"),  # redirects to the console, as /console does
         ("GET", "/console"),  # redirects to the console's first page (which needs a session)
         ("GET", "/console/login"),  # the console's sign-in form: a token in, a cookie out
         ("POST", "/console/login"),

@@ -226,8 +226,10 @@ async def _form(request: Request) -> dict[str, str]:
 def _add_session_routes(app: FastAPI, console: Console) -> None:
     auth = console.parts.auth
 
+    @app.get("/", include_in_schema=False)
     @app.get("/console", include_in_schema=False)
     def console_home() -> RedirectResponse:
+        """A browser pointed at the server lands on the console (or its login)."""
         return RedirectResponse("/console/sites", 303)
 
     @app.get("/console/static/{name}", include_in_schema=False)

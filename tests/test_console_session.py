@@ -64,6 +64,13 @@ def test_login_sets_an_httponly_samesite_strict_session_cookie(site: BackgroundS
     assert page.headers["cache-control"] == "no-store"
 
 
+def test_the_server_root_leads_a_browser_to_the_console_login(site: BackgroundSandbox) -> None:
+    client = httpx.Client(base_url=site.sandbox.api_url, follow_redirects=True)
+    answer = client.get("/", headers={"Accept": "text/html"})
+    assert answer.status_code == 401  # no session yet: the page that leads to the login
+    assert 'href="/console/login?next=%2Fconsole%2Fsites"' in answer.text
+
+
 def test_a_wrong_token_gets_no_session(site: BackgroundSandbox) -> None:
     client = httpx.Client(base_url=site.sandbox.api_url)
     answer = client.post("/console/login", data={"token": "not-a-token"})
