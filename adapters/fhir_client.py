@@ -138,3 +138,26 @@ class FhirReader:
 
     def close(self) -> None:
         self._client.close()
+
+
+def read_with_grant(
+    url: str, access_token: str | None, timeout_s: float, client: httpx.Client | None = None
+) -> Any:
+    """One GET of a resource with the caller's own bearer token, and no retry.
+
+    What a CDS Hooks service does with the ``fhirAuthorization`` the EHR sent
+    along with a hook (CDS Hooks 2.0, "FHIR Resource Access"): the EHR waits
+    for the card, so a failed read is not retried. The parsed answer on 200,
+    None for any other status; UpstreamUnavailable when the server cannot be
+    reached or its answer is not JSON. Whether ``url`` may be read at all (a
+    base the site trusts) is the caller's decision.
+    """
+    headers = {"accept": FHIR_JSON}
+    if access_token:
+        headers["authorization"] = f"Bearer {access_token}"
+    try:
+        get = client.get if client is not None else httpx.get
+        response = get(url, headers=headers, timeout=timeout_s)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as exc:
+        raise UpstreamUnavailable(f"FHIR read failed: {type(exc).__name__}") from exc

@@ -60,11 +60,11 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ehrbridge.adapters.fhir_client import read_with_grant
 from ehrbridge.adapters.fhir_http import BodyTooLarge, read_limited
 from ehrbridge.adapters.patient_links import PatientLinks
 from ehrbridge.audit import audit_note
@@ -72,6 +72,7 @@ from ehrbridge.auth import PRINCIPAL_KEY, AuthFailure, Principal
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.core.contracts import utcnow
+from ehrbridge.core.errors import EhrbridgeError
 from ehrbridge.mappings.model_file import ModelFile
 from ehrbridge.pipelines.ingest import innermost_frame
 from ehrbridge.pipelines.jsonshape import items, obj
@@ -219,17 +220,12 @@ class CdsService:
         server = str(body.get("fhirServer") or "").rstrip("/")
         if not server or server not in self.trusted_bases:
             return None
-        headers = {"accept": "application/fhir+json"}
         grant = body.get("fhirAuthorization")
-        if isinstance(grant, dict) and grant.get("access_token"):
-            headers["authorization"] = f"Bearer {grant['access_token']}"
+        token = grant.get("access_token") if isinstance(grant, dict) else None
         try:
-            response = httpx.get(
-                f"{server}/Patient/{fhir_id}", headers=headers, timeout=self.timeout_s
-            )
-            return response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError) as exc:
-            log.warning("CDS Hooks: patient read failed: %s", type(exc).__name__)
+            return read_with_grant(f"{server}/Patient/{fhir_id}", token or None, self.timeout_s)
+        except EhrbridgeError as error:
+            log.warning("CDS Hooks: patient read failed: %s", error.reason)
             return None
 
     def card(self, result: StoredResult, base_url: str) -> dict[str, Any]:
