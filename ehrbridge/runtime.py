@@ -239,11 +239,27 @@ class SiteRuntime:
         metrics.mllp_stats = self.mllp.stats.snapshot
         await self.mllp.start(ingest.deliver)
         http = self.config.http
-        app = create_api(self.api_parts(auth))
+        parts = self.api_parts(auth)
+        if parts.state is None and self.config.cds_hooks.enabled:
+            self._warn_blind_to_domain()
+        app = create_api(parts)
         self.http = EmbeddedServer(app, http.host, http.port, field="http.port", tls=http.tls)
         await self.http.start()
         if self.certificate_reloaders:
             self._tasks.append(asyncio.create_task(self._watch_certificates()))
+
+    def _warn_blind_to_domain(self) -> None:
+        # A CDS card or the risk page withholds a score once the patient's newest record
+        # falls outside the model's domain; that is read from the patient state, which
+        # this process does not hold. Said once at start, so the operator can move the API.
+        log.warning(
+            "CDS Hooks and the risk page on this process cannot see the patient state (%s "
+            "transport, roles %s): a patient whose newest record fell outside the model's "
+            "domain may still be shown the older score. Run the ingest role together with "
+            "the process role to serve them.",
+            self.config.transport.kind,
+            ",".join(sorted(self.roles)),
+        )
 
     def api_parts(self, auth: Authenticator) -> ApiParts:
         """What this process's API answers from: only what its roles keep."""

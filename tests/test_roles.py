@@ -96,7 +96,7 @@ def renal_oru(mrn: str) -> bytes:
 
 @pytest.mark.kafka
 def test_on_kafka_each_role_answers_patients_as_it_can_over_real_sockets(
-    tmp_path: Path, kafka_bootstrap: str
+    tmp_path: Path, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     site, mrn = f"roles{uuid.uuid4().hex[:8]}", f"M{uuid.uuid4().hex[:10]}"
     transport = KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, state_dir=tmp_path / "st")
@@ -138,6 +138,9 @@ def test_on_kafka_each_role_answers_patients_as_it_can_over_real_sockets(
             assert httpx.get(f"{api}/api/patients/{mrn}").status_code == 401  # token first
             assert httpx.get(f"{api}/api/results", headers=viewer).status_code == 200
             assert not (only.data_dir / "state.sqlite").exists()
+        # Its CDS cards cannot check the model's domain against the newest record: said.
+        blind = [r for r in caplog.records if "cannot see the patient state" in r.getMessage()]
+        assert len(blind) == 1 and mrn not in blind[0].getMessage()
 
 
 def test_on_the_embedded_log_the_ingest_role_reads_the_shared_state(tmp_path: Path) -> None:
