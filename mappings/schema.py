@@ -191,6 +191,11 @@ DRIFT_BINS: dict[str, tuple[float, ...]] = {
     "sex": (0.5,),
     "egfr": (10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0),  # mL/min/1.73m2, KDIGO G1-G5
     "uacr": (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0),  # mg/g, KDIGO A1 <30, A3 >300
+    # KFRE-8's analytes, around their reference limits and CKD's treatment targets.
+    "albumin": (2.5, 3.0, 3.5, 4.0, 4.5, 5.0),  # g/dL, lower reference limit 3.5
+    "phosphate": (2.5, 3.5, 4.5, 5.5, 7.0),  # mg/dL, reference 2.5-4.5
+    "bicarbonate": (16.0, 18.0, 22.0, 26.0, 30.0),  # mmol/L, KDIGO treats below 18
+    "calcium": (8.0, 8.5, 9.0, 9.5, 10.2, 11.0),  # mg/dL, reference 8.5-10.2
     "score": (0.01, 0.03, 0.05, 0.1, 0.2, 0.4, 0.6),  # fraction
 }
 # Drift state saved before bins were keyed by feature name.

@@ -18,13 +18,19 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
+from conftest import all_resources, wait_for
 from kfre import RiskPredictor  # the oracle (dev dependency)
 
 from ehrbridge._http import ThreadedServer
+from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.config import SiteConfig, parse_site_config
 from ehrbridge.mappings.model_file import load_model_file
 from ehrbridge.mappings.schema import CANONICAL_UNITS, KFRE8_ANALYTES
 from ehrbridge.mappings.units import known_unit
 from ehrbridge.sandbox.model_server import create_model_app
+from ehrbridge.sandbox.run import BackgroundSandbox
+from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 REPO = Path(__file__).resolve().parents[1]
 KFRE_8 = REPO / "models" / "kfre-8.yaml"
@@ -224,8 +230,6 @@ def test_the_8_variable_model_can_be_left_out() -> None:
 
 def test_kfre8_ships_the_outcome_it_predicts() -> None:
     # `ehrbridge evaluate --model kfre-8var` judges it on the same outcome as KFRE-4.
-    import yaml
-
     from ehrbridge.evaluation.outcomes import OutcomeSpec, builtin_outcome
 
     eight, four = (
@@ -236,3 +240,70 @@ def test_kfre8_ships_the_outcome_it_predicts() -> None:
     assert eight.model_copy(update={"model": "kfre-4var"}) == four
     outputs = {o.name for o in load_model_file(KFRE_8).outputs}
     assert {h.risk for h in eight.horizons.values()} == outputs
+
+
+# ------------------------------------------------------------- a KFRE-8 site, end to end
+
+# The analytes as a European lab reports them, and the mapping rules that convert them.
+SI_ANALYTES = {
+    "albumin": (34.0, "g/L"),
+    "phosphate": (1.61, "mmol/L"),
+    "bicarbonate": (18.0, "mEq/L"),
+    "calcium": (2.18, "mmol/L"),
+}
+ANALYTE_RULES = {
+    "albumin": {"codes": ["LN|1751-7"], "units": {"g/L": {"divide": 10}}},
+    "phosphate": {"codes": ["LN|14879-1"], "units": {"mmol/L": {"multiply": 3.097}}},
+    "bicarbonate": {"codes": ["LN|2028-9"], "units": {"mEq/L": {"multiply": 1}}},
+    "calcium": {"codes": ["LN|2000-8"], "units": {"mmol/L": {"multiply": 4.008}}},
+}
+
+
+def kfre8_site(config: SiteConfig) -> SiteConfig:
+    """The sandbox site running the shipped models/kfre-8.yaml, outside North America."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    mapping = data["mapping"]
+    mapping["model"] = "kfre-8var"
+    for name, rule in ANALYTE_RULES.items():
+        mapping["features"][name] = {**rule, "window_days": 365}
+    data["model"] = {
+        "file": str(KFRE_8),
+        "url": config.model.url,
+        "calibration": "non_north_american",
+    }
+    return parse_site_config(yaml.safe_dump(data), "kfre8-site.yaml")
+
+
+def component(observation: dict[str, Any], code: str) -> float:
+    [value] = [
+        part["valueQuantity"]["value"]
+        for part in observation["component"]
+        if part["code"]["coding"][0]["code"] == code
+    ]
+    return float(value)
+
+
+def test_an_si_panel_runs_from_mllp_to_a_kfre8_observation(tmp_path: Path) -> None:
+    at = SyntheticEhr(patients=1).start
+    message = SyntheticEhr(patients=1).renal_oru_for(
+        age=68.0, female=True, at=at, creatinine_umol_l=190, egfr=24, uacr_mg_mmol=45.0,
+        serum=SI_ANALYTES, mrn="MRN0008008", control_id="K8-1",
+    )  # fmt: skip
+    with BackgroundSandbox(tmp_path / "sandbox", configure=kfre8_site) as running:
+        with MllpClient("127.0.0.1", running.sandbox.mllp_port) as client:
+            ack = client.send(message)
+        assert (ack.code, ack.control_id) == ("AA", "K8-1")
+        [observation] = wait_for(
+            lambda: all_resources(
+                f"{running.sandbox.fhir_base}/Observation",
+                {"patient.identifier": "urn:ehrbridge:sandbox:mrn|MRN0008008"},
+            ),
+            what="the KFRE-8 Observation",
+        )
+    assert observation["code"]["coding"][0]["code"] == "kfre-8var"
+    # What the mapping sent: each analyte converted by the site's stated factor.
+    row: Row = (68.0, False, 24.0, 45.0 * 8.84, 3.4, 1.61 * 3.097, 18.0, 2.18 * 4.008)
+    for years in (2, 5):
+        expected = 100 * oracle(row, years, "non_north_american")
+        # Rendered in percent to two decimals: within 0.005 points, i.e. 5e-5 of risk.
+        assert component(observation, f"kfre8-risk-{years}y") == pytest.approx(expected, abs=0.0051)
