@@ -4,7 +4,9 @@ The loop that makes the delivery guarantee concrete:
 
 1. poll a batch of records;
 2. run the stage (wrapped in :class:`~ehrbridge.pipelines.retry.RetryingStage`, or, for
-   write-back, with each sink in :class:`~ehrbridge.pipelines.retry.RetryingSink`);
+   write-back, with each sink in :class:`~ehrbridge.pipelines.retry.RetryingSink` and
+   :class:`~ehrbridge.pipelines.retry.DeadLetteringSink`, so what still fails comes
+   back as a Failure);
 3. append, in one durable write, the stage's outputs to the next topic and
    its failures to a retry tier or the dead-letter topic;
 4. only then commit the consumed offsets.
