@@ -623,7 +623,7 @@ BACKFILL_TARGET_PER_S = 5000  # issue 16: history needs no MLLP or ACK
 def backfill(opts: Options) -> dict[str, Any]:
     """Renal ORU^R01 history replayed by `ehrbridge backfill` (stage + model server)."""
     from ehrbridge.adapters.evaluation_sources import stored_predictions
-    from ehrbridge.backfill import run_backfill
+    from ehrbridge.backfill import BATCH, MODEL_BATCH, run_backfill
     from ehrbridge.bench.load import SenderSpec, build_messages
 
     count = int(opts.pick(20000, 500))
@@ -637,7 +637,9 @@ def backfill(opts: Options) -> dict[str, Any]:
         services.ports["fhir"] = free_port()
         site = services.write_site_config(updates={"mode": "shadow"})
         cpu, wall = time.process_time(), time.perf_counter()
-        args = argparse.Namespace(site=site, source=history, batch=500, max_inputs=None)
+        args = argparse.Namespace(
+            site=site, source=history, batch=BATCH, model_batch=MODEL_BATCH, max_inputs=None
+        )
         code = run_backfill(args)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         stored = stored_predictions(
@@ -646,7 +648,7 @@ def backfill(opts: Options) -> dict[str, Any]:
     if code != 0:
         raise RuntimeError(f"backfill exited {code}")
     result: dict[str, Any] = {
-        "params": _params(opts, messages=count, batch=500),
+        "params": _params(opts, messages=count, batch=BATCH, model_batch=MODEL_BATCH),
         "messages": count,
         "predictions": len(stored),
         "seconds": round(wall, 2),

@@ -25,7 +25,9 @@ def short_key_cache(maxsize: int, max_chars: int = 256) -> Callable[[F], F]:
 
         @functools.wraps(function)
         def call(*args: Any, **kwargs: Any) -> Any:
-            if _key_chars(args) + _key_chars(kwargs.values()) > max_chars:
+            # Runs for every field of every message: no generator when there are no kwargs.
+            chars = _key_chars(args) + (_key_chars(kwargs.values()) if kwargs else 0)
+            if chars > max_chars:
                 return function(*args, **kwargs)
             return cached(*args, **kwargs)
 
@@ -37,4 +39,8 @@ def short_key_cache(maxsize: int, max_chars: int = 256) -> Callable[[F], F]:
 
 
 def _key_chars(values: Any) -> int:
-    return sum(len(value) for value in values if isinstance(value, str))
+    total = 0
+    for value in values:
+        if isinstance(value, str):
+            total += len(value)
+    return total

@@ -14,7 +14,8 @@ the site's live stores, and nothing is written back. Then::
 Order: HL7v2 messages by MSH-7, FHIR patients by their first result; within
 a FHIR patient the pipeline replays each episode in time order.
 Resumable: a checkpoint (``backfill.json``: source, fingerprint, inputs done)
-is written after each batch's results and states; a rerun continues from it.
+is written every few seconds, after the results and the patient states it
+covers; a rerun continues from it, redoing what came after.
 Idempotent: prediction identifiers are deterministic and stored by upsert,
 and a state merge of a message already merged changes nothing, so a batch
 replayed after a crash leaves the same stores. A model server that cannot be
@@ -40,6 +41,15 @@ from ehrbridge.core.contracts import Envelope, Failure, Kind
 from ehrbridge.core.errors import ConfigError
 
 CHECKPOINT = "backfill.json"
+BATCH = 2000
+# History has no latency budget: a request carries many records (the site's
+# model.batch_size is sized for live latency), and may take longer to answer.
+MODEL_BATCH = 1000
+MODEL_TIMEOUT_S = 60.0
+# States and the checkpoint are saved at most this often (and at the end): each save
+# writes every changed patient's whole state, which cost more than the merges at
+# one save per batch. A crash loses at most this much work; the rerun redoes it.
+CHECKPOINT_S = 5.0
 
 
 def add_backfill_command(sub: Any) -> None:
@@ -58,7 +68,19 @@ def add_backfill_command(sub: Any) -> None:
         metavar="PATH",
         help="a FHIR Bulk export directory or an HL7v2 batch file",
     )
-    cmd.add_argument("--batch", type=int, default=200, help="inputs per batch (default: 200)")
+    cmd.add_argument(
+        "--batch",
+        type=int,
+        default=BATCH,
+        help=f"inputs per batch: one state write and one checkpoint each (default: {BATCH})",
+    )
+    cmd.add_argument(
+        "--model-batch",
+        type=int,
+        default=MODEL_BATCH,
+        help="feature records per model request, over the site's model.batch_size "
+        f"(default: {MODEL_BATCH})",
+    )
     cmd.add_argument(
         "--max-inputs",
         type=int,
@@ -151,7 +173,7 @@ def run_backfill(args: argparse.Namespace) -> int:
     from ehrbridge.pipelines.process import ProcessStage
     from ehrbridge.stores import unlock_stores
 
-    config = load_site_config(args.site)
+    config = _for_history(load_site_config(args.site), getattr(args, "model_batch", MODEL_BATCH))
     inputs, bad_lines = read_history(args.source)
     where = evaluation_dir(config)
     secure_data_dir(where, "data_dir/evaluation")
@@ -165,13 +187,17 @@ def run_backfill(args: argparse.Namespace) -> int:
     run = _Run(len(inputs), done, args.max_inputs)
     try:
         stage = ProcessStage(config, state, model)
+        saved = time.monotonic()
         while batch := run.next_batch(inputs, args.batch):
             if not _replay(stage, results, batch, config.site, run):
-                return 1
-            state.commit()  # states only after the batch's results: a rerun redoes it whole
+                return 1  # states and checkpoint stay at the last save: a rerun redoes the rest
             run.done += len(batch)
-            _save_checkpoint(checkpoint, args.source, print_, run.done, len(inputs))
             run.progress()
+            if time.monotonic() - saved >= CHECKPOINT_S or not run.next_batch(inputs, 1):
+                # States only after the results they led to; the checkpoint after both.
+                state.commit()
+                _save_checkpoint(checkpoint, args.source, print_, run.done, len(inputs))
+                saved = time.monotonic()
     finally:
         model.close()
         results.close()
@@ -180,32 +206,59 @@ def run_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _for_history(config: SiteConfig, model_batch: int) -> SiteConfig:
+    """The site's config with model requests sized for a replay rather than live traffic."""
+    model = config.model.model_copy(
+        update={
+            "batch_size": max(config.model.batch_size, model_batch),
+            "timeout_s": max(config.model.timeout_s, MODEL_TIMEOUT_S),
+        }
+    )
+    return config.model_copy(update={"model": model})
+
+
 class _BatchState:
-    """A state store that keeps a batch's states until :meth:`commit`.
+    """The evaluation's state store, held in memory for the run; written once per batch.
 
     The processing stage stores states before it calls the model; were they
     durable at once, a batch whose model call failed would be "already seen"
-    on the rerun and trigger no prediction. Held back, the rerun starts from
-    the states before the batch.
+    on the rerun and trigger no prediction. So a batch's states are written
+    by :meth:`commit` (one transaction, one document per patient however many
+    of the batch's messages were theirs), after its results. A failed batch
+    ends the run (exit 1), so the in-memory states it changed are never
+    written; the rerun starts from the durable ones.
+
+    States stay in memory across batches (a history revisits its patients
+    every few hundred messages; reading and decoding each one again from
+    SQLite cost more than the merge), up to ``cap`` patients, after which a
+    commit also empties the cache: everything in it is durable by then.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, cap: int = 200_000) -> None:
         self.inner = inner
-        self.held: dict[str, Any] = {}
+        self.cap = cap
+        self.known: dict[str, Any] = {}
+        self.dirty: set[str] = set()
 
     def get(self, patient_id: str) -> Any:
-        held = self.held.get(patient_id)
-        return held if held is not None else self.inner.get(patient_id)
+        state = self.known.get(patient_id)
+        if state is None:
+            state = self.inner.get(patient_id)
+            if state is not None:
+                self.known[patient_id] = state
+        return state
 
     def put_many(self, states: Iterable[Any]) -> None:
-        # No copies: the SQLite store hands out a fresh object per get, so what the
-        # stage mutates is never the durable copy, and a dropped batch leaves it as it was.
         for state in states:
-            self.held[state.patient_id] = state
+            self.known[state.patient_id] = state
+            self.dirty.add(state.patient_id)
 
     def commit(self) -> None:
-        self.inner.put_many(self.held.values())
-        self.held.clear()
+        if self.dirty:
+            self.inner.put_many([self.known[pid] for pid in self.dirty])
+        self.dirty.clear()
+        if len(self.known) > self.cap:
+            self.known.clear()
 
     def close(self) -> None:
         self.inner.close()

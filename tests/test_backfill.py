@@ -201,6 +201,24 @@ def test_hl7v2_batches_are_replayed_in_msh7_order() -> None:
     assert order == [b"A", b"B"]
 
 
+def test_every_framing_of_a_history_splits_into_the_same_messages() -> None:
+    from ehrbridge.workbench.messages import split_hl7
+
+    one = b"MSH|^~\\&|LAB|H|EB|H|20230101||ORU^R01|A|P|2.5.1\rPID|1||X\rOBX|1|ST|C^MSH||MSH\r"
+    two = b"MSH|^~\\&|LAB|H|EB|H|20240301||ORU^R01|B|P|2.5.1\rPID|1||Y\r"
+    framings = [
+        one + two,  # CR segments, messages back to back
+        one + b"\n" + two,  # one message per line
+        one.replace(b"\r", b"\r\n") + two.replace(b"\r", b"\r\n"),  # CRLF files
+        b"\x0b" + one + b"\x1c\r\x0b" + two + b"\x1c\r",  # MLLP frames
+        b"FHS|^~\\&\rBHS|^~\\&\r" + one + two + b"BTS|2\rFTS|1\r",  # batch envelope
+    ]
+    for raw in framings:
+        split = split_hl7(raw)
+        assert [m.split(b"|")[9] for m in split] == [b"A", b"B"], raw
+        assert [m.count(b"PID|") for m in split] == [1, 1]
+
+
 def test_the_backfill_benchmark_runs_and_reports_its_rate(tmp_path: Path) -> None:
     from ehrbridge.bench.scenarios import SCENARIOS, Options
 
