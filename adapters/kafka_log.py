@@ -244,6 +244,10 @@ class KafkaLog:
         except KafkaError as exc:
             raise UpstreamUnavailable(f"Kafka {self.bootstrap}: {exc}") from exc
 
+    def unready(self, topic: str) -> str | None:
+        """None once the broker answers the topic's metadata (its partitions)."""
+        return None if self.partitions_of(topic) else f"no metadata for topic {topic}"
+
     def partitions_of(self, topic: str) -> list[int]:
         consumer = self._plain_consumer()
         try:

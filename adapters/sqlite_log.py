@@ -90,6 +90,11 @@ class SqliteLog:
         )
         return [_record(topic, row) for row in rows]
 
+    def unready(self, topic: str) -> str | None:
+        """None once the file answers a one-row read (a broken file raises)."""
+        self.read(topic, after=-1, limit=1)
+        return None
+
     def committed(self, group: str, topic: str) -> int:
         row = (
             self._conn()

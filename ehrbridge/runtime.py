@@ -156,7 +156,7 @@ class SiteRuntime:
         self.writeback_targets: dict[str, Sink] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.monitoring = SiteMonitoring(config, self.roles)
-        self.monitoring.add_check("log", self._log_answers)
+        self.monitoring.add_check("log", lambda: self.log.unready(self.topic("raw")))
 
     def _opened(self, store: Any) -> Any:
         self._closers.append(store.close)
@@ -395,14 +395,6 @@ class SiteRuntime:
             self.monitoring.add_check("writeback.fhir", url_check(wb.fhir_base))
         if HL7V2_TARGET in self.writeback_targets and wb.hl7v2 is not None:
             self.monitoring.add_check("writeback.hl7v2", tcp_check(wb.hl7v2.host, wb.hl7v2.port))
-
-    def _log_answers(self) -> str | None:
-        """Readiness: the durable log answers a cheap read (Kafka: the raw topic's metadata)."""
-        if self.config.transport.kind == "kafka":
-            kafka = cast("KafkaLog", self.log)
-            return None if kafka.partitions_of(self.topic("raw")) else "no raw topic metadata"
-        self.log.read(self.topic("raw"), after=-1, limit=1)
-        return None
 
     def _health_counts(self) -> dict[str, Any]:
         """What /health adds per role: not scored (processing), MLLP and filtered (ingest)."""

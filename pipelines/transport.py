@@ -117,6 +117,10 @@ class Log(Protocol):
         """Records of a topic in order, without a group (for dlq list/show)."""
         ...
 
+    def unready(self, topic: str) -> str | None:
+        """Why the log cannot serve ``topic`` now, or None: a cheap probe for readiness."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -137,6 +137,8 @@ def test_on_kafka_each_role_answers_patients_as_it_can_over_real_sockets(
             assert "process role" in problem["detail"] and mrn not in problem["detail"]
             assert httpx.get(f"{api}/api/patients/{mrn}").status_code == 401  # token first
             assert httpx.get(f"{api}/api/results", headers=viewer).status_code == 200
+            ready = httpx.get(f"{api}/health/ready").json()
+            assert ready["checks"]["log"] == "ok"  # the broker answers the raw topic's metadata
             assert not (only.data_dir / "state.sqlite").exists()
         # Its CDS cards cannot check the model's domain against the newest record: said.
         blind = [r for r in caplog.records if "cannot see the patient state" in r.getMessage()]

@@ -157,6 +157,29 @@ def test_read_pages_a_dead_letter_topic_without_a_group(new_log: NewLog) -> None
     assert log.read(dlq, after=everything[-1].offset) == []
 
 
+def test_a_log_holding_a_topic_is_ready_for_it(new_log: NewLog, topic: str) -> None:
+    log = new_log()
+    log.append([rec(topic, 0)])
+    assert log.unready(topic) is None  # what GET /health/ready asks of the site's log
+
+
+@pytest.mark.kafka
+def test_kafka_without_a_broker_is_not_ready(topic: str) -> None:
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = KafkaLog(
+        KafkaTransport(kind="kafka", bootstrap=f"127.0.0.1:{port}", request_timeout_s=1.0)
+    )
+    try:
+        reason = log.unready(topic)
+    except UpstreamUnavailable as error:  # readiness reports a raising check as failed
+        reason = str(error)
+    finally:
+        log.close()
+    assert reason  # a reason, never "ready"
+
+
 @pytest.mark.kafka
 def test_kafka_append_to_a_dead_broker_raises_a_transient_error(topic: str) -> None:
     with socket.socket() as probe:  # a port where nothing listens
