@@ -16,7 +16,10 @@ one stylesheet in ``ehrbridge/static/``, no CDN; charts are SVG drawn here):
   mapping rule that read it, the patient's predictions or why there is none,
   write-back failures;
 * ``/console/dead-letters`` (operator): filter by reason and time, replay one,
-  a selection or all matching through ``POST /api/dlq/replay`` (audited there).
+  a selection or all matching through ``POST /api/dlq/replay`` (audited there);
+* ``/console/models`` (viewer): per model, drift, missingness, scores, flag
+  burden, calibration and ROC, the promotion criteria, and (admin) promote and
+  demote through ``POST /api/models/{model}/mode`` (``ehrbridge/console_models.py``).
 
 Every page that shows patient data is on ``audit_http.AUDITED``, like the API.
 A page refused for want of a session answers 401 with a link (and a refresh)
@@ -83,6 +86,7 @@ NAV: tuple[tuple[str, str, ApiRole], ...] = (
     ("/console/sites", "Sites", ApiRole.VIEWER),
     ("/console/messages", "Messages", ApiRole.VIEWER),
     ("/console/dead-letters", "Dead letters", ApiRole.OPERATOR),
+    ("/console/models", "Models", ApiRole.VIEWER),
 )
 PHI_ROLE = ApiRole.OPERATOR  # who may read a raw message, as GET /api/messages/{offset}
 
@@ -160,6 +164,9 @@ def add_console_routes(app: FastAPI, parts: ConsoleParts) -> None:
     _add_site_routes(app, console)
     _add_message_routes(app, console)
     _add_dead_letter_routes(app, console)
+    from ehrbridge.console_models import add_model_routes  # it builds on this module's Console
+
+    add_model_routes(app, console)
     _add_html_refusals(app, console)
 
 
