@@ -112,9 +112,15 @@ class SqliteResultStore:
             raise UpstreamUnavailable(f"result store: {exc}") from exc
 
     def list(
-        self, *, patient_id: str | None = None, limit: int = 100, offset: int = 0
+        self,
+        *,
+        patient_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        model: str | None = None,
     ) -> list[StoredResult]:
-        where, args = ("WHERE patient_id = ?", [patient_id]) if patient_id else ("", [])
+        """Newest first; ``model`` keeps one of the site's models' results."""
+        where, args = _where(patient_id, model)
         rows = self._connections.get().execute(
             f"SELECT {_COLUMNS} FROM results {where}"
             " ORDER BY anchor DESC, identifier LIMIT ? OFFSET ?",
@@ -133,7 +139,9 @@ class SqliteResultStore:
         )
         return _result(row) if row else None
 
-    def latest(self, patient_id: str, not_after: datetime | None = None) -> StoredResult | None:
+    def latest(
+        self, patient_id: str, not_after: datetime | None = None, *, model: str | None = None
+    ) -> StoredResult | None:
         """The patient's newest result; with ``not_after``, the newest anchored by then.
 
         A result anchored in the future (stored before ingest refused future-dated
@@ -141,7 +149,7 @@ class SqliteResultStore:
         """
         offset = 0
         while True:
-            page = self.list(patient_id=patient_id, limit=_PAGE, offset=offset)
+            page = self.list(patient_id=patient_id, limit=_PAGE, offset=offset, model=model)
             for found in page:
                 if not_after is None or datetime.fromisoformat(found.anchor) <= not_after:
                     return found
@@ -165,14 +173,19 @@ class SqliteResultStore:
             raise UpstreamUnavailable(f"result store: {exc}") from exc
         return cursor.rowcount
 
-    def count(self, status: Delivery | None = None, *, patient_id: str | None = None) -> int:
-        where = [("status = ?", status.value if status else None), ("patient_id = ?", patient_id)]
-        chosen = [(clause, value) for clause, value in where if value is not None]
-        sql = "SELECT count(*) FROM results"
-        if chosen:
-            sql += " WHERE " + " AND ".join(clause for clause, _ in chosen)
-        row = self._connections.get().execute(sql, [v for _, v in chosen]).fetchone()
-        return int(row[0])
+    def count(
+        self,
+        status: Delivery | None = None,
+        *,
+        patient_id: str | None = None,
+        model: str | None = None,
+    ) -> int:
+        where, args = _where(patient_id, model)
+        if status is not None:
+            where = f"{where} AND status = ?" if where else "WHERE status = ?"
+            args.append(status.value)
+        row = self._connections.get().execute(f"SELECT count(*) FROM results {where}", args)
+        return int(row.fetchone()[0])
 
     def close(self) -> None:
         self._connections.close()
@@ -202,6 +215,21 @@ def _migrate(conn: sqlite3.Connection) -> None:
         tx.execute(f"UPDATE results SET outputs = json_object({pairs})")
         for name in old:
             tx.execute(f'ALTER TABLE results DROP COLUMN "{name}"')
+
+
+def _where(patient_id: str | None, model: str | None) -> tuple[str, list[str]]:
+    """``model`` is the first word of the ``model`` column ("kfre-4var 2016 north_american")."""
+    clauses = [
+        (clause, value)
+        for clause, value in (
+            ("patient_id = ?", patient_id),
+            ("substr(model, 1, instr(model || ' ', ' ') - 1) = ?", model),
+        )
+        if value
+    ]
+    if not clauses:
+        return "", []
+    return "WHERE " + " AND ".join(c for c, _ in clauses), [v for _, v in clauses if v]
 
 
 def _result(row: tuple[Any, ...]) -> StoredResult:

@@ -14,6 +14,7 @@ What a site operator or integration engineer looks at:
 * ``GET /api/results``: predictions kept locally (all of them in shadow mode),
   newest first, optionally ``?patient=``; paged by ``?limit=`` (default 100,
   at most 1000) and ``?offset=``, with ``total`` and ``links.next``/``prev``;
+  ``?model=`` keeps one of the site's models' results (``models:``);
   each output of the model file in percent (``<output>_percent``) and, as before,
   as a fraction (``<output>``), and all of them under ``outputs``;
 * ``GET /api/results/{identifier}``: one result's FHIR Observation;
@@ -159,10 +160,11 @@ def create_api(parts: ApiParts) -> FastAPI:
         patient: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
+        model: str | None = Query(None, description="one of the site's models (`models:`)"),
     ) -> dict[str, Any]:
-        found = results_store.list(patient_id=patient, limit=limit, offset=offset)
+        found = results_store.list(patient_id=patient, limit=limit, offset=offset, model=model)
         audit_note(request.scope).patients.extend(r.patient_id for r in found)
-        total = results_store.count(patient_id=patient)
+        total = results_store.count(patient_id=patient, model=model)
         return {
             "site": config.site,
             "mode": mode().value,

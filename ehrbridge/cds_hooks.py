@@ -79,8 +79,10 @@ from ehrbridge.pipelines.jsonshape import items, obj
 from ehrbridge.pipelines.observation import percent
 from ehrbridge.pipelines.rendering import Shown
 from ehrbridge.pipelines.rendering import shown as rendering
+from ehrbridge.pipelines.rendering import shown_for as rendering_for
 from ehrbridge.pipelines.results import ResultStore, StoredResult
 from ehrbridge.pipelines.state import StateStore
+from ehrbridge.promotion import ModeSwitch
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class CdsService:
     ) -> None:
         self.config = config
         self.mode = mode or (lambda: config.mode)  # promote/demote switch it while running
+        self._modes: dict[str, Callable[[], Mode]] = {}  # further models' (``models:``)
         self.results = results
         self.links = links
         self.state = state
@@ -177,12 +180,25 @@ class CdsService:
         not_after = utcnow() + self.config.mapping.values.future_tolerance
         if not patient_id:
             return {"cards": []}
-        latest = self.results.latest(patient_id, not_after)
-        if latest is None or self._now_out_of_domain(patient_id, latest):
-            return {"cards": []}
-        return {"cards": [self.card(latest, base_url)]}
+        cards = []
+        for model in self.config.site_models:  # one card per model, in its own mode
+            if model.name != self.config.model.name and not self._shows(model.name):
+                continue
+            latest = self.results.latest(patient_id, not_after, model=model.name)
+            if latest is not None and not self._now_out_of_domain(patient_id, latest, model.name):
+                cards.append(self.card(latest, base_url))
+        return {"cards": cards}
 
-    def _now_out_of_domain(self, patient_id: str, latest: StoredResult) -> bool:
+    def _shows(self, model: str) -> bool:
+        """Whether a further model's cards are shown: live, or shadow cards are asked for."""
+        if self.config.cds_hooks.cards_in_shadow_mode:
+            return True
+        switch = self._modes.get(model)
+        if switch is None:
+            switch = self._modes[model] = ModeSwitch(self.config, model)
+        return switch() is Mode.LIVE
+
+    def _now_out_of_domain(self, patient_id: str, latest: StoredResult, model: str = "") -> bool:
         """Whether the patient's newest record fell outside the model's domain since ``latest``.
 
         Then no score is shown, not even the older one: the model no longer
@@ -191,6 +207,8 @@ class CdsService:
         """
         state = self.state.get(patient_id) if self.state is not None else None
         outcome = state.last_outcome if state is not None else None
+        if outcome and model in outcome.get("models", {}):
+            outcome = outcome["models"][model]  # this model's own outcome (several models)
         if not outcome or "out_of_domain" not in outcome:
             return False
         return datetime.fromisoformat(outcome["anchor"]) >= datetime.fromisoformat(latest.anchor)
@@ -231,7 +249,7 @@ class CdsService:
     def card(self, result: StoredResult, base_url: str) -> dict[str, Any]:
         observation = result.observation
         code, meaning = _interpretation(observation)
-        view = rendering(self.config)
+        view = rendering_for(self.config, result.model_name)
         shown_values = {name: shown(percent(v)) for name, v in result.outputs.items()}
         name, version = [*result.model.split(), "", ""][:2]
         summary = view.card.summary.format_map(shown_values)  # the model file's template

@@ -721,7 +721,9 @@ class SiteConfig(Strict):
     http: HttpListen = HttpListen()
     transport: Transport = EmbeddedTransport()
     mapping: Mapping
-    model: ModelEndpoint
+    model: ModelEndpoint  # the site's model; with `models:`, the first of them
+    # Several models on the same traffic, each with its own mode, Observations and results.
+    models: list[ModelEndpoint] = Field(default_factory=list)
     writeback: Writeback = Writeback()
     subscriptions: Subscriptions = Subscriptions()
     cds_hooks: CdsHooks = CdsHooks()
@@ -739,6 +741,34 @@ class SiteConfig(Strict):
     message_types: dict[str, MessagePolicy] = Field(default_factory=dict)
 
     _message_types = field_validator("message_types")(check_message_types)
+
+    @model_validator(mode="before")
+    @classmethod
+    def first_of_models(cls, data: Any) -> Any:
+        """``models: [a, b]`` runs both; ``model`` is then ``a`` (give one or the other)."""
+        models = data.get("models") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(models, list) or not models:
+            return data
+        # A dumped configuration carries both, the first model twice: that is one model.
+        if "model" in data and data["model"] != models[0]:
+            raise ValueError("give 'model' (one model) or 'models' (several), not both")
+        return {**data, "model": models[0]}
+
+    @model_validator(mode="after")
+    def distinct_models(self) -> Self:
+        names = [m.name for m in self.site_models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: each model once by name ({', '.join(names)})")
+        return self
+
+    @property
+    def site_models(self) -> list[ModelEndpoint]:
+        """Every model the site runs, the first being ``model`` (which wins over ``models[0]``)."""
+        return [self.model, *self.models[1:]]
+
+    def model_named(self, name: str) -> ModelEndpoint:
+        """The site's model of that name (a result names its model); else the first."""
+        return next((m for m in self.site_models if m.name == name), self.model)
 
     @field_validator("site")
     @classmethod
@@ -767,31 +797,50 @@ def _check_calibration(config: SiteConfig, located: LocatedYaml) -> SiteConfig:
     KFRE's North American and non-North-American baselines differ by up to 3.5
     percentage points; a European site left on a default would be wrong for most
     panels with nothing to warn anyone. So there is no default to be left on.
+    Checked for each of the site's models.
     """
-    definition = config.model.definition
+    for index, model in enumerate(config.site_models):
+        path: tuple[str | int, ...] = ("models", index) if config.models else ("model",)
+        _check_one_calibration(config, model, index, (located, path))
+    return config
+
+
+def _check_one_calibration(
+    config: SiteConfig,
+    model: ModelEndpoint,
+    index: int,
+    where: tuple[LocatedYaml, tuple[str | int, ...]],
+) -> None:
+    located, path = where
+    definition = model.definition
+    if definition is None and index > 0:
+        definition = model.declared
     if definition is not None:
         name = definition.model.name
         calibrations = tuple(definition.calibrations.choices) if definition.calibrations else ()
     else:
         name, calibrations = config.mapping.spec.name, config.mapping.spec.calibrations
-    stated = config.model.calibration
+    stated = model.calibration
     choices = " or ".join(calibrations)
+    field = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path)
+    field = field.replace(".[", "[") + ".calibration"
+    line = located.line_of((*path, "calibration"))
     if stated is not None and calibrations and stated not in calibrations:
         raise ConfigError(
             f"{stated} is not a calibration of {name} ({choices})",
             file=located.file,
-            line=located.line_of(("model", "calibration")),
-            field="model.calibration",
+            line=line,
+            field=field,
         )
     if not calibrations or stated is not None:
-        return config
+        return
     raise ConfigError(
         f"required for {name}: state the calibration for this site's patients "
         f"({choices}; non_north_american outside the US and Canada). There is no default: "
         "the wrong one shifts risks by up to 3.5 percentage points",
         file=located.file,
-        line=located.line_of(("model", "calibration")),
-        field="model.calibration",
+        line=line,
+        field=field,
     )
 
 

@@ -72,18 +72,22 @@ def read_mode_file(path: Path) -> dict[str, Any] | None:
     return doc
 
 
-def effective_mode(config: SiteConfig) -> Mode:
-    """The model's mode now: the last decision's, else the site YAML's ``mode:``."""
-    doc = read_mode_file(mode_path(config.data_dir, config.model.name))
+def effective_mode(config: SiteConfig, model: str | None = None) -> Mode:
+    """The model's mode now: the last decision's, else the site YAML's ``mode:``.
+
+    ``model`` is one of the site's models (default: its first); each has its own file.
+    """
+    doc = read_mode_file(mode_path(config.data_dir, model or config.model.name))
     return Mode(doc["mode"]) if doc and doc.get("mode") in set(Mode) else config.mode
 
 
 class ModeSwitch:
     """The model's current mode, read from its mode file whenever the file changed."""
 
-    def __init__(self, config: SiteConfig) -> None:
+    def __init__(self, config: SiteConfig, model: str | None = None) -> None:
         self.config = config
-        self.path = mode_path(config.data_dir, config.model.name)
+        self.model = model or config.model.name
+        self.path = mode_path(config.data_dir, self.model)
         self._seen: tuple[int, int] | None = None
         self._mode = config.mode
 
@@ -95,7 +99,7 @@ class ModeSwitch:
             stamp = None
         if stamp != self._seen:
             self._seen = stamp
-            self._mode = effective_mode(self.config)
+            self._mode = effective_mode(self.config, self.model)
         return self._mode
 
 

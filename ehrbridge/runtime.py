@@ -41,7 +41,7 @@ from ehrbridge.adapters.tls import CertificateReloader, httpx_verify
 from ehrbridge.audit import AuditTrail
 from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
-from ehrbridge.config import KafkaTransport, Mode, SiteConfig
+from ehrbridge.config import KafkaTransport, Mode, ModelEndpoint, SiteConfig
 from ehrbridge.core.contracts import Sink, Stage
 from ehrbridge.core.errors import TransientError
 from ehrbridge.datadir import secure_data_dir
@@ -324,17 +324,26 @@ class SiteRuntime:
         return FhirEndpoint(self.config, ingest, self.patient_links, ledger, callers, reader=reader)
 
     def _start_processing(self) -> None:
-        kind = "oip-v2" if self.config.model.definition is None else "declared"
-        model = self._opened(load("model", kind)(self.config.model))
-        self.monitoring.add_check(
-            "model", lambda: None if model.ready() else f"not ready at {self.config.model.url}"
-        )
-        stage = ProcessStage(self.config, self.state, model, self.monitoring.metrics)
+        model = self._model_client(self.config.model, "model")
+        others = {
+            endpoint.name: self._model_client(endpoint, f"model.{endpoint.name}")
+            for endpoint in self.config.site_models[1:]
+        }
+        stage = ProcessStage(self.config, self.state, model, self.monitoring.metrics, others)
         self.process_stage = stage
         if self.changelog_state is None:
             self._worker("process", [self.topic("raw")], stage, self.topic("predictions"))
             return
         self._start_changelog_worker(stage, self.changelog_state)
+
+    def _model_client(self, endpoint: ModelEndpoint, check: str) -> Any:
+        """One model's client (its readiness a check of its own), closed on stop."""
+        kind = "oip-v2" if endpoint.definition is None else "declared"
+        client = self._opened(load("model", kind)(endpoint))
+        self.monitoring.add_check(
+            check, lambda: None if client.ready() else f"not ready at {endpoint.url}"
+        )
+        return client
 
     def _start_changelog_worker(self, stage: ProcessStage, state: ChangelogStateStore) -> None:
         """Per-partition state, restored from the changelog whenever partitions arrive."""
@@ -357,10 +366,17 @@ class SiteRuntime:
             self.writeback_targets = self._writeback_targets()
         mode = ModeSwitch(self.config)
         self._say_which_mode(mode())
+        modes = {m.name: ModeSwitch(self.config, m.name) for m in self.config.site_models[1:]}
         stage = WritebackStage(
-            self.config, self.results, self.writeback_targets, self.monitoring.metrics, mode
+            self.config,
+            self.results,
+            self.writeback_targets,
+            self.monitoring.metrics,
+            mode,
+            modes=modes,
         )
-        if mode() is Mode.LIVE:  # a shadow site's readiness does not hang on the EHR
+        # A shadow site's readiness does not hang on the EHR.
+        if any(m() is Mode.LIVE for m in stage.modes.values()):
             self._check_writeback_targets()
         # In-place retries sit around each sink (RetryingSink), where the call is; a
         # RetryingStage around the stage as well would multiply the attempts.

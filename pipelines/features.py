@@ -47,14 +47,14 @@ come in. Nothing else depends on the wall clock, so a replay gives the same resu
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.mappings.ckd_epi import egfr_ckd_epi_2021
-from ehrbridge.mappings.schema import DERIVED_FROM, LEGACY_RECORD_KEYS, Mapping
+from ehrbridge.mappings.schema import DERIVED_FROM, LEGACY_RECORD_KEYS, DomainRule, Mapping
 from ehrbridge.pipelines.domain import OutOfDomain, check_domain
 from ehrbridge.pipelines.facts import IMPLAUSIBLE, Fact, PatientExtract
 from ehrbridge.pipelines.state import PatientState
@@ -270,13 +270,13 @@ def assemble(
     episode: str = "",
     needed: Iterable[str] | None = None,
 ) -> FeatureRecord | NotEnoughData:
-    """Every feature the site maps, once; ``NotEnoughData`` when one ``needed`` is missing.
-
-    ``needed`` is what the site's models take together (default: the mapping's
-    model's inputs); each model then takes its own part (:meth:`FeatureRecord.only`),
-    so a feature two models share is computed once per message.
-    """
+    """The record of ``needed`` (default: the mapping's model's inputs), or what is missing."""
     wanted = tuple(needed if needed is not None else mapping.spec.inputs)
+    return _record(_find_all(state, anchor, mapping), wanted, anchor, episode)
+
+
+def _find_all(state: PatientState, anchor: datetime, mapping: Mapping) -> _Found:
+    """Every feature the site maps, once, whichever model takes it."""
     found = _Found()
     _age(state, anchor, found)
     _sex(state, found)
@@ -286,6 +286,13 @@ def assemble(
             fact = _windowed(state, feature, anchor, mapping, found.missing)
             if fact is not None:
                 found.add(feature, fact.value, fact)
+    return found
+
+
+def _record(
+    found: _Found, wanted: tuple[str, ...], anchor: datetime, episode: str
+) -> FeatureRecord | NotEnoughData:
+    """One model's record from what was found: its inputs, and only their facts."""
     missing = {n: found.missing.get(n, "not mapped for this site") for n in wanted}
     missing = {n: why for n, why in missing.items() if n not in found.values}
     if missing:
@@ -293,11 +300,11 @@ def assemble(
     facts = [found.facts[n] for n in wanted if n in found.facts]
     return FeatureRecord(
         anchor=anchor,
-        values=found.values,
+        values={n: found.values[n] for n in wanted},
         inputs=tuple(dict.fromkeys(facts)),
         episode=episode,
-        methods=found.methods,
-        sources={n: f.ref for n, f in found.facts.items()},
+        methods={n: m for n, m in found.methods.items() if n in wanted},
+        sources={n: f.ref for n, f in found.facts.items() if n in wanted},
     )
 
 
@@ -382,13 +389,25 @@ def _derive_egfr(
     return egfr_ckd_epi_2021(creatinine.value, age, female=state.sex == "F")
 
 
+Outcome = FeatureRecord | NotEnoughData | OutOfDomain
+
+
+@dataclass(frozen=True, slots=True)
+class ModelNeeds:
+    """What one model takes from a record, and the domain it is scored in."""
+
+    inputs: tuple[str, ...]
+    domain: tuple[DomainRule, ...]
+    name: str = ""  # the model's name, when a site runs several
+
+
 def evaluate(
     state: PatientState,
     patient: PatientExtract,
     mapping: Mapping,
     now: datetime | None = None,
     needed: Iterable[str] | None = None,
-) -> FeatureRecord | NotEnoughData | OutOfDomain | None:
+) -> Outcome | None:
     """Merge one message's data for one patient; the record it triggers, if any.
 
     The one place the pipeline (``pipelines/process.py``) and the mapping
@@ -399,15 +418,36 @@ def evaluate(
     ``now`` is the processing time (default: the clock); ``needed`` the model's
     inputs (default: those of the mapping's model).
     """
+    wanted = tuple(needed if needed is not None else mapping.spec.inputs)
+    outcomes = evaluate_each(state, patient, mapping, [ModelNeeds(wanted, mapping.domain)], now)
+    return outcomes[0] if outcomes else None
+
+
+def evaluate_each(
+    state: PatientState,
+    patient: PatientExtract,
+    mapping: Mapping,
+    models: Sequence[ModelNeeds],
+    now: datetime | None = None,
+) -> list[Outcome] | None:
+    """:func:`evaluate` for each of a site's models; features are computed once for all.
+
+    The first model's outcome is the one kept on the state (``last_outcome``);
+    with several models, each one's is also kept under ``last_outcome["models"]``.
+    """
     state.merge(patient)
     trigger = trigger_for(state, patient, mapping, now)
     if trigger is None:
         return None
-    wanted = tuple(needed if needed is not None else mapping.spec.inputs)
-    result: FeatureRecord | NotEnoughData | OutOfDomain
-    result = assemble(state, trigger.anchor, mapping, trigger.episode, wanted)
-    if isinstance(result, FeatureRecord):
-        result = result.only(wanted)
-        result = check_domain(result, mapping.domain) or result
-    state.last_outcome = result.to_json()
-    return result
+    found = _find_all(state, trigger.anchor, mapping)
+    outcomes: list[Outcome] = []
+    for model in models:
+        result: Outcome = _record(found, model.inputs, trigger.anchor, trigger.episode)
+        if isinstance(result, FeatureRecord):
+            result = check_domain(result, model.domain) or result
+        outcomes.append(result)
+    state.last_outcome = outcomes[0].to_json()
+    if len(models) > 1:
+        each = {m.name: o.to_json() for m, o in zip(models, outcomes, strict=True)}
+        state.last_outcome["models"] = each
+    return outcomes

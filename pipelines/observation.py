@@ -35,7 +35,7 @@ from ehrbridge.core.version import __version__
 from ehrbridge.pipelines.domain import bounded_note
 from ehrbridge.pipelines.facts import Fact
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.rendering import Shown, shown
+from ehrbridge.pipelines.rendering import Shown, shown, shown_for
 
 UCUM = "http://unitsofmeasure.org"
 INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
@@ -53,7 +53,7 @@ def fact_identifier_system(site: str) -> str:
 def build_observation(
     prediction: Prediction, config: SiteConfig, rendering: Shown | None = None
 ) -> dict[str, Any]:
-    view = rendering or shown(config)
+    view = rendering or shown_for(config, prediction.model.name)
     model = prediction.model
     model_text = f"{view.model.shown.method} ({model.name} {model.version})"
     if model.calibration:

@@ -52,7 +52,7 @@ from ehrbridge.pipelines.er7 import Encoding, escape
 from ehrbridge.pipelines.facts import PersonName
 from ehrbridge.pipelines.hl7time import format_dtm
 from ehrbridge.pipelines.records import Prediction
-from ehrbridge.pipelines.rendering import Shown, shown
+from ehrbridge.pipelines.rendering import Shown, shown_for
 
 ENCODING = Encoding(field="|", component="^", repetition="~", escape="\\", subcomponent="&")
 UCUM_PERCENT = "%^percent^UCUM"
@@ -91,7 +91,7 @@ def build_oru(
     if target is None:
         raise ValueError("writeback.hl7v2 is not configured")
     status = "C" if corrected else "F"
-    view = shown(config)
+    view = shown_for(config, prediction.model.name)
     msh_10 = control_id(prediction, status)
     stamp = format_dtm((now or datetime.now(UTC)).astimezone(UTC))
     segments = [

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ehrbridge.config import SiteConfig
+from ehrbridge.config import ModelEndpoint, SiteConfig
 from ehrbridge.core.contracts import Envelope, Failure, Kind, Outcome
 from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, PermanentError
+from ehrbridge.mappings.schema import DomainRule
 from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.drift import feature_values
 from ehrbridge.pipelines.er7 import Message
@@ -44,13 +45,13 @@ from ehrbridge.pipelines.facts import (
     PersonName,
     extract,
 )
-from ehrbridge.pipelines.features import FeatureRecord, NotEnoughData, evaluate
+from ehrbridge.pipelines.features import FeatureRecord, ModelNeeds, NotEnoughData, evaluate_each
 from ehrbridge.pipelines.fhir_facts import extract_fhir
 from ehrbridge.pipelines.history import by_episode
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
 from ehrbridge.pipelines.model import Model
 from ehrbridge.pipelines.records import ModelInfo, Prediction, prediction_identifier
-from ehrbridge.pipelines.rendering import shown
+from ehrbridge.pipelines.rendering import Shown, shown
 from ehrbridge.pipelines.state import PatientState, StateStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,21 @@ class _Pending:
     features: FeatureRecord
     revision: int
     name: PersonName | None
+    run: int = 0  # which of the site's models (ProcessStage.runs)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRun:
+    """One of the site's models: its client, what it takes, where it scores, how it shows."""
+
+    endpoint: ModelEndpoint
+    client: Model
+    needs: ModelNeeds
+    rendering: Shown
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
 
 
 class ProcessStage:
@@ -74,13 +90,15 @@ class ProcessStage:
         state: StateStore,
         model: Model,
         metrics: Metrics = NO_METRICS,
+        others: Mapping[str, Model] | None = None,
     ) -> None:
+        """``model`` runs the site's model; ``others`` the rest of ``models:``, by name."""
         self.config = config
         self.rules = FactRules(config.mapping)
         self.state = state
         self.model = model
-        self.rendering = shown(config)
-        self.inputs = tuple(i.name for i in config.model.declared.inputs)
+        clients = {config.model.name: model, **(others or {})}
+        self.runs = [_run(config, i, e, clients[e.name]) for i, e in enumerate(config.site_models)]
         self.metrics = metrics
         self.not_enough_data = 0  # feature records that could not be built, for progress output
         self.out_of_domain = 0  # records outside the model's validated domain, not scored
@@ -121,7 +139,7 @@ class ProcessStage:
         states: dict[str, PatientState] = {}
         # Debounce within the batch: one prediction per patient and episode, the last one
         # wins (it saw the most results). Across batches the shared identifier does it.
-        pending: dict[tuple[str, str], _Pending] = {}
+        pending: dict[tuple[str, str, int], _Pending] = {}
         for envelope, extraction in extracted:
             for patient in extraction.patients:
                 state = states.get(patient.patient_id)
@@ -129,25 +147,26 @@ class ProcessStage:
                     state = self.state.get(patient.patient_id) or PatientState(patient.patient_id)
                     states[patient.patient_id] = state
                 state.revision += 1
-                result = evaluate(state, patient, self.config.mapping, needed=self.inputs)
-                self._observe(patient, result)
-                if result is None:
-                    continue  # no trigger: demographics only (ADT), nothing mapped or usable
-                key = (patient.patient_id, result.episode)
-                pending.pop(key, None)  # re-insert: outputs keep processing order
-                if isinstance(result, FeatureRecord):
-                    pending[key] = _Pending(
-                        envelope, patient.patient_id, result, state.revision, state.name
-                    )
-                else:
-                    self._not_scored(envelope, result)
+                needs = [run.needs for run in self.runs]
+                results = evaluate_each(state, patient, self.config.mapping, needs)
+                self._observe(patient, results[0] if results else None)
+                for index, result in enumerate(results or ()):
+                    key = (patient.patient_id, result.episode, index)
+                    pending.pop(key, None)  # re-insert: outputs keep processing order
+                    if isinstance(result, FeatureRecord):
+                        pending[key] = _Pending(
+                            envelope, patient.patient_id, result, state.revision, state.name, index
+                        )
+                    else:
+                        self._not_scored(envelope, result, self.runs[index].name)
         if states:
             self.state.put_many(states.values())
         return list(pending.values())
 
-    def _not_scored(self, envelope: Envelope, result: NotEnoughData | OutOfDomain) -> None:
+    def _not_scored(
+        self, envelope: Envelope, result: NotEnoughData | OutOfDomain, model: str
+    ) -> None:
         """Counted, and kept on the state by ``evaluate``; never sent to the model."""
-        model = self.config.model.name
         if isinstance(result, OutOfDomain):
             self.out_of_domain += 1
             self.metrics.not_scored(model, "out_of_domain")
@@ -172,37 +191,39 @@ class ProcessStage:
         if not pending:
             return []
         outcomes: list[Outcome] = []
-        size = self.config.model.batch_size
-        for start in range(0, len(pending), size):
-            outcomes.extend(self._predict_chunk(pending[start : start + size]))
+        for index, run in enumerate(self.runs):
+            mine = [p for p in pending if p.run == index]
+            size = run.endpoint.batch_size
+            for start in range(0, len(mine), size):
+                outcomes.extend(self._predict_chunk(run, mine[start : start + size]))
         return outcomes
 
-    def _predict_chunk(self, chunk: list[_Pending]) -> list[Outcome]:
+    def _predict_chunk(self, run: ModelRun, chunk: list[_Pending]) -> list[Outcome]:
         started = time.perf_counter()
         try:
-            result = self.model.infer([p.features for p in chunk], chunk[0].envelope.source_id)
+            result = run.client.infer([p.features for p in chunk], chunk[0].envelope.source_id)
         except EhrbridgeError as error:
-            self._model_request(error, started)
+            self._model_request(run, error, started)
             # Every message of the chunk failed the same way; report each once.
             unique = {id(p.envelope): p.envelope for p in chunk}
             return [Failure(env, error, self.name) for env in unique.values()]
-        self._model_request(None, started)
-        calibration = self.config.model.calibration or ""  # "" for a model that has none
+        self._model_request(run, None, started)
+        calibration = run.endpoint.calibration or ""  # "" for a model that has none
         model = ModelInfo(result.model_name, result.model_version, calibration)
         outcomes: list[Outcome] = []
-        score = self.rendering.model.shown.score_output
+        score = run.rendering.model.shown.score_output
         for item, outputs in zip(chunk, result.rows(), strict=True):
             prediction = self._prediction(item, model, outputs)
-            band, _ = self.rendering.band(outputs)
-            self.metrics.prediction(self.config.model.name, band, outputs[score])
+            band, _ = run.rendering.band(outputs)
+            self.metrics.prediction(run.name, band, outputs[score])
             outcomes.append(
                 item.envelope.derive(prediction.to_json(), Kind.PREDICTION, key=item.patient_id)
             )
         return outcomes
 
-    def _model_request(self, error: EhrbridgeError | None, started: float) -> None:
+    def _model_request(self, run: ModelRun, error: EhrbridgeError | None, started: float) -> None:
         seconds = time.perf_counter() - started
-        self.metrics.model_request(self.config.model.name, error_outcome(error), seconds)
+        self.metrics.model_request(run.name, error_outcome(error), seconds)
 
     def _prediction(
         self, item: _Pending, model: ModelInfo, outputs: dict[str, float]
@@ -217,6 +238,18 @@ class ProcessStage:
             state_revision=item.revision,
             patient_name=item.name,
         )
+
+
+def _run(config: SiteConfig, index: int, endpoint: ModelEndpoint, client: Model) -> ModelRun:
+    """The first model scores in the mapping's domain (its own unless the mapping sets one);
+    every other in its model file's."""
+    declared = endpoint.declared
+    if index == 0:
+        domain = config.mapping.domain
+    else:
+        domain = tuple(DomainRule.parse(text) for text in declared.domain)
+    needs = ModelNeeds(tuple(i.name for i in declared.inputs), domain, endpoint.name)
+    return ModelRun(endpoint, client, needs, shown(config, declared))
 
 
 def site_prediction(

@@ -87,6 +87,11 @@ def shown(config: SiteConfig, model: ModelFile | None = None) -> Shown:
     return Shown(definition, code, tuple(rendering.components), bands, order, obx, rendering.card)
 
 
+def shown_for(config: SiteConfig, model_name: str) -> Shown:
+    """The rendering of the site's model a result names (``models:``), else the first's."""
+    return shown(config, config.model_named(model_name).declared)
+
+
 def _hl7(code: object) -> Hl7Coding | None:
     if code is None:
         return None

@@ -77,11 +77,15 @@ class WritebackStage:
         targets: Mapping[str, Sink] | None = None,
         metrics: Metrics = NO_METRICS,
         mode: Callable[[], Mode] | None = None,
+        *,
+        modes: Mapping[str, Callable[[], Mode]] | None = None,
     ) -> None:
+        """``mode`` is the site's model's; ``modes`` each model's by name (``models:``)."""
         self.metrics = metrics
         targets = dict(targets or {})
         self.mode = mode or (lambda: config.mode)
-        if self.mode() is Mode.LIVE and not targets:
+        self.modes = {config.model.name: self.mode, **(modes or {})}
+        if any(m() is Mode.LIVE for m in self.modes.values()) and not targets:
             raise ValueError("live mode needs at least one write-back target")
         unknown = set(targets) - set(REQUESTS)
         if unknown:
@@ -92,9 +96,23 @@ class WritebackStage:
         self.targets: Mapping[str, DeadLetteringSink] = {}
 
     def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
-        # The mode is read once per batch (ehrbridge/promotion.py switches it while the
-        # site runs): a batch is wholly shadow or wholly live, never half of each.
-        self.targets = self.all_targets if self.mode() is Mode.LIVE else {}
+        # Each model's mode is read once per batch (ehrbridge/promotion.py switches it while
+        # the site runs): a model's results in a batch are wholly shadow or wholly live.
+        live = {name for name, mode in self.modes.items() if mode() is Mode.LIVE}
+        failures, parsed = self._parse(batch)
+        for is_live in (False, True):
+            group = [(e, p) for e, p in parsed if (self._model_of(p) in live) == is_live]
+            if group:
+                self.targets = self.all_targets if is_live else {}
+                failures.extend(self._write_group(group))
+        return failures
+
+    def _model_of(self, prediction: Prediction) -> str:
+        return self.config.model_named(prediction.model.name).name
+
+    def _parse(
+        self, batch: Sequence[Envelope]
+    ) -> tuple[list[Outcome], list[tuple[Envelope, Prediction]]]:
         failures: list[Outcome] = []
         parsed: list[tuple[Envelope, Prediction]] = []
         for envelope in batch:
@@ -105,6 +123,10 @@ class WritebackStage:
                     f"not a prediction record: {exc!r}", reason="record.invalid"
                 )
                 failures.append(Failure(envelope, error, self.name))
+        return failures, parsed
+
+    def _write_group(self, parsed: list[tuple[Envelope, Prediction]]) -> list[Outcome]:
+        failures: list[Outcome] = []
         try:
             items = self._current_items(parsed)
         except EhrbridgeError as error:

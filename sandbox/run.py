@@ -252,6 +252,8 @@ class Sandbox:
                 "mllp": config.mllp.model_copy(update={"port": self.ports.mllp}),
                 "http": config.http.model_copy(update={"port": self.ports.http}),
                 "model": config.model.model_copy(update={"url": self.model_url}),
+                # The sandbox's model server serves every model the sandbox site runs.
+                "models": [m.model_copy(update={"url": self.model_url}) for m in config.models],
                 "writeback": config.writeback.model_copy(update={"fhir_base": self.fhir_base}),
             }
         )

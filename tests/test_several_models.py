@@ -1,0 +1,119 @@
+"""Several models on one site, and a model whose outputs no code knows by name.
+
+A site lists two models under ``models:``: the shipped KFRE-4 and a model
+file from a temporary folder outside the package whose only output is called
+``progression`` -- a name nothing in ehrbridge knows -- and which has no
+``rendering`` section. One renal ORU^R01 over MLLP must give one Observation
+per model in the EHR stand-in, each with its own code and components, and
+each model's results must be listed apart by the API (``?model=``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from conftest import all_resources, wait_for
+
+from ehrbridge.adapters.mllp_client import MllpClient
+from ehrbridge.config import SiteConfig, parse_site_config
+from ehrbridge.mappings.loader import SITES_DIR
+from ehrbridge.sandbox.run import BackgroundSandbox
+
+REPO = Path(__file__).resolve().parents[1]
+KFRE_4 = REPO / "models" / "kfre-4.yaml"
+SITE = SITES_DIR / "eu-si-local-codes"
+VECTOR = (SITE / "oru-kfre-vector.hl7").read_bytes()
+RISK_5Y = 82.12  # the published vector's 5-year risk, non-North-American (percent)
+MRN = "urn:ehrbridge:example:ukclj:mrn|U445566"
+
+
+def toy_model() -> str:
+    """A model file the package has never seen: one output, ``progression``, no rendering."""
+    data = yaml.safe_load(KFRE_4.read_text())
+    data["model"]["name"] = "progression-toy"
+    data["endpoint"]["model"] = "kfre-4var"  # what the sandbox server serves
+    data["outputs"] = [
+        {"name": "progression", "from": "risk_5y", "unit": "1", "valid": {"min": 0, "max": 1}}
+    ]
+    del data["rendering"]
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def two_models(toy: Path) -> Any:
+    def configure(config: SiteConfig) -> SiteConfig:
+        data = config.model_dump(mode="json")
+        url = config.model.url
+        data["mapping"] = {"file": str(SITE / "mapping.yaml")}
+        del data["model"]
+        data["models"] = [
+            {"url": url, "name": "kfre-4var", "calibration": "non_north_american"},
+            {"file": str(toy), "url": url, "calibration": "non_north_american"},
+        ]
+        return parse_site_config(yaml.safe_dump(data), "two-models.yaml")
+
+    return configure
+
+
+def two_or_none(found: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    return found if len(found) == 2 else None
+
+
+def coded(observation: dict[str, Any]) -> str:
+    return str(observation["code"]["coding"][0]["code"])
+
+
+def values(observation: dict[str, Any]) -> dict[str, float]:
+    return {
+        part["code"]["coding"][0]["code"]: float(part["valueQuantity"]["value"])
+        for part in observation["component"]
+    }
+
+
+def test_two_models_on_one_site_each_write_their_own_observation(tmp_path: Path) -> None:
+    toy = tmp_path / "elsewhere" / "progression-toy.yaml"
+    toy.parent.mkdir()
+    toy.write_text(toy_model())
+    with BackgroundSandbox(tmp_path / "sandbox", configure=two_models(toy)) as running:
+        with MllpClient("127.0.0.1", running.sandbox.mllp_port) as client:
+            assert client.send(VECTOR).code == "AA"
+        fhir = running.sandbox.fhir_base
+        found = wait_for(
+            lambda: two_or_none(all_resources(f"{fhir}/Observation", {"patient.identifier": MRN})),
+            what="one Observation per model",
+        )
+        api, viewer = running.sandbox.api_url, running.sandbox.headers("viewer")
+        toy_results = httpx.get(
+            f"{api}/api/results", params={"model": "progression-toy"}, headers=viewer
+        ).json()
+        kfre_results = httpx.get(
+            f"{api}/api/results", params={"model": "kfre-4var"}, headers=viewer
+        ).json()
+    by_code = {coded(o): o for o in found}
+    assert set(by_code) == {"kfre-4var", "progression-toy"}
+    kfre, toy_observation = values(by_code["kfre-4var"]), values(by_code["progression-toy"])
+    assert set(kfre) == {"kfre-risk-2y", "kfre-risk-5y"}
+    # The toy reads the same server's 5-year risk: the same number, under its own code.
+    assert toy_observation == {"progression-toy-progression": pytest.approx(RISK_5Y, abs=0.005)}
+    assert kfre["kfre-risk-5y"] == pytest.approx(RISK_5Y, abs=0.005)
+    assert by_code["progression-toy"]["identifier"] != by_code["kfre-4var"]["identifier"]
+    [toy_result] = toy_results["results"]
+    assert toy_results["total"] == 1 and toy_result["model"].startswith("progression-toy ")
+    assert toy_result["progression_percent"] == pytest.approx(RISK_5Y, abs=0.005)
+    assert "risk_2y" not in toy_result
+    [kfre_result] = kfre_results["results"]
+    assert kfre_result["risk_5y_percent"] == pytest.approx(RISK_5Y, abs=0.005)
+
+
+def test_a_site_gives_model_or_models_not_both() -> None:
+    text = (REPO / "sandbox" / "site.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["models"] = [{**data["model"], "url": "http://127.0.0.1:1"}]  # another first model
+    with pytest.raises(Exception, match="'model' \\(one model\\) or 'models'"):
+        parse_site_config(yaml.safe_dump(data))
+    data["models"] = [data.pop("model"), {"url": "http://127.0.0.1:1", "name": "kfre-4var"}]
+    with pytest.raises(Exception, match="each model once by name"):
+        parse_site_config(yaml.safe_dump(data))
