@@ -2,7 +2,8 @@
 
 pydantic checks the shape of a mapping; this module checks what it *means*:
 
-* a feature the model does not take;
+* a feature the model does not take (a note when another model takes it:
+  a site running several models maps the inputs of each);
 * a feature without a window;
 * a unit that cannot be converted (``mmol/L`` for a UACR), a factor that
   contradicts the known one (``umol/L: {multiply: 88.4}``), ``mL/min`` for
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from ehrbridge.mappings.codemaps import code_table
 from ehrbridge.mappings.diagnostics import Diagnostic, Locator, PathKey
-from ehrbridge.mappings.schema import LAB_FEATURES, Mapping, UnitRule
+from ehrbridge.mappings.schema import LAB_FEATURES, MODELS, Mapping, UnitRule
 from ehrbridge.mappings.units import describe_factor, known_unit, same_unit
 
 _FACTOR_TOLERANCE = 0.01  # a stated factor within 1 % of the known one is the same factor
@@ -45,16 +46,32 @@ def lint_mapping(mapping: Mapping, locator: Locator) -> list[Diagnostic]:
 
 def _features_taken(mapping: Mapping, loc: Locator, out: list[Diagnostic]) -> None:
     spec = mapping.spec
+    for_others: dict[str, list[str]] = {}
     for feature in mapping.features:
-        if not spec.takes(feature):
-            out.append(
-                loc.diagnostic(
-                    "error",
-                    ("features", feature),
-                    f"model {spec.name} does not take {feature} "
-                    f"(its inputs: {', '.join(spec.inputs)})",
-                )
+        if spec.takes(feature):
+            continue
+        takers = [name for name, other in MODELS.items() if other.takes(feature)]
+        if takers:
+            # A site running several models maps what each takes (KFRE-8's albumin beside
+            # KFRE-4): not a mistake, but worth saying which model it is for.
+            for_others.setdefault(" or ".join(takers), []).append(feature)
+            continue
+        out.append(
+            loc.diagnostic(
+                "error",
+                ("features", feature),
+                f"model {spec.name} does not take {feature} (its inputs: {', '.join(spec.inputs)})",
             )
+        )
+    for model, mapped in for_others.items():
+        out.append(
+            loc.diagnostic(
+                "note",
+                ("features", mapped[0]),
+                f"{', '.join(mapped)}: {spec.name} does not take them, {model} does; they are "
+                f"used when this site runs {model} (models:), else stored unused",
+            )
+        )
 
 
 def _windows(mapping: Mapping, loc: Locator, out: list[Diagnostic]) -> None:

@@ -160,13 +160,17 @@ def test_a_kfre8_mapping_needs_all_four_analytes(tmp_path: Path) -> None:
     assert all("never produce a complete feature record" in m for m in messages)
 
 
-def test_a_kfre4_mapping_does_not_take_the_analytes(tmp_path: Path) -> None:
-    [error] = [
-        d
-        for d in findings(tmp_path, SI_MAPPING.replace("model: kfre-8var", "model: kfre-4var"))
-        if d.is_error and "albumin" in d.message
-    ]
-    assert error.field == "features.albumin"
+def test_a_kfre4_mapping_with_the_analytes_says_which_model_takes_them(tmp_path: Path) -> None:
+    # A site running KFRE-4 and KFRE-8 maps all eight inputs under a kfre-4var mapping.
+    text = SI_MAPPING.replace("model: kfre-8var", "model: kfre-4var")
+    (tmp_path / "mapping_test.yaml").touch()
+    path = tmp_path / "mapping.yaml"
+    path.write_text(text, encoding="utf-8")
+    found = check_path(path)
+    assert [d for d in found if d.severity != "note"] == []
+    [note] = [d for d in found if "kfre-8var" in d.message]
+    assert note.field == "features.albumin"
+    assert note.message.startswith("albumin, phosphate, bicarbonate, calcium: kfre-4var does not")
 
 
 # --------------------------------------------------------------------------- extraction
@@ -200,46 +204,18 @@ def test_extraction_converts_si_results_to_the_equation_units(tmp_path: Path) ->
 
 # --------------------------------------------------------------- the synthetic EHR's panels
 
-SANDBOX_KFRE8 = """\
-version: t-8s
-model: kfre-8var
-patient: {assigning_authority: SANDBOX, type_code: MR, fhir_system: urn:test:mrn}
-features:
-  creatinine:
-    codes: [LN|2160-0]
-    units: {mg/dL: {multiply: 1}, umol/L: {divide: 88.4}}
-    window_days: 365
-  uacr:
-    codes: [LN|9318-7, LN|14959-1, LN|32294-1]
-    units: {mg/g: {multiply: 1}, "mg/g{creat}": {multiply: 1}, mg/mmol: {multiply: 8.84}}
-    window_days: 730
-  albumin:
-    codes: [LN|1751-7]
-    units: {g/dL: {multiply: 1}, g/L: {divide: 10}}
-    window_days: 365
-  phosphate:
-    codes: [LN|2777-1, LN|14879-1]
-    units: {mg/dL: {multiply: 1}, mmol/L: {multiply: 3.097}}
-    window_days: 365
-  bicarbonate:
-    codes: [LN|2028-9, LN|1963-8]
-    units: {mmol/L: {multiply: 1}, mEq/L: {multiply: 1}}
-    window_days: 365
-  calcium:
-    codes: [LN|17861-6, LN|2000-8]
-    units: {mg/dL: {multiply: 1}, mmol/L: {multiply: 4.008}}
-    window_days: 365
-"""
+SANDBOX_SITE = Path(__file__).resolve().parents[1] / "sandbox" / "site.yaml"
 
 
-def test_si_and_conventional_labs_agree_once_converted(tmp_path: Path) -> None:
-    # The same population measured by SI and by US labs: after the mapping's conversion
-    # the two kinds of lab must describe the same patients, analyte by analyte.
+def test_si_and_conventional_labs_agree_once_converted() -> None:
+    # The same population measured by SI and by US labs: after the sandbox site's
+    # conversion the two kinds of lab must describe the same patients, analyte by analyte.
+    from ehrbridge.config import load_site_config
     from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
-    path = tmp_path / "mapping.yaml"
-    path.write_text(SANDBOX_KFRE8, encoding="utf-8")
-    rules = FactRules(load_mapping_file(path))
+    mapping = load_site_config(SANDBOX_SITE).mapping
+    assert set(KFRE8_ANALYTES) <= set(mapping.features)
+    rules = FactRules(mapping)
     by_lab: dict[tuple[str, bool], list[float]] = {}
     for _, message in SyntheticEhr(seed=3, patients=200).stream(visits_per_patient=2):
         for patient in extract(Message.parse(message.decode("ascii")), rules).patients:
