@@ -45,6 +45,7 @@ from typing import Any
 from ehrbridge.config import Mode, SiteConfig
 from ehrbridge.core.contracts import Envelope, Failure, Outcome, Sink
 from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, PermanentError
+from ehrbridge.pipelines.ingest import internal_error
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
 from ehrbridge.pipelines.observation import build_observation
 from ehrbridge.pipelines.records import Prediction
@@ -190,14 +191,25 @@ class WritebackStage:
         return [self._failure(i) for i in items if i.errors]
 
     def _write(self, name: str, sink: DeadLetteringSink, pending: list[_Item]) -> None:
-        build = REQUESTS[name]
-        errors = sink.write([build(item, self.config) for item in pending])
-        for index, item in enumerate(pending):
+        built = [(item, self._build(name, item)) for item in pending]
+        sendable = [(item, request) for item, request in built if request is not None]
+        errors = sink.write([request for _, request in sendable]) if sendable else {}
+        for index, (item, _) in enumerate(sendable):
             if index in errors:
                 item.errors.append(errors[index])
             else:
                 item.delivered.add(name)
-        self._count(name, len(pending), errors)
+        self._count(name, len(sendable), errors)
+
+    def _build(self, name: str, item: _Item) -> Envelope | None:
+        """The target's request, or None with the item's error noted (errors as data)."""
+        try:
+            return REQUESTS[name](item, self.config)
+        except EhrbridgeError as error:
+            item.errors.append(error)
+        except Exception as exc:  # a bug: dead-letter the record, never stall the partition
+            item.errors.append(internal_error(item.envelope, exc))
+        return None
 
     def _count(self, target: str, sent: int, errors: dict[int, EhrbridgeError]) -> None:
         if sent > len(errors):

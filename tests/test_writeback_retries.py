@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 from predictions import prediction
 
 from ehrbridge.adapters.memory import MemorySink
@@ -17,11 +18,13 @@ from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.config import Hl7v2Writeback, Mode, RetryPolicy, SiteConfig, load_site_config
 from ehrbridge.core.contracts import CONTROL_ID_HEADER, Envelope, Failure, Kind
 from ehrbridge.core.errors import RemoteRejected, UpstreamUnavailable
+from ehrbridge.pipelines import writeback
 from ehrbridge.pipelines.records import Prediction
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.pipelines.retry import TIER_HEADER, DeadLetteringSink, FailureRouter, RetryingSink
 from ehrbridge.pipelines.transport import topic_name
 from ehrbridge.pipelines.writeback import DELIVERED_HEADER, WritebackStage
+from ehrbridge.pipelines.writeback_requests import ResultToSend
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 
 QUICK = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
@@ -125,3 +128,23 @@ def test_each_target_is_sent_the_request_its_builder_makes(tmp_path: Path) -> No
     msh = message.payload.split(b"\r")[0].split(b"|")
     assert msh[8].startswith(b"ORU^R01") and msh[9].decode() == message.headers[CONTROL_ID_HEADER]
     assert bundle.kind is Kind.FHIR and message.kind is Kind.HL7V2
+
+
+def test_a_request_that_cannot_be_built_is_dead_lettered_and_the_batch_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(result: ResultToSend, config: SiteConfig) -> Envelope:
+        raise ZeroDivisionError("a bug in the ORU builder (test)")
+
+    monkeypatch.setitem(writeback.REQUESTS, "hl7v2", broken)
+    config = live_config()
+    fhir, oru = MemorySink("fhir"), MemorySink("hl7v2")
+    targets = {"fhir": fhir, "hl7v2": oru}
+    stage = WritebackStage(config, SqliteResultStore(tmp_path / "r.sqlite"), targets)
+    records = [record_for(prediction(config, f"MRN-{n}"), config) for n in range(2)]
+    failures = stage.process(records)  # no exception: the partition is not stalled
+    assert len(failures) == 2 and len(fhir.written) == 2 and oru.calls == 0
+    for failure in failures:
+        assert isinstance(failure, Failure) and failure.permanent
+        assert failure.error.reason == "internal" and "ZeroDivisionError" in failure.error.detail
+        assert failure.envelope.headers[DELIVERED_HEADER] == "fhir"  # a replay sends only the ORU
