@@ -77,7 +77,7 @@ def model_view(parts: ConsoleParts, name: str) -> dict[str, Any]:
         "mode": effective_mode(config).value,
         "site_file_mode": config.mode.value,
         "decision": read_mode_file(mode_path(config.data_dir, name)),
-        "monitoring": monitoring_view(monitored),
+        "monitoring": monitoring_view(monitored, [i.name for i in config.model.declared.inputs]),
         "evaluations": [e for s in SOURCES if (e := evaluation_view(config, name, s))],
         "criteria": criteria_view(config),
     }
@@ -86,13 +86,17 @@ def model_view(parts: ConsoleParts, name: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------- monitoring
 
 
-def monitoring_view(monitored: Mapping[str, Any]) -> dict[str, Any]:
-    """Charts over the monitoring's daily series (at most its 60 kept days)."""
+def monitoring_view(monitored: Mapping[str, Any], inputs: Sequence[str]) -> dict[str, Any]:
+    """Charts over the monitoring's daily series (at most its 60 kept days).
+
+    ``inputs``: the model's inputs (its model file); drift is drawn for those
+    the monitoring bins, missingness for all.
+    """
     days_data: list[dict[str, Any]] = list(monitored.get("days", []))
     days = [d["date"] for d in days_data]
-    features = [f for f in BINS if f != SCORE]
-    psi = {f: [_psi(d, f) for d in days_data] for f in (*features, SCORE)}
-    missing = {f: [_missing(d, f) for d in days_data] for f in features}
+    binned = [f for f in inputs if f in BINS and f != SCORE]
+    psi = {f: [_psi(d, f) for d in days_data] for f in (*binned, SCORE)}
+    missing = {f: [_missing(d, f) for d in days_data] for f in inputs}
     flags = [
         sum(n for band, n in d.get("bands", {}).items() if band != NOT_FLAGGED) for d in days_data
     ]
@@ -105,7 +109,7 @@ def monitoring_view(monitored: Mapping[str, Any]) -> dict[str, Any]:
         "reference_from": monitored.get("reference_from"),
         "reference_days": monitored.get("reference_days"),
         "reference_frozen": bool(monitored.get("reference_frozen")),
-        "latest": _latest_levels(days_data),
+        "latest": _latest_levels(days_data, (*binned, SCORE)),
         "psi_chart": lines_over_days(
             "PSI per feature per day against the reference",
             days,
@@ -142,13 +146,15 @@ def _missing(day: Mapping[str, Any], feature: str) -> float | None:
     return float(day.get("missing_rate", {}).get(feature, 0.0))
 
 
-def _latest_levels(days: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _latest_levels(
+    days: Sequence[Mapping[str, Any]], features: Sequence[str]
+) -> list[dict[str, Any]]:
     """Each feature's last compared day: PSI and its level (ok / warn / alarm)."""
     last: dict[str, dict[str, Any]] = {}
     for day in days:
         for feature, found in day.get("drift", {}).items():
             last[feature] = {"feature": feature, "date": day["date"], **found}
-    return [last[f] for f in BINS if f in last]
+    return [last[f] for f in features if f in last]
 
 
 # ---------------------------------------------------------------------- evaluation

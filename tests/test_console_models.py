@@ -112,11 +112,12 @@ def test_the_monitoring_charts_come_from_the_drift_series() -> None:
             uacr = None if day == 2 and i < 10 else 40.0  # half the records lack UACR on day 3
             monitor.add_features(today, {"age": 60.0, "sex": 1.0, "egfr": shifted, "uacr": uacr})
             monitor.add_score(today, "H" if i < day else "N", 0.15)
-    view = monitoring_view(_series(monitor))
+    view = monitoring_view(_series(monitor), ["age", "sex", "egfr", "uacr"])
     assert view["days"] == 4 and view["records"] == 80
     psi = str(view["psi_chart"])
     assert "egfr 2026-11-04: " in psi and "egfr 2026-11-03: 0.00" in psi
     assert "uacr 2026-11-03: 50%" in str(view["missing_chart"])
+    assert "albumin" not in str(view["missing_chart"])  # not this model's input
     flags = str(view["flags_chart"])
     assert "<title>2026-11-01: 0</title>" in flags and "<title>2026-11-04: 3</title>" in flags
     assert "0.1–0.2: 100.0% (80)" in str(view["score_chart"])
