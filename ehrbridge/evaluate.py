@@ -128,7 +128,6 @@ def build(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The evaluation JSON and the links, from the site's stores and an outcome export."""
     from ehrbridge.adapters.evaluation_sources import last_outcomes, stored_predictions
-    from ehrbridge.evaluation.linkage import LinkBook, Linker
     from ehrbridge.evaluation.report import EvaluationInput, evaluate, link_summary
 
     settings = config.evaluation
@@ -137,10 +136,7 @@ def build(
     stores = stores or config.data_dir
     stored = stored_predictions(stores / "results.sqlite", config.model.name)
     predictions = [_ref(p, attributes) for p in stored]
-    linker = Linker(spec)
-    changed = _feed_events(linker, spec, events_dir or settings.events, config)
-    book = LinkBook()
-    book.refresh(linker, predictions, changed, as_of)
+    book = _link(config, spec, predictions, events_dir, as_of=as_of, stores=stores)
     scored = {p.patient_id for p in predictions}
     states = last_outcomes(stores / "state.sqlite")
     inp = EvaluationInput(
@@ -160,6 +156,8 @@ def build(
     )
     evaluation = evaluate(inp)
     evaluation["drift"] = psi_by_month(stored, config.model.declared.shown.score_output)
+    # Links the evaluation store kept from the last evaluation rather than recomputed.
+    evaluation["relinked"] = {"relinked": book.relinked, "kept": len(book.links) - book.relinked}
     if settings.promotion is not None:
         from ehrbridge.evaluation.gates import judge, overall
 
@@ -169,6 +167,64 @@ def build(
             "criteria": [v.to_json() for v in verdicts],
         }
     return evaluation, link_summary(book.links)
+
+
+def link_store_path(config: SiteConfig, stores: Path) -> Path:
+    """``links.sqlite`` beside the evaluated stores (the backfill's or the site's)."""
+    return (
+        stores if stores != config.data_dir else config.data_dir / "evaluation"
+    ) / "links.sqlite"
+
+
+def _link(
+    config: SiteConfig,
+    spec: Any,
+    predictions: list[Any],
+    events_dir: Path | None,
+    *,
+    as_of: datetime,
+    stores: Path,
+) -> Any:
+    """Links for ``predictions``: the stored ones kept where nothing could change them.
+
+    The evaluation store (adapters/sqlite_evaluation.py) keeps every event fed so
+    far and the last evaluation's links; this one feeds the export's new events,
+    then re-links the patients who had one or whose stored events fell due since
+    the last as-of time, the pending links and the new predictions.
+    """
+    from ehrbridge.adapters.sqlite_evaluation import SqliteLinkStore
+    from ehrbridge.datadir import secure_data_dir
+
+    path = link_store_path(config, stores)
+    secure_data_dir(path.parent, "data_dir/evaluation")
+    store = SqliteLinkStore(path)
+    try:
+        store.reset_unless(spec.model_dump_json())
+        changed = _feed_events(store, spec, events_dir or config.evaluation.events, config)
+        return relink(store, spec, predictions, changed, as_of=as_of)
+    finally:
+        store.close()
+
+
+def relink(
+    store: Any, spec: Any, predictions: list[Any], changed: set[str], as_of: datetime
+) -> Any:
+    """The stored links brought to ``as_of``: only those an event could change are redone.
+
+    ``changed``: the patients the feed brought new events for. Then saved back.
+    """
+    from ehrbridge.evaluation.linkage import LinkBook, Linker
+
+    linker = Linker(spec)
+    linker.add(store.events())
+    book, previous = LinkBook(), store.last_as_of()
+    if previous is not None and previous <= as_of:  # else (an earlier as-of): link all afresh
+        current = {p.identifier for p in predictions}
+        book.links = {k: v for k, v in store.links().items() if k[0] in current}
+        changed = changed | store.falling_due(previous, as_of)
+    book.refresh(linker, predictions, changed, as_of)
+    store.save_links(book.links, as_of)
+    return book
 
 
 def psi_by_month(stored: list[dict[str, Any]], score: str, min_count: int = 30) -> dict[str, Any]:
@@ -235,6 +291,7 @@ def load_outcome(config: SiteConfig) -> Any:
 
 
 def _feed_events(linker: Any, spec: Any, events_dir: Path | None, config: SiteConfig) -> set[str]:
+    """Recognised events into ``linker`` (anything with ``add(events) -> changed patients``)."""
     from ehrbridge.adapters.evaluation_sources import BulkExport
     from ehrbridge.evaluation.outcomes import Recogniser
 
@@ -244,9 +301,7 @@ def _feed_events(linker: Any, spec: Any, events_dir: Path | None, config: SiteCo
     if events_dir.is_file():  # an HL7v2 batch (ADT/DFT/ORU): DG1, PR1, PID-29, OBX
         return _feed_hl7(linker, recogniser, events_dir, config)
     export = BulkExport(events_dir, config.mapping.patient.fhir_system)
-    changed: set[str] = set()
-    for key, resource in export:
-        changed |= linker.add(recogniser.events(resource, key))
+    changed: set[str] = linker.add(e for key, res in export for e in recogniser.events(res, key))
     return changed
 
 
@@ -339,6 +394,8 @@ def _print_summary(evaluation: Mapping[str, Any], out: Path) -> None:
         for v in promotion["criteria"]:
             print(f"promotion criterion {v['criterion']}: {v['status']} ({v['evidence']})")
         print(f"promotion: {promotion['overall']}")
+    if relinked := evaluation.get("relinked"):
+        print(f"links: {relinked['relinked']} computed, {relinked['kept']} kept from the last run")
     print(f"report: {out / 'report.html'}  numbers: {out / 'evaluation.json'}")
 
 

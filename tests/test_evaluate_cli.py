@@ -207,6 +207,15 @@ def run(
     return evaluation, links, printed
 
 
+def evaluate_again(tmp: Path) -> dict:
+    site, out = tmp / "site.yaml", tmp / "again"
+    assert site.exists()
+    args = ["evaluate", "--site", str(site), "--model", "kfre-4var", "--out", str(out),
+            "--events", str(tmp / "export"), "--as-of", AS_OF.isoformat()]  # fmt: skip
+    assert main(args) == 0
+    return dict(orjson.loads((out / "evaluation.json").read_bytes()))
+
+
 @pytest.fixture(scope="module")
 def cohort() -> tuple[list[Patient], dict[str, int]]:
     people = make_cohort(3000, seed=11)
@@ -245,6 +254,14 @@ def test_a_calibrated_cohort_is_found_calibrated(
     auroc = evaluation["horizons"]["2y"]["discrimination"]["auroc"]["value"]
     assert auroc == pytest.approx(roc_auc_score(y, p), abs=1e-9)
     assert "AUROC" in printed and "report.html" in printed
+    # Again with the same export: the evaluation store (links.sqlite) keeps every settled
+    # link and redoes only the pending ones, with the same result.
+    again = evaluate_again(tmp_path)
+    pending = sum(evaluation["horizons"][h]["linkage"]["pending"] for h in ("2y", "5y"))
+    assert pending > 0
+    assert again["relinked"] == {"relinked": pending, "kept": 2 * len(stored) - pending}
+    for horizon in ("2y", "5y"):
+        assert again["horizons"][horizon]["linkage"] == evaluation["horizons"][horizon]["linkage"]
 
 
 def test_doubled_risks_are_reported_as_over_prediction(
