@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse
 
 from ehrbridge.auth import PRINCIPAL_KEY, Principal
 from ehrbridge.config import ApiRole, SiteConfig
-from ehrbridge.console import Console, ConsoleParts, page_caller
+from ehrbridge.console import Console, page_caller
 from ehrbridge.console_charts import (
     ALARM,
     WARN,
@@ -46,7 +46,13 @@ from ehrbridge.console_charts import (
 )
 from ehrbridge.evaluation_api import SOURCES, saved_path
 from ehrbridge.pipelines.drift import BINS, PSI_ALARM, PSI_WARN, SCORE
-from ehrbridge.promotion import effective_mode, judge_saved, mode_path, read_mode_file
+from ehrbridge.promotion import (
+    effective_mode,
+    for_model,
+    judge_saved,
+    mode_path,
+    read_mode_file,
+)
 
 NOT_FLAGGED = "N"  # the band of a prediction below every threshold (adapters/prometheus_metrics.py)
 
@@ -58,26 +64,26 @@ def add_model_routes(app: FastAPI, console: Console) -> None:
     def models(request: Request) -> HTMLResponse:
         user = request.scope.get(PRINCIPAL_KEY)
         admin = isinstance(user, Principal) and user.may(ApiRole.ADMIN)
-        views = [model_view(console.parts, name) for name in site_model_names(console.parts)]
+        drift = console.parts.metrics.drift_json() if console.parts.metrics else {}
+        site = console.parts.config
+        views = [model_view(site, m.name, drift) for m in site.site_models]
         return console.render(
             request, "models.html", "Models", models=views, admin=admin, estimate=estimate
         )
 
 
-def site_model_names(parts: ConsoleParts) -> list[str]:
-    """The site's model (the promotion route judges and switches this one)."""
-    return [parts.config.model.name]
-
-
-def model_view(parts: ConsoleParts, name: str) -> dict[str, Any]:
-    config = parts.config
-    monitored = parts.metrics.drift_json().get(name, {}) if parts.metrics else {}
+def model_view(site: SiteConfig, name: str, drift: Mapping[str, Any]) -> dict[str, Any]:
+    """One of the site's models: its mode, monitoring, evaluations and criteria."""
+    config = for_model(site, name)
+    assert config is not None  # name is one of site.site_models
     return {
         "name": name,
         "mode": effective_mode(config).value,
         "site_file_mode": config.mode.value,
         "decision": read_mode_file(mode_path(config.data_dir, name)),
-        "monitoring": monitoring_view(monitored, [i.name for i in config.model.declared.inputs]),
+        "monitoring": monitoring_view(
+            drift.get(name, {}), [i.name for i in config.model.declared.inputs]
+        ),
         "evaluations": [e for s in SOURCES if (e := evaluation_view(config, name, s))],
         "criteria": criteria_view(config),
     }

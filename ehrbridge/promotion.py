@@ -81,6 +81,16 @@ def effective_mode(config: SiteConfig, model: str | None = None) -> Mode:
     return Mode(doc["mode"]) if doc and doc.get("mode") in set(Mode) else config.mode
 
 
+def for_model(config: SiteConfig, name: str) -> SiteConfig | None:
+    """The site's config as seen by its model ``name`` (that model as ``model``); None if
+    the site runs no such model. Everything here judges, records and switches
+    ``config.model``: each of the site's models has its own evaluation and mode file."""
+    found = next((m for m in config.site_models if m.name == name), None)
+    if found is None:
+        return None
+    return config if found is config.model else config.model_copy(update={"model": found})
+
+
 class ModeSwitch:
     """The model's current mode, read from its mode file whenever the file changed."""
 

@@ -5,8 +5,9 @@ What ``ehrbridge promote`` and ``ehrbridge demote`` call on the running site
 The body: ``{"mode": "live"|"shadow", "reason": ..., "override": false,
 "source": "site"|"backfill"}``. The answer is the decision with each
 criterion's verdict: 200 when the mode switched, 409 when it was refused
-(criteria not passed, no reason, no write-back target), 404 for another
-site's model, 503 when the audit trail cannot be written (nothing switches).
+(criteria not passed, no reason, no write-back target), 404 for a model
+the site does not run (each of ``models:`` has its own mode), 503 when the
+audit trail cannot be written (nothing switches).
 ``GET /api/models/{model}/mode`` (viewer) says which mode is in force and why.
 ``POST /api/models/{model}/alerts`` (admin) is an Alertmanager webhook receiver:
 an alert named in ``evaluation.promotion.demote_on_alerts`` reported firing
@@ -35,6 +36,7 @@ from ehrbridge.promotion import (
     Caller,
     decide,
     effective_mode,
+    for_model,
     mode_path,
     read_mode_file,
     shadow_results_at_promotion,
@@ -81,20 +83,23 @@ def add_promotion_routes(
     viewer: Sequence[Depends],
     admin: Sequence[Depends],
 ) -> None:
-    config, log, results, state = parts
-    model_name = config.model.name
+    site, log, results, state = parts
 
-    def this_model(model: str) -> None:
-        if model != model_name:
-            raise HTTPException(404, f"this site runs model {model_name!r}, not {model!r}")
+    def this_model(model: str) -> SiteConfig:
+        """The site's config as ``model`` sees it; 404 for a model the site does not run."""
+        config = for_model(site, model)
+        if config is None:
+            names = ", ".join(m.name for m in site.site_models)
+            raise HTTPException(404, f"this site runs {names}, not {model!r}")
+        return config
 
     @app.get("/api/models/{model}/mode", dependencies=list(viewer), responses=NOT_HERE)
     def current_mode(model: str) -> dict[str, Any]:
-        this_model(model)
-        decided = read_mode_file(mode_path(config.data_dir, model_name))
+        config = this_model(model)
+        decided = read_mode_file(mode_path(config.data_dir, model))
         mode = decided["mode"] if decided else config.mode.value
         return {
-            "model": model_name,
+            "model": model,
             "mode": mode,
             "site_file_mode": config.mode.value,
             "decision": decided,
@@ -102,7 +107,7 @@ def add_promotion_routes(
 
     @app.post("/api/models/{model}/mode", dependencies=list(admin), responses=DECIDED)
     def switch_mode(model: str, body: ModeRequest, request: Request) -> JSONResponse:
-        this_model(model)
+        config = this_model(model)
         principal: Principal = request.scope[PRINCIPAL_KEY]
         caller = Caller(
             who=principal.name,
@@ -129,7 +134,7 @@ def add_promotion_routes(
     @app.post("/api/models/{model}/alerts", dependencies=list(admin), responses=DECIDED)
     def alert_webhook(model: str, body: AlertmanagerWebhook, request: Request) -> Any:
         """Alertmanager's webhook: a firing alert the site lists demotes the model."""
-        this_model(model)
+        config = this_model(model)
         listed = set(
             config.evaluation.promotion.demote_on_alerts if config.evaluation.promotion else ()
         )

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -22,7 +24,7 @@ from evaluated_site import MODEL, evaluate_cohort, in_shadow_with_criteria, keep
 
 from ehrbridge.adapters.prometheus_metrics import _series
 from ehrbridge.audit import AuditTrail
-from ehrbridge.config import ApiRole
+from ehrbridge.config import ApiRole, Mode
 from ehrbridge.console_models import monitoring_view
 from ehrbridge.pipelines.drift import DriftMonitor
 from ehrbridge.promotion import mode_path
@@ -123,3 +125,49 @@ def test_the_monitoring_charts_come_from_the_drift_series() -> None:
     assert "0.1–0.2: 100.0% (80)" in str(view["score_chart"])
     assert [d["feature"] for d in view["latest"]][:3] == ["age", "sex", "egfr"]
     assert next(d for d in view["latest"] if d["feature"] == "egfr")["level"] == "alarm"
+
+
+def two_models_in_shadow(toy: Path) -> Any:
+    """tests/test_several_models.py's two models (KFRE-4 and a toy), the site in shadow."""
+    from test_several_models import two_models
+
+    both = two_models(toy)
+    return lambda config: both(config).model_copy(update={"mode": Mode.SHADOW})
+
+
+def test_each_of_a_sites_models_has_its_own_section_and_switch(tmp_path: Path) -> None:
+    from test_several_models import toy_model
+
+    toy = tmp_path / "elsewhere" / "progression-toy.yaml"
+    toy.parent.mkdir()
+    toy.write_text(toy_model())
+    configure = two_models_in_shadow(toy)
+    with BackgroundSandbox(tmp_path / "site", configure=configure, fhir_site=False) as running:
+        client, csrf = signed_in(running, ApiRole.ADMIN)
+        page = client.get("/console/models").text
+        assert 'id="model-kfre-4var"' in page and 'id="model-progression-toy"' in page
+        assert page.count("Promote to live") == 2
+        url, token = "/api/models/progression-toy/mode", {"X-CSRF-Token": csrf}
+        refused = client.post(url, json={"mode": "live"}, headers=token)
+        assert refused.status_code == 409 and "inconclusive" in refused.json()["why_refused"]
+        body = {"mode": "live", "override": True, "reason": "pilot of the toy model"}
+        assert client.post(url, json=body, headers=token).status_code == 200
+        assert client.get(url).json()["mode"] == "live"
+        assert client.get("/api/models/kfre-4var/mode").json()["mode"] == "shadow"
+        assert client.get("/api/models/no-such-model/mode").status_code == 404
+        data = running.sandbox.data_dir
+        assert mode_path(data, "progression-toy").exists()
+        assert not mode_path(data, "kfre-4var").exists()
+        [entry] = [
+            e
+            for e in AuditTrail(data / "audit").entries()
+            if e["action"] == "promote progression-toy" and e["outcome"] == "live"
+        ]
+        assert entry["detail"]["override"] is True
+        page = client.get("/console/models").text
+    toy_section = page[page.index('id="model-progression-toy"') :]
+    kfre_section = page[
+        page.index('id="model-kfre-4var"') : page.index('id="model-progression-toy"')
+    ]
+    assert "data-mode>live</span>" in toy_section and "Demote to shadow" in toy_section
+    assert "data-mode>shadow</span>" in kfre_section and "Promote to live" in kfre_section
