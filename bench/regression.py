@@ -17,9 +17,10 @@ Why it holds on a loaded or different machine:
 * **A noise floor.** A step must also rise by more than ``NOISE_FLOOR_US``:
   30% of a 10 µs step is within timer and cache noise.
 
-What it does not cover: CPU spent in the model server and the FHIR stand-in
-(other processes; the HTTP steps count only the client's share), and the
-Kafka floor.
+What it does not gate: the HTTP round-trip steps (``UNGATED_PREFIXES``: shown,
+not failed), CPU spent in the model server and the FHIR stand-in (other
+processes), and the Kafka floor. The whole processing stage, which includes
+the batched model call, is gated.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from typing import Any
 import orjson
 
 BASELINE = Path(__file__).resolve().with_name("baseline.json")
+# Steps that are HTTP round trips: reported, not gated. The client's CPU per
+# request rises when the server answers slowly (more wake-ups per request), and
+# in smoke mode a batched step is only 8-13 requests, so a loaded CI machine
+# moves them by more than 30% (seen: 1.57x with no code change).
+UNGATED_PREFIXES = ("inference,", "write-back, one", "write-back, batched", "FHIR stand-in:")
 TOLERANCE = 0.30  # the issue's "more than 30% over the committed baseline"
 NOISE_FLOOR_US = 3.0
 SCHEMA = 1
@@ -123,8 +129,12 @@ class Verdict:
     current_us: float | None  # None: a baseline step this run did not measure
 
     @property
+    def gated(self) -> bool:
+        return not self.step.startswith(UNGATED_PREFIXES)
+
+    @property
     def regressed(self) -> bool:
-        if self.allowed_us is None or self.current_us is None:
+        if not self.gated or self.allowed_us is None or self.current_us is None:
             return False
         return self.current_us > self.allowed_us
 
@@ -159,6 +169,8 @@ def verdict_table(verdicts: list[Verdict]) -> tuple[list[str], list[list[Any]]]:
             word = "new step (no baseline)"
         elif v.current_us is None:
             word = "not measured"
+        elif not v.gated:
+            word = "reported (HTTP, not gated)"
         else:
             word = "REGRESSED" if v.regressed else "ok"
         rows.append([v.step, v.baseline_us, v.allowed_us, v.current_us, v.ratio, word])
