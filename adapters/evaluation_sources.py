@@ -149,3 +149,23 @@ def _bundle(patient: dict[str, Any], observations: list[dict[str, Any]]) -> byte
     entries = [{"fullUrl": f"Patient/{patient['id']}", "resource": patient}]
     entries += [{"resource": o} for o in observations]
     return orjson.dumps({"resourceType": "Bundle", "type": "collection", "entry": entries})
+
+
+def logged_records(log: Path, topic: str, after: int, limit: int) -> list[Any]:
+    """Records of ``topic`` in the embedded log after offset ``after``, read-only, in order.
+
+    For ``evaluate``'s live feed: it reads what the site received without
+    joining a consumer group, so it never holds back the log's retention.
+    """
+    from ehrbridge.adapters.sqlite_log import _record
+
+    conn = _open_ro(log)
+    try:
+        rows = conn.execute(
+            "SELECT offset, key, value, headers, ts FROM records "
+            "WHERE topic = ? AND offset > ? ORDER BY offset LIMIT ?",
+            (topic, after, limit),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [_record(topic, row) for row in rows]

@@ -13,6 +13,11 @@ the predictions it can change (``evaluation/linkage.py``, :class:`LinkBook`):
   time and at or before this one's (it was not known then);
 - an evaluation as of a time before the last one re-links everything.
 
+Live traffic feeds it too: ``evaluate`` reads the records the site's
+ingest stored in its embedded log since the offset it last read (kept in
+``meta``), so ADT/ORU and FHIR resources received live become events
+before the log's retention purges them.
+
 Links are stored by (prediction identifier, horizon) with the as-of time
 they were computed at, so the pending and censored counts of the last
 evaluation can be read back without recomputing.
@@ -107,6 +112,14 @@ class SqliteLinkStore:
         """
         rows = self._conn().execute("SELECT patient_id, at FROM outcome_event")
         return {pid for pid, at in rows if since < datetime.fromisoformat(at) <= until}
+
+    def meta(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with transaction(self._conn()) as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def last_as_of(self) -> datetime | None:
         row = self._conn().execute("SELECT value FROM meta WHERE key = 'as_of'").fetchone()

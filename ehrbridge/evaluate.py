@@ -201,9 +201,70 @@ def _link(
     try:
         store.reset_unless(spec.model_dump_json())
         changed = _feed_events(store, spec, events_dir or config.evaluation.events, config)
+        if stores == config.data_dir:  # the site's own predictions: its live traffic too
+            changed |= feed_live(store, spec, config)
         return relink(store, spec, predictions, changed, as_of=as_of)
     finally:
         store.close()
+
+
+LIVE_BATCH = 2000
+
+
+def feed_live(store: Any, spec: Any, config: SiteConfig) -> set[str]:
+    """Outcome events from what the site received live, since the last evaluation read it.
+
+    The embedded log's ``raw`` topic holds every message ingest accepted (HL7v2
+    ADT/DFT/ORU: DG1, PR1, PID-29, OBX; FHIR resources and Bundles: Condition,
+    Procedure, Encounter, Observation, Patient.deceased), keyed by patient.
+    Read in order from the offset kept in the evaluation store; a record the
+    retention purged before an evaluation read it is not seen, so evaluate at
+    least as often as ``retention`` keeps the log. A Kafka site's log is not
+    read here (its topics are the brokers'); give ``--events`` instead.
+    """
+    from ehrbridge.adapters.evaluation_sources import logged_records
+    from ehrbridge.evaluation.outcomes import Recogniser
+    from ehrbridge.hl7_outcomes import Hl7OutcomeReader
+    from ehrbridge.pipelines.facts import FactRules
+    from ehrbridge.pipelines.transport import from_record, topic_name
+
+    log = config.data_dir / "log.sqlite"
+    if config.transport.kind != "embedded" or not log.exists():
+        return set()
+    recogniser = Recogniser.of(spec)
+    reader = Hl7OutcomeReader(recogniser, FactRules(config.mapping))
+    topic, after = topic_name(config.site, "raw"), int(store.meta("live_offset") or -1)
+    changed: set[str] = set()
+    while records := logged_records(log, topic, after, LIVE_BATCH):
+        envelopes = [from_record(r) for r in records]
+        changed |= store.add(e for env in envelopes for e in _live_events(env, reader))
+        after = records[-1].offset
+        store.set_meta("live_offset", str(after))  # after the events: a crash re-reads, idempotent
+    return changed
+
+
+def _live_events(envelope: Any, reader: Any) -> list[Any]:
+    from ehrbridge.core.contracts import Kind
+
+    if envelope.kind is Kind.HL7V2:
+        return list(reader.events([envelope.payload]))
+    if envelope.kind is not Kind.FHIR:
+        return []
+    try:
+        document = orjson.loads(envelope.payload)
+    except orjson.JSONDecodeError:
+        return []
+    entries = document.get("entry") if isinstance(document, dict) else None
+    resources = [e.get("resource") for e in entries or [] if isinstance(e, dict)]
+    resources = resources if entries is not None else [document]
+    # The record's key is the patient ingest resolved (its identifier): every resource
+    # of the record is that patient's.
+    return [
+        event
+        for resource in resources
+        if isinstance(resource, dict)
+        for event in reader.recogniser.events(resource, envelope.key)
+    ]
 
 
 def relink(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import yaml
 
 from ehrbridge.adapters.sqlite_evaluation import SqliteLinkStore
@@ -98,3 +99,50 @@ def test_events_are_stored_once_and_read_back_as_fed(tmp_path: Path) -> None:
         assert store.events() == [] and store.links() == {} and store.last_as_of() is None
     finally:
         store.close()
+
+
+def adt(control: str, when: str, *segments: str, death: str = "") -> bytes:
+    pid = ["PID", "1", "", "MRN7^^^SANDBOX^MR", "", "Doe^Jo", "", "19600101", "F"]
+    pid += [""] * (29 - len(pid)) + [death]  # PID-29 patient death date and time
+    msh = f"MSH|^~\\&|ADT|H|EB|H|{when}||ADT^A08|{control}|P|2.5.1"
+    return "\r".join([msh, "|".join(pid), *segments]).encode()
+
+
+def test_live_traffic_in_the_sites_log_feeds_the_store_once(tmp_path: Path) -> None:
+    from ehrbridge.adapters.sqlite_log import SqliteLog
+    from ehrbridge.config import load_site_config
+    from ehrbridge.core.contracts import Envelope, Kind
+    from ehrbridge.evaluate import feed_live
+    from ehrbridge.pipelines.transport import to_record, topic_name
+
+    repo = Path(__file__).resolve().parents[1]
+    site = load_site_config(repo / "sandbox" / "site.yaml")
+    config = site.model_copy(update={"data_dir": tmp_path})
+    log = SqliteLog(tmp_path / "log.sqlite")
+    raw = topic_name(config.site, "raw")
+
+    def receive(payload: bytes, kind: Kind = Kind.HL7V2) -> None:
+        log.append([to_record(Envelope(config.site, "x", payload, kind, "MRN7"), raw)])
+
+    dialysis = "DG1|1||N18.6^End stage renal disease^I10||20240103"
+    receive(adt("A", "20240105120000+0000", dialysis))
+    condition = {"resourceType": "Condition", "subject": {"reference": "Patient/p7"},
+                 "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm",
+                                      "code": "Z99.2"}]},
+                 "onsetDateTime": "2024-02-01T00:00:00Z"}  # fmt: skip
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": condition}]}
+    receive(orjson.dumps(bundle), Kind.FHIR)
+    store = SqliteLinkStore(tmp_path / "links.sqlite")
+    try:
+        assert feed_live(store, SPEC, config) == {"MRN7"}
+        outcomes = sorted(e.code for e in store.events() if e.kind is EventKind.OUTCOME)
+        assert outcomes == ["ICD-10|N18.6", "ICD-10|Z99.2"]
+        assert feed_live(store, SPEC, config) == set()  # read up to its offset: nothing new
+        receive(adt("B", "20240501", death="20240430"))
+        assert feed_live(store, SPEC, config) == {"MRN7"}
+        assert [e.at.date().isoformat() for e in store.events() if e.kind is EventKind.DEATH] == [
+            "2024-04-30"
+        ]
+    finally:
+        store.close()
+        log.close()
