@@ -256,7 +256,8 @@ def _config_check(args: argparse.Namespace) -> int:
 
     config = load_site_config(args.path)
     print(f"{args.path}: ok (site {config.site}, mode {config.mode.value})")
-    print(f"  model: {describe_model(config)}")
+    for model in config.site_models:
+        print(f"  model: {describe_model(config, model)}")
     if (mode := effective_mode(config)) is not config.mode:  # the last promote/demote wins
         where = mode_path(config.data_dir, config.model.name)
         print(f"  mode in force: {mode.value}, by the last promote/demote ({where})")

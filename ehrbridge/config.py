@@ -844,9 +844,12 @@ def _check_one_calibration(
     )
 
 
-def describe_model(config: SiteConfig) -> str:
+def describe_model(config: SiteConfig, model: ModelEndpoint | None = None) -> str:
     """Which model, from where, over which protocol, with which calibration and domain."""
-    model = config.model
+    model = model or config.model
+    if model.name != config.model.name:  # a further model scores in its own file's domain
+        rules = ", ".join(model.declared.domain) or "none"
+        return f"{model.name} {model.declared.model.version}{_from(model)}; domain: {rules}"
     definition = model.definition
     protocol = definition.endpoint.protocol if definition else "oip-v2"
     named = f"{model.name} {definition.model.version}" if definition else model.name
@@ -854,6 +857,13 @@ def describe_model(config: SiteConfig) -> str:
     calibration = f", calibration {model.calibration}" if model.calibration else ""
     domain = ", ".join(str(rule) for rule in config.mapping.domain) or "none"
     return f"{named}{source} over {protocol} at {model.url}{calibration}; domain: {domain}"
+
+
+def _from(model: ModelEndpoint) -> str:
+    protocol = model.declared.endpoint.protocol
+    source = f" from {model.file}" if model.file else ""
+    calibration = f", calibration {model.calibration}" if model.calibration else ""
+    return f"{source} over {protocol} at {model.url}{calibration}"
 
 
 def _with_model_domain(config: SiteConfig) -> SiteConfig:

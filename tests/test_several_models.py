@@ -10,6 +10,7 @@ each model's results must be listed apart by the API (``?model=``).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.config import SiteConfig, parse_site_config
 from ehrbridge.mappings.loader import SITES_DIR
 from ehrbridge.sandbox.run import BackgroundSandbox
+from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 REPO = Path(__file__).resolve().parents[1]
 KFRE_4 = REPO / "models" / "kfre-4.yaml"
@@ -109,11 +111,87 @@ def test_two_models_on_one_site_each_write_their_own_observation(tmp_path: Path)
 
 
 def test_a_site_gives_model_or_models_not_both() -> None:
-    text = (REPO / "sandbox" / "site.yaml").read_text()
-    data = yaml.safe_load(text)
-    data["models"] = [{**data["model"], "url": "http://127.0.0.1:1"}]  # another first model
+    data = yaml.safe_load((REPO / "sandbox" / "site.yaml").read_text())
+    first = data.pop("model")
+    data["models"] = [first]
+    data["model"] = {**first, "url": "http://127.0.0.1:1"}  # not the first of `models`
     with pytest.raises(Exception, match="'model' \\(one model\\) or 'models'"):
         parse_site_config(yaml.safe_dump(data))
-    data["models"] = [data.pop("model"), {"url": "http://127.0.0.1:1", "name": "kfre-4var"}]
+    del data["model"]
+    data["models"] = [first, {**first, "url": "http://127.0.0.1:1"}]
     with pytest.raises(Exception, match="each model once by name"):
         parse_site_config(yaml.safe_dump(data))
+
+
+# KFRE-8's serum analytes as the synthetic EHR's renal panel reports them (SI units here).
+KFRE_8_FEATURES = {
+    "albumin": {"codes": [{"system": "LN", "code": "1751-7"}], "units": {"g/L": {"divide": 10}}},
+    "phosphate": {
+        "codes": [{"system": "LN", "code": "14879-1"}],
+        "units": {"mmol/L": {"multiply": 3.097}},
+    },
+    "bicarbonate": {
+        "codes": [{"system": "LN", "code": "1963-8"}],
+        "units": {"mmol/L": {"multiply": 1}},
+    },
+    "calcium": {
+        "codes": [{"system": "LN", "code": "2000-8"}],
+        "units": {"mmol/L": {"multiply": 4.008}},
+    },
+}
+
+
+def kfre_4_and_8(config: SiteConfig) -> SiteConfig:
+    """The sandbox site running the shipped KFRE-4 and KFRE-8 model files side by side."""
+    data = config.model_dump(mode="json")
+    features = data["mapping"]["features"]
+    features.update({k: {**v, "window_days": 365} for k, v in KFRE_8_FEATURES.items()})
+    data["mapping"]["model"] = "kfre-8var"  # its inputs include KFRE-4's
+    first = data.pop("model")
+    data["models"] = [
+        first,
+        {"file": str(REPO / "models" / "kfre-8.yaml"), "url": first["url"]}
+        | {"calibration": first["calibration"]},
+    ]
+    return parse_site_config(yaml.safe_dump(data), "kfre-4-and-8.yaml")
+
+
+def test_the_sandbox_runs_kfre_4_and_kfre_8_side_by_side(tmp_path: Path) -> None:
+    """One renal panel with KFRE-8's analytes: two results, from the sandbox's model server."""
+    ehr = SyntheticEhr(patients=1)
+    serum = {
+        "albumin": (38.0, "g/L"),
+        "phosphate": (1.6, "mmol/L"),
+        "bicarbonate": (21.0, "mmol/L"),
+        "calcium": (2.3, "mmol/L"),
+    }
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    message = ehr.renal_oru_for(
+        mrn="SIDE1", control_id="SIDE-1", age=66, female=False, at=at,
+        creatinine_umol_l=265, uacr_mg_mmol=40.0, serum=serum,
+    )  # fmt: skip
+    with BackgroundSandbox(tmp_path / "sandbox", configure=kfre_4_and_8) as running:
+        with MllpClient("127.0.0.1", running.sandbox.mllp_port) as client:
+            assert client.send(message).code == "AA"
+        fhir = running.sandbox.fhir_base
+        found = wait_for(
+            lambda: two_or_none(
+                all_resources(
+                    f"{fhir}/Observation", {"patient.identifier": "urn:ehrbridge:sandbox:mrn|SIDE1"}
+                )
+            ),
+            what="a KFRE-4 and a KFRE-8 Observation",
+        )
+        api, viewer = running.sandbox.api_url, running.sandbox.headers("viewer")
+        listed = {
+            name: httpx.get(
+                f"{api}/api/results", params={"model": name, "patient": "SIDE1"}, headers=viewer
+            ).json()["total"]
+            for name in ("kfre-4var", "kfre-8var")
+        }
+    by_code = {coded(o): values(o) for o in found}
+    assert set(by_code) == {"kfre-4var", "kfre-8var"}
+    assert set(by_code["kfre-8var"]) == {"kfre8-risk-2y", "kfre8-risk-5y"}
+    # Two equations on the same patient: two different numbers, each its own Observation.
+    assert by_code["kfre-8var"]["kfre8-risk-5y"] != by_code["kfre-4var"]["kfre-risk-5y"]
+    assert listed == {"kfre-4var": 1, "kfre-8var": 1}

@@ -48,7 +48,8 @@ def explain_file(site: SiteMapping, path: Path) -> str:
         f"model {site.mapping.model}, time zone {site.mapping.timezone}"
     )
     if site.config is not None:
-        header += f"\nmodel: {describe_model(site.config)}"
+        for model in site.config.site_models:
+            header += f"\nmodel: {describe_model(site.config, model)}"
     else:
         header += f"\ndomain: {', '.join(str(rule) for rule in site.mapping.domain) or 'none'}"
     parts = [header]
