@@ -23,7 +23,7 @@ from typing import Any
 
 from ehrbridge.config import Mode, SiteConfig, load_site_config
 from ehrbridge.core.errors import ConfigError
-from ehrbridge.promotion import DEMOTE, PROMOTE, Caller, decide
+from ehrbridge.promotion import DEMOTE, PROMOTE, Caller, decide, for_model
 
 
 def add_promotion_commands(sub: Any) -> None:
@@ -77,8 +77,11 @@ def add_promotion_commands(sub: Any) -> None:
 def run_promotion(args: argparse.Namespace) -> int:
     config = load_site_config(args.site)
     model = args.model or config.model.name
-    if model != config.model.name:
-        raise ConfigError(f"{args.site}: this site runs model {config.model.name!r}, not {model!r}")
+    chosen = for_model(config, model)  # each of the site's models is promoted on its own
+    if chosen is None:
+        names = ", ".join(m.name for m in config.site_models)
+        raise ConfigError(f"{args.site}: this site runs {names}, not {model!r}")
+    config = chosen
     body = {
         "mode": (Mode.LIVE if args.action == PROMOTE else Mode.SHADOW).value,
         "reason": args.reason,

@@ -424,3 +424,38 @@ def test_a_listed_alert_from_alertmanager_demotes_a_live_model(tmp_path: Path) -
 
         [after] = wait_for(result, what="a result after the demotion")
         assert after["status"] == "shadow" and ehr_observations(running) == before
+
+
+def test_the_cli_promotes_and_demotes_the_second_model_of_a_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ehrbridge promote --model`` takes any of the site's models, each its own mode file."""
+    import yaml
+    from test_several_models import toy_model
+
+    from ehrbridge.cli import main
+    from ehrbridge.sandbox.run import sandbox_site_file
+
+    toy = tmp_path / "progression-toy.yaml"
+    toy.write_text(toy_model())
+    data = yaml.safe_load(sandbox_site_file().read_text())
+    data["mode"], data["data_dir"] = "shadow", str(tmp_path / "data")
+    data["models"] = [data.pop("model"), {**data_model_for(toy)}]
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump(data))
+    (tmp_path / "data").mkdir(mode=0o700)
+    promote = ["promote", "--site", str(site), "--local", "--model", "progression-toy"]
+    assert main([*promote, "--override", "--reason", "pilot"]) == 0
+    written = orjson.loads(mode_path(tmp_path / "data", "progression-toy").read_bytes())
+    assert written["mode"] == "live"
+    assert not mode_path(tmp_path / "data", "kfre-4var").exists()
+    assert main(["promote", "--site", str(site), "--local", "--model", "x"]) != 0
+    assert "this site runs kfre-4var, progression-toy, not 'x'" in capsys.readouterr().err
+    demote = ["demote", "--site", str(site), "--local", "--model", "progression-toy"]
+    assert main([*demote, "--reason", "pilot over"]) == 0
+    actions = [e["action"] for e in AuditTrail(tmp_path / "data" / "audit").entries()]
+    assert actions == ["promote progression-toy", "demote progression-toy"]
+
+
+def data_model_for(toy: Path) -> dict[str, Any]:
+    return {"file": str(toy), "url": "http://127.0.0.1:9", "calibration": "north_american"}
