@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse
+from markupsafe import Markup
 
 from ehrbridge.auth import PRINCIPAL_KEY, Principal
 from ehrbridge.config import ApiRole, SiteConfig
@@ -212,6 +213,31 @@ def _horizon(name: str, h: Mapping[str, Any]) -> dict[str, Any]:
             y_name="true positive rate",
         ),
         "thresholds": h.get("thresholds", []),
+        **_label_free(name, h.get("label_free", {})),
+    }
+
+
+def _label_free(name: str, label_free: Mapping[str, Any]) -> dict[str, Markup]:
+    """The evaluation's view before outcomes: score quantiles and flags, per month."""
+    by_month = label_free.get("score_distribution_by_month", {})
+    months = list(by_month)
+    quantiles = {q: [by_month[m][q] for m in months] for q in ("p10", "p50", "p90")}
+    flags: dict[str, list[float | None]] = {}
+    for band, per_day in label_free.get("flags_by_day", {}).items():
+        per_month: dict[str, float] = dict.fromkeys(months, 0.0)
+        for day, count in per_day.items():
+            per_month[day[:7]] = per_month.get(day[:7], 0.0) + count
+        flags[band] = [per_month.get(m) for m in months]
+    return {
+        "score_months_chart": lines_over_days(
+            f"Predicted risk at {name} by month: 10th, 50th and 90th percentiles",
+            months,
+            quantiles,
+            fmt=".0%",
+        ),
+        "flags_months_chart": lines_over_days(
+            f"Flagged predictions per month at each band ({name})", months, flags, fmt=".0f"
+        ),
     }
 
 

@@ -70,6 +70,8 @@ def test_a_viewer_sees_criteria_and_curves_but_no_button_and_cannot_promote(
         assert f"<code>{criterion}</code>" in page
     assert 'aria-label="ROC curve at 2y"' in page and "<polyline" in page
     assert 'aria-label="Calibration at 5y' in page and "AUROC (95% CI)" in page
+    assert "p50 2018-01: 8%" in page  # the cohort's first month: median 2-year risk 8.1 %
+    assert 'aria-label="Flagged predictions per month at each band (2y)"' in page
     assert "Promote to live" not in page and "mode-switch" not in page
     body = {"mode": "live", "override": True, "reason": "a viewer tries"}
     refused = client.post(f"/api/models/{MODEL}/mode", json=body, headers={"X-CSRF-Token": csrf})
