@@ -73,6 +73,7 @@ from ehrbridge.pipelines.er7 import Message
 from ehrbridge.pipelines.facts import FactRules, ObservationTrace, Trace, extract
 from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.transport import Log, Record, topic_name
+from ehrbridge.promotion import effective_mode
 
 PAGE_SIZE = 50
 DEAD_LETTER_PAGE = 500
@@ -364,17 +365,26 @@ def _sum(samples: Sequence[Sample], name: str, **labels: str) -> float:
 
 def _models(parts: ConsoleParts, samples: Sequence[Sample]) -> list[dict[str, Any]]:
     names = {lab["model"] for n, lab, _ in samples if "model" in lab}
-    names.add(parts.config.model.name)
-    mode = parts.mode()
+    names.update(m.name for m in parts.config.site_models)
     return [
         {
             "name": name,
-            "mode": getattr(mode, "value", str(mode)),
+            "mode": _mode_of(parts, name),
             "predictions": int(_sum(samples, "ehrbridge_predictions_total", model=name)),
             "not_scored": int(_sum(samples, "ehrbridge_not_scored_total", model=name)),
         }
         for name in sorted(names)
     ]
+
+
+def _mode_of(parts: ConsoleParts, name: str) -> str:
+    """Each of the site's models has its own mode file (a promotion switches one model)."""
+    if name == parts.config.model.name:
+        mode = parts.mode()  # the runtime's switch, read once per change of the file
+        return str(getattr(mode, "value", mode))
+    if name in {m.name for m in parts.config.site_models}:
+        return effective_mode(parts.config, name).value
+    return "not configured"  # counted under a name the site no longer runs
 
 
 def _feeds(metrics: PrometheusMetrics | None, now: float) -> list[dict[str, Any]]:

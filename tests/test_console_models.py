@@ -167,6 +167,8 @@ def test_each_of_a_sites_models_has_its_own_section_and_switch(tmp_path: Path) -
         ]
         assert entry["detail"]["override"] is True
         page = client.get("/console/models").text
+        sites = {m["name"]: m["mode"] for m in client.get("/console/sites/data").json()["models"]}
+        assert sites == {"kfre-4var": "shadow", "progression-toy": "live"}
     toy_section = page[page.index('id="model-progression-toy"') :]
     kfre_section = page[
         page.index('id="model-kfre-4var"') : page.index('id="model-progression-toy"')
