@@ -50,6 +50,7 @@ from ehrbridge.config import (
     ListenerTls,
     MllpTls,
     SiteConfig,
+    Writeback,
     load_site_config,
 )
 from ehrbridge.core.errors import ConfigError
@@ -254,10 +255,17 @@ class Sandbox:
                 "model": config.model.model_copy(update={"url": self.model_url}),
                 # The sandbox's model server serves every model the sandbox site runs.
                 "models": [m.model_copy(update={"url": self.model_url}) for m in config.models],
-                "writeback": config.writeback.model_copy(update={"fhir_base": self.fhir_base}),
+                "writeback": self._writeback(config),
             }
         )
         return self._with_tls(config)
+
+    def _writeback(self, config: SiteConfig) -> Writeback:
+        """To the FHIR stand-in; ORU^R01s, when the site sends them, to the results inbox."""
+        hl7v2 = config.writeback.hl7v2
+        if hl7v2 is not None:
+            hl7v2 = hl7v2.model_copy(update={"port": self.inbox.port})
+        return config.writeback.model_copy(update={"fhir_base": self.fhir_base, "hl7v2": hl7v2})
 
     def headers(self, role: ApiRole | str = ApiRole.ADMIN) -> dict[str, str]:
         """``Authorization`` for the sandbox's API token of ``role``."""

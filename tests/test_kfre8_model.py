@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from auth_tokens import cds_headers
 from conftest import all_resources, wait_for
 from kfre import RiskPredictor  # the oracle (dev dependency)
 
@@ -242,36 +243,28 @@ def test_kfre8_ships_the_outcome_it_predicts() -> None:
     assert {h.risk for h in eight.horizons.values()} == outputs
 
 
-# ------------------------------------------------------------- a KFRE-8 site, end to end
+# -------------------------------------------- the sandbox site: KFRE-4 and KFRE-8 side by side
 
-# The analytes as a European lab reports them, and the mapping rules that convert them.
+# The analytes as a European lab reports them; the sandbox site's mapping converts them.
 SI_ANALYTES = {
     "albumin": (34.0, "g/L"),
     "phosphate": (1.61, "mmol/L"),
     "bicarbonate": (18.0, "mEq/L"),
     "calcium": (2.18, "mmol/L"),
 }
-ANALYTE_RULES = {
-    "albumin": {"codes": ["LN|1751-7"], "units": {"g/L": {"divide": 10}}},
-    "phosphate": {"codes": ["LN|14879-1"], "units": {"mmol/L": {"multiply": 3.097}}},
-    "bicarbonate": {"codes": ["LN|2028-9"], "units": {"mEq/L": {"multiply": 1}}},
-    "calcium": {"codes": ["LN|2000-8"], "units": {"mmol/L": {"multiply": 4.008}}},
-}
 
 
-def kfre8_site(config: SiteConfig) -> SiteConfig:
-    """The sandbox site running the shipped models/kfre-8.yaml, outside North America."""
+def side_by_side(config: SiteConfig) -> SiteConfig:
+    """The sandbox site running KFRE-4 and KFRE-8 on the same traffic, ORU^R01s included."""
     data = config.model_dump(mode="json", exclude_none=True)
-    mapping = data["mapping"]
-    mapping["model"] = "kfre-8var"
-    for name, rule in ANALYTE_RULES.items():
-        mapping["features"][name] = {**rule, "window_days": 365}
-    data["model"] = {
-        "file": str(KFRE_8),
-        "url": config.model.url,
-        "calibration": "non_north_american",
-    }
-    return parse_site_config(yaml.safe_dump(data), "kfre8-site.yaml")
+    first = data.pop("model")
+    data["models"] = [first, {**first, "name": "kfre-8var"}]  # models/kfre-8.yaml, shipped
+    data["writeback"]["hl7v2"] = {"host": "127.0.0.1", "port": 2576}  # the results inbox
+    return parse_site_config(yaml.safe_dump(data), "side-by-side.yaml")
+
+
+def two(found: list[Any]) -> list[Any] | None:
+    return found if len(found) == 2 else None
 
 
 def component(observation: dict[str, Any], code: str) -> float:
@@ -283,27 +276,57 @@ def component(observation: dict[str, Any], code: str) -> float:
     return float(value)
 
 
-def test_an_si_panel_runs_from_mllp_to_a_kfre8_observation(tmp_path: Path) -> None:
-    at = SyntheticEhr(patients=1).start
+def test_the_sandbox_runs_kfre4_and_kfre8_side_by_side_on_one_site(tmp_path: Path) -> None:
+    mrn = "MRN0008008"
     message = SyntheticEhr(patients=1).renal_oru_for(
-        age=68.0, female=True, at=at, creatinine_umol_l=190, egfr=24, uacr_mg_mmol=45.0,
-        serum=SI_ANALYTES, mrn="MRN0008008", control_id="K8-1",
+        age=68.0, female=True, at=SyntheticEhr(patients=1).start, creatinine_umol_l=190,
+        egfr=24, uacr_mg_mmol=45.0, serum=SI_ANALYTES, mrn=mrn, control_id="K8-1",
     )  # fmt: skip
-    with BackgroundSandbox(tmp_path / "sandbox", configure=kfre8_site) as running:
-        with MllpClient("127.0.0.1", running.sandbox.mllp_port) as client:
-            ack = client.send(message)
-        assert (ack.code, ack.control_id) == ("AA", "K8-1")
-        [observation] = wait_for(
-            lambda: all_resources(
-                f"{running.sandbox.fhir_base}/Observation",
-                {"patient.identifier": "urn:ehrbridge:sandbox:mrn|MRN0008008"},
+    with BackgroundSandbox(tmp_path / "sandbox", configure=side_by_side) as running:
+        sandbox = running.sandbox
+        assert [m.name for m in sandbox.config.site_models] == ["kfre-4var", "kfre-8var"]
+        with MllpClient("127.0.0.1", sandbox.mllp_port) as client:
+            assert client.send(message).code == "AA"
+        found = wait_for(
+            lambda: two(
+                all_resources(
+                    f"{sandbox.fhir_base}/Observation",
+                    {"patient.identifier": f"urn:ehrbridge:sandbox:mrn|{mrn}"},
+                )
             ),
-            what="the KFRE-8 Observation",
+            what="one Observation per model",
         )
-    assert observation["code"]["coding"][0]["code"] == "kfre-8var"
-    # What the mapping sent: each analyte converted by the site's stated factor.
+        orus = wait_for(
+            lambda: two([r.message for r in sandbox.inbox.messages() if mrn.encode() in r.message]),
+            what="one ORU^R01 per model at the results inbox",
+        )
+        cards = httpx.post(
+            f"{sandbox.api_url}/cds-services/kfre-patient-view",
+            json={
+                "hook": "patient-view",
+                "hookInstance": "6f3c0b1e-kfre8",
+                "context": {"userId": "Practitioner/example", "patientId": mrn},
+            },
+            headers=cds_headers(running, sandbox.api_url),
+            timeout=10,
+        ).json()["cards"]
+    by_code = {o["code"]["coding"][0]["code"]: o for o in found}
+    assert set(by_code) == {"kfre-4var", "kfre-8var"}
+    # KFRE-8 was sent each analyte converted by the site's factor, North American calibration.
     row: Row = (68.0, False, 24.0, 45.0 * 8.84, 3.4, 1.61 * 3.097, 18.0, 2.18 * 4.008)
     for years in (2, 5):
-        expected = 100 * oracle(row, years, "non_north_american")
+        expected = 100 * oracle(row, years, "north_american")
         # Rendered in percent to two decimals: within 0.005 points, i.e. 5e-5 of risk.
-        assert component(observation, f"kfre8-risk-{years}y") == pytest.approx(expected, abs=0.0051)
+        observed = component(by_code["kfre-8var"], f"kfre8-risk-{years}y")
+        assert observed == pytest.approx(expected, abs=0.0051)
+    assert component(by_code["kfre-4var"], "kfre-risk-5y") != component(
+        by_code["kfre-8var"], "kfre8-risk-5y"
+    )
+    # ORU^R01: KFRE-8 under its own OBR-4 and OBX-3 codes, beside KFRE-4's.
+    [eight] = [m.decode() for m in orus if b"|KFRE8^" in m]
+    assert "|KFRE8R2Y^" in eight and "|KFRE8R5Y^" in eight
+    assert any(b"|KFRE^" in m and b"|KFRE2Y^" in m for m in orus)
+    # CDS Hooks: one card per model, KFRE-8's saying so.
+    summaries = [card["summary"] for card in cards]
+    assert len(summaries) == 2
+    assert any("(KFRE 8-variable)" in summary for summary in summaries)
