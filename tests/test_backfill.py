@@ -191,6 +191,57 @@ def test_an_unreachable_model_stops_the_run_and_a_rerun_scores_everything(
     assert stored(up) == expected
 
 
+def states(site: Path) -> dict[str, bytes]:
+    from ehrbridge.adapters.sqlite_state import SqliteStateStore
+
+    store = SqliteStateStore(load_site_config(site).data_dir / "evaluation" / "state.sqlite")
+    try:
+        return {pid: store.get(pid).to_json() for pid in store.patient_ids()}  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("checkpoint_s", [0.0, 1e9], ids=["saved-each-batch", "never-saved"])
+def test_a_model_failing_mid_run_leaves_stores_a_rerun_completes_identically(
+    tmp_path: Path,
+    model_server: ThreadedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    checkpoint_s: float,
+) -> None:
+    """States are held in memory and saved every few seconds: a failure between saves
+    leaves results newer than the durable states, which the rerun must redo to the
+    same stores as a run that never failed."""
+    from ehrbridge import backfill
+    from ehrbridge.adapters.inference_client import InferenceClient
+    from ehrbridge.core.errors import UpstreamUnavailable
+
+    export = bulk_export(tmp_path / "export")
+    reference = site_file(tmp_path, model_server.base_url)
+    assert main(["backfill", "--site", str(reference), "--from", str(export)]) == 0
+
+    failing_dir = tmp_path / "failing"
+    failing_dir.mkdir()
+    site = site_file(failing_dir, model_server.base_url)
+    real_infer, calls = InferenceClient.infer, []
+
+    def infer_then_fail(self: InferenceClient, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:  # the second request: the first one's results are stored
+            raise UpstreamUnavailable("model server went away")
+        return real_infer(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backfill, "CHECKPOINT_S", checkpoint_s)
+    monkeypatch.setattr(InferenceClient, "infer", infer_then_fail)
+    args = ["backfill", "--site", str(site), "--from", str(export), "--batch", "1"]
+    assert main(args) == 1
+    checkpoint = failing_dir / "data" / "evaluation" / "backfill.json"
+    assert checkpoint.exists() == (checkpoint_s == 0.0)
+    monkeypatch.setattr(InferenceClient, "infer", real_infer)
+    assert main(args) == 0
+    assert stored(site) == stored(reference)
+    assert states(site) == states(reference)
+
+
 def test_hl7v2_batches_are_replayed_in_msh7_order() -> None:
     from ehrbridge.backfill import hl7_inputs
 
