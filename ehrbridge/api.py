@@ -24,7 +24,9 @@ What a site operator or integration engineer looks at:
   patient state: on the embedded log always (one SQLite file per site), on
   Kafka only in a process that also runs the processing role (the state is
   its changelog-backed store). Elsewhere it is not served: a 404 problem
-  (``application/problem+json``, RFC 9457) names the role that serves it;
+  (``application/problem+json``, RFC 9457) names the role that serves it. The
+  risk page (``/ui/patients/{id}``) is answered the same way: it withholds a
+  score once the newest record left the model's domain, known only from the state;
 * ``GET /api/dlq``: dead-lettered records: reason, stage, time, size, oldest
   first, paged by ``?limit=`` (default 100) and the ``?after=`` cursor, with
   ``next_after`` and ``links.next`` while more follow (null on the last page); the raw
@@ -79,6 +81,7 @@ from ehrbridge.evaluation_api import add_evaluation_routes
 from ehrbridge.fhir_api import FhirEndpoint, add_fhir_routes
 from ehrbridge.monitoring import SiteMonitoring, add_monitoring_routes
 from ehrbridge.operator_api import add_audit_routes, add_operator_routes
+from ehrbridge.patient_page import PATH as PATIENT_PAGE_PATH
 from ehrbridge.patient_page import add_patient_page
 from ehrbridge.pipelines.results import ResultStore
 from ehrbridge.pipelines.state import StateStore
@@ -235,14 +238,17 @@ def create_api(parts: ApiParts) -> FastAPI:
     add_monitoring_routes(app, parts.monitoring, viewer)
     add_evaluation_routes(app, config, viewer)
     add_promotion_routes(app, (config, parts.log, results_store, parts.state), viewer, admin)
-    add_patient_page(app, (config, mode), results_store, parts.state, viewer)
     add_smart_launch(app, (config, mode), results_store, parts.state, parts.patient_links)
     if parts.state is not None:
         _add_patient_route(app, parts.config, parts.state, results_store, viewer)
+        add_patient_page(app, (config, mode), results_store, parts.state, viewer)
     else:
+        # The risk page too: whether the newest record left the model's domain is on the
+        # state, and a score that cannot be checked against it is not shown.
         why = "on the Kafka transport the patient state lives with that role's partitions"
-        elsewhere = ServedElsewhere("/api/patients/{patient_id}", PATIENT_STATE_ROLE, why)
-        _add_served_elsewhere(app, elsewhere, parts.roles, viewer)
+        for path in ("/api/patients/{patient_id}", PATIENT_PAGE_PATH):
+            elsewhere = ServedElsewhere(path, PATIENT_STATE_ROLE, why)
+            _add_served_elsewhere(app, elsewhere, parts.roles, viewer)
     if parts.fhir is not None:
         add_fhir_routes(app, parts.fhir)
     console = ConsoleParts(

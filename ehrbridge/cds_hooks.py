@@ -42,7 +42,12 @@ stored result, and a patient whose newest record fell outside the domain
 after an earlier score gets no card either (no card rather than an info
 card: "no score" needs no interruption, and the reason is on the patient's
 record, ``/api/patients/{id}``). A result anchored in the future is never the
-"latest" a card shows.
+"latest" a card shows. Whether the newest record fell outside the domain is
+read from the patient state, so a process that cannot read it (an ingest-only
+process on Kafka: the state lives with the processing role's partitions) shows
+no card at all rather than a score it cannot check: the hook answers 200 with
+no cards and says why in the response's ``extension`` (``WITHHELD``), and
+discovery still lists the service.
 
 Request bodies (the hook and its feedback) are read up to
 ``cds_hooks.max_body_bytes`` and no further: a larger one is answered 413
@@ -91,6 +96,8 @@ SUMMARY_LIMIT = 140
 _NAMESPACE = uuid.UUID("0d3c0b4e-55a1-4a43-9d61-3f3b2b8a6c11")
 _CRITICAL = frozenset({"HH", "LL", "AA", "HU", "LU"})
 _WARNING = frozenset({"H", "L", "A"})
+# CDS Hooks 2.0 response extensions are named in reverse-domain notation.
+WITHHELD = "org.ehrbridge.cards-withheld"
 
 
 class CdsError(Exception):
@@ -107,8 +114,8 @@ class CdsService:
         results: ResultStore,
         links: PatientLinks | None = None,
         *,
+        state: StateStore | None,  # None: this process cannot read it, so no card (required)
         timeout_s: float = 2.0,
-        state: StateStore | None = None,
         mode: Callable[[], Mode] | None = None,
     ) -> None:
         self.config = config
@@ -174,6 +181,8 @@ class CdsService:
         context = _context(body)
         if self.mode() is Mode.SHADOW and not self.config.cds_hooks.cards_in_shadow_mode:
             return {"cards": []}
+        if self.state is None:
+            return self._withheld()
         patient_id = self._patient_id(body, str(context["patientId"]))
         if patient_id and read is not None:
             read.append(patient_id)
@@ -189,6 +198,22 @@ class CdsService:
                 cards.append(self.card(latest, base_url))
         return {"cards": cards}
 
+    def _withheld(self) -> dict[str, Any]:
+        """No card: this process cannot see whether the newest record left the domain.
+
+        Fail-safe, and the answer every CDS client handles quietly: CDS Hooks 2.0
+        defines 200 with an empty ``cards`` array as "no decision support", while a
+        4xx/5xx is left to each client (some show the clinician an error, some stop
+        calling a failing service), and the service stays discoverable. Why is said in
+        a response ``extension`` for the EHR's integration team (no patient named).
+        """
+        why = (
+            "this process cannot read the patient state, so it cannot check that the "
+            "patient's newest record is inside the model's validated domain; the CDS "
+            "service of a process that also runs the process role shows the card"
+        )
+        return {"cards": [], "extension": {WITHHELD: {"reason": why, "served_by_role": "process"}}}
+
     def _shows(self, model: str) -> bool:
         """Whether a further model's cards are shown: live, or shadow cards are asked for."""
         if self.config.cds_hooks.cards_in_shadow_mode:
@@ -202,8 +227,8 @@ class CdsService:
         """Whether the patient's newest record fell outside the model's domain since ``latest``.
 
         Then no score is shown, not even the older one: the model no longer
-        answers for this patient (``pipelines/domain.py``). Known where this
-        process holds the patient state (the embedded transport, or all roles).
+        answers for this patient (``pipelines/domain.py``). Only asked where this
+        process holds the patient state (the embedded transport, or the process role).
         """
         state = self.state.get(patient_id) if self.state is not None else None
         outcome = state.last_outcome if state is not None else None

@@ -18,7 +18,11 @@ Patient safety: a score anchored in the future is not shown (as no card
 shows it); when the patient's newest record fell outside the model's
 population the earlier scores are labelled as earlier, not current; and in
 shadow mode a banner says the scores are not yet validated at this site
-(clinicians get no card then, but a viewer can still open the page).
+(clinicians get no card then, but a viewer can still open the page). Those
+reasons are on the patient state, so the page is served only where the state
+can be read: a process that cannot (ingest-only on Kafka) answers its path with
+a 404 problem naming the role that serves it (``ehrbridge/api.py``), never a
+score it cannot check against the model's domain.
 
 It needs the ``viewer`` role (a bearer token, or whatever else the auth
 dependency takes) and is a read of patient data, so it is audited
@@ -127,7 +131,7 @@ def add_patient_page(
     app: FastAPI,
     site: tuple[SiteConfig, Callable[[], Mode]],
     results: ResultStore,
-    states: StateStore | None,
+    states: StateStore,
     viewer: Sequence[Any],
 ) -> None:
     """The page; ``site`` is the config and the mode in force (promote/demote switch it)."""
@@ -143,7 +147,7 @@ def add_patient_page(
 def render(
     site: tuple[SiteConfig, Callable[[], Mode]],
     results: ResultStore,
-    states: StateStore | None,
+    states: StateStore,
     patient_id: str,
     *,
     selected: str | None = None,
@@ -152,7 +156,7 @@ def render(
     """The page as HTML; ``launched``: opened by a SMART launch, which grants this page only
     (so it links to no API route)."""
     config, mode = site
-    state = states.get(patient_id) if states is not None else None
+    state = states.get(patient_id)
     view = build_view(config, results, patient_id, state, selected=selected)
     view.shadow, view.api_links = mode() is Mode.SHADOW, not launched
     html = _TEMPLATES.get_template("patient.html").render(view=view)

@@ -249,14 +249,14 @@ class SiteRuntime:
             self._tasks.append(asyncio.create_task(self._watch_certificates()))
 
     def _warn_blind_to_domain(self) -> None:
-        # A CDS card or the risk page withholds a score once the patient's newest record
-        # falls outside the model's domain; that is read from the patient state, which
-        # this process does not hold. Said once at start, so the operator can move the API.
+        # A CDS card or the risk page must withhold a score once the patient's newest record
+        # falls outside the model's domain, read from the patient state, which this process
+        # does not hold: so its hook answers no card and its risk page is a 404 (fail-safe).
+        # Said once at start, so the operator can move CDS Hooks where the state is.
         log.warning(
-            "CDS Hooks and the risk page on this process cannot see the patient state (%s "
-            "transport, roles %s): a patient whose newest record fell outside the model's "
-            "domain may still be shown the older score. Run the ingest role together with "
-            "the process role to serve them.",
+            "This process cannot see the patient state (%s transport, roles %s): its CDS "
+            "Hooks service answers every patient with no card and its risk page is not "
+            "served. Serve them from a process that also runs the process role.",
             self.config.transport.kind,
             ",".join(sorted(self.roles)),
         )

@@ -102,6 +102,13 @@ def pkce_challenge(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
+NO_STATE = (
+    "This ehrbridge process cannot read the patient state, so it cannot check that the "
+    "patient is inside the model's validated population. Launch the risk page from a "
+    "process that also runs the process role."
+)
+
+
 def add_smart_launch(
     app: FastAPI,
     site: tuple[SiteConfig, Callable[[], Mode]],
@@ -118,6 +125,8 @@ def add_smart_launch(
 
     @app.get(LAUNCH_PATH, include_in_schema=False)
     async def launch(request: Request, iss: str = "", launch: str = "") -> Response:
+        if states is None:  # no score it cannot check against the model's domain
+            return _failure(NO_STATE, 404)
         if iss.rstrip("/") not in issuers or not launch:
             return _failure("This EHR is not set up to launch ehrbridge (iss), or no launch.")
         try:
@@ -135,6 +144,8 @@ def add_smart_launch(
     async def callback(
         request: Request, code: str = "", state: str = "", error: str = ""
     ) -> Response:
+        if states is None:
+            return _failure(NO_STATE, 404)
         if error:
             return _failure(f"The EHR did not authorize the launch ({error[:100]}).", 403)
         started = pending.take(state) if state else None

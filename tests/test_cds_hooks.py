@@ -19,9 +19,10 @@ from auth_tokens import cds_headers, headers
 from conftest import CORPUS, wait_for
 from predictions import prediction
 
+from ehrbridge.adapters.memory import MemoryStateStore
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.sqlite_results import SqliteResultStore
-from ehrbridge.cds_hooks import SUMMARY_LIMIT, CdsService, shown
+from ehrbridge.cds_hooks import SUMMARY_LIMIT, WITHHELD, CdsService, shown
 from ehrbridge.config import Mode, ModelEndpoint, SiteConfig, load_site_config
 from ehrbridge.pipelines.observation import build_observation, percent
 from ehrbridge.pipelines.results import Delivery
@@ -215,7 +216,7 @@ def shadow_service(tmp_path: Path, *, cards_in_shadow: bool) -> tuple[CdsService
     store = SqliteResultStore(tmp_path / f"results-{cards_in_shadow}.sqlite")
     result = prediction(config, "MRN-SHADOW")
     store.upsert([(result, build_observation(result, config))], Delivery.SHADOW)
-    return CdsService(config, store), "MRN-SHADOW"
+    return CdsService(config, store, state=MemoryStateStore()), "MRN-SHADOW"
 
 
 def test_shadow_mode_shows_clinicians_nothing_unless_asked(tmp_path: Path) -> None:
@@ -243,6 +244,19 @@ def test_a_card_states_the_model_files_intended_population(tmp_path: Path) -> No
     store = SqliteResultStore(tmp_path / "results.sqlite")
     result = prediction(config, "MRN-CARD")
     store.upsert([(result, build_observation(result, config))], Delivery.DELIVERED)
-    [card] = CdsService(config, store).patient_view(hook("MRN-CARD"), "http://x/")["cards"]
+    service = CdsService(config, store, state=MemoryStateStore())
+    [card] = service.patient_view(hook("MRN-CARD"), "http://x/")["cards"]
     assert "**Valid for:** Adults (18 or older) with CKD G3-G5" in card["detail"]
     assert "doi:10.1001/jama.2011.451" in card["detail"]
+
+
+def test_without_the_patient_state_a_stored_score_gets_no_card(tmp_path: Path) -> None:
+    """Whether the newest record left the domain is on the state: unseen, no score is shown."""
+    config = load_site_config(sandbox_site_file())
+    store = SqliteResultStore(tmp_path / "results.sqlite")
+    result = prediction(config, "MRN-BLIND")
+    store.upsert([(result, build_observation(result, config))], Delivery.DELIVERED)
+    seeing = CdsService(config, store, state=MemoryStateStore())
+    assert len(seeing.patient_view(hook("MRN-BLIND"), "http://x/")["cards"]) == 1
+    answer = CdsService(config, store, state=None).patient_view(hook("MRN-BLIND"), "http://x/")
+    assert answer["cards"] == [] and answer["extension"][WITHHELD]["served_by_role"] == "process"

@@ -7,6 +7,7 @@ anyway, it answers 404 with a problem body naming the role that serves it.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,13 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from auth_tokens import headers, localize, token_headers
+from auth_tokens import cds_headers, headers, localize, token_headers
 from conftest import wait_for
 from fastapi.testclient import TestClient
 
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.api import create_api
 from ehrbridge.auth import Authenticator
+from ehrbridge.cds_hooks import SERVICE_ID, WITHHELD
 from ehrbridge.config import KafkaTransport, SiteConfig, load_site_config
 from ehrbridge.runtime import Role, SiteRuntime
 from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
@@ -88,10 +90,10 @@ def running(runtime: SiteRuntime) -> Iterator[SiteRuntime]:
         thread.join(10)
 
 
-def renal_oru(mrn: str) -> bytes:
-    at = datetime(2026, 3, 1, tzinfo=UTC)
+def renal_oru(mrn: str, egfr: float = 24.0, month: int = 3) -> bytes:
+    at = datetime(2026, month, 1, tzinfo=UTC)
     ehr = SyntheticEhr(patients=1)
-    return ehr.renal_oru_for(age=61, female=True, at=at, egfr=24.0, uacr_mg_g=380.0, mrn=mrn)
+    return ehr.renal_oru_for(age=61, female=True, at=at, egfr=egfr, uacr_mg_g=380.0, mrn=mrn)
 
 
 @pytest.mark.kafka
@@ -143,6 +145,81 @@ def test_on_kafka_each_role_answers_patients_as_it_can_over_real_sockets(
         # Its CDS cards cannot check the model's domain against the newest record: said.
         blind = [r for r in caplog.records if "cannot see the patient state" in r.getMessage()]
         assert len(blind) == 1 and mrn not in blind[0].getMessage()
+
+
+def hook(sandbox: BackgroundSandbox, api: str, patient_id: str) -> httpx.Response:
+    """The patient-view hook on ``api``, signed by the sandbox's EHR."""
+    body = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/example", "patientId": patient_id},
+    }
+    url = f"{api}/cds-services/{SERVICE_ID}"
+    return httpx.post(url, json=body, headers=cds_headers(sandbox, api), timeout=10)
+
+
+def copy_results(source: Path, target: Path) -> None:
+    """The result store as another process of the site would hold it (SQLite's backup)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+
+
+@pytest.mark.kafka
+def test_on_kafka_an_ingest_only_process_never_shows_a_score_it_cannot_check(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    site, mrn = f"safe{uuid.uuid4().hex[:8]}", f"M{uuid.uuid4().hex[:10]}"
+    transport = KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, state_dir=tmp_path / "st")
+
+    def on_kafka(config: SiteConfig) -> SiteConfig:
+        return config.model_copy(update={"site": site, "transport": transport})
+
+    with BackgroundSandbox(tmp_path / "all", configure=on_kafka, fhir_site=False) as sandbox:
+        all_api, viewer = sandbox.sandbox.api_url, headers(sandbox, "viewer")
+        base = sandbox.sandbox.config
+        with MllpClient("127.0.0.1", sandbox.sandbox.mllp_port) as client:
+            assert client.send(renal_oru(mrn)).code == "AA"  # eGFR 24: inside the domain
+            wait_for(lambda: hook(sandbox, all_api, mrn).json()["cards"], 60, "the score's card")
+            # Another process of the site holding that score, e.g. after a shared volume.
+            only_dir = tmp_path / "ingest-only"
+            copy_results(base.data_dir / "results.sqlite", only_dir / "results.sqlite")
+            assert client.send(renal_oru(mrn, egfr=72.0, month=4)).code == "AA"  # now outside
+        state_url = f"{all_api}/api/patients/{mrn}"
+
+        def judged_outside() -> bool:
+            outcome = httpx.get(state_url, headers=viewer).json()["last_outcome"] or {}
+            return "out_of_domain" in outcome
+
+        wait_for(judged_outside, 60, "the newest record judged outside the model's domain")
+        assert hook(sandbox, all_api, mrn).json()["cards"] == []  # the process role withholds it
+        only = base.model_copy(
+            update={
+                "data_dir": only_dir,
+                "http": base.http.model_copy(update={"port": 0}),
+                "mllp": base.mllp.model_copy(update={"port": 0}),
+            }
+        )
+        with running(SiteRuntime(only, {Role.INGEST})) as ingest:
+            assert ingest.http is not None
+            api = f"{ingest.http.scheme}://127.0.0.1:{ingest.http_port}"
+            held = httpx.get(f"{api}/api/results?patient={mrn}", headers=viewer).json()
+            assert held["total"] == 1  # the stale score is in this process's result store
+            # CDS Hooks: still discoverable, and no card, with why for the integration team.
+            services = httpx.get(f"{api}/cds-services").json()["services"]
+            assert [s["id"] for s in services] == [SERVICE_ID]
+            answer = hook(sandbox, api, mrn)
+            assert answer.status_code == 200 and answer.json()["cards"] == []
+            why = answer.json()["extension"][WITHHELD]
+            assert why["served_by_role"] == "process" and mrn not in why["reason"]
+            unsigned = httpx.post(f"{api}/cds-services/{SERVICE_ID}", json={}, timeout=10)
+            assert unsigned.status_code == 401  # the EHR's JWT is checked first
+            # The risk page: the problem /api/patients answers, the token checked first.
+            page = httpx.get(f"{api}/ui/patients/{mrn}", headers=viewer)
+            assert page.status_code == 404
+            assert page.headers["content-type"] == "application/problem+json"
+            assert page.json()["served_by_role"] == "process" and mrn not in page.text
+            assert httpx.get(f"{api}/ui/patients/{mrn}").status_code == 401
 
 
 def test_on_the_embedded_log_the_ingest_role_reads_the_shared_state(tmp_path: Path) -> None:

@@ -152,11 +152,13 @@ def launched(tmp_path: Path) -> Iterator[tuple[str, FakeEhr, SiteRuntime]]:
                 getattr(runtime, store).close()
 
 
-def site(tmp_path: Path, iss: str) -> SiteConfig:
+def site(tmp_path: Path, iss: str, transport: dict[str, str] | None = None) -> SiteConfig:
     config = yaml.safe_load(sandbox_site_file().read_text())
     localize(config, tmp_path / "data")
     config["data_dir"] = str(tmp_path / "data")
     config["smart_launch"] = {"client_id": CLIENT_ID, "issuers": [iss]}
+    if transport is not None:
+        config["transport"] = transport
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(config))
     return load_site_config(tmp_path / "site.yaml")
 
@@ -203,3 +205,28 @@ def test_only_the_configured_ehr_may_launch_and_a_callback_is_good_once(
     assert again.status_code == 400 and "open it from the EHR again" in again.text
     denied = httpx.get(f"{api}/ui/launch/callback", params={"error": "access_denied", "state": "x"})
     assert denied.status_code == 403 and MRN not in denied.text
+
+
+@pytest.mark.kafka
+def test_a_process_without_the_patient_state_refuses_the_launch(
+    tmp_path: Path, kafka_bootstrap: str
+) -> None:
+    """On Kafka an ingest-only process cannot check the model's domain: no risk page."""
+    ehr = FakeEhr()
+    with ThreadedServer(ehr.app()) as ehr_server:
+        ehr.base = ehr_server.base_url
+        transport = {"kind": "kafka", "bootstrap": kafka_bootstrap, "state_dir": str(tmp_path)}
+        runtime = SiteRuntime(site(tmp_path, f"{ehr.base}/fhir", transport), {Role.INGEST})
+        store_results(runtime.config, runtime)  # a score it holds but cannot check
+        app = create_api(runtime.api_parts(Authenticator(runtime.config.auth)))
+        try:
+            with ThreadedServer(app) as api:
+                params = {"iss": f"{ehr.base}/fhir", "launch": "L-123"}
+                page = httpx.get(f"{api.base_url}/ui/launch", params=params)
+                callback = httpx.get(f"{api.base_url}/ui/launch/callback?code=c&state=s")
+        finally:
+            runtime.log.close()
+            runtime.results.close()
+            runtime.patient_links.close()
+    assert page.status_code == 404 and "process role" in page.text and ehr.seen == []
+    assert callback.status_code == 404 and "%" not in callback.text
