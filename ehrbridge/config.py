@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -261,10 +262,12 @@ class ModelEndpoint(Strict):
             return data
         data = dict(data)
         if data.get("file") is not None:
-            if data.get("definition") is not None:
-                raise ValueError("give 'file' or 'definition', not both")
+            given = data.get("definition")
             data["file"] = _relative_to_config(Path(str(data["file"])), info)
             data["definition"] = load_model_file(data["file"])
+            # A dumped configuration carries both, the file's content as loaded: one model.
+            if given is not None and not _same_model(given, data["definition"]):
+                raise ValueError("give 'file' or 'definition', not both")
         declared = _declared(data["definition"])
         for key, value in declared.items():
             if value is not None:
@@ -282,6 +285,14 @@ class ModelEndpoint(Strict):
         if found is None:
             raise ConfigError(f"no model file declares {self.name!r}", field="model.file")
         return found
+
+
+def _same_model(given: object, loaded: ModelFile) -> bool:
+    """Whether an inline definition is the file's own content (as a dump writes it)."""
+    try:
+        return ModelFile.model_validate(given) == loaded
+    except ValidationError:
+        return False
 
 
 def _declared(definition: object) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from kfre import RiskPredictor  # the oracle (dev dependency)
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.config import SiteConfig, parse_site_config
+from ehrbridge.core.errors import ConfigError
 from ehrbridge.mappings.model_file import load_model_file
 from ehrbridge.mappings.schema import CANONICAL_UNITS, KFRE8_ANALYTES
 from ehrbridge.mappings.units import known_unit
@@ -330,3 +331,20 @@ def test_the_sandbox_runs_kfre4_and_kfre8_side_by_side_on_one_site(tmp_path: Pat
     summaries = [card["summary"] for card in cards]
     assert len(summaries) == 2
     assert any("(KFRE 8-variable)" in summary for summary in summaries)
+
+
+def test_a_site_running_the_kfre8_file_survives_a_dump_and_a_reparse() -> None:
+    # How the sandbox and the tests rewrite a site: dump it, change it, parse it again.
+    text = (REPO / "sandbox" / "site.yaml").read_text()
+    data = yaml.safe_load(text)
+    data["mapping"]["model"] = "kfre-8var"  # a site running KFRE-8 alone
+    data["model"] = {"file": str(KFRE_8), "url": "http://127.0.0.1:8091",
+                     "calibration": "non_north_american"}  # fmt: skip
+    config = parse_site_config(yaml.safe_dump(data))
+    again = parse_site_config(yaml.safe_dump(config.model_dump(mode="json")))
+    assert again.model == config.model and again.model.declared.model.name == "kfre-8var"
+    # Both, but not the same model: still refused.
+    dumped = config.model_dump(mode="json")
+    dumped["model"]["definition"]["model"]["version"] = "2099"
+    with pytest.raises(ConfigError, match="give 'file' or 'definition', not both"):
+        parse_site_config(yaml.safe_dump(dumped))
