@@ -166,7 +166,6 @@ def _save_checkpoint(path: Path, source: Path, print_: str, done: int, total: in
 
 
 def run_backfill(args: argparse.Namespace) -> int:
-    from ehrbridge.adapters.inference_client import InferenceClient
     from ehrbridge.adapters.sqlite_results import SqliteResultStore
     from ehrbridge.adapters.sqlite_state import SqliteStateStore
     from ehrbridge.datadir import secure_data_dir
@@ -183,10 +182,12 @@ def run_backfill(args: argparse.Namespace) -> int:
     done = _load_checkpoint(checkpoint, args.source, print_)
     state = _BatchState(SqliteStateStore(where / "state.sqlite"))
     results = SqliteResultStore(where / "results.sqlite")
-    model = InferenceClient(config.model)
+    clients = _model_clients(config)
     run = _Run(len(inputs), done, args.max_inputs)
     try:
-        stage = ProcessStage(config, state, model)
+        model, others = clients[config.model.name], dict(clients)
+        del others[config.model.name]
+        stage = ProcessStage(config, state, model, others=others)
         saved = time.monotonic()
         while batch := run.next_batch(inputs, args.batch):
             if not _replay(stage, results, batch, config.site, run):
@@ -199,7 +200,8 @@ def run_backfill(args: argparse.Namespace) -> int:
                 _save_checkpoint(checkpoint, args.source, print_, run.done, len(inputs))
                 saved = time.monotonic()
     finally:
-        model.close()
+        for client in clients.values():
+            client.close()
         results.close()
         state.close()
     run.summary(bad_lines, where)
@@ -208,13 +210,28 @@ def run_backfill(args: argparse.Namespace) -> int:
 
 def _for_history(config: SiteConfig, model_batch: int) -> SiteConfig:
     """The site's config with model requests sized for a replay rather than live traffic."""
-    model = config.model.model_copy(
-        update={
-            "batch_size": max(config.model.batch_size, model_batch),
-            "timeout_s": max(config.model.timeout_s, MODEL_TIMEOUT_S),
-        }
+
+    def sized(endpoint: Any) -> Any:
+        return endpoint.model_copy(
+            update={
+                "batch_size": max(endpoint.batch_size, model_batch),
+                "timeout_s": max(endpoint.timeout_s, MODEL_TIMEOUT_S),
+            }
+        )
+
+    return config.model_copy(
+        update={"model": sized(config.model), "models": [sized(m) for m in config.models]}
     )
-    return config.model_copy(update={"model": model})
+
+
+def _model_clients(config: SiteConfig) -> dict[str, Any]:
+    """A client for each of the site's models, over its protocol, as the runtime opens them."""
+    from ehrbridge.adapters import load
+
+    return {
+        e.name: load("model", "oip-v2" if e.definition is None else "declared")(e)
+        for e in config.site_models
+    }
 
 
 class _BatchState:

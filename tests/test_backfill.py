@@ -242,6 +242,35 @@ def test_a_model_failing_mid_run_leaves_stores_a_rerun_completes_identically(
     assert states(site) == states(reference)
 
 
+def test_a_site_with_two_models_backfills_each_over_its_own_client(
+    tmp_path: Path, model_server: ThreadedServer
+) -> None:
+    """``models:`` [kfre-4var, kfre-8var]: every model gets a client (the stage needs one
+    per model), and KFRE-4's predictions are those of the one-model site."""
+    export = bulk_export(tmp_path / "export")
+    one = site_file(tmp_path, model_server.base_url)
+    assert main(["backfill", "--site", str(one), "--from", str(export)]) == 0
+
+    two_dir = tmp_path / "two"
+    two_dir.mkdir()
+    two = site_file(two_dir, model_server.base_url)
+    url = model_server.base_url
+    block = f"model:\n  url: {url}\n  name: kfre-4var\n  calibration: north_american\n"
+    block += "  timeout_s: 2.0\n"
+    text = two.read_text()
+    assert block in text
+    models = (
+        f"models:\n  - {{url: {model_server.base_url}, name: kfre-4var, "
+        "calibration: north_american}\n"
+        f"  - {{file: {REPO / 'models' / 'kfre-8.yaml'}, url: {model_server.base_url}, "
+        "calibration: north_american}\n"
+    )
+    two.write_text(text.replace(block, models))
+    assert [m.name for m in load_site_config(two).site_models] == ["kfre-4var", "kfre-8var"]
+    assert main(["backfill", "--site", str(two), "--from", str(export)]) == 0
+    assert stored(two) == stored(one)
+
+
 def test_hl7v2_batches_are_replayed_in_msh7_order() -> None:
     from ehrbridge.backfill import hl7_inputs
 
