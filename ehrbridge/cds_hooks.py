@@ -179,10 +179,10 @@ class CdsService:
         """The cards for the hook; ``read`` gets the site's own patient id, once resolved
         (the audit trail names both it and the EHR's ``patientId``)."""
         context = _context(body)
-        if self.mode() is Mode.SHADOW and not self.config.cds_hooks.cards_in_shadow_mode:
-            return {"cards": []}
         if self.state is None:
             return self._withheld()
+        if not any(self._shows(model.name) for model in self.config.site_models):
+            return {"cards": []}  # every model in shadow: nothing to look up
         patient_id = self._patient_id(body, str(context["patientId"]))
         if patient_id and read is not None:
             read.append(patient_id)
@@ -191,7 +191,7 @@ class CdsService:
             return {"cards": []}
         cards = []
         for model in self.config.site_models:  # one card per model, in its own mode
-            if model.name != self.config.model.name and not self._shows(model.name):
+            if not self._shows(model.name):
                 continue
             latest = self.results.latest(patient_id, not_after, model=model.name)
             if latest is not None and not self._now_out_of_domain(patient_id, latest, model.name):
@@ -215,9 +215,15 @@ class CdsService:
         return {"cards": [], "extension": {WITHHELD: {"reason": why, "served_by_role": "process"}}}
 
     def _shows(self, model: str) -> bool:
-        """Whether a further model's cards are shown: live, or shadow cards are asked for."""
+        """Whether a model's cards are shown: live, or shadow cards are asked for.
+
+        Each model in its own mode: a first model in shadow must not hide the
+        cards of a second one that is live.
+        """
         if self.config.cds_hooks.cards_in_shadow_mode:
             return True
+        if model == self.config.model.name:
+            return self.mode() is Mode.LIVE
         switch = self._modes.get(model)
         if switch is None:
             switch = self._modes[model] = ModeSwitch(self.config, model)

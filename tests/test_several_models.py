@@ -10,6 +10,9 @@ each model's results must be listed apart by the API (``?model=``).
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,11 +21,19 @@ import httpx
 import pytest
 import yaml
 from conftest import all_resources, wait_for
+from predictions import MODEL, prediction
 
+from ehrbridge.adapters.memory import MemoryStateStore
 from ehrbridge.adapters.mllp_client import MllpClient
-from ehrbridge.config import SiteConfig, parse_site_config
+from ehrbridge.adapters.sqlite_results import SqliteResultStore
+from ehrbridge.cds_hooks import CdsService
+from ehrbridge.config import Mode, SiteConfig, load_site_config, parse_site_config
 from ehrbridge.mappings.loader import SITES_DIR
-from ehrbridge.sandbox.run import BackgroundSandbox
+from ehrbridge.pipelines.observation import build_observation
+from ehrbridge.pipelines.records import ModelInfo
+from ehrbridge.pipelines.results import Delivery
+from ehrbridge.promotion import mode_path
+from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,3 +206,29 @@ def test_the_sandbox_runs_kfre_4_and_kfre_8_side_by_side(tmp_path: Path) -> None
     # Two equations on the same patient: two different numbers, each its own Observation.
     assert by_code["kfre-8var"]["kfre8-risk-5y"] != by_code["kfre-4var"]["kfre-risk-5y"]
     assert listed == {"kfre-4var": 1, "kfre-8var": 1}
+
+
+HOOK = {
+    "hook": "patient-view",
+    "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+    "context": {"userId": "Practitioner/example", "patientId": "MRN-MODES"},
+}
+
+
+def test_each_model_shows_cards_in_its_own_mode(tmp_path: Path) -> None:
+    """The first model in shadow must not hide the cards of a second one promoted to live."""
+    config = kfre_4_and_8(load_site_config(sandbox_site_file()))
+    config = config.model_copy(update={"mode": Mode.SHADOW, "data_dir": tmp_path})
+    live = mode_path(tmp_path, "kfre-8var")
+    live.parent.mkdir()
+    live.write_text(json.dumps({"model": "kfre-8var", "mode": "live"}))
+    store = SqliteResultStore(tmp_path / "results.sqlite")
+    for info in (MODEL, ModelInfo("kfre-8var", "2016", "north_american")):
+        result = prediction(config, "MRN-MODES", model=info)
+        store.upsert([(result, build_observation(result, config))], Delivery.SHADOW)
+    service = CdsService(config, store, state=MemoryStateStore())
+    [card] = service.patient_view(HOOK, "http://x/")["cards"]
+    assert card["source"]["topic"]["code"] == "kfre-8var"  # KFRE-4's stays hidden in shadow
+    live.write_text(json.dumps({"model": "kfre-8var", "mode": "shadow"}))
+    os.utime(live, ns=(time.time_ns() + 10**9,) * 2)  # a new stamp even within the same tick
+    assert service.patient_view(HOOK, "http://x/") == {"cards": []}  # demoted: none at all
