@@ -2,7 +2,7 @@
 
     scripts/fuzz --frames 1000000 [--seed S] [--concurrency 8]
 
-CI runs a bounded version of the same thing (``tests/test_fuzz_mllp.py``).
+CI runs a bounded version of the same thing (``tests/faults/test_fuzz_mllp.py``).
 Frames are mutations of the shared corpus (``../shared/corpus/hl7v2``) and of
 a valid renal ORU^R01: bit flips, truncation, random and invalid delimiters,
 huge fields, deep repetitions and components, escapes (``\\.sk``, ``\\.sp``,
@@ -290,7 +290,7 @@ def make_frame(
     for mutation in rng.choices(mutations, weights, k=rng.choice([1, 1, 1, 2, 3])):
         data = mutation(rng, data)
     # 0x1C 0x0D inside would end the frame early: that is "bytes after a frame", covered
-    # by tests/test_mllp.py; here a lone 0x1C stays, a 0x0B starts a new frame.
+    # by tests/adapters/test_mllp.py; here a lone 0x1C stays, a 0x0B starts a new frame.
     while END in data:
         data = data.replace(END, b"\x1c\x0e")
     return FuzzFrame(index, data.split(START), end_block=rng.random() > 0.01)

@@ -11,7 +11,7 @@ cannot be written the caller gets 503 instead of the data.
 Every route is on exactly one of :data:`AUDITED`, :data:`NOT_AUDITED` (with
 why it reads no patient data) or ``auth.PUBLIC_ROUTES`` (:data:`CONFIGURED_ONLY`
 lists those served only where a site sets them up);
-``tests/test_audit.py`` walks the route table to hold that.
+``tests/facade/test_audit.py`` walks the route table to hold that.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from ehrbridge.core.errors import (
 
 OTHER = "other"
 
-# Every reason code the code base raises (tests/test_metrics.py finds each
+# Every reason code the code base raises (tests/facade/test_metrics.py finds each
 # `reason="..."` literal in the source and checks it is here). A reason made
 # at run time (fhir.http_503, a remote system's own code) is counted as `other`.
 KNOWN_REASONS: frozenset[str] = frozenset(

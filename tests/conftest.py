@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,15 @@ from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 pytest_plugins = ["kafka_fixture", "hapi_fixture", "model_servers_fixture"]
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+# tests/ mirrors the product's folders (pipelines/, adapters/, facade/, ...,
+# e2e/, faults/). Some test modules share helpers with tests in other folders
+# (``from test_mllp import send``), as they did when tests/ was flat: each
+# folder is on the path so that a helper need not move with its first user.
+# Test file names stay unique across folders (pytest's default import mode).
+MIRRORED = ("pipelines", "mappings", "adapters", "facade", "evaluation", "sandbox", "bench")
+MIRRORED += ("e2e", "faults", "project")
+sys.path[1:1] = [str(Path(__file__).parent / folder) for folder in MIRRORED]
 T = TypeVar("T")
 
 

@@ -1,8 +1,8 @@
 """A sandbox site in shadow whose model has a real ``ehrbridge evaluate`` behind it.
 
-For the console's models page (tests/test_console_models.py and the browser
+For the console's models page (tests/facade/test_console_models.py and the browser
 test): 1,500 patients whose outcomes are drawn from their stored risks
-(tests/test_evaluate_cli.py), evaluated by the CLI with outcomes linked, so
+(tests/evaluation/test_evaluate_cli.py), evaluated by the CLI with outcomes linked, so
 the page has calibration, ROC and criteria that pass. The evaluation's files
 are copied into the sandbox's data dir before it starts, where ``ehrbridge evaluate`` keeps
 them for the console and for ``POST /api/models/{model}/mode``.

@@ -1,7 +1,7 @@
 """Open Inference Protocol v2 (REST) conformance cases, run against every server.
 
 The same cases run against the real MLServer and the sandbox's own model
-server (tests/test_real_model_servers.py), so "speaks OIP v2" is checked
+server (tests/adapters/test_real_model_servers.py), so "speaks OIP v2" is checked
 against a reference implementation rather than asserted. Each case takes an
 :class:`OipTarget`: a base URL, a model served there, and one valid inference
 request for it. Cases cite the protocol's sections (kserve/open-inference-

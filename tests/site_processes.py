@@ -1,4 +1,4 @@
-"""A site as real OS processes, for the fault tests (tests/test_kafka_faults.py).
+"""A site as real OS processes, for the fault tests (tests/faults/test_kafka_faults.py).
 
 What runs where:
 

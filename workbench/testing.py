@@ -27,7 +27,7 @@ the model's validated domain excludes: part of the stated reason). A number
 matches to half a unit of its last written decimal (``17.57`` means
 17.565..17.575) unless ``tolerance`` says otherwise.
 
-``ehrbridge mappings test PATH`` runs them; ``tests/test_mapping_sites.py``
+``ehrbridge mappings test PATH`` runs them; ``tests/mappings/test_mapping_sites.py``
 runs every case under ``mappings/sites`` inside pytest.
 """
 
