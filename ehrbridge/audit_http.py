@@ -68,6 +68,7 @@ NOT_AUDITED: dict[tuple[str, str], str] = {
     ("GET", "/api/fhir"): "ingest counters, Subscription event numbers",
     ("GET", "/console/sites"): "the console's counts per site, model and feed",
     ("GET", "/console/sites/data"): "the same counts as JSON (the page's refresh)",
+    ("GET", "/console/models"): "per model: mode, drift, score distribution, criteria",
     ("GET", "/api/models/{model}/mode"): "the model's mode and the last decision",
     ("GET", "/api/evaluation"): "which evaluations exist: model, source, counts",
     ("GET", "/api/evaluation/{model}"): "aggregates of the last evaluate: no patient id",

@@ -64,6 +64,7 @@ NEEDS = {
     ("GET", "/console/messages"): "viewer",
     ("GET", "/console/messages/{topic}/{offset}"): "viewer",  # raw only to operator/admin
     ("GET", "/console/dead-letters"): "operator",
+    ("GET", "/console/models"): "viewer",  # promote/demote go through the mode route
     ("GET", "/fhir/{resource_type}"): "sender",
     ("GET", "/fhir/{resource_type}/{resource_id}"): "sender",
     ("POST", "/fhir"): "sender",
