@@ -155,6 +155,12 @@ def _add_sandbox_command(sub: Any) -> None:
     sandbox.add_argument("--seed", type=int, default=7, help="seed of the synthetic patients")
     sandbox.add_argument("--fresh", action="store_true", help="delete the data dir first")
     sandbox.add_argument(
+        "--models",
+        default="kfre-4var,kfre-8var",
+        metavar="NAMES",
+        help="the shipped models the sandbox site runs side by side, comma-separated",
+    )
+    sandbox.add_argument(
         "--tls",
         action="store_true",
         help="TLS on the HTTP and MLLP listeners, with a local CA made in <data dir>/tls",

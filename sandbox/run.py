@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import yaml
 
 from ehrbridge._http import EmbeddedServer
 from ehrbridge.adapters.mllp_client import AsyncMllpClient
@@ -52,6 +53,7 @@ from ehrbridge.config import (
     SiteConfig,
     Writeback,
     load_site_config,
+    parse_site_config,
 )
 from ehrbridge.core.errors import ConfigError
 from ehrbridge.datadir import secure_data_dir
@@ -92,6 +94,28 @@ class TrafficStats:
 
 
 Configure = Callable[[SiteConfig], SiteConfig]
+
+
+def with_models(names: tuple[str, ...]) -> Configure:
+    """The sandbox site running ``names`` side by side (``--models``), each a shipped model
+    file served by the sandbox's model server, each in the site's mode and calibration.
+
+    ``sandbox/site.yaml`` itself lists KFRE-4 only, so that a site file copied from it
+    starts with one model; its mapping already supplies KFRE-8's analytes.
+    """
+
+    def configure(config: SiteConfig) -> SiteConfig:
+        if names == (config.model.name,):
+            return config
+        first = config.model.model_dump(mode="json", exclude_none=True)
+        first.pop("definition", None)
+        shared = {"url": first["url"], "calibration": first["calibration"]}
+        listed = [first if name == first["name"] else {"name": name, **shared} for name in names]
+        data = config.model_dump(mode="json") | {"models": listed}
+        del data["model"]
+        return parse_site_config(yaml.safe_dump(data), f"{sandbox_site_file()} (--models)")
+
+    return configure
 
 
 class Sandbox:
@@ -386,7 +410,8 @@ def banner(sandbox: Sandbox, traffic: bool) -> str:
         f"  ehrbridge API       {sandbox.api_url}/api/results   (also /health, /api/dlq, /docs)",
         f"  operator console    {sandbox.api_url}/console   (sign in with a token, below)",
         f"  Prometheus metrics  {sandbox.api_url}/metrics   (also /health/ready, /api/monitoring)",
-        f"  KFRE model server   {sandbox.model_url}/v2/models/kfre-4var",
+        f"  model server        {sandbox.model_url}/v2/models/{{name}}   (site models: "
+        f"{', '.join(model.name for model in runtime.config.site_models)})",
         f"  data                {sandbox.data_dir}",
     ]
     if sandbox.fhir_runtime is not None:
@@ -501,7 +526,10 @@ async def run_sandbox(args: argparse.Namespace) -> None:
     if data_dir.exists():  # made 0755 by an older version; the sandbox owns it
         data_dir.chmod(0o700)
     ports = Ports(**{port.name: getattr(args, f"{port.name}_port") for port in fields(Ports)})
-    sandbox = Sandbox(data_dir, ports, tls=args.tls, ehr_base=ehr_base_of(args))
+    models = tuple(name.strip() for name in args.models.split(",") if name.strip())
+    sandbox = Sandbox(
+        data_dir, ports, with_models(models), tls=args.tls, ehr_base=ehr_base_of(args)
+    )
     await sandbox.start()
     print(banner(sandbox, not args.no_traffic), flush=True)
     tasks = [asyncio.create_task(_report_progress(sandbox))]  # your own messages count too

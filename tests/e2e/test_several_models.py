@@ -27,13 +27,14 @@ from ehrbridge.adapters.memory import MemoryStateStore
 from ehrbridge.adapters.mllp_client import MllpClient
 from ehrbridge.adapters.sqlite_results import SqliteResultStore
 from ehrbridge.cds_hooks import CdsService
+from ehrbridge.cli import _parser as cli_parser
 from ehrbridge.config import Mode, SiteConfig, load_site_config, parse_site_config
 from ehrbridge.mappings.loader import SITES_DIR
 from ehrbridge.pipelines.observation import build_observation
 from ehrbridge.pipelines.records import ModelInfo
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.promotion import mode_path
-from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file
+from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file, with_models
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,37 +135,13 @@ def test_a_site_gives_model_or_models_not_both() -> None:
         parse_site_config(yaml.safe_dump(data))
 
 
-# KFRE-8's serum analytes as the synthetic EHR's renal panel reports them (SI units here).
-KFRE_8_FEATURES = {
-    "albumin": {"codes": [{"system": "LN", "code": "1751-7"}], "units": {"g/L": {"divide": 10}}},
-    "phosphate": {
-        "codes": [{"system": "LN", "code": "14879-1"}],
-        "units": {"mmol/L": {"multiply": 3.097}},
-    },
-    "bicarbonate": {
-        "codes": [{"system": "LN", "code": "1963-8"}],
-        "units": {"mmol/L": {"multiply": 1}},
-    },
-    "calcium": {
-        "codes": [{"system": "LN", "code": "2000-8"}],
-        "units": {"mmol/L": {"multiply": 4.008}},
-    },
-}
+# What `ehrbridge sandbox` runs unless --models says otherwise (its default).
+kfre_4_and_8 = with_models(("kfre-4var", "kfre-8var"))
 
 
-def kfre_4_and_8(config: SiteConfig) -> SiteConfig:
-    """The sandbox site running the shipped KFRE-4 and KFRE-8 model files side by side."""
-    data = config.model_dump(mode="json")
-    features = data["mapping"]["features"]
-    features.update({k: {**v, "window_days": 365} for k, v in KFRE_8_FEATURES.items()})
-    data["mapping"]["model"] = "kfre-8var"  # its inputs include KFRE-4's
-    first = data.pop("model")
-    data["models"] = [
-        first,
-        {"file": str(REPO / "models" / "kfre-8.yaml"), "url": first["url"]}
-        | {"calibration": first["calibration"]},
-    ]
-    return parse_site_config(yaml.safe_dump(data), "kfre-4-and-8.yaml")
+def test_the_sandbox_command_runs_both_kfre_models_by_default() -> None:
+    args = cli_parser().parse_args(["sandbox"])
+    assert args.models == "kfre-4var,kfre-8var"
 
 
 def test_the_sandbox_runs_kfre_4_and_kfre_8_side_by_side(tmp_path: Path) -> None:
