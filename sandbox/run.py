@@ -5,7 +5,9 @@ Starts, in one event loop (plus the pipeline's worker threads):
 * the KFRE model server (Open Inference Protocol v2) on 8091;
 * a FHIR R4 server stand-in on 8090, playing the hospital's EHR;
 * the sandbox site (``sandbox/site.yaml``, live mode, embedded transport):
-  MLLP on 2575 and the ehrbridge HTTP API on 8080;
+  MLLP on 2575 and the ehrbridge HTTP API on 8080; from the command line it
+  runs KFRE-4 and KFRE-8 side by side and also writes ORU^R01 to the inbox
+  (:func:`sandbox_cli_site`);
 * a synthetic EHR sending ADT and renal ORU^R01 messages for a few hundred
   synthetic CKD patients over MLLP (``--no-traffic`` turns it off);
 * the sandbox FHIR site (``sandbox/site-fhir.yaml``): a hospital whose EHR
@@ -96,24 +98,28 @@ class TrafficStats:
 Configure = Callable[[SiteConfig], SiteConfig]
 
 
-def with_models(names: tuple[str, ...]) -> Configure:
-    """The sandbox site running ``names`` side by side (``--models``), each a shipped model
-    file served by the sandbox's model server, each in the site's mode and calibration.
+def sandbox_cli_site(names: tuple[str, ...]) -> Configure:
+    """The site ``ehrbridge sandbox`` runs: the models ``names`` side by side (``--models``),
+    each a shipped model file served by the sandbox's model server, in the site's mode and
+    calibration; and every result also as ORU^R01 to the EHR's results inbox.
 
-    ``sandbox/site.yaml`` itself lists KFRE-4 only, so that a site file copied from it
-    starts with one model; its mapping already supplies KFRE-8's analytes.
+    ``sandbox/site.yaml`` itself lists KFRE-4 and no ORU target, so that a site copied
+    from it starts with one model and one write-back; its mapping already supplies
+    KFRE-8's analytes. The tests' sandbox (:class:`BackgroundSandbox`) runs the file.
     """
 
     def configure(config: SiteConfig) -> SiteConfig:
-        if names == (config.model.name,):
-            return config
-        first = config.model.model_dump(mode="json", exclude_none=True)
-        first.pop("definition", None)
-        shared = {"url": first["url"], "calibration": first["calibration"]}
-        listed = [first if name == first["name"] else {"name": name, **shared} for name in names]
-        data = config.model_dump(mode="json") | {"models": listed}
-        del data["model"]
-        return parse_site_config(yaml.safe_dump(data), f"{sandbox_site_file()} (--models)")
+        data = config.model_dump(mode="json", exclude_none=True)
+        # The results inbox; the Sandbox points it at its own port (_writeback).
+        data["writeback"].setdefault("hl7v2", {"host": "127.0.0.1", "port": 2576})
+        if names != (config.model.name,):
+            first = data.pop("model")
+            first.pop("definition", None)
+            shared = {"url": first["url"], "calibration": first["calibration"]}
+            data["models"] = [
+                first if name == first["name"] else {"name": name, **shared} for name in names
+            ]
+        return parse_site_config(yaml.safe_dump(data), f"{sandbox_site_file()} (sandbox)")
 
     return configure
 
@@ -528,7 +534,7 @@ async def run_sandbox(args: argparse.Namespace) -> None:
     ports = Ports(**{port.name: getattr(args, f"{port.name}_port") for port in fields(Ports)})
     models = tuple(name.strip() for name in args.models.split(",") if name.strip())
     sandbox = Sandbox(
-        data_dir, ports, with_models(models), tls=args.tls, ehr_base=ehr_base_of(args)
+        data_dir, ports, sandbox_cli_site(models), tls=args.tls, ehr_base=ehr_base_of(args)
     )
     await sandbox.start()
     print(banner(sandbox, not args.no_traffic), flush=True)

@@ -34,7 +34,7 @@ from ehrbridge.pipelines.observation import build_observation
 from ehrbridge.pipelines.records import ModelInfo
 from ehrbridge.pipelines.results import Delivery
 from ehrbridge.promotion import mode_path
-from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_site_file, with_models
+from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_cli_site, sandbox_site_file
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,7 +136,7 @@ def test_a_site_gives_model_or_models_not_both() -> None:
 
 
 # What `ehrbridge sandbox` runs unless --models says otherwise (its default).
-kfre_4_and_8 = with_models(("kfre-4var", "kfre-8var"))
+kfre_4_and_8 = sandbox_cli_site(("kfre-4var", "kfre-8var"))
 
 
 def test_the_sandbox_command_runs_both_kfre_models_by_default() -> None:

@@ -25,13 +25,13 @@ from kfre import RiskPredictor  # the oracle (dev dependency)
 
 from ehrbridge._http import ThreadedServer
 from ehrbridge.adapters.mllp_client import MllpClient
-from ehrbridge.config import SiteConfig, parse_site_config
+from ehrbridge.config import parse_site_config
 from ehrbridge.core.errors import ConfigError
 from ehrbridge.mappings.model_file import load_model_file
 from ehrbridge.mappings.schema import CANONICAL_UNITS, KFRE8_ANALYTES
 from ehrbridge.mappings.units import known_unit
 from ehrbridge.sandbox.model_server import create_model_app
-from ehrbridge.sandbox.run import BackgroundSandbox
+from ehrbridge.sandbox.run import BackgroundSandbox, sandbox_cli_site
 from ehrbridge.sandbox.synthetic_ehr import SyntheticEhr
 
 REPO = Path(__file__).resolve().parents[2]
@@ -255,13 +255,7 @@ SI_ANALYTES = {
 }
 
 
-def side_by_side(config: SiteConfig) -> SiteConfig:
-    """The sandbox site running KFRE-4 and KFRE-8 on the same traffic, ORU^R01s included."""
-    data = config.model_dump(mode="json", exclude_none=True)
-    first = data.pop("model")
-    data["models"] = [first, {**first, "name": "kfre-8var"}]  # models/kfre-8.yaml, shipped
-    data["writeback"]["hl7v2"] = {"host": "127.0.0.1", "port": 2576}  # the results inbox
-    return parse_site_config(yaml.safe_dump(data), "side-by-side.yaml")
+side_by_side = sandbox_cli_site(("kfre-4var", "kfre-8var"))  # what `ehrbridge sandbox` runs
 
 
 def two(found: list[Any]) -> list[Any] | None:
