@@ -688,6 +688,21 @@ class PromotionCriteria(Strict):
     demote_on_alerts: list[str] = Field(default_factory=list)
 
 
+class ModelEvaluation(Strict):
+    """One model's own evaluation settings under ``evaluation.models.<name>``.
+
+    Each field given replaces the site's (``evaluation.<field>``) for that model
+    only; a field left out is the site's. Promotion criteria are replaced whole,
+    not merged: a model's bar is read in one place.
+    """
+
+    outcome: Path | None = None  # the model's outcome YAML (default: the one shipped for it)
+    code_map: Path | None = None
+    promotion: PromotionCriteria | None = None
+
+    _resolve = field_validator("outcome", "code_map")(_relative_to_config)
+
+
 class EvaluationSettings(Strict):
     """``ehrbridge evaluate``: the outcome, local codes and audit groups (README "Evaluate")."""
 
@@ -701,8 +716,18 @@ class EvaluationSettings(Strict):
     # are not independent, and counting each would narrow every interval.
     unit: Literal["patient-first", "patient-last", "prediction"] = "patient-first"
     promotion: PromotionCriteria | None = None  # judged by evaluate: pass/fail/inconclusive
+    # A site running several models (``models:``): what differs for one of them, by name.
+    models: dict[str, ModelEvaluation] = Field(default_factory=dict)
 
     _resolve = field_validator("outcome", "code_map", "events", "attributes")(_relative_to_config)
+
+    def of_model(self, name: str) -> EvaluationSettings:
+        """The settings the model ``name`` is evaluated and promoted with: each field its
+        ``models.<name>`` entry gives, else the site's own."""
+        own = self.models.get(name)
+        if own is None:
+            return self
+        return self.model_copy(update={k: getattr(own, k) for k in own.model_fields_set})
 
 
 class StorageEncryption(Strict):
@@ -771,6 +796,32 @@ class SiteConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"models: each model once by name ({', '.join(names)})")
         return self
+
+    @model_validator(mode="after")
+    def evaluated_models_are_run(self) -> Self:
+        names = [m.name for m in self.site_models]
+        if unknown := sorted(set(self.evaluation.models) - set(names)):
+            raise ValueError(
+                f"evaluation.models: {', '.join(unknown)} not among the site's models "
+                f"({', '.join(names)})"
+            )
+        return self
+
+    def for_model(self, name: str) -> SiteConfig | None:
+        """The site as its model ``name`` sees it: that model as ``model``, its own
+        evaluation settings as ``evaluation``; None if the site runs no such model.
+
+        Everything that evaluates, judges, records or switches one model reads
+        ``config.model`` and ``config.evaluation``, so each of the site's models has
+        its own outcome, criteria, evaluation and mode file.
+        """
+        found = next((m for m in self.site_models if m.name == name), None)
+        if found is None:
+            return None
+        evaluation = self.evaluation.of_model(name)
+        if found is self.model and evaluation is self.evaluation:
+            return self
+        return self.model_copy(update={"model": found, "evaluation": evaluation})
 
     @property
     def site_models(self) -> list[ModelEndpoint]:

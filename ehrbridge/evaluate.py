@@ -1,6 +1,6 @@
 """``ehrbridge evaluate``: how well a model works at this site, as a report and a JSON.
 
-    ehrbridge evaluate --site site.yaml --model kfre-4var --out report/ [--events DIR]
+    ehrbridge evaluate --site site.yaml [--model kfre-4var] --out report/ [--events DIR]
                        [--source backfill]
 
 Reads the site's stored predictions (shadow and live alike; the result store
@@ -10,6 +10,13 @@ of the site's history (``--events`` or ``evaluation.events``), and writes
 and ``links.json`` (each prediction's linkage, by prediction identifier; no
 patient identifiers). Without outcomes the report still shows the label-free
 view: score distribution, flag burden and coverage.
+
+A site running several models (``models:``) has each evaluated on its own: its
+predictions, its outcome file (``evaluation.models.<name>.outcome``, else the
+one shipped for it), its linkage store, its promotion criteria and its report.
+``--model NAME`` evaluates that one into ``--out``; without it, every model of
+the site is evaluated, each into ``--out/<model>/``, so none is left unjudged
+(a second model never evaluated could only go live by override).
 
 Needs the ``evaluate`` extra: ``pip install 'ehrbridge[evaluate]'``.
 """
@@ -39,8 +46,12 @@ def add_evaluate_command(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmd.add_argument("--site", type=Path, required=True, help="the site YAML file")
-    cmd.add_argument("--model", required=True, help="the model to evaluate, e.g. kfre-4var")
-    cmd.add_argument("--out", type=Path, required=True, help="directory for the report")
+    cmd.add_argument(
+        "--model",
+        help="the model to evaluate, e.g. kfre-4var (default: every model of the site, "
+        "each in OUT/<model>/)",
+    )
+    cmd.add_argument("--out", type=Path, required=True, help="directory for the report(s)")
     cmd.add_argument(
         "--events",
         type=Path,
@@ -66,18 +77,39 @@ def _aware(text: str) -> datetime:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     _needs_extra()
-    from ehrbridge.evaluation.html import render
     from ehrbridge.stores import unlock_stores
 
-    config = load_site_config(args.site)
-    if args.model != config.model.name:
-        raise ConfigError(
-            f"{args.site}: this site runs model {config.model.name!r}, not {args.model!r}"
-        )
-    unlock_stores(config)
+    site = load_site_config(args.site)
+    chosen = evaluated_models(site, args.model, args.site)
+    for config in chosen:  # a bad outcome file stops the run before any report is written
+        load_outcome(config)
+    unlock_stores(site)
+    as_of = args.as_of or datetime.now(UTC)
+    for config in chosen:
+        out: Path = args.out if args.model else args.out / config.model.name
+        if len(chosen) > 1:
+            print(f"model {config.model.name}:")
+        _evaluate_one(config, args, as_of, out)
+    return 0
+
+
+def evaluated_models(site: SiteConfig, model: str | None, path: Path) -> list[SiteConfig]:
+    """The site as each evaluated model sees it (``SiteConfig.for_model``): ``model``
+    only, or every model of the site."""
+    if model is None:
+        return [c for m in site.site_models if (c := site.for_model(m.name)) is not None]
+    config = site.for_model(model)
+    if config is None:
+        names = ", ".join(m.name for m in site.site_models)
+        raise ConfigError(f"{path}: this site runs {names}, not {model!r}")
+    return [config]
+
+
+def _evaluate_one(config: SiteConfig, args: argparse.Namespace, as_of: datetime, out: Path) -> None:
+    from ehrbridge.evaluation.html import render
+
     stores = config.data_dir / "evaluation" if args.source == "backfill" else config.data_dir
-    evaluation, links = build(config, args.events, args.as_of or datetime.now(UTC), stores)
-    out: Path = args.out
+    evaluation, links = build(config, args.events, as_of, stores)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)  # it describes patients: private
     document = orjson.dumps(evaluation, option=orjson.OPT_INDENT_2)
     _write(out / "evaluation.json", document)
@@ -85,7 +117,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _write(out / "report.html", render(evaluation).encode())
     _keep_for_the_console(config, args.source, document, out)
     _print_summary(evaluation, out)
-    return 0
 
 
 def _keep_for_the_console(config: SiteConfig, source: str, document: bytes, out: Path) -> None:
@@ -170,10 +201,27 @@ def build(
 
 
 def link_store_path(config: SiteConfig, stores: Path) -> Path:
-    """``links.sqlite`` beside the evaluated stores (the backfill's or the site's)."""
-    return (
-        stores if stores != config.data_dir else config.data_dir / "evaluation"
-    ) / "links.sqlite"
+    """The model's evaluation store, ``links.<model>.sqlite``, beside the evaluated stores
+    (the backfill's or the site's).
+
+    One per model: its events are those its outcome recognises, and a store is
+    reset when the outcome it was fed for changes, so two models sharing one
+    would wipe each other's (and the live log's offset) at every evaluation.
+    """
+    where = stores if stores != config.data_dir else config.data_dir / "evaluation"
+    path = where / f"links.{config.model.name}.sqlite"
+    _adopt_one_model_store(where / "links.sqlite", path, config)
+    return path
+
+
+def _adopt_one_model_store(old: Path, path: Path, config: SiteConfig) -> None:
+    """A store kept before stores were per model is the first model's: renamed, not lost
+    (it holds the live events read so far, which the log's retention may have purged)."""
+    if path.exists() or not old.exists() or not _is_first_model(config):
+        return
+    for suffix in ("", "-wal", "-shm"):  # SQLite's journal files go with their database
+        if Path(f"{old}{suffix}").exists():
+            os.replace(f"{old}{suffix}", f"{path}{suffix}")
 
 
 def _link(
@@ -328,19 +376,26 @@ def psi_by_month(stored: list[dict[str, Any]], score: str, min_count: int = 30) 
     }
 
 
+def _is_first_model(config: SiteConfig) -> bool:
+    """Whether ``config`` (as ``SiteConfig.for_model`` gives it) is its site's first model,
+    the one a site without ``models:`` runs. Not ``site_models[0]``: that is ``model``."""
+    return not config.models or config.models[0].name == config.model.name
+
+
 def load_outcome(config: SiteConfig) -> Any:
     from ehrbridge.evaluation.outcomes import OutcomeSpec, builtin_outcome, read_code_map
 
-    path = config.evaluation.outcome or builtin_outcome(config.model.name)
+    name = config.model.name
+    path = config.evaluation.outcome or builtin_outcome(name)
+    where = "evaluation.outcome" if _is_first_model(config) else ""
+    where = where or f"evaluation.models.{name}.outcome"
     if not path.exists():
-        raise ConfigError(
-            f"no outcome declared for model {config.model.name!r}: "
-            "set evaluation.outcome in the site file"
-        )
+        raise ConfigError(f"no outcome declared for model {name!r}: set {where} in the site file")
     spec = validate_located(OutcomeSpec, load_located(path))
-    if spec.model != config.model.name:
+    if spec.model != name:
         raise ConfigError(
-            f"{path}: outcome is for model {spec.model!r}, the site runs {config.model.name!r}"
+            f"{path}: outcome is for model {spec.model!r}, not {name!r}: set {where} "
+            "in the site file"
         )
     if config.evaluation.code_map:
         try:

@@ -84,11 +84,9 @@ def effective_mode(config: SiteConfig, model: str | None = None) -> Mode:
 def for_model(config: SiteConfig, name: str) -> SiteConfig | None:
     """The site's config as seen by its model ``name`` (that model as ``model``); None if
     the site runs no such model. Everything here judges, records and switches
-    ``config.model``: each of the site's models has its own evaluation and mode file."""
-    found = next((m for m in config.site_models if m.name == name), None)
-    if found is None:
-        return None
-    return config if found is config.model else config.model_copy(update={"model": found})
+    ``config.model`` with ``config.evaluation`` (that model's own criteria,
+    ``evaluation.models.<name>``): each model has its own evaluation and mode file."""
+    return config.for_model(name)
 
 
 class ModeSwitch:

@@ -81,7 +81,9 @@ def add_special_cases(cohort: list[Patient]) -> dict[str, int]:
     return {"censored": deaths, "pending": 30, "prevalent": 10}
 
 
-def store_predictions(data_dir: Path, cohort: list[Patient], factor: float = 1.0) -> None:
+def store_predictions(
+    data_dir: Path, cohort: list[Patient], factor: float = 1.0, model: ModelInfo = MODEL
+) -> None:
     config = load_site_config(REPO / "sandbox" / "site.yaml", data_dir=str(data_dir))
     store = SqliteResultStore(data_dir / "results.sqlite")
     items = []
@@ -100,7 +102,7 @@ def store_predictions(data_dir: Path, cohort: list[Patient], factor: float = 1.0
             "risk_2y": min(p.risk_2y * factor, 0.999),
             "risk_5y": min(p.risk_5y * factor, 0.999),
         }
-        items.append((site_prediction(config, MODEL, p.key, features, risks, source_id=p.key), {}))
+        items.append((site_prediction(config, model, p.key, features, risks, source_id=p.key), {}))
     store.upsert(items, Delivery.SHADOW)
     store.close()
 
@@ -372,7 +374,7 @@ def test_wrong_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[st
         ]
     )
     assert code == 2
-    assert "runs model 'kfre-4var'" in capsys.readouterr().err
+    assert "this site runs kfre-4var, not 'other'" in capsys.readouterr().err
 
 
 def test_psi_by_month_finds_a_shifted_input_and_spares_a_stable_one() -> None:
