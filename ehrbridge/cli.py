@@ -15,7 +15,7 @@ commands:
   purge --config SITE.yaml                 delete what the site's retention policy expires
   mappings check|test|explain|unmapped     site mappings: lint, tests, explanations
   bench SCENARIO                           benchmarks (bench/)
-  evaluate --site S --model M --out DIR    the model's performance at this site: report + JSON
+  evaluate --site S [--model M] --out DIR  each model's performance at this site: report + JSON
   backfill --site S --from PATH            score history (FHIR Bulk, HL7v2 batch) for evaluate
   promote --site S [--override --reason R] judge the criteria, then switch the model to live
   demote --site S --reason R               switch the model back to shadow
