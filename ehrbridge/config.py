@@ -823,6 +823,27 @@ class SiteConfig(Strict):
             return self
         return self.model_copy(update={"model": found, "evaluation": evaluation})
 
+    @model_validator(mode="after")
+    def one_definition_per_aggregate(self) -> Self:
+        """An aggregate is computed once per record: two definitions of one name cannot both be."""
+        seen: dict[str, tuple[str, object]] = {}
+        for model in self.site_models:
+            for given in model.declared.inputs:
+                if given.aggregate is None:
+                    continue
+                if given.aggregate.of not in self.mapping.features:
+                    raise ValueError(
+                        f"model {model.name}'s input {given.name!r} is over "
+                        f"{given.aggregate.of}, which the mapping does not map"
+                    )
+                first = seen.setdefault(given.name, (model.name, given.aggregate))
+                if first[1] != given.aggregate:
+                    raise ValueError(
+                        f"aggregate {given.name!r}: model {model.name} defines it unlike "
+                        f"model {first[0]}; give one of them another name"
+                    )
+        return self
+
     @property
     def site_models(self) -> list[ModelEndpoint]:
         """Every model the site runs, the first being ``model`` (which wins over ``models[0]``)."""

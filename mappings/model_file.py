@@ -8,7 +8,9 @@ site file) or writes it inline (``model: {definition: {...}}``). It declares:
 * ``inputs`` -- what the model takes, each read from the site's feature record
   (``age``, ``sex``, ``egfr``, ``uacr``, and the 8-variable KFRE's ``albumin``,
   ``phosphate``, ``bicarbonate``, ``calcium``) with its type, UCUM unit, whether it is
-  required, its valid range, and the missing-input policy;
+  required, its valid range, and the missing-input policy; or an aggregate
+  of one lab feature's results over a window (``egfr_slope``: min, max, mean,
+  count or slope per year; ``schema.Aggregate``), under a name of its own;
 * ``applicability`` -- the validated domain as rules (``egfr < 60``): a record
   outside gets no score and a recorded reason (``pipelines/domain.py``);
 * ``endpoint`` -- the protocol (``oip-v2``, ``mlflow``, ``kserve-v1``,
@@ -39,8 +41,10 @@ from ehrbridge.core.located_yaml import load_located, validate_located
 from ehrbridge.mappings.schema import (
     CANONICAL_UNITS,
     KFRE8_ANALYTES,
+    Aggregate,
     DomainRule,
     DomainRuleText,
+    aggregate_name,
 )
 from ehrbridge.mappings.units import normalise_unit
 
@@ -120,9 +124,14 @@ class ModelInput(Strict):
     # A feature record is built only when every required input is present (features.py):
     # a missing one leaves the patient unscored, with "not enough data" recorded.
     missing: Literal["refuse"] = "refuse"
+    # An input computed over a window of a lab feature's results (an eGFR slope):
+    # the model declares it, so a site cannot hand it another definition.
+    aggregate: Aggregate | None = None
 
     @model_validator(mode="after")
     def offered_in_its_unit(self) -> Self:
+        if self.aggregate is not None:
+            return self._aggregated()
         if self.name not in FEATURE_INPUTS:
             known = ", ".join(FEATURE_INPUTS)
             raise ValueError(f"input {self.name!r}: a feature record offers {known}")
@@ -138,6 +147,22 @@ class ModelInput(Strict):
             )
         if self.valid is not None and self.type == "boolean":
             raise ValueError(f"input {self.name!r} is a boolean: it has no valid range")
+        return self
+
+    def _aggregated(self) -> Self:
+        assert self.aggregate is not None
+        aggregate_name(self.name)
+        if self.type != "number" or not self.required:
+            raise ValueError(f"input {self.name!r} is an aggregate: a required number")
+        if normalise_unit(self.unit) != normalise_unit(self.aggregate.unit):
+            raise ValueError(
+                f"input {self.name!r} is given in {self.aggregate.unit!r}, not {self.unit!r}"
+            )
+        if self.valid is not None:
+            raise ValueError(
+                f"input {self.name!r}: a valid range on an aggregate is not supported yet "
+                "(domain rules test the record's plain features)"
+            )
         return self
 
     @property

@@ -555,6 +555,61 @@ def _feature_name(name: str) -> str:
 FeatureName = Annotated[str, AfterValidator(_feature_name)]
 
 
+AGGREGATIONS = ("latest", "min", "max", "mean", "count", "slope_per_year")
+Aggregation = Literal["latest", "min", "max", "mean", "count", "slope_per_year"]
+_AGGREGATE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+class Aggregate(Strict):
+    """A feature computed over the results of one lab feature in a window.
+
+    A model file declares it on an input (``inputs[].aggregate``): the model
+    was validated on one definition of it, which a site does not change; the
+    site maps the lab feature's codes, units and window as for any feature.
+    ``of`` is a lab feature the site maps; its results are taken in the
+    canonical unit, one per result time, never after the record's anchor
+    (so never a future-dated one). ``window_days`` defaults to that feature's
+    window. ``aggregation``: ``latest`` (what a plain feature is), ``min``,
+    ``max``, ``mean``, ``count`` (results in the window, 0 when none), or
+    ``slope_per_year`` (least squares of value on time in years), which needs
+    results at two or more times spanning ``min_span_days``. A comparator-bounded
+    result (``<3``) counts as its bound in ``min``, ``max``, ``latest`` and
+    ``count``; ``mean`` and ``slope_per_year`` refuse a window holding one,
+    since a bound has no value to average or fit.
+    """
+
+    of: FeatureName
+    aggregation: Aggregation = "latest"
+    window_days: float | None = Field(None, gt=0)
+    min_span_days: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def span_for_slopes(self) -> Self:
+        slope = self.aggregation == "slope_per_year"
+        if slope and self.min_span_days is None:
+            raise ValueError("slope_per_year needs 'min_span_days': the shortest span to fit")
+        if not slope and self.min_span_days is not None:
+            raise ValueError("'min_span_days' is for slope_per_year")
+        return self
+
+    @property
+    def unit(self) -> str:
+        """The result's UCUM unit: the feature's, a count's 1, or the feature's per year."""
+        if self.aggregation == "count":
+            return "1"
+        unit = CANONICAL_UNITS[self.of]
+        return f"{unit}/a" if self.aggregation == "slope_per_year" else unit
+
+
+def aggregate_name(name: str) -> str:
+    """An aggregate's own feature name: not a lab feature, age or sex."""
+    if not _AGGREGATE_NAME.match(name):
+        raise ValueError(f"aggregate {name!r}: use lower-case letters, digits and '_'")
+    if name in LAB_FEATURES or name in ("age", "sex"):
+        raise ValueError(f"aggregate {name!r}: that name is a feature already; name it apart")
+    return name
+
+
 @functools.lru_cache(maxsize=64)
 def _domain_rules(texts: tuple[str, ...]) -> tuple[DomainRule, ...]:
     return tuple(DomainRule.parse(t) for t in texts)

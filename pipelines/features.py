@@ -12,7 +12,11 @@ usable fact with ``T - window <= effective <= T``:
   CKD-EPI 2021, using age and sex at that creatinine's own specimen time;
   ``prefer: derived`` derives whenever a creatinine is in its window;
 * every other mapped lab feature (UACR in mg/g, albumin, ...) in its
-  canonical unit.
+  canonical unit;
+* an aggregate (``egfr_slope``: min, max, mean, count or slope per year of
+  one lab feature's results in a window), declared by a model file input's
+  ``aggregate`` (``pipelines/aggregates.py``);
+  it rests on every result it was computed from (``inputs``, ``aggregated``).
 
 One record holds every feature the site's models need, computed once per
 message; each model is sent its own inputs (:meth:`FeatureRecord.only`).
@@ -54,7 +58,14 @@ from typing import Any
 
 from ehrbridge.core.contracts import utcnow
 from ehrbridge.mappings.ckd_epi import egfr_ckd_epi_2021
-from ehrbridge.mappings.schema import DERIVED_FROM, LEGACY_RECORD_KEYS, DomainRule, Mapping
+from ehrbridge.mappings.schema import (
+    DERIVED_FROM,
+    LEGACY_RECORD_KEYS,
+    Aggregate,
+    DomainRule,
+    Mapping,
+)
+from ehrbridge.pipelines.aggregates import Aggregated, aggregate
 from ehrbridge.pipelines.domain import OutOfDomain, check_domain
 from ehrbridge.pipelines.facts import IMPLAUSIBLE, Fact, PatientExtract
 from ehrbridge.pipelines.state import PatientState
@@ -79,6 +90,8 @@ class FeatureRecord:
     # How a feature was obtained when it was not read as reported ("ckd-epi-2021").
     methods: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # feature -> ref of its fact
+    # An aggregate -> the refs of every fact it was computed from, oldest first.
+    aggregated: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> float:
         return self.values[name]
@@ -95,6 +108,7 @@ class FeatureRecord:
         """The record restricted to ``names`` (one model's inputs), with their facts."""
         kept = [n for n in names if n in self.values]
         refs = {self.sources[n] for n in kept if n in self.sources}
+        refs.update(r for n in kept for r in self.aggregated.get(n, ()))
         return FeatureRecord(
             self.anchor,
             {n: self.values[n] for n in kept},
@@ -102,10 +116,11 @@ class FeatureRecord:
             self.episode,
             {n: m for n, m in self.methods.items() if n in kept},
             {n: r for n, r in self.sources.items() if n in kept},
+            {n: r for n, r in self.aggregated.items() if n in kept},
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "anchor": self.anchor.isoformat(),
             "values": self.values,
             "methods": self.methods,
@@ -113,6 +128,9 @@ class FeatureRecord:
             "inputs": [f.to_json() for f in self.inputs],
             "episode": self.episode,
         }
+        if self.aggregated:  # absent without aggregates: such records are as they were
+            data["aggregated"] = {n: list(refs) for n, refs in self.aggregated.items()}
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureRecord:
@@ -125,6 +143,7 @@ class FeatureRecord:
                 data.get("episode", ""),
                 dict(data.get("methods", {})),
                 dict(data.get("sources", {})),
+                {n: tuple(r) for n, r in data.get("aggregated", {}).items()},
             )
         return _legacy_record(data, inputs)
 
@@ -254,6 +273,7 @@ class _Found:
     methods: dict[str, str] = field(default_factory=dict)
     facts: dict[str, Fact] = field(default_factory=dict)  # feature -> the fact it rests on
     missing: dict[str, str] = field(default_factory=dict)
+    aggregated: dict[str, tuple[Fact, ...]] = field(default_factory=dict)
 
     def add(self, name: str, value: float, fact: Fact | None = None, method: str = "") -> None:
         self.values[name] = value
@@ -269,14 +289,21 @@ def assemble(
     mapping: Mapping,
     episode: str = "",
     needed: Iterable[str] | None = None,
+    *,
+    aggregates: dict[str, Aggregate] | None = None,
 ) -> FeatureRecord | NotEnoughData:
     """The record of ``needed`` (default: the mapping's model's inputs), or what is missing."""
     wanted = tuple(needed if needed is not None else mapping.spec.inputs)
-    return _record(_find_all(state, anchor, mapping), wanted, anchor, episode)
+    return _record(_find_all(state, anchor, mapping, aggregates), wanted, anchor, episode)
 
 
-def _find_all(state: PatientState, anchor: datetime, mapping: Mapping) -> _Found:
-    """Every feature the site maps, once, whichever model takes it."""
+def _find_all(
+    state: PatientState,
+    anchor: datetime,
+    mapping: Mapping,
+    aggregates: dict[str, Aggregate] | None = None,
+) -> _Found:
+    """Every feature the site maps, and each model's aggregates, once, whichever model takes it."""
     found = _Found()
     _age(state, anchor, found)
     _sex(state, found)
@@ -286,7 +313,31 @@ def _find_all(state: PatientState, anchor: datetime, mapping: Mapping) -> _Found
             fact = _windowed(state, feature, anchor, mapping, found.missing)
             if fact is not None:
                 found.add(feature, fact.value, fact)
+    for name, rule in (aggregates or {}).items():
+        _aggregate(state, anchor, mapping, found, name=name, rule=rule)
     return found
+
+
+def _aggregate(
+    state: PatientState,
+    anchor: datetime,
+    mapping: Mapping,
+    found: _Found,
+    *,
+    name: str,
+    rule: Aggregate,
+) -> None:
+    mapped = mapping.features.get(rule.of)
+    if mapped is None:
+        found.missing[name] = f"{rule.of} is not mapped for this site"
+        return
+    window = rule.window_days or mapped.window_days or 0.0
+    result = aggregate(rule, state.facts.get(rule.of, []), anchor, window)
+    if isinstance(result, Aggregated):
+        found.add(name, result.value, method=f"{rule.aggregation} of {rule.of}, {window:g} days")
+        found.aggregated[name] = result.facts
+    else:
+        found.missing[name] = result
 
 
 def _record(
@@ -298,6 +349,7 @@ def _record(
     if missing:
         return NotEnoughData(anchor, missing, episode)
     facts = [found.facts[n] for n in wanted if n in found.facts]
+    facts += [f for n in wanted for f in found.aggregated.get(n, ())]
     return FeatureRecord(
         anchor=anchor,
         values={n: found.values[n] for n in wanted},
@@ -305,6 +357,9 @@ def _record(
         episode=episode,
         methods={n: m for n, m in found.methods.items() if n in wanted},
         sources={n: f.ref for n, f in found.facts.items() if n in wanted},
+        aggregated={
+            n: tuple(f.ref for f in found.aggregated[n]) for n in wanted if n in found.aggregated
+        },
     )
 
 
@@ -399,6 +454,8 @@ class ModelNeeds:
     inputs: tuple[str, ...]
     domain: tuple[DomainRule, ...]
     name: str = ""  # the model's name, when a site runs several
+    # Aggregates its model file declares on its inputs (``egfr_slope``), by name.
+    aggregates: dict[str, Aggregate] = field(default_factory=dict)
 
 
 def evaluate(
@@ -439,7 +496,8 @@ def evaluate_each(
     trigger = trigger_for(state, patient, mapping, now)
     if trigger is None:
         return None
-    found = _find_all(state, trigger.anchor, mapping)
+    declared = {name: rule for model in models for name, rule in model.aggregates.items()}
+    found = _find_all(state, trigger.anchor, mapping, declared)
     outcomes: list[Outcome] = []
     for model in models:
         result: Outcome = _record(found, model.inputs, trigger.anchor, trigger.episode)

@@ -248,7 +248,8 @@ def _run(config: SiteConfig, index: int, endpoint: ModelEndpoint, client: Model)
         domain = config.mapping.domain
     else:
         domain = tuple(DomainRule.parse(text) for text in declared.domain)
-    needs = ModelNeeds(tuple(i.name for i in declared.inputs), domain, endpoint.name)
+    aggregates = {i.name: i.aggregate for i in declared.inputs if i.aggregate is not None}
+    needs = ModelNeeds(tuple(i.name for i in declared.inputs), domain, endpoint.name, aggregates)
     return ModelRun(endpoint, client, needs, shown(config, declared))
 
 
