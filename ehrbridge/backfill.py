@@ -5,11 +5,13 @@
 PATH is a FHIR Bulk Data export (a directory of ``$export`` NDJSON files) or an
 HL7v2 batch file (FHS/BHS envelopes, one message per line, or MLLP frames).
 Every message goes through the site's own processing stage
-(``pipelines/process.py``: the same mapping, domain rules and model server)
-into ``<data_dir>/evaluation/`` (its own state and result stores), never into
-the site's live stores, and nothing is written back. Then::
+(``pipelines/process.py``: the same mapping, domain rules and model server;
+every model of the site, ``models:``, each over its own client) into
+``<data_dir>/evaluation/`` (its own state and result stores), never into
+the site's live stores, and nothing is written back. Then, for every model
+(each in ``report/<model>/``) or ``--model`` one::
 
-    ehrbridge evaluate --site site.yaml --model kfre-4var --source backfill --out report/
+    ehrbridge evaluate --site site.yaml --source backfill --out report/
 
 Order: HL7v2 messages by MSH-7, FHIR patients by their first result; within
 a FHIR patient the pipeline replays each episode in time order.
@@ -30,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,7 @@ def run_backfill(args: argparse.Namespace) -> int:
     results = SqliteResultStore(where / "results.sqlite")
     clients = _model_clients(config)
     run = _Run(len(inputs), done, args.max_inputs)
+    run.predictions = {m.name: 0 for m in config.site_models}  # a model scoring none says so
     try:
         model, others = clients[config.model.name], dict(clients)
         del others[config.model.name]
@@ -288,7 +291,7 @@ class _Run:
     limit: int | None
     started: float = 0.0
     first: int = 0
-    predictions: int = 0
+    predictions: dict[str, int] = field(default_factory=dict)  # by model: each is evaluated
     failed: int = 0
 
     def __post_init__(self) -> None:
@@ -318,9 +321,12 @@ class _Run:
         print(file=sys.stderr)
         left = self.total - self.done
         state = "complete" if left == 0 else f"{left} inputs left (rerun to continue)"
+        made = sum(self.predictions.values())
+        by_model = ", ".join(f"{name} {n}" for name, n in sorted(self.predictions.items()))
         print(
-            f"backfill {state}: {self.done}/{self.total} inputs, {self.predictions} "
-            f"predictions, {self.failed} refused, {bad_lines} unreadable lines -> {where}"
+            f"backfill {state}: {self.done}/{self.total} inputs, {made} predictions"
+            f"{f' ({by_model})' if by_model else ''}, {self.failed} refused, "
+            f"{bad_lines} unreadable lines -> {where}"
         )
 
 
@@ -345,6 +351,8 @@ def _replay(stage: Any, results: Any, batch: Sequence[HistoryInput], site: str, 
         if isinstance(o, Envelope) and o.kind is Kind.PREDICTION
     ]
     results.upsert([(p, {}) for p in predictions], Delivery.SHADOW)
-    run.predictions += len(predictions)
+    for prediction in predictions:
+        name = prediction.model.name
+        run.predictions[name] = run.predictions.get(name, 0) + 1
     run.failed += sum(1 for o in outcomes if isinstance(o, Failure))
     return True

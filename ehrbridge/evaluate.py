@@ -177,7 +177,10 @@ def build(
         book=book,
         bands=_bands(config, spec.horizons),
         as_of=as_of,
-        coverage={pid: None if pid in scored else _unscored(o) for pid, o in states.items()},
+        coverage={
+            pid: None if pid in scored else _unscored(_own_outcome(o, config))
+            for pid, o in states.items()
+        },
         subgroups=[
             *settings.subgroups,
             *(a for a in _attribute_names(attributes) if a not in settings.subgroups),
@@ -467,6 +470,14 @@ def _bands(config: SiteConfig, horizons: Mapping[str, Any]) -> list[Any]:
     return [
         Band(horizon_of.get(b.output, b.output), b.at_least, b.code) for b in shown(config).bands
     ]
+
+
+def _own_outcome(outcome: Mapping[str, Any] | None, config: SiteConfig) -> Any:
+    """The patient's last processing outcome for the evaluated model: with several models
+    the state keeps each one's under ``models`` (pipelines/features.py), the first's on top."""
+    if outcome and isinstance(outcome.get("models"), dict):
+        return outcome["models"].get(config.model.name)
+    return outcome if _is_first_model(config) else None  # a state from before it ran
 
 
 def _unscored(outcome: Mapping[str, Any] | None) -> str:

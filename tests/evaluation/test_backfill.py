@@ -66,11 +66,11 @@ def site_file(tmp: Path, model_url: str) -> Path:
     return path
 
 
-def stored(site: Path) -> dict[str, tuple[str, str]]:
+def stored(site: Path, model: str = "kfre-4var") -> dict[str, tuple[str, str]]:
     from ehrbridge.adapters.evaluation_sources import stored_predictions
 
     config = load_site_config(site)
-    rows = stored_predictions(config.data_dir / "evaluation" / "results.sqlite", "kfre-4var")
+    rows = stored_predictions(config.data_dir / "evaluation" / "results.sqlite", model)
     return {r["identifier"]: (r["patient_id"], r["features"]["anchor"]) for r in rows}
 
 
@@ -243,10 +243,11 @@ def test_a_model_failing_mid_run_leaves_stores_a_rerun_completes_identically(
 
 
 def test_a_site_with_two_models_backfills_each_over_its_own_client(
-    tmp_path: Path, model_server: ThreadedServer
+    tmp_path: Path, model_server: ThreadedServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``models:`` [kfre-4var, kfre-8var]: every model gets a client (the stage needs one
-    per model), and KFRE-4's predictions are those of the one-model site."""
+    per model), KFRE-4's predictions are those of the one-model site, and ``evaluate
+    --source backfill`` without ``--model`` evaluates each model's own predictions."""
     export = bulk_export(tmp_path / "export")
     one = site_file(tmp_path, model_server.base_url)
     assert main(["backfill", "--site", str(one), "--from", str(export)]) == 0
@@ -267,8 +268,29 @@ def test_a_site_with_two_models_backfills_each_over_its_own_client(
     )
     two.write_text(text.replace(block, models))
     assert [m.name for m in load_site_config(two).site_models] == ["kfre-4var", "kfre-8var"]
+    capsys.readouterr()
     assert main(["backfill", "--site", str(two), "--from", str(export)]) == 0
     assert stored(two) == stored(one)
+    kfre8 = stored(two, "kfre-8var")
+    counts = f"(kfre-4var {len(stored(one))}, kfre-8var {len(kfre8)})"
+    assert counts in capsys.readouterr().out
+    out = two_dir / "report"
+    evaluate = ["evaluate", "--site", str(two), "--source", "backfill", "--out", str(out)]
+    assert main([*evaluate, "--events", str(export), "--as-of", "2026-12-01T00:00:00+00:00"]) == 0
+    for name, predictions in (("kfre-4var", stored(one)), ("kfre-8var", kfre8)):
+        evaluation = orjson.loads((out / name / "evaluation.json").read_bytes())
+        assert evaluation["model"] == name
+        assert sum(evaluation["horizons"]["2y"]["linkage"].values()) == len(predictions)
+        links = orjson.loads((out / name / "links.json").read_bytes())
+        assert {row["prediction"] for row in links} == set(predictions)
+    # The Synthea patients have no albumin, phosphate, bicarbonate nor calcium: KFRE-8
+    # scores none of them, and its coverage says so (its own reasons, not KFRE-4's).
+    assert not kfre8
+    coverage = orjson.loads((out / "kfre-8var" / "evaluation.json").read_bytes())["coverage"]
+    assert coverage["patients_seen"] == 4 and coverage["patients_scored"] == 0
+    reasons = coverage["not_scored_by_reason"]
+    assert sum(reasons.values()) == 4
+    assert all(r.startswith("missing input: albumin, bicarbonate, calcium") for r in reasons)
 
 
 def test_hl7v2_batches_are_replayed_in_msh7_order() -> None:
