@@ -15,6 +15,12 @@ bound``), and ``count`` counts them; ``mean`` and ``slope_per_year`` refuse a
 window holding one, because a bound has no value to average or fit and any
 number put in its place would be invented.
 
+The patient state keeps a feature's newest ``MAX_FACTS_PER_FEATURE`` results
+(``pipelines/state.py``, a memory bound). When it is full and its oldest kept
+result is inside the window, older results of the window may have been
+dropped: every aggregation but ``latest`` then refuses, with that reason,
+rather than count, average or fit part of the window as if it were all of it.
+
 The answer is the value and the facts it rests on (they become the record's
 ``inputs``, and so the Observation's ``derivedFrom``), or why there is none.
 """
@@ -27,6 +33,7 @@ from datetime import datetime, timedelta
 
 from ehrbridge.mappings.schema import Aggregate
 from ehrbridge.pipelines.facts import Fact
+from ehrbridge.pipelines.state import MAX_FACTS_PER_FEATURE
 
 __all__ = ["Aggregated", "aggregate", "usable_in_window"]
 
@@ -60,11 +67,28 @@ def aggregate(
 ) -> Aggregated | str:
     """The aggregate over ``facts`` (sorted by time), or why there is not enough data."""
     used = usable_in_window(facts, anchor, window_days)
+    truncated = _truncated(rule, facts, anchor, window_days)
+    if truncated and rule.aggregation != "latest":
+        return truncated
     if rule.aggregation == "count":
         return Aggregated(float(len(used)), tuple(used))
     if not used:
         return f"no {rule.of} result in the {window_days:g} days up to {anchor.date()}"
     return _BY_AGGREGATION[rule.aggregation](rule, used, anchor)
+
+
+def _truncated(rule: Aggregate, facts: Sequence[Fact], anchor: datetime, window_days: float) -> str:
+    """Why the window may be incomplete: the state is full and its oldest kept result is in it."""
+    if len(facts) < MAX_FACTS_PER_FEATURE:
+        return ""
+    oldest = facts[0].effective
+    if oldest < anchor - timedelta(days=window_days):
+        return ""
+    return (
+        f"the state keeps a patient's newest {MAX_FACTS_PER_FEATURE} {rule.of} results and "
+        f"the oldest kept ({oldest.date()}) is inside the {window_days:g}-day window: "
+        f"older results of the window may be missing"
+    )
 
 
 def _latest(rule: Aggregate, used: list[Fact], anchor: datetime) -> Aggregated | str:

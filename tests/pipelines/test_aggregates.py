@@ -158,6 +158,28 @@ def test_not_enough_data_for_a_slope_says_why() -> None:
     assert missing_of(mapping, *twice, name="egfr_slope").startswith("1 egfr result")
 
 
+def test_a_window_the_state_may_not_hold_whole_is_refused() -> None:
+    # The state keeps the newest 64 results per feature: 64 daily eGFRs fill it.
+    mapping = Declared(
+        egfr_count={"of": "egfr", "aggregation": "count"},  # 365 days
+        egfr_max_60={"of": "egfr", "aggregation": "max", "window_days": 60},
+        egfr_latest={"of": "egfr"},
+    )
+    daily = [fact("egfr", 30 + i % 7, days_before=i, ref=f"D{i}/OBX/1") for i in range(80)]
+    names = ["egfr_count", "egfr_max_60", "egfr_latest"]
+    result = mapping.assemble(*daily, needed=names)
+    assert isinstance(result, NotEnoughData) and list(result.missing) == ["egfr_count"]
+    assert result.missing["egfr_count"] == (
+        "the state keeps a patient's newest 64 egfr results and the oldest kept (2025-10-30) "
+        "is inside the 365-day window: older results of the window may be missing"
+    )
+    # A window inside what is kept (60 days back; the oldest kept is 63 days back) is whole,
+    # and latest needs only the newest.
+    whole = mapping.assemble(*daily, needed=["egfr_max_60", "egfr_latest"])
+    assert isinstance(whole, FeatureRecord)
+    assert whole["egfr_max_60"] == 36 and whole["egfr_latest"] == 30
+
+
 def test_aggregate_of_a_feature_the_site_does_not_map() -> None:
     features = {k: v for k, v in MAPPING.features.items() if k != "albumin"}
     mapping = MAPPING.model_copy(update={"features": features})
