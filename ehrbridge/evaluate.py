@@ -82,7 +82,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     site = load_site_config(args.site)
     chosen = evaluated_models(site, args.model, args.site)
     for config in chosen:  # a bad outcome file stops the run before any report is written
-        load_outcome(config)
+        _outcome_of_each(config, args.model)
     unlock_stores(site)
     as_of = args.as_of or datetime.now(UTC)
     for config in chosen:
@@ -91,6 +91,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"model {config.model.name}:")
         _evaluate_one(config, args, as_of, out)
     return 0
+
+
+def _outcome_of_each(config: SiteConfig, chosen: str | None) -> None:
+    try:
+        load_outcome(config)
+    except ConfigError as error:
+        if chosen is not None:
+            raise
+        raise ConfigError(
+            f"{error}; nothing was evaluated (--model NAME evaluates the site's others alone)"
+        ) from None
 
 
 def evaluated_models(site: SiteConfig, model: str | None, path: Path) -> list[SiteConfig]:

@@ -188,6 +188,7 @@ def test_a_second_model_given_the_first_models_outcome_is_refused_naming_the_set
     assert main(["evaluate", "--site", str(site), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "not 'kfre-8var'" in err and "evaluation.models.kfre-8var.outcome" in err, err
+    assert "nothing was evaluated" in err
     assert not (tmp_path / "r").exists()  # nothing written for either model
 
 
