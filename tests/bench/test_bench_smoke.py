@@ -155,22 +155,29 @@ def test_stages_cpu_check_passes_against_the_committed_baseline(tmp_path: Path) 
     assert all(us > 0 for us in measured["cpu_us_per_msg"].values())
 
 
-def test_stages_cpu_check_fails_when_a_step_does_its_work_twice(
+def test_stages_cpu_check_fails_when_a_step_does_its_work_four_times(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A real regression -- fact extraction run twice per message -- fails the check."""
+    """A real regression -- fact extraction run four times per message -- fails the check.
+
+    Four, not two: the check widens its 30% allowance by how much slower a stdlib
+    workload runs than when the baseline was recorded, so on a busy CI machine a mere
+    doubling can sit inside the widened allowance (seen once in CI). Four times is a
+    regression under any load this machine has shown (allowance widened up to 1.6x).
+    """
     from ehrbridge.bench import stages
 
     original = stages.extract
 
-    def extract_twice(message: Any, rules: Any) -> Any:
-        original(message, rules)
+    def extract_four_times(message: Any, rules: Any) -> Any:
+        for _ in range(3):
+            original(message, rules)
         return original(message, rules)
 
-    monkeypatch.setattr(stages, "extract", extract_twice)
+    monkeypatch.setattr(stages, "extract", extract_four_times)
     code, check = run_check(tmp_path)
-    assert code == 1
+    assert code == 1, check["table"]
     assert check["check"] == "fail"
     assert "facts (codes, units, values)" in check["regressed"]
     facts = next(row for row in check["table"]["rows"] if row[0].startswith("facts"))
-    assert facts[4] >= 1.5, "about twice the baseline"
+    assert facts[4] >= 2.5, "about four times the baseline"
