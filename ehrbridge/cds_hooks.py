@@ -181,7 +181,9 @@ class CdsService:
         context = _context(body)
         if self.state is None:
             return self._withheld()
-        if not any(self._shows(model.name) for model in self.config.site_models):
+        # Each model's mode read once per hook, so one answer sees one switch position.
+        shown = [model.name for model in self.config.site_models if self._shows(model.name)]
+        if not shown:
             return {"cards": []}  # every model in shadow: nothing to look up
         patient_id = self._patient_id(body, str(context["patientId"]))
         if patient_id and read is not None:
@@ -190,11 +192,9 @@ class CdsService:
         if not patient_id:
             return {"cards": []}
         cards = []
-        for model in self.config.site_models:  # one card per model, in its own mode
-            if not self._shows(model.name):
-                continue
-            latest = self.results.latest(patient_id, not_after, model=model.name)
-            if latest is not None and not self._now_out_of_domain(patient_id, latest, model.name):
+        for model in shown:  # one card per model, in its own mode
+            latest = self.results.latest(patient_id, not_after, model=model)
+            if latest is not None and not self._now_out_of_domain(patient_id, latest, model):
                 cards.append(self.card(latest, base_url))
         return {"cards": cards}
 
