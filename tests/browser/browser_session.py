@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
+from conftest import wait_for as poll_until
+
 SCREENSHOTS = Path(os.environ.get("EHRBRIDGE_SCREENSHOTS", "build/screenshots"))
-T = TypeVar("T")
 LOCAL_HOSTS = frozenset({"127.0.0.1"})
 # Schemes that never leave the machine: inline images, the page's own blobs.
 LOCAL_SCHEMES = frozenset({"data", "blob", "about", "chrome", "chrome-extension", "devtools"})
@@ -67,13 +67,5 @@ def _local(url: str) -> bool:
     return parts.scheme in LOCAL_SCHEMES or parts.hostname in LOCAL_HOSTS
 
 
-def wait_for(probe: Callable[[], T | None], timeout_s: float = 30.0, what: str = "condition") -> T:
-    """Poll until ``probe`` returns something truthy; fail naming ``what`` otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.1)
+# The suite's poller (tests/conftest.py), with the longer wait a browser round trip needs.
+wait_for = partial(poll_until, timeout_s=30.0)
