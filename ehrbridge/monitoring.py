@@ -137,7 +137,10 @@ class SiteMonitoring:
 
     def save(self) -> None:
         try:
-            self.metrics.save()
+            # Only what this process's roles learn: the feed clocks are ingest's, the drift
+            # counts processing's. A role process that saved both would write back the
+            # stale copy it loaded at start over what its sibling process learned since.
+            self.metrics.save(feeds="ingest" in self.roles, drift="process" in self.roles)
         except OSError as exc:
             log.warning("monitoring state not saved: %s", exc)
 
