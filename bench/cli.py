@@ -1,7 +1,7 @@
 """``ehrbridge bench SCENARIO``: run a benchmark scenario, print its table, write its JSON.
 
     ehrbridge bench ingest|e2e|stages|scale|cds|fhir-bundle|backfill|all
-        [--rate R] [--seconds S] [--json FILE] [--transport embedded|kafka]
+        [--rate R] [--seconds S] [--json FILE] [--transport embedded|kafka] [--split]
         [--senders N] [--max] [--smoke] [--no-baselines | --no-naive | --no-floor]
     ehrbridge bench stages --check [--smoke] [--baseline FILE]   # exit 1 on a CPU regression
     ehrbridge bench stages --write-baseline [--smoke]            # after an intended change
@@ -41,6 +41,12 @@ def add_bench_command(sub: Any) -> None:
     bench.add_argument("--seconds", type=float, default=None, help="how long to send")
     bench.add_argument("--json", type=Path, default=None, help="write the result here")
     bench.add_argument("--transport", choices=["embedded", "kafka"], default="embedded")
+    bench.add_argument(
+        "--split",
+        action="store_true",
+        help="embedded e2e: ingest, processing and write-back as processes sharing the SQLite "
+        "files (as transport.processes: per-role), not one process",
+    )
     bench.add_argument(
         "--senders", type=int, default=None, help="MLLP sender processes (ingest 16, else 4)"
     )
@@ -98,6 +104,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 seconds=args.seconds,
                 senders=args.senders,
                 transport=args.transport,
+                split=args.split,
                 smoke=args.smoke,
                 max=args.max,
                 concurrency=args.concurrency,

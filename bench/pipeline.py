@@ -138,12 +138,14 @@ class SiteUnderTest:
         workers: int = 1,
         naive: str | None = None,  # "ingest" | "e2e": the naive pipeline instead
         roles: tuple[str, ...] = (),  # embedded: run only these roles (ingest scenario)
+        split: bool = False,  # embedded: each role a process of its own, sharing the files
     ) -> None:
         self.services = Services(run_dir)
         self.transport = transport
         self.workers = workers
         self.naive = naive
         self.roles = roles
+        self.split = split
         self.bootstrap = kafka_bootstrap() if transport == "kafka" else ""
         self.trials = 0
         self.mllp_port = 0
@@ -159,12 +161,14 @@ class SiteUnderTest:
             {"kind": "kafka", "bootstrap": self.bootstrap} if self.transport == "kafka" else None
         )
         config = svc.write_site_config(transport=kafka)
-        if self.transport == "kafka":
-            # As a site scales out: each role its own process, N processing workers.
+        if self.transport == "kafka" or self.split:
+            # As a site scales out: each role its own process, N processing workers
+            # (embedded: one processing worker, as one consumer group member reads a topic).
             roles = self.roles or ("ingest", "process", "writeback")
             if "ingest" in roles:
                 svc.spawn_site(config, "ingest", ["ingest"])
-            for n in range(self.workers if "process" in roles else 0):
+            workers = self.workers if self.transport == "kafka" else 1
+            for n in range(workers if "process" in roles else 0):
                 svc.spawn_site(config, f"process-{n + 1}", ["process"])
             if "writeback" in roles:
                 svc.spawn_site(config, "writeback", ["writeback"])

@@ -41,6 +41,7 @@ class Options:
     seconds: float | None = None
     senders: int | None = None  # default per scenario
     transport: str = "embedded"
+    split: bool = False  # embedded: the roles as processes sharing the SQLite files
     smoke: bool = False
     max: bool = False
     concurrency: int = 4
@@ -179,7 +180,7 @@ def e2e(opts: Options) -> dict[str, Any]:
     seconds = opts.pick(30, 2, opts.seconds)
     opts.senders = opts.sender_count(4)
     result: dict[str, Any] = {"params": _params(opts, rate=rate, seconds=seconds)}
-    with site_under_test(opts.run_dir / "e2e", transport=opts.transport) as site:
+    with site_under_test(opts.run_dir / "e2e", transport=opts.transport, split=opts.split) as site:
         if not opts.smoke:
             site.warm_up(200, 5)
         result["ehrbridge"] = site.trial(rate=rate, seconds=seconds, senders=opts.senders)
@@ -684,6 +685,7 @@ def backfill(opts: Options) -> dict[str, Any]:
 def _params(opts: Options, **values: Any) -> dict[str, Any]:
     return {
         "transport": opts.transport,
+        "split": opts.split,
         "senders": opts.senders,
         "smoke": opts.smoke,
         **values,
