@@ -41,6 +41,8 @@ from ehrbridge.core.errors import ConfigError
 if TYPE_CHECKING:
     import ssl
 
+    from ehrbridge.config import SiteConfig
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -99,7 +101,16 @@ def _parser() -> argparse.ArgumentParser:
         "--role",
         action="append",
         choices=["ingest", "process", "writeback"],
-        help="run only these roles (repeatable); default: all",
+        help="run only these roles (repeatable); default: all, in one process or, with "
+        "transport.processes: per-role (embedded), one child process per role",
+    )
+    run.add_argument(
+        "--monitoring-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /metrics and /health here (a process without the ingest role); "
+        "overrides monitoring.port, for role processes that share one site file",
     )
     run.set_defaults(func=_run)
 
@@ -272,10 +283,18 @@ def _config_check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ehrbridge.config import load_site_config
-    from ehrbridge.runtime import ALL_ROLES, Role, signal_event, start_when_ready
+    from ehrbridge.runtime import ALL_ROLES, Role, hold_role_locks, signal_event, start_when_ready
+    from ehrbridge.supervisor import Supervisor, watch_lifeline
 
     config = load_site_config(args.config)
+    if args.monitoring_port is not None:
+        monitoring = config.monitoring.model_copy(update={"port": args.monitoring_port})
+        config = config.model_copy(update={"monitoring": monitoring})
+    if not args.role and _per_role(config):  # this process supervises one child per role
+        return Supervisor(args.config, config, args.log_level).run()
+    watch_lifeline()  # a supervised child stops when its supervisor dies
     roles = {Role(r) for r in args.role} if args.role else ALL_ROLES
+    locks = hold_role_locks(config, roles)
 
     async def serve() -> None:
         stop = signal_event()
@@ -291,8 +310,19 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             await runtime.stop()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        locks.close()
     return 0
+
+
+def _per_role(config: SiteConfig) -> bool:
+    """An embedded site whose roles run as processes (``transport.processes: per-role``)."""
+    from ehrbridge.config import EmbeddedTransport
+
+    transport = config.transport
+    return isinstance(transport, EmbeddedTransport) and transport.processes == "per-role"
 
 
 def _cds_token(args: argparse.Namespace) -> int:

@@ -184,6 +184,10 @@ class HttpListen(Strict):
 
 class EmbeddedTransport(Strict):
     kind: Literal["embedded"] = "embedded"
+    # How `ehrbridge run` (no --role) runs the roles: all in "one" process, or "per-role":
+    # ingest, processing and write-back each a child process of a supervisor, sharing the
+    # SQLite files (ehrbridge/supervisor.py), so that they use more than one core.
+    processes: Literal["one", "per-role"] = "one"
 
 
 class KafkaSasl(Strict):

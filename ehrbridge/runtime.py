@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import signal
@@ -43,7 +44,7 @@ from ehrbridge.auth import Authenticator
 from ehrbridge.cds_auth import CdsClientAuth
 from ehrbridge.config import KafkaTransport, Mode, ModelEndpoint, SiteConfig
 from ehrbridge.core.contracts import Sink, Stage
-from ehrbridge.core.errors import TransientError
+from ehrbridge.core.errors import ConfigError, TransientError
 from ehrbridge.datadir import secure_data_dir
 from ehrbridge.monitoring import SiteMonitoring, tcp_check, url_check
 from ehrbridge.pipelines.groupcommit import GroupCommitter
@@ -95,6 +96,35 @@ def signal_event() -> asyncio.Event:
 async def wait_for_signal() -> None:
     """Block until SIGINT or SIGTERM."""
     await signal_event().wait()
+
+
+def hold_role_locks(config: SiteConfig, roles: Iterable[Role]) -> contextlib.ExitStack:
+    """Each role of an embedded site in one process at a time; released by ``close()``.
+
+    On the embedded log a consumer group has one member, which reads every
+    record: a second processing (or write-back) process on the same files would
+    do all the work again, and two ingest processes would both bind the ports.
+    Kafka shares a group's partitions among its members, so there nothing is held.
+    The locks are ``flock``s, dropped by the kernel when the process dies (kill -9).
+    """
+    held = contextlib.ExitStack()
+    if isinstance(config.transport, KafkaTransport):
+        return held
+    folder = secure_data_dir(config.data_dir) / "roles"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for role in sorted(roles):
+        lock = held.enter_context((folder / f"{role}.lock").open("a"))
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            held.close()
+            raise ConfigError(
+                f"another process already runs the {role} role of site {config.site} on "
+                f"{config.data_dir} (embedded transport: one process per role; scale out "
+                "on Kafka)",
+                field="data_dir",
+            ) from exc
+    return held
 
 
 async def start_when_ready(
