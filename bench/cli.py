@@ -3,6 +3,7 @@
     ehrbridge bench ingest|e2e|stages|scale|cds|fhir-bundle|backfill|all
         [--rate R] [--seconds S] [--json FILE] [--transport embedded|kafka] [--split]
         [--senders N] [--max] [--smoke] [--no-baselines | --no-naive | --no-floor]
+        [--model-latency-ms MS] [--model-row-latency-ms MS]   # e2e, scale: a slow model
     ehrbridge bench stages --check [--smoke] [--baseline FILE]   # exit 1 on a CPU regression
     ehrbridge bench stages --write-baseline [--smoke]            # after an intended change
 
@@ -72,11 +73,24 @@ def add_bench_command(sub: Any) -> None:
     bench.add_argument(
         "--baseline", type=Path, default=None, help="stages: baseline file (bench/baseline.json)"
     )
+    bench.add_argument(
+        "--model-latency-ms",
+        type=float,
+        default=0.0,
+        help="e2e, scale: the model server answers each call this much later",
+    )
+    bench.add_argument(
+        "--model-row-latency-ms",
+        type=float,
+        default=0.0,
+        help="e2e, scale: ...and this much more per row of the call",
+    )
     bench.add_argument("--keep", action="store_true", help="keep the run directory (logs)")
     bench.set_defaults(func=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    from ehrbridge.bench.pipeline import ModelLatency
     from ehrbridge.bench.scenarios import SCENARIOS, Options, machine
 
     # The CLI's INFO logs from kafka-python etc. would drown the tables.
@@ -115,6 +129,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 check=args.check,
                 write_baseline=args.write_baseline,
                 baseline=args.baseline,
+                model_latency=ModelLatency(args.model_latency_ms, args.model_row_latency_ms),
             )
             started = time.monotonic()
             result = SCENARIOS[name](opts)

@@ -33,6 +33,7 @@ import httpx
 from ehrbridge.bench.common import CpuMeter, free_port, latency_summary
 from ehrbridge.bench.load import Sent, run_senders
 from ehrbridge.bench.services import Services, delete_topics, kafka_bootstrap
+from ehrbridge.config import ModelEndpoint
 
 
 def _progress(result: dict[str, Any]) -> None:
@@ -78,6 +79,27 @@ def observations(fhir_base: str) -> Iterator[dict[str, Any]]:
 
 def _instant(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(frozen=True)
+class ModelLatency:
+    """A slower model endpoint: each call answered after ``request_ms + rows x row_ms``.
+
+    The sandbox model server waits with ``asyncio.sleep``, so it serves other
+    callers meanwhile: the model call, not the model server's CPU, is the limit.
+    """
+
+    request_ms: float = 0.0
+    row_ms: float = 0.0
+
+    def server_args(self) -> list[str]:
+        return ["--latency-ms", str(self.request_ms), "--row-latency-ms", str(self.row_ms)]
+
+    def site_updates(self) -> dict[str, Any]:
+        """The site's model timeout, raised so a slow but healthy call never times out."""
+        batch = ModelEndpoint.model_fields["batch_size"].default  # sandbox/site.yaml's
+        slowest_s = (self.request_ms + batch * self.row_ms) / 1000
+        return {"model": {"timeout_s": max(2.0, 3 * slowest_s + 1)}} if slowest_s else {}
 
 
 @dataclass
@@ -139,6 +161,7 @@ class SiteUnderTest:
         naive: str | None = None,  # "ingest" | "e2e": the naive pipeline instead
         roles: tuple[str, ...] = (),  # embedded: run only these roles (ingest scenario)
         split: bool = False,  # embedded: each role a process of its own, sharing the files
+        model_latency: ModelLatency | None = None,  # a slower model endpoint
     ) -> None:
         self.services = Services(run_dir)
         self.transport = transport
@@ -146,6 +169,7 @@ class SiteUnderTest:
         self.naive = naive
         self.roles = roles
         self.split = split
+        self.model_latency = model_latency or ModelLatency()
         self.bootstrap = kafka_bootstrap() if transport == "kafka" else ""
         self.trials = 0
         self.mllp_port = 0
@@ -153,14 +177,14 @@ class SiteUnderTest:
 
     def start(self) -> SiteUnderTest:
         svc = self.services
-        svc.start_servers("model", "fhir")
+        svc.start_servers("model", "fhir", args={"model": self.model_latency.server_args()})
         if self.naive:
             self._start_naive(self.naive)
             return self
         kafka = (
             {"kind": "kafka", "bootstrap": self.bootstrap} if self.transport == "kafka" else None
         )
-        config = svc.write_site_config(transport=kafka)
+        config = svc.write_site_config(transport=kafka, updates=self.model_latency.site_updates())
         if self.transport == "kafka" or self.split:
             # As a site scales out: each role its own process, N processing workers
             # (embedded: one processing worker, as one consumer group member reads a topic).
@@ -241,6 +265,7 @@ class SiteUnderTest:
     ) -> dict[str, Any]:
         """Send at ``rate`` (0: closed loop) for ``seconds``; measure ACKs, delivery, CPU."""
         before = self._observations() if self.delivers else 0
+        model_before = self._model_stats()
         pids = self.services.pids(broker=self.transport == "kafka")
         meter = CpuMeter(pids)
         meter.start()
@@ -274,13 +299,25 @@ class SiteUnderTest:
         else:
             meter.stop()
         result["cpu"] = meter.report(sent.accepted, {"senders": sent.cpu_s})
+        result["model_calls"] = _model_calls(model_before, self._model_stats())
         _progress(result)
         return result
+
+    def _model_stats(self) -> dict[str, int]:
+        """The model server's infer counters (``/_admin/stats``)."""
+        return dict(httpx.get(f"{self.services.model_url}/_admin/stats", timeout=30).json())
 
     def close(self) -> None:
         self.services.close()
         if self.transport == "kafka":
             delete_topics(self.bootstrap, self.services.site)
+
+
+def _model_calls(before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """Infer calls answered in a trial and their mean rows: how the workers batch."""
+    calls = after["infer_ok"] - before["infer_ok"]
+    rows = after["rows_served"] - before["rows_served"]
+    return {"calls": calls, "rows": rows, "rows_per_call": round(rows / calls, 1) if calls else 0}
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import orjson
 from ehrbridge.bench.common import free_port, ratio
 from ehrbridge.bench.floor import kafka_floor
 from ehrbridge.bench.httpload import Request, http_load
-from ehrbridge.bench.pipeline import SiteUnderTest, site_under_test
+from ehrbridge.bench.pipeline import ModelLatency, SiteUnderTest, site_under_test
 from ehrbridge.bench.services import REPO_ROOT, Services, kafka_bootstrap
 
 SYNTHEA = REPO_ROOT.parent / "shared" / "corpus" / "fhir" / "synthea-ckd"
@@ -52,6 +52,7 @@ class Options:
     check: bool = False  # stages: compare CPU µs/msg with the baseline (bench/regression.py)
     write_baseline: bool = False  # stages: record the baseline instead
     baseline: Path | None = None  # default: bench/baseline.json
+    model_latency: ModelLatency = field(default_factory=ModelLatency)  # e2e, scale: slow model
 
     def sender_count(self, default: int) -> int:
         return self.senders or (2 if self.smoke else default)
@@ -180,7 +181,12 @@ def e2e(opts: Options) -> dict[str, Any]:
     seconds = opts.pick(30, 2, opts.seconds)
     opts.senders = opts.sender_count(4)
     result: dict[str, Any] = {"params": _params(opts, rate=rate, seconds=seconds)}
-    with site_under_test(opts.run_dir / "e2e", transport=opts.transport, split=opts.split) as site:
+    with site_under_test(
+        opts.run_dir / "e2e",
+        transport=opts.transport,
+        split=opts.split,
+        model_latency=opts.model_latency,
+    ) as site:
         if not opts.smoke:
             site.warm_up(200, 5)
         result["ehrbridge"] = site.trial(rate=rate, seconds=seconds, senders=opts.senders)
@@ -326,7 +332,10 @@ def scale(opts: Options) -> dict[str, Any]:
     result: dict[str, Any] = {"params": _params(opts, rate=rate, seconds=seconds)}
     for workers in (1, opts.workers):
         with site_under_test(
-            opts.run_dir / f"scale-{workers}", transport="kafka", workers=workers
+            opts.run_dir / f"scale-{workers}",
+            transport="kafka",
+            workers=workers,
+            model_latency=opts.model_latency,
         ) as site:
             if not opts.smoke:
                 site.warm_up(200, 5)
@@ -688,6 +697,8 @@ def _params(opts: Options, **values: Any) -> dict[str, Any]:
         "split": opts.split,
         "senders": opts.senders,
         "smoke": opts.smoke,
+        "model_latency_ms": opts.model_latency.request_ms,
+        "model_row_latency_ms": opts.model_latency.row_ms,
         **values,
     }
 

@@ -1,6 +1,7 @@
 """Run one sandbox server as a process of its own, for the benchmarks.
 
     python -m ehrbridge.bench.serve model|fhir|naive-cds --port PORT [--fhir URL --patient-system S]
+        [--latency-ms MS --row-latency-ms MS]   # model: a slower endpoint
 
 The model server and the FHIR stand-in run in separate processes during a
 benchmark so that each one's CPU can be read from ``/proc`` and none of them
@@ -22,12 +23,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--fhir", default="", help="FHIR base (naive-cds)")
     parser.add_argument("--patient-system", default="", help="identifier system (naive-cds)")
+    from ehrbridge.sandbox.model_server import add_latency_arguments, latency_from
+
+    add_latency_arguments(parser)  # model
     args = parser.parse_args(argv)
     app: Any
     if args.server == "model":
         from ehrbridge.sandbox.model_server import create_model_app
 
-        app = create_model_app()
+        app = create_model_app(latency=latency_from(args))
     elif args.server == "fhir":
         from ehrbridge.sandbox.fhir_server import create_fhir_app
 

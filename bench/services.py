@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,13 @@ class Services:
         self.wait_listening(name, port)
         return port
 
-    def start_servers(self, *names: str) -> None:
-        """Several servers, started side by side (imports take seconds on a busy machine)."""
-        for name, port in [(name, self.spawn_server(name)) for name in names]:
+    def start_servers(self, *names: str, args: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Several servers, started side by side (imports take seconds on a busy machine).
+
+        ``args``: extra command-line arguments per server (the model's latency options).
+        """
+        given = args or {}
+        for name, port in [(name, self.spawn_server(name, *given.get(name, ()))) for name in names]:
             self.wait_listening(name, port)
 
     def spawn_server(self, name: str, *args: str) -> int:

@@ -64,6 +64,13 @@ Fault injection (sandbox only -- never expose these routes outside a test bed)::
 A POST replaces the whole plan; ``status`` and ``delay_s`` in one POST share
 ``count`` (each of those calls is delayed, then answered with ``status``).
 Counted calls are only those addressed to a served model (either of them).
+
+A slower model endpoint (``--latency-ms``, ``--row-latency-ms``; ``Latency``):
+every successful infer call is answered after ``per request + rows x per row``,
+as a remote or heavier model would be. The wait is an ``asyncio.sleep``, so the
+server keeps serving other callers meanwhile (a model deployment with capacity
+to spare, not a queue): ``ehrbridge bench scale`` uses it to measure what a
+second processing worker adds when the model call, not the CPU, is the limit.
 """
 
 from __future__ import annotations
@@ -219,6 +226,21 @@ class FaultInjector:
                 "down_for_s": max(0.0, self._down_until - time.monotonic()),
                 "retry_after_s": spec.retry_after_s if spec else None,
             }
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    """How long every successful infer call takes: ``per_request_s + rows * per_row_s``."""
+
+    per_request_s: float = 0.0
+    per_row_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.per_request_s < 0 or self.per_row_s < 0:
+            raise ValueError("model latency cannot be negative")
+
+    def seconds(self, rows: int) -> float:
+        return self.per_request_s + rows * self.per_row_s
 
 
 class ServerStats:
@@ -572,6 +594,7 @@ def create_model_app(
     stats: ServerStats | None = None,
     admin: bool = True,
     kfre8_name: str | None = "kfre-8var",
+    latency: Latency | None = None,
 ) -> FastAPI:
     """The OIP v2 sandbox app serving the 4-variable KFRE as ``model_name``.
 
@@ -579,6 +602,7 @@ def create_model_app(
     served), with the same version. Pass your own ``faults``/``stats`` to
     drive or read them in-process; they are also on ``app.state.faults`` /
     ``app.state.stats``. ``admin=False`` drops the ``/_admin`` routes.
+    ``latency`` makes every successful infer call that much slower (a slow endpoint).
     """
     served = [ServedModel(model_name, model_version, INPUTS, _score_kfre4)]
     if kfre8_name is not None and kfre8_name != model_name:
@@ -589,7 +613,7 @@ def create_model_app(
     app.state.stats = ServerStats() if stats is None else stats
     app.add_exception_handler(StarletteHTTPException, _http_exception_as_oip_error)
     _add_health_routes(app, catalogue)
-    _add_infer_routes(app, catalogue, max_batch_rows)
+    _add_infer_routes(app, catalogue, max_batch_rows, latency or Latency())
     if admin:
         _add_admin_routes(app)
     return app
@@ -635,7 +659,7 @@ def _add_health_routes(app: FastAPI, catalogue: _Catalogue) -> None:
         return _json(200 if ready else 503, {"name": model.name, "ready": ready})
 
 
-def _add_infer_routes(app: FastAPI, catalogue: _Catalogue, max_rows: int) -> None:
+def _add_infer_routes(app: FastAPI, catalogue: _Catalogue, max_rows: int, latency: Latency) -> None:
     faults: FaultInjector = app.state.faults
     stats: ServerStats = app.state.stats
 
@@ -663,6 +687,8 @@ def _add_infer_routes(app: FastAPI, catalogue: _Catalogue, max_rows: int) -> Non
         except ValueError as exc:  # InferRequestError, or kfre's range checks
             stats.add(infer_rejected=1)
             return _error(400, str(exc))
+        if wait_s := latency.seconds(parsed.rows):
+            await asyncio.sleep(wait_s)  # not time.sleep: other callers are served meanwhile
         stats.add(infer_ok=1, rows_served=parsed.rows)
         return Response(body, media_type=_JSON_MEDIA_TYPE)
 
@@ -711,9 +737,10 @@ def serve_model(
     *,
     model_name: str = "kfre-4var",
     model_version: str = "1.0.0",
+    latency: Latency | None = None,
 ) -> None:
     """Serve the sandbox model with uvicorn until interrupted (blocking)."""
-    app = create_model_app(model_name=model_name, model_version=model_version)
+    app = create_model_app(model_name=model_name, model_version=model_version, latency=latency)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 
@@ -732,8 +759,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8091, help="port to listen on")
     parser.add_argument("--model-name", default="kfre-4var", help="the model's name in URLs")
     parser.add_argument("--model-version", default="1.0.0", help="the version it reports")
+    add_latency_arguments(parser)
     args = parser.parse_args(argv)
-    serve_model(args.host, args.port, model_name=args.model_name, model_version=args.model_version)
+    serve_model(
+        args.host,
+        args.port,
+        model_name=args.model_name,
+        model_version=args.model_version,
+        latency=latency_from(args),
+    )
+
+
+def add_latency_arguments(parser: Any) -> None:
+    """``--latency-ms`` and ``--row-latency-ms`` on an argparse parser (a slow endpoint)."""
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="answer each infer call this much later"
+    )
+    parser.add_argument(
+        "--row-latency-ms", type=float, default=0.0, help="...and this much more per row"
+    )
+
+
+def latency_from(args: Any) -> Latency:
+    """The Latency that ``add_latency_arguments``' options ask for."""
+    return Latency(args.latency_ms / 1000, args.row_latency_ms / 1000)
 
 
 if __name__ == "__main__":
@@ -750,6 +799,7 @@ __all__ = [
     "FaultSpec",
     "InferRequest",
     "InferRequestError",
+    "Latency",
     "ServedModel",
     "ServerStats",
     "TensorSpec",
