@@ -83,13 +83,13 @@ class FhirSink:
             raise BatchError(errors)
 
     def _write_chunk(self, chunk: list[tuple[int, Envelope]]) -> dict[int, EhrbridgeError]:
-        unreadable = _unreadable(chunk)
-        chunk = [(index, envelope) for index, envelope in chunk if index not in unreadable]
-        return unreadable | self._send_chunk(chunk) if chunk else unreadable
+        # Each payload is parsed once, here: the check and the merged request share it.
+        unreadable, bundles = _read(chunk)
+        return unreadable | self._send_chunk(bundles) if bundles else unreadable
 
-    def _send_chunk(self, chunk: list[tuple[int, Envelope]]) -> dict[int, EhrbridgeError]:
+    def _send_chunk(self, chunk: list[tuple[int, dict[str, Any]]]) -> dict[int, EhrbridgeError]:
         try:
-            self.transaction([envelope for _, envelope in chunk])
+            self._post([bundle for _, bundle in chunk])
             return {}
         except UpstreamUnavailable as error:
             return {index: error for index, _ in chunk}
@@ -98,16 +98,19 @@ class FhirSink:
                 return {chunk[0][0]: error}
         log.info("FHIR transaction of %d results refused; sending them one by one", len(chunk))
         errors: dict[int, EhrbridgeError] = {}
-        for index, envelope in chunk:
+        for index, bundle in chunk:
             try:
-                self.transaction([envelope])
+                self._post([bundle])
             except EhrbridgeError as error:
                 errors[index] = error
         return errors
 
     def transaction(self, results: Sequence[Envelope]) -> dict[str, Any]:
         """POST the results' transactions as one; return the transaction-response Bundle."""
-        bundle = merge_transactions([orjson.loads(e.payload) for e in results])
+        return self._post([orjson.loads(e.payload) for e in results])
+
+    def _post(self, bundles: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        bundle = merge_transactions(bundles)
         try:
             response = self._client.post(
                 self.base_url,
@@ -130,31 +133,42 @@ class FhirSink:
             ) from exc
         finally:
             self.requests += 1
-        check_response(response, f"transaction of {len(results)} result(s)")
+        check_response(response, f"transaction of {len(bundles)} result(s)")
         return _checked_transaction_response(response, len(bundle["entry"]))
 
     def close(self) -> None:
         self._client.close()
 
 
-def _unreadable(chunk: list[tuple[int, Envelope]]) -> dict[int, EhrbridgeError]:
-    """Items whose payload is not a transaction Bundle: refused alone, never sent."""
+def _read(
+    chunk: list[tuple[int, Envelope]],
+) -> tuple[dict[int, EhrbridgeError], list[tuple[int, dict[str, Any]]]]:
+    """Each item's transaction Bundle; one whose payload is not one is refused alone,
+    never sent."""
     errors: dict[int, EhrbridgeError] = {}
+    bundles: list[tuple[int, dict[str, Any]]] = []
     for index, envelope in chunk:
-        try:
-            bundle = orjson.loads(envelope.payload)
-            entries = bundle["entry"] if isinstance(bundle, dict) else None
-            readable = isinstance(entries, list) and all(
-                isinstance(e, dict) and isinstance(e.get("request"), dict) for e in entries
-            )
-        except (orjson.JSONDecodeError, KeyError):
-            readable = False
-        if not readable:
+        bundle = _bundle(envelope.payload)
+        if bundle is None:
             errors[index] = PermanentError(
                 f"{envelope.describe()}: the record is not a FHIR transaction Bundle",
                 reason="fhir.bad_record",
             )
-    return errors
+        else:
+            bundles.append((index, bundle))
+    return errors, bundles
+
+
+def _bundle(payload: bytes) -> dict[str, Any] | None:
+    try:
+        bundle = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    readable = isinstance(entries, list) and all(
+        isinstance(e, dict) and isinstance(e.get("request"), dict) for e in entries
+    )
+    return bundle if readable else None
 
 
 def merge_transactions(bundles: Sequence[dict[str, Any]]) -> dict[str, Any]:

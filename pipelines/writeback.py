@@ -49,6 +49,7 @@ from ehrbridge.pipelines.ingest import internal_error
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, error_outcome
 from ehrbridge.pipelines.observation import build_observation
 from ehrbridge.pipelines.records import Prediction
+from ehrbridge.pipelines.rendering import Shown, shown_for
 from ehrbridge.pipelines.results import Delivery, ResultStore, StoredResult
 from ehrbridge.pipelines.retry import DeadLetteringSink
 from ehrbridge.pipelines.writeback_requests import REQUESTS
@@ -152,14 +153,21 @@ class WritebackStage:
             if known is not None:
                 self._log_superseded(known[0])
             newest[prediction.identifier] = (envelope, prediction)
+        stored = self.results.get_many(list(newest))  # one read for the whole batch
+        views: dict[str, Shown] = {}  # each model's rendering, worked out once per batch
         items: list[_Item] = []
         for envelope, prediction in newest.values():
-            previous = self.results.get(prediction.identifier)
+            previous = stored.get(prediction.identifier)
             if previous is not None and previous.state_revision > prediction.state_revision:
                 self._log_superseded(envelope)
                 continue
-            items.append(self._item(envelope, prediction, previous))
+            view = views.get(prediction.model.name) or self._view(views, prediction)
+            items.append(self._item(envelope, prediction, previous, view))
         return items
+
+    def _view(self, views: dict[str, Shown], prediction: Prediction) -> Shown:
+        views[prediction.model.name] = shown_for(self.config, prediction.model.name)
+        return views[prediction.model.name]
 
     def _log_superseded(self, envelope: Envelope) -> None:
         log.info(
@@ -167,9 +175,13 @@ class WritebackStage:
         )
 
     def _item(
-        self, envelope: Envelope, prediction: Prediction, previous: StoredResult | None
+        self,
+        envelope: Envelope,
+        prediction: Prediction,
+        previous: StoredResult | None,
+        view: Shown,
     ) -> _Item:
-        observation = build_observation(prediction, self.config)
+        observation = build_observation(prediction, self.config, view)
         done = set(filter(None, envelope.headers.get(DELIVERED_HEADER, "").split(",")))
         if not self.targets:
             previous = None  # shadow: nothing was sent, nothing to compare with
