@@ -37,10 +37,12 @@ with fhir.resources (R4B) and the npm ``fhir`` validator.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, quote_plus
 
 from ehrbridge.config import SiteConfig
 from ehrbridge.core.bounded_cache import short_key_cache
@@ -53,6 +55,7 @@ MODEL_SYSTEM = "urn:ehrbridge:model"
 PARTICIPANT_SYSTEM = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 DATA_OPERATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 _NAMESPACE = uuid.UUID("6f1b3c57-8a0e-4c0a-9b1e-2d6a1f3e5c70")  # ehrbridge's uuid5 namespace
+_NAMESPACE_BYTES = _NAMESPACE.bytes
 
 
 # Cached: every result's transaction names the same two Devices, and uuid5 and
@@ -60,7 +63,20 @@ _NAMESPACE = uuid.UUID("6f1b3c57-8a0e-4c0a-9b1e-2d6a1f3e5c70")  # ehrbridge's uu
 @short_key_cache(maxsize=4096, max_chars=512)
 def full_url(*parts: str) -> str:
     """A stable ``urn:uuid:`` for a resource within a transaction."""
-    return f"urn:uuid:{uuid.uuid5(_NAMESPACE, '|'.join(parts))}"
+    return _uuid_url(*parts)
+
+
+def _uuid_url(*parts: str) -> str:
+    """:func:`full_url` uncached, for names seen once (each result's own resources).
+
+    ``uuid.uuid5`` by hand (RFC 4122 §4.3: SHA-1 of namespace and name, version 5,
+    variant 10xx), the same value without building a ``UUID`` object.
+    """
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + "|".join(parts).encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"urn:uuid:{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def provenance_id(prediction: Prediction) -> str:
@@ -159,9 +175,19 @@ def _participant(code: str, display: str) -> dict[str, Any]:
     return {"coding": [{"system": PARTICIPANT_SYSTEM, "code": code, "display": display}]}
 
 
-@short_key_cache(maxsize=4096, max_chars=512)
 def conditional_search(system: str, value: str) -> str:
-    return urlencode({"identifier": f"{system}|{value}"})
+    """``identifier=<system>|<value>`` as ``urlencode`` writes it.
+
+    Percent-encoding works character by character, so the encoded system (one
+    of a few, cached) joined to the encoded value is the encoding of the whole;
+    the value (a result's own identifier) is seen once and not cached.
+    """
+    return f"identifier={_quoted(system)}%7C{quote_plus(value, safe='')}"
+
+
+@short_key_cache(maxsize=256, max_chars=512)
+def _quoted(text: str) -> str:
+    return quote_plus(text, safe="")
 
 
 def result_transaction(
@@ -174,16 +200,18 @@ def result_transaction(
     """The transaction Bundle that writes one result (see the module docstring)."""
     observation = dict(observation or build_observation(prediction, config))
     system = config.prediction_identifier_system
-    observation_url = full_url("Observation", system, prediction.identifier)
+    observation_url = _uuid_url("Observation", system, prediction.identifier)
     entries: list[dict[str, Any]] = []
     subject, patient_entry = subject_reference(prediction, config.writeback.subject)
     observation["subject"] = subject
     if patient_entry is not None:
         entries.append(patient_entry)
     if config.writeback.provenance:
-        ehrbridge, model = ehrbridge_device(), model_device(prediction.model)
-        device_urls = (device_url(ehrbridge), device_url(model))
-        entries += [_device_entry(ehrbridge), _device_entry(model)]
+        device_urls = _device_urls(prediction.model)
+        entries += [
+            _device_entry(ehrbridge_device(), device_urls[0]),
+            _device_entry(model_device(prediction.model), device_urls[1]),
+        ]
         observation["device"] = {
             "reference": device_urls[1],
             "display": observation.get("device", {}).get("display", prediction.model.name),
@@ -204,7 +232,7 @@ def result_transaction(
         )
         entries.append(
             {
-                "fullUrl": full_url("Provenance", provenance["id"]),
+                "fullUrl": _uuid_url("Provenance", provenance["id"]),
                 "resource": provenance,
                 "request": {"method": "PUT", "url": f"Provenance/{provenance['id']}"},
             }
@@ -249,10 +277,16 @@ def device_url(device: dict[str, Any]) -> str:
     return full_url("Device", identifier["system"], identifier["value"])
 
 
-def _device_entry(device: dict[str, Any]) -> dict[str, Any]:
+@functools.lru_cache(maxsize=64)  # one entry per model a site serves
+def _device_urls(model: ModelInfo) -> tuple[str, str]:
+    """The fullUrls of ehrbridge's Device and ``model``'s, the same in every transaction."""
+    return device_url(ehrbridge_device()), device_url(model_device(model))
+
+
+def _device_entry(device: dict[str, Any], url: str) -> dict[str, Any]:
     identifier = device["identifier"][0]
     return {
-        "fullUrl": device_url(device),
+        "fullUrl": url,
         "resource": device,
         "request": {
             "method": "POST",

@@ -15,9 +15,10 @@ import pytest
 
 from ehrbridge.core.bounded_cache import short_key_cache
 from ehrbridge.mappings.codemaps import normalise_system
+from ehrbridge.pipelines import provenance
 from ehrbridge.pipelines.er7 import codec_for_charset
 from ehrbridge.pipelines.hl7time import parse_dtm
-from ehrbridge.pipelines.provenance import conditional_search, full_url
+from ehrbridge.pipelines.provenance import full_url
 
 LONG = 20_000
 
@@ -31,7 +32,8 @@ CACHES: list[tuple[str, Callable[..., Any], Callable[[str], tuple[Any, ...]]]] =
     ("normalise_system", normalise_system, lambda key: (f"urn:oid:{key}",)),
     ("codec_for_charset", codec_for_charset, lambda key: (f"UNICODE {key}",)),
     ("full_url", full_url, lambda key: ("Patient", "urn:site:mrn", key)),
-    ("conditional_search", conditional_search, lambda key: ("urn:site:mrn", key)),
+    # conditional_search caches only the encoded identifier system, never the value.
+    ("conditional_search", provenance._quoted, lambda key: (f"urn:site:{key}",)),
 ]
 
 
