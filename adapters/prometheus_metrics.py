@@ -73,6 +73,9 @@ class PrometheusMetrics:
         self.lag_sources: list[LagSource] = []
         self.feeds = self._feed_clocks()
         self.drift: dict[str, DriftMonitor] = {}
+        # A process without the processing role (the ingest process of a site whose roles
+        # run as processes) counts no drift: it answers from what processing last saved.
+        self.drift_from_file = False
         self._counters()
         self.registry.register(_ScrapeTime(self))
 
@@ -243,6 +246,14 @@ class PrometheusMetrics:
         if reference is not None:
             self._drift(self.config.model.name).load_reference(_read_json(reference))
 
+    def _reload_drift(self) -> None:
+        """The drift counts as the processing process last saved them (every save interval)."""
+        saved = _read_json(self.drift_file)
+        with self._lock:
+            for model, data in saved.items():
+                self.drift.pop(model, None)
+                self._drift(model).restore(data)
+
     def save(self, feeds: bool = True, drift: bool = True) -> None:
         with self._lock:
             feed_data = {s: c.to_json() for s, c in self.feeds.items()}
@@ -273,6 +284,8 @@ class PrometheusMetrics:
             }
 
     def drift_json(self) -> dict[str, Any]:
+        if self.drift_from_file:
+            self._reload_drift()
         with self._lock:
             return {model: _series(monitor) for model, monitor in self.drift.items()}
 

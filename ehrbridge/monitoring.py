@@ -109,6 +109,8 @@ class SiteMonitoring:
         self.metrics = PrometheusMetrics(config)
         self.metrics.mode = self.mode = ModeSwitch(config)  # promote/demote, no restart
         self.metrics.load()
+        # Drift is counted where processing runs; this process answers from its saved file.
+        self.metrics.drift_from_file = "process" not in self.roles
         self.readiness = Readiness({}, config.monitoring.ready_cache_s)
         self.server: EmbeddedServer | None = None
         self._saver: asyncio.Task[None] | None = None

@@ -61,10 +61,18 @@ def renal_messages(count: int) -> list[tuple[str, bytes]]:
     return out
 
 
+def drift_records(api: str, headers: dict[str, str]) -> list[int]:
+    """Per model: the feature records the drift monitor counted (all days)."""
+    models = httpx.get(f"{api}/api/monitoring/drift", headers=headers).json()["models"]
+    return [sum(day["records"] for day in model["days"]) for model in models.values()]
+
+
 def test_messages_over_mllp_become_observations_and_results_the_api_reads(
     tmp_path: Path, fhir: ThreadedServer, model: ThreadedServer
 ) -> None:
-    config, mllp_port, http_port = per_role_site_file(tmp_path, f"{fhir.base_url}/fhir", model.port)
+    config, mllp_port, http_port = per_role_site_file(
+        tmp_path, f"{fhir.base_url}/fhir", model.port, monitoring={"save_interval_s": 0.5}
+    )
     log = tmp_path / "site.log"
     site = start_supervisor(config, mllp_port, log)
     sent = renal_messages(20)
@@ -92,6 +100,10 @@ def test_messages_over_mllp_become_observations_and_results_the_api_reads(
         detail = httpx.get(f"{api}/api/results/{one}", headers=headers)
         assert detail.status_code == 200
         assert detail.json()["observation"]["resourceType"] == "Observation"
+        # Drift is counted by the processing child; the ingest child's API shows what it saved.
+        wait_for(
+            lambda: len(sent) in drift_records(api, headers), 10, "the drift counts in the API"
+        )
     finally:
         site.send_signal(signal.SIGTERM)
         site.wait(60)
