@@ -36,6 +36,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from ehrbridge.audit import AuditTrail, audit_note, matching
 from ehrbridge.dlq import Selection, dead_at, dead_letter, replay, replayed_offsets, selected
+from ehrbridge.pipelines.carry import HEADER as CARRIED
 from ehrbridge.pipelines.transport import Log, Record, topic_name
 
 if TYPE_CHECKING:
@@ -92,7 +93,9 @@ def _message(record: Record, raw: bool = False) -> dict[str, Any]:
         "bytes": len(record.value),
     }
     if raw:
-        found["headers"] = dict(sorted(record.headers.items()))
+        # Provenance only: the facts ingest carried for processing (pipelines/carry.py) are a
+        # work copy of what the raw bytes below already say.
+        found["headers"] = {k: v for k, v in sorted(record.headers.items()) if k != CARRIED}
         found["raw"] = _text(record.value)
     return found
 

@@ -36,7 +36,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ehrbridge.config import SiteConfig
 from ehrbridge.core.contracts import Envelope, Failure, Kind
@@ -47,18 +47,29 @@ from ehrbridge.core.errors import (
     PermanentError,
     TransientError,
 )
+from ehrbridge.pipelines.carry import Carry
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.facts import FactRules, extract
+from ehrbridge.pipelines.facts import Extraction, FactRules, extract
 from ehrbridge.pipelines.fhir_ingest import Checker
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.message_types import MessageTypes
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics, ack_outcome
-from ehrbridge.pipelines.transport import dead_letter_record, to_record, topic_name
+from ehrbridge.pipelines.transport import Record, dead_letter_record, to_record, topic_name
 
 log = logging.getLogger(__name__)
 INGEST_ERROR_HEADER = "ingest.error"  # reason code set by a source for framing problems
 INGEST_DETAIL_HEADER = "ingest.detail"
-FILTERED: tuple[str, ...] = ()  # validate's answer for a message the site filters
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What :meth:`Ingest.validate` found: the partition keys, and the HL7v2 extraction."""
+
+    keys: Sequence[str]
+    extraction: Extraction | None = None  # carried on the raw record (pipelines/carry.py)
+
+
+FILTERED = Checked(())  # validate's answer for a message the site filters
 # Payloads above this are checked off the event loop. Below it the check takes
 # under 2 ms (0.1 µs a byte) and a thread hop (0.24 ms) would cost more than
 # it saves (measured: README, Guarantees).
@@ -75,6 +86,7 @@ class Ingest:
         self.metrics = metrics
         self.rules = FactRules(config.mapping)
         self.fhir = Checker(self.rules)
+        self.carry = Carry(self.rules, config.mllp.charset)
         self.message_types = MessageTypes(config.message_types)
         self.committer = committer
         self.raw_topic = topic_name(config.site, "raw")
@@ -92,17 +104,17 @@ class Ingest:
 
     async def _deliver(self, envelope: Envelope) -> None:
         try:
-            keys = await self.checked(envelope)
+            checked = await self.checked(envelope)
         except PermanentError as error:
             await self.dead_letter(envelope, error)
             raise
-        if keys is FILTERED:
+        if checked is FILTERED:
             # Counted by message_types (GET /health, and /metrics reads that count).
             self.metrics.message(source_of(envelope), "filtered")
             log.debug("%s filtered (message_types)", envelope.describe())
             return
         try:
-            await self.store(envelope, keys)
+            await self.store(envelope, checked.keys, checked.extraction)
         except EhrbridgeError:
             raise  # TransientError: nothing acknowledged, the sender resends (AR)
         except Exception as exc:  # a bug in storing: kept, reason internal, never a bare AR
@@ -110,7 +122,7 @@ class Ingest:
             await self.dead_letter(envelope, bug)
             raise bug from exc
 
-    async def checked(self, envelope: Envelope) -> Sequence[str]:
+    async def checked(self, envelope: Envelope) -> Checked:
         """:meth:`validate`, off the loop for large payloads; a bug becomes ``internal``."""
         try:
             if len(envelope.payload) > OFF_LOOP_BYTES:
@@ -121,17 +133,25 @@ class Ingest:
         except Exception as exc:  # a bug: keep the message for a replay once it is fixed
             raise internal_error(envelope, exc) from exc
 
-    async def store(self, envelope: Envelope, keys: Sequence[str]) -> None:
+    async def store(
+        self, envelope: Envelope, keys: Sequence[str], extraction: Extraction | None = None
+    ) -> None:
         """Append a checked record to ``<site>.raw``, once per key; return once all are durable.
 
         Per-patient state lives with the partition of the patient's key, so a
         message about several patients goes to each of their partitions (the
         processing stage reads only that patient's part of each copy).
+        ``extraction`` travels beside the bytes for processing to reuse
+        (``pipelines/carry.py``); each copy carries its own patient's part.
         """
-        records = [to_record(replace(envelope, key=key), self.raw_topic) for key in keys]
+        records = [self._raw_record(envelope, key, extraction) for key in keys]
         await asyncio.gather(*(self.committer.append(record) for record in records))
         self.metrics.message(source_of(envelope), "aa")
         log.debug("%s stored (%d patient(s))", envelope.describe(), len(records))
+
+    def _raw_record(self, envelope: Envelope, key: str, extraction: Extraction | None) -> Record:
+        carried = self.carry.header(envelope, key, extraction) if extraction else None
+        return to_record(replace(envelope, key=key), self.raw_topic, carried)
 
     async def dead_letter(self, envelope: Envelope, error: PermanentError) -> None:
         """Keep a refused record and the reason; return once that is durable."""
@@ -142,7 +162,7 @@ class Ingest:
         self.metrics.message(source_of(envelope), ack_outcome(error))
         log.warning("%s dead-lettered at ingest: %s", envelope.describe(), error.reason)
 
-    def validate(self, envelope: Envelope) -> Sequence[str]:
+    def validate(self, envelope: Envelope) -> Checked:
         """Check the message can be used; its partition keys (patient ids), or FILTERED."""
         framing_error = envelope.headers.get(INGEST_ERROR_HEADER)
         if framing_error:
@@ -156,7 +176,7 @@ class Ingest:
                     "nothing in it is read by this site (Patient, Observation)",
                     reason="fhir.nothing_to_read",
                 )
-            return checked.keys
+            return Checked(checked.keys)
         if envelope.kind is not Kind.HL7V2:
             raise MessageRejected(
                 f"ingest does not take {envelope.kind} records", reason="kind.unsupported"
@@ -165,7 +185,8 @@ class Ingest:
         msg_type, trigger, _ = message.message_type
         if msg_type and not self.message_types.admits(msg_type, trigger):
             return FILTERED
-        return extract(message, self.rules, received_at=envelope.received_at).keys
+        extraction = extract(message, self.rules, received_at=envelope.received_at)
+        return Checked(extraction.keys, extraction)
 
 
 def source_of(envelope: Envelope) -> str:

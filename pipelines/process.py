@@ -5,8 +5,10 @@ between them would cost a produce and a consume for nothing.
 
 For a batch of raw messages it
 
-1. parses each with the lean ER7 reader and extracts facts (a message that
-   cannot be used becomes a permanent :class:`Failure`, carried as data);
+1. takes the facts ingest extracted and carried on the record when they are
+   still this site's (``pipelines/carry.py``: same mapping content, same
+   bytes), else parses with the lean ER7 reader and extracts them (a message
+   that cannot be used becomes a permanent :class:`Failure`, carried as data);
 2. merges them into each patient's state, loading every patient once;
 3. assembles one feature record per patient per message that brought a
    usable result of a trigger feature (``pipelines/features.py``: a panel of
@@ -34,6 +36,7 @@ from ehrbridge.config import ModelEndpoint, SiteConfig
 from ehrbridge.core.contracts import Envelope, Failure, Kind, Outcome
 from ehrbridge.core.errors import EhrbridgeError, MessageUnusable, PermanentError
 from ehrbridge.mappings.schema import DomainRule
+from ehrbridge.pipelines.carry import Carry, without_carried
 from ehrbridge.pipelines.domain import OutOfDomain
 from ehrbridge.pipelines.drift import feature_values
 from ehrbridge.pipelines.er7 import Message
@@ -95,6 +98,7 @@ class ProcessStage:
         """``model`` runs the site's model; ``others`` the rest of ``models:``, by name."""
         self.config = config
         self.rules = FactRules(config.mapping)
+        self.carry = Carry(self.rules, config.mllp.charset)
         self.state = state
         self.model = model
         clients = {config.model.name: model, **(others or {})}
@@ -106,9 +110,11 @@ class ProcessStage:
     def process(self, batch: Sequence[Envelope]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         extracted: list[tuple[Envelope, Extraction]] = []
-        for envelope in batch:
+        for record in batch:
+            carried = self.carry.reuse(record)
+            envelope = without_carried(record)  # predictions, retries, dead letters: bytes only
             try:
-                extracted.append((envelope, self.extract(envelope)))
+                extracted.append((envelope, carried or self.extract(envelope)))
             except PermanentError as error:
                 outcomes.append(Failure(envelope, error, self.name))
         pending = self._merge_and_assemble(extracted)
@@ -127,8 +133,10 @@ class ProcessStage:
             facts = extract_fhir(envelope.payload, self.rules, received_at=envelope.received_at)
             extraction = by_episode(facts, self.config.mapping)
         elif envelope.kind is Kind.HL7V2:
-            message = Message.parse(envelope.payload)
+            # The site's charset, as ingest read it: a message without MSH-18 reads alike.
+            message = Message.parse(envelope.payload, self.config.mllp.charset)
             extraction = extract(message, self.rules, received_at=envelope.received_at)
+            self.carry.extracted += 1
         else:
             raise MessageUnusable(
                 f"cannot process {envelope.kind} records", reason="kind.unsupported"
