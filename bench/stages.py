@@ -34,7 +34,7 @@ from ehrbridge.config import SiteConfig, load_site_config
 from ehrbridge.core.contracts import Envelope, Kind
 from ehrbridge.pipelines.carry import Carry
 from ehrbridge.pipelines.er7 import Message
-from ehrbridge.pipelines.facts import FactRules, extract
+from ehrbridge.pipelines.facts import Extraction, FactRules, extract
 from ehrbridge.pipelines.features import FeatureRecord, evaluate
 from ehrbridge.pipelines.metrics import NO_METRICS, Metrics
 from ehrbridge.pipelines.observation import build_observation
@@ -345,7 +345,7 @@ def _process_carried(rows: list[Row], config: SiteConfig, raw: list[bytes], tmp:
     """Extract once: ingest's encode, processing's decode, and the stage fed carried records."""
     rules = FactRules(config.mapping)
     carry = Carry(rules, config.mllp.charset)
-    checked = []
+    checked: list[tuple[Envelope, Extraction]] = []
     for i, message in enumerate(raw):  # what ingest has in hand once it has validated
         envelope = _envelope(config, i, message, Kind.HL7V2, "")
         extraction = extract(Message.parse(message), rules, received_at=envelope.received_at)
