@@ -207,10 +207,11 @@ def result_transaction(
     if patient_entry is not None:
         entries.append(patient_entry)
     if config.writeback.provenance:
-        device_urls = _device_urls(prediction.model)
+        addresses = _device_addresses(prediction.model)
+        device_urls = (addresses[0][0], addresses[1][0])
         entries += [
-            _device_entry(ehrbridge_device(), device_urls[0]),
-            _device_entry(model_device(prediction.model), device_urls[1]),
+            _device_entry(ehrbridge_device(), addresses[0]),
+            _device_entry(model_device(prediction.model), addresses[1]),
         ]
         observation["device"] = {
             "reference": device_urls[1],
@@ -278,19 +279,20 @@ def device_url(device: dict[str, Any]) -> str:
 
 
 @functools.lru_cache(maxsize=64)  # one entry per model a site serves
-def _device_urls(model: ModelInfo) -> tuple[str, str]:
-    """The fullUrls of ehrbridge's Device and ``model``'s, the same in every transaction."""
-    return device_url(ehrbridge_device()), device_url(model_device(model))
+def _device_addresses(model: ModelInfo) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(fullUrl, conditional search) of ehrbridge's Device and of ``model``'s."""
+    return _address(ehrbridge_device()), _address(model_device(model))
 
 
-def _device_entry(device: dict[str, Any], url: str) -> dict[str, Any]:
+def _address(device: dict[str, Any]) -> tuple[str, str]:
     identifier = device["identifier"][0]
+    return device_url(device), conditional_search(identifier["system"], identifier["value"])
+
+
+def _device_entry(device: dict[str, Any], address: tuple[str, str]) -> dict[str, Any]:
+    url, search = address
     return {
         "fullUrl": url,
         "resource": device,
-        "request": {
-            "method": "POST",
-            "url": "Device",
-            "ifNoneExist": conditional_search(identifier["system"], identifier["value"]),
-        },
+        "request": {"method": "POST", "url": "Device", "ifNoneExist": search},
     }
