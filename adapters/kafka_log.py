@@ -299,6 +299,8 @@ class KafkaGroupConsumer(Consumer):
         self.group = group
         self.lag: dict[tuple[str, int], int] = {}  # (topic, partition) -> records behind
         self._last_commit: Future | None = None
+        # Offsets of batches done while a commit was in flight: sent with the next one.
+        self._uncommitted: dict[TopicPartition, OffsetAndMetadata] = {}
         self._commit_timeout_s = kafka_log.transport.request_timeout_s
         try:
             self._consumer = KafkaConsumer(
@@ -331,6 +333,7 @@ class KafkaGroupConsumer(Consumer):
             log.warning("no partition metadata yet for %s; joining without them", missing)
 
     def poll(self, max_records: int = 500, timeout_s: float = 0.5) -> list[Record]:
+        self._send_uncommitted()
         self._restore_assigned()
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
@@ -388,12 +391,33 @@ class KafkaGroupConsumer(Consumer):
         so nothing waits on the answer: a commit that is lost or refused (the
         partitions moved in a rebalance) means the batch is delivered again,
         which at-least-once allows. Not waiting saves a round trip per batch.
+
+        At most one commit is in flight: while one is, later batches' offsets
+        are merged and go out in one commit when it has been answered (at the
+        next commit or poll), so at high rates several batches share a commit
+        request instead of queueing behind the client's in-flight limit. A
+        crash in between re-delivers those batches, as any uncommitted batch.
         Commits go out in order on one connection, so a later one is never
-        overtaken by an earlier one; :meth:`close` waits for the last.
+        overtaken by an earlier one; :meth:`close` sends what is held and waits.
         """
         if not records:
             return
-        offsets = {tp: OffsetAndMetadata(o + 1, "", -1) for tp, o in _last(records).items()}
+        for tp, offset in _last(records).items():
+            held = self._uncommitted.get(tp)
+            if held is None or held.offset <= offset:
+                self._uncommitted[tp] = OffsetAndMetadata(offset + 1, "", -1)
+        self._send_uncommitted()
+
+    def _send_uncommitted(self) -> None:
+        """Commit the held offsets unless a commit is still in flight."""
+        last = self._last_commit
+        if not self._uncommitted or (last is not None and not last.is_done):
+            return
+        assigned = self._consumer.assignment()  # a revoked partition's new owner commits it
+        offsets = {tp: o for tp, o in self._uncommitted.items() if tp in assigned}
+        self._uncommitted = {}
+        if not offsets:
+            return
         try:
             self._last_commit = self._consumer.commit_async(offsets, callback=self._committed)
         except KafkaError as exc:
@@ -420,6 +444,9 @@ class KafkaGroupConsumer(Consumer):
 
     def close(self) -> None:
         self._await_last_commit(self._commit_timeout_s)
+        if self._uncommitted:
+            self._send_uncommitted()
+            self._await_last_commit(self._commit_timeout_s)
         try:
             self._consumer.close(autocommit=False)
         except KafkaError:

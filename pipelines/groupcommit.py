@@ -29,6 +29,7 @@ class GroupCommitter:
         self._queue: deque[tuple[Record, Future[None]]] = deque()
         self._ready = threading.Condition()
         self._closed = False
+        self.appends = 0  # durable appends made: records per append = records / appends
         self._thread = threading.Thread(target=self._drain, name="group-commit", daemon=True)
         self._thread.start()
 
@@ -64,6 +65,7 @@ class GroupCommitter:
 
     def _write(self, batch: list[tuple[Record, Future[None]]]) -> None:
         try:
+            self.appends += 1
             self.log.append([record for record, _ in batch])
         except EhrbridgeError as error:
             for _, future in batch:
