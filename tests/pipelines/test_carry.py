@@ -435,3 +435,22 @@ def test_the_operator_api_shows_the_bytes_and_provenance_not_the_carried_facts(
     shown = _message(record, raw=True)
     assert HEADER not in shown["headers"] and shown["headers"]["source_id"] == "m0"
     assert shown["raw"].replace("\n", "\r").encode() == envelope.payload.replace(b"\n", b"\r")
+
+
+def test_processing_reads_a_message_in_the_sites_charset_as_ingest_does(tmp_path: Path) -> None:
+    """A windows-1250 LIS without MSH-18: ZPI-2 'Ž' (0x8E) is F to both, carried or not."""
+    text = (SITES_DIR / "eu-si-local-codes" / "mapping.yaml").read_text()
+    mapping = site("eu-si-local-codes", tmp_path / "m", text).mapping.source
+    config = parse_site_config(
+        f"site: s\ndata_dir: {tmp_path}\nmapping: {{file: {mapping}}}\n"
+        "mllp: {charset: windows-1250}\n"
+        "model: {url: 'https://model.test', calibration: north_american}\n"
+    )
+    sample = (SITES_DIR / "eu-si-local-codes" / "oru-kfre-vector.hl7").read_text()
+    assert "|UNICODE UTF-8" in sample and "ZPI|1|Ž" in sample
+    message = sample.replace("|UNICODE UTF-8", "").encode("windows-1250")
+    [envelope] = stored(config, [message], tmp_path)
+    reader = Carry(FactRules(config.mapping), config.mllp.charset)
+    again = Stage.of(config).stage.extract(without_carried(envelope))
+    assert again.patients[0].demographics.sex == "F"
+    assert reader.reuse(envelope) == again
