@@ -28,6 +28,10 @@ from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.transport import Consumer, Log, Record
 
 NewLog = Callable[[], Log]  # a fresh client of the same log: a restart
+# The broker is shared: another test process's member of a group named "g" would
+# join this one's group and take some of its partitions (seen: the restore test got
+# an empty first assignment while another session ran this suite).
+GROUP, OTHER_GROUP = (f"contract-{name}-{uuid.uuid4().hex[:8]}" for name in "gh")
 
 
 @pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
@@ -90,7 +94,7 @@ def test_concurrent_ingest_appends_share_one_durable_write(new_log: NewLog, topi
     asyncio.run(many())
     committer.close()
     assert committer.appends < 200
-    consumer = log.consumer("g", [topic])
+    consumer = log.consumer(GROUP, [topic])
     stored = poll_until(consumer, 200)
     consumer.close()
     assert sorted(int(r.headers["n"]) for r in stored) == list(range(200))
@@ -101,7 +105,7 @@ def test_records_come_back_in_order_with_key_and_headers(new_log: NewLog, topic:
     headers = {"source_id": "MSG-1", "error.detail": "Kreatinin µmol/L, čšž", "attempt": "0"}
     log.append([rec(topic, n) for n in range(5)])
     log.append([Record(topic, "patient-1", b"\x00\x0bbinary\x1c\r", headers)])
-    consumer = log.consumer("g", [topic])
+    consumer = log.consumer(GROUP, [topic])
     got = poll_until(consumer, 6)
     assert values(got) == [b"v0", b"v1", b"v2", b"v3", b"v4", b"\x00\x0bbinary\x1c\r"]
     assert got[-1].headers == headers and got[-1].key == "patient-1"
@@ -111,14 +115,14 @@ def test_records_come_back_in_order_with_key_and_headers(new_log: NewLog, topic:
 
 def test_a_restarted_member_resumes_after_the_last_commit(new_log: NewLog, topic: str) -> None:
     new_log().append([rec(topic, n) for n in range(5)])
-    first = new_log().consumer("g", [topic])
+    first = new_log().consumer(GROUP, [topic])
     batch = poll_until(first, 5)
     first.commit(batch[:2])  # the rest was not finished when the worker died
     first.close()
-    second = new_log().consumer("g", [topic])
+    second = new_log().consumer(GROUP, [topic])
     assert values(poll_until(second, 3)) == [b"v2", b"v3", b"v4"]
     second.close()
-    other_group = new_log().consumer("h", [topic])
+    other_group = new_log().consumer(OTHER_GROUP, [topic])
     assert len(poll_until(other_group, 5)) == 5
     other_group.close()
 
@@ -130,22 +134,22 @@ def test_commits_in_quick_succession_all_take_effect(new_log: NewLog, topic: str
     sends them with the next commit, poll or close; none may be dropped.)
     """
     new_log().append([rec(topic, n) for n in range(30)])
-    first = new_log().consumer("g", [topic])
+    first = new_log().consumer(GROUP, [topic])
     batch = poll_until(first, 30)
     for n in range(1, 26):
         first.commit(batch[n - 1 : n])
     first.close()
-    second = new_log().consumer("g", [topic])
+    second = new_log().consumer(GROUP, [topic])
     assert values(poll_until(second, 5)) == [f"v{n}".encode() for n in range(25, 30)]
     second.close()
 
 
 def test_nothing_committed_means_everything_comes_again(new_log: NewLog, topic: str) -> None:
     new_log().append([rec(topic, n) for n in range(4)])
-    first = new_log().consumer("g", [topic])
+    first = new_log().consumer(GROUP, [topic])
     assert len(poll_until(first, 4)) == 4
     first.close()
-    again = new_log().consumer("g", [topic])
+    again = new_log().consumer(GROUP, [topic])
     assert values(poll_until(again, 4)) == [b"v0", b"v1", b"v2", b"v3"]
     again.close()
 
@@ -153,7 +157,7 @@ def test_nothing_committed_means_everything_comes_again(new_log: NewLog, topic: 
 def test_rewind_delivers_the_same_records_again(new_log: NewLog, topic: str) -> None:
     log = new_log()
     log.append([rec(topic, n) for n in range(3)])
-    consumer = log.consumer("g", [topic])
+    consumer = log.consumer(GROUP, [topic])
     batch = poll_until(consumer, 3)
     consumer.rewind(batch[1:])
     assert poll_until(consumer, 2) == batch[1:]
@@ -164,7 +168,7 @@ def test_each_key_keeps_its_order_across_many_keys(new_log: NewLog, topic: str) 
     log = new_log()
     keys = [f"patient-{k}" for k in range(7)]
     log.append([rec(topic, n, key=keys[n % 7]) for n in range(70)])
-    consumer = log.consumer("g", [topic])
+    consumer = log.consumer(GROUP, [topic])
     got = poll_until(consumer, 70)
     assert len(got) == 70
     for key in keys:
@@ -177,7 +181,7 @@ def test_each_key_keeps_its_order_across_many_keys(new_log: NewLog, topic: str) 
 def test_poll_returns_a_record_appended_while_it_waits(new_log: NewLog, topic: str) -> None:
     log = new_log()
     log.append([rec(topic, 0)])
-    consumer = log.consumer("g", [topic])
+    consumer = log.consumer(GROUP, [topic])
     assert values(poll_until(consumer, 1)) == [b"v0"]
     late = threading.Timer(0.2, lambda: log.append([rec(topic, 1)]))
     late.start()
@@ -248,7 +252,7 @@ def test_kafka_holds_back_a_partition_until_its_state_is_restored(
         if len(restores) == 1:
             raise UpstreamUnavailable("changelog unreachable (simulated)")
 
-    consumer = log.consumer("g", [topic], restore)
+    consumer = log.consumer(GROUP, [topic], restore)
     failures = 0
     deadline = time.monotonic() + 30
     while len(got) < 6 and time.monotonic() < deadline:
@@ -269,10 +273,10 @@ def test_kafka_members_of_one_group_split_the_partitions_without_loss(
 ) -> None:
     log = KafkaLog(KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, partitions=4))
     log.append([rec(topic, n, key=f"patient-{n}") for n in range(40)])
-    first = log.consumer("g", [topic])
+    first = log.consumer(GROUP, [topic])
     done = poll_until(first, 10)[:10]
     first.commit(done)  # the rest of its batch is unfinished when the second member joins
-    second = log.consumer("g", [topic])
+    second = log.consumer(GROUP, [topic])
     seen: dict[Consumer, list[Record]] = {first: list(done), second: []}
     sent = 40
     deadline = time.monotonic() + 60
@@ -309,7 +313,7 @@ def test_kafka_a_member_of_a_topic_created_a_moment_ago_gets_all_its_partitions(
     topic = f"contract-new-{uuid.uuid4().hex[:10]}.predictions"
     log = KafkaLog(KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, partitions=4))
     try:
-        consumer = log.consumer("g", [topic])  # creates the topic, then subscribes
+        consumer = log.consumer(GROUP, [topic])  # creates the topic, then subscribes
         records = [rec(topic, n, key=f"patient-{n}") for n in range(40)]
         log.append(records)
         got = poll_until(consumer, 40, timeout_s=20)
