@@ -115,6 +115,7 @@ def model_key(model: ModelInfo) -> str:
     return f"{model.name}/{model.version}/{model.calibration}"
 
 
+@short_key_cache(maxsize=256, max_chars=512)  # one site, a few mapping versions
 def mapping_policy(site: str, version: str) -> str:
     return f"urn:ehrbridge:mapping:{quote(site, safe='')}:{quote(version, safe='')}"
 
