@@ -24,6 +24,9 @@ hold, and otherwise extracts from the bytes as before, never failing:
   ``received_at`` at ingest, and the carried facts hold that judgement);
 * **it decodes**: the schema number is known and the layout is whole.
 
+Ingest carries it only for messages it checks on its event loop (up to
+``OFF_LOOP_BYTES``, 16 KiB): encoding runs on the loop, and a large message
+carried could outgrow a log's record limit that its bytes alone fit.
 Only the part owned by the record's key is carried (a message about several
 patients is stored once per patient: :meth:`Extraction.owned_by`). FHIR
 records are not carried (their ingest check is a different, lighter walk);

@@ -150,7 +150,11 @@ class Ingest:
         log.debug("%s stored (%d patient(s))", envelope.describe(), len(records))
 
     def _raw_record(self, envelope: Envelope, key: str, extraction: Extraction | None) -> Record:
-        carried = self.carry.header(envelope, key, extraction) if extraction else None
+        # Only messages checked on the loop: encoding runs here, on it, and a large message
+        # carried could outgrow a log's record limit (Kafka's 1 MiB) that its bytes fit.
+        # Large messages are rare; processing extracts them.
+        small = len(envelope.payload) <= OFF_LOOP_BYTES
+        carried = self.carry.header(envelope, key, extraction) if extraction and small else None
         return to_record(replace(envelope, key=key), self.raw_topic, carried)
 
     async def dead_letter(self, envelope: Envelope, error: PermanentError) -> None:

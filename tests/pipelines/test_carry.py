@@ -48,7 +48,7 @@ from ehrbridge.pipelines.facts import (
     Unused,
 )
 from ehrbridge.pipelines.groupcommit import GroupCommitter
-from ehrbridge.pipelines.ingest import Ingest
+from ehrbridge.pipelines.ingest import OFF_LOOP_BYTES, Ingest
 from ehrbridge.pipelines.process import ProcessStage
 from ehrbridge.pipelines.transport import from_record, to_record, topic_name
 from ehrbridge.sandbox.run import sandbox_site_file
@@ -196,12 +196,13 @@ def test_reuse_gives_exactly_what_re_extraction_gives(
     generated = [m for _, m in build_messages(SenderSpec(0, 1, 0, 0, 0, 200, "C"))]
     envelopes = stored(config, [*samples(name), *generated, *corpus_messages], tmp_path)
     carried = [e for e in envelopes if HEADER in e.headers]
-    assert len(carried) == len(envelopes) > 200  # every stored HL7v2 record carries its facts
+    small = [e for e in envelopes if len(e.payload) <= OFF_LOOP_BYTES]
+    assert carried == small and len(carried) > 200  # each record ingest checked on the loop
 
     reader = Carry(FactRules(config.mapping), config.mllp.charset)
     checker = Stage.of(config).stage
     facts = 0
-    for envelope in envelopes:
+    for envelope in carried:
         reused = reader.reuse(envelope)
         again = checker.extract(without_carried(envelope))
         assert reused == again and times(reused) == times(again), envelope.source_id
@@ -213,7 +214,8 @@ def test_reuse_gives_exactly_what_re_extraction_gives(
     without = extracting.run([without_carried(e) for e in envelopes])
     assert with_carried == without
     assert any(kind == "prediction" for kind, _ in with_carried)  # sandbox 201, us 126, eu-si 2
-    assert (reusing.stage.carry.reused, reusing.stage.carry.extracted) == (len(envelopes), 0)
+    bare = len(envelopes) - len(carried)
+    assert (reusing.stage.carry.reused, reusing.stage.carry.extracted) == (len(carried), bare)
     assert (extracting.stage.carry.reused, extracting.stage.carry.extracted) == (0, len(envelopes))
 
 
@@ -454,3 +456,20 @@ def test_processing_reads_a_message_in_the_sites_charset_as_ingest_does(tmp_path
     again = Stage.of(config).stage.extract(without_carried(envelope))
     assert again.patients[0].demographics.sex == "F"
     assert reader.reuse(envelope) == again
+
+
+def test_a_message_checked_off_the_loop_is_stored_bare_and_extracted(tmp_path: Path) -> None:
+    """Over ingest's OFF_LOOP_BYTES nothing is carried: no encoding on the event loop, and no
+    record that could outgrow a log's limit its bytes alone fit."""
+    config = site("us-lab-loinc", tmp_path)
+    panel = (SITES_DIR / "us-lab-loinc" / "oru-bmp-uacr.hl7").read_bytes().replace(b"\n", b"\r")
+    note = b"NTE|1||" + b"x" * OFF_LOOP_BYTES + b"\r"
+    large = panel.rstrip(b"\r") + b"\r" + note
+    small, big = stored(config, [panel, large], tmp_path)
+    assert HEADER in small.headers and HEADER not in big.headers
+    stage = Stage.of(config)
+    [(kind, prediction)] = stage.run([big])
+    [(_, expected)] = Stage.of(config).run([small])
+    assert kind == "prediction" and stage.stage.carry.extracted == 1
+    assert isinstance(prediction, dict) and isinstance(expected, dict)
+    assert prediction["features"] == expected["features"]
