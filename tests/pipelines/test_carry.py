@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -29,10 +30,11 @@ from hypothesis import strategies as st
 from model_double import OipDouble
 
 from ehrbridge.adapters.inference_client import InferenceClient
+from ehrbridge.adapters.kafka_log import KafkaLog
 from ehrbridge.adapters.memory import MemoryStateStore
 from ehrbridge.adapters.sqlite_log import SqliteLog
 from ehrbridge.bench.load import SenderSpec, build_messages
-from ehrbridge.config import SiteConfig, load_site_config, parse_site_config
+from ehrbridge.config import KafkaTransport, SiteConfig, load_site_config, parse_site_config
 from ehrbridge.core.contracts import Envelope, Failure, Kind, Outcome
 from ehrbridge.core.errors import PermanentError
 from ehrbridge.mappings.loader import SITES_DIR
@@ -50,7 +52,7 @@ from ehrbridge.pipelines.facts import (
 from ehrbridge.pipelines.groupcommit import GroupCommitter
 from ehrbridge.pipelines.ingest import OFF_LOOP_BYTES, Ingest
 from ehrbridge.pipelines.process import ProcessStage
-from ehrbridge.pipelines.transport import from_record, to_record, topic_name
+from ehrbridge.pipelines.transport import Log, from_record, to_record, topic_name
 from ehrbridge.sandbox.run import sandbox_site_file
 
 CORPUS = Path("/work/shared/corpus/hl7v2")
@@ -96,9 +98,11 @@ def corpus() -> list[bytes]:
     return messages
 
 
-def stored(config: SiteConfig, messages: Sequence[bytes], tmp: Path) -> list[Envelope]:
+def stored(
+    config: SiteConfig, messages: Sequence[bytes], tmp: Path, log: Log | None = None
+) -> list[Envelope]:
     """The raw records ``Ingest`` stores for ``messages``, read back as processing reads them."""
-    log = SqliteLog(tmp / "log.sqlite")
+    log = log or SqliteLog(tmp / "log.sqlite")
     committer = GroupCommitter(log)
     ingest = Ingest(config, committer)
 
@@ -473,3 +477,18 @@ def test_a_message_checked_off_the_loop_is_stored_bare_and_extracted(tmp_path: P
     assert kind == "prediction" and stage.stage.carry.extracted == 1
     assert isinstance(prediction, dict) and isinstance(expected, dict)
     assert prediction["features"] == expected["features"]
+
+
+def test_the_carried_value_survives_a_real_kafka_broker(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """Kafka headers are bytes: the value (names in UTF-8 too) comes back and is reused."""
+    config = site("eu-si-local-codes", tmp_path).model_copy(
+        update={"site": f"eo{uuid.uuid4().hex[:8]}"}
+    )
+    log = KafkaLog(KafkaTransport(kind="kafka", bootstrap=kafka_bootstrap, partitions=2))
+    envelopes = stored(config, samples("eu-si-local-codes"), tmp_path, log)
+    assert len(envelopes) >= 2 and all(HEADER in e.headers for e in envelopes)
+    stage = Stage.of(config)
+    assert stage.run(envelopes) == Stage.of(config).run([without_carried(e) for e in envelopes])
+    assert (stage.stage.carry.reused, stage.stage.carry.extracted) == (len(envelopes), 0)
