@@ -9,13 +9,17 @@ real processes and sockets:
   Observation;
 * kill -9 of the processing child alone: the supervisor reports it, starts
   it again, and the AA'd messages all arrive, each once;
-* kill -9 of the supervisor: its children stop (the lifeline), no orphans.
+* kill -9 of the supervisor: its children stop (the lifeline), no orphans;
+* a role that cannot start (its port in use) stops the site, exit 1.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -135,3 +139,25 @@ def test_kill_9_of_the_supervisor_leaves_no_orphans(tmp_path: Path, fhir: Thread
     finally:
         kill_all(list(roles.values()), signal.SIGKILL)
     assert log.read_text().count("the supervising process is gone") == len(roles)
+
+
+def test_a_role_that_cannot_start_stops_the_site(tmp_path: Path, fhir: ThreadedServer) -> None:
+    """A port in use: the ingest child fails at each start; after three the site exits 1."""
+    config, mllp_port, _ = per_role_site_file(tmp_path, f"{fhir.base_url}/fhir", free_port())
+    log = tmp_path / "site.log"
+    with socket.create_server(("127.0.0.1", mllp_port)):  # someone else has the MLLP port
+        site = subprocess.Popen(
+            [sys.executable, "-m", "ehrbridge.cli", "run", "--config", str(config)],
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            site.wait(120)
+        finally:
+            if site.poll() is None:
+                site.kill()
+    text = log.read_text()
+    assert site.returncode == 1, text[-3000:]
+    assert text.count("role ingest exited with 2; starting it again") == 2
+    assert "role ingest exited with 2 3 times within 30 s of its start" in text
+    assert "mllp.port: cannot listen" in text  # the child's own error says why
